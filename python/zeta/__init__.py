@@ -1,0 +1,28 @@
+"""zeta: Z-order top-k attention (ZETA, arXiv 2501.14577) with a Rust core.
+
+Queries and keys live in a tiny space (d_k ~ 3); each query attends only to its ``topk``
+nearest keys, found through a causal Z-order (Morton) index instead of an N x N score
+matrix. numpy in -> numpy out, torch in -> torch out.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+from . import _core
+from .primitives import argsort, morton_decode, morton_encode, searchsorted, zorder
+
+__version__ = _core.__version__
+
+# rayon's pool does not survive fork(): the child builds a fresh one on first use.
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_core._after_fork_in_child)
+
+__all__ = [
+    "__version__",
+    "argsort",
+    "morton_decode",
+    "morton_encode",
+    "searchsorted",
+    "zorder",
+]

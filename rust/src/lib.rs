@@ -1,0 +1,28 @@
+//! zeta: Z-order (Morton) top-k attention.
+//!
+//! The crate is plain Rust; `py.rs` (behind the `python` feature) is the only file that
+//! knows Python exists, so `cargo test` and `cargo bench` need no interpreter.
+//!
+//! Layout:
+//! - [`morton`]: Morton encode/decode (BMI2 pdep, AVX2 and portable paths, runtime dispatch)
+//! - [`quantize`]: the fixed float -> grid map and the fused `zorder`
+//! - [`sort`]: stable radix argsort of codes, parallel over rows and within large rows
+//! - [`search`]: batched searchsorted of codes
+//! - [`index`]: the causal dyadic-run Z-order index (merge-sort tree)
+//! - [`attention`]: candidate rerank, Cauchy-softmax forward and backward
+//! - [`cache`]: the incremental KV cache for decoding, save/load
+pub mod attention;
+pub mod cache;
+pub mod error;
+pub mod index;
+pub mod morton;
+pub mod pool;
+pub mod quantize;
+pub mod search;
+pub mod simd;
+pub mod sort;
+
+#[cfg(feature = "python")]
+mod py;
+
+pub use error::{Result, ZetaError};

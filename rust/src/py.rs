@@ -1,0 +1,273 @@
+//! The Python bindings: the only file that knows Python exists.
+//!
+//! Every function takes C-contiguous numpy arrays (the Python layer in `python/zeta` makes
+//! them so, zero-copy when they already are), releases the GIL with `py.detach` and runs its
+//! work in zeta's rayon pool. Errors map to Python exceptions in one place
+//! (`From<ZetaError> for PyErr`); no panic crosses into Python (each entry point catches
+//! unwinding and reports it as a `RuntimeError`).
+use crate::error::ZetaError;
+use crate::{morton, pool, quantize, search, simd, sort};
+use numpy::ndarray::{Array1, Array2};
+use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+impl From<ZetaError> for PyErr {
+    fn from(e: ZetaError) -> PyErr {
+        let msg = e.to_string();
+        match e {
+            ZetaError::Value { .. } | ZetaError::Corrupt(_) => PyValueError::new_err(msg),
+            ZetaError::Type { .. } => PyTypeError::new_err(msg),
+            ZetaError::Memory(_) => PyMemoryError::new_err(msg),
+            ZetaError::Io(_) => PyOSError::new_err(msg),
+        }
+    }
+}
+
+/// Runs `f` without the GIL, in zeta's pool, turning a panic into a Python `RuntimeError`.
+pub(crate) fn run<R: Send>(py: Python<'_>, f: impl FnOnce() -> Result<R, ZetaError> + Send) -> PyResult<R> {
+    let r = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool::install(f))));
+    match r {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.into()),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            Err(PyRuntimeError::new_err(format!("zeta internal error (please report): {what}")))
+        }
+    }
+}
+
+fn dtype_err(arg: &'static str, a: &Bound<'_, PyAny>, want: &str) -> PyErr {
+    let got = a
+        .getattr("dtype")
+        .and_then(|d| d.str().map(|s| s.to_string()))
+        .unwrap_or_else(|_| "?".into());
+    PyTypeError::new_err(format!("{arg}: expected {want}, got dtype {got}"))
+}
+
+fn encode_impl<'py, C: morton::Coord + numpy::Element>(
+    py: Python<'py>,
+    a: PyReadonlyArray2<'py, C>,
+    bits: u32,
+    out64: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let d = a.shape()[1];
+    let n = a.shape()[0];
+    let coords = a.as_slice().map_err(|_| PyValueError::new_err("coords: must be C-contiguous"))?;
+    let path = simd::selected();
+    if out64 {
+        let out = run(py, || {
+            let mut o = crate::error::try_vec(0u64, n, "morton_encode output")?;
+            morton::encode(coords, d, bits, &mut o, path)?;
+            Ok(o)
+        })?;
+        Ok(Array1::from_vec(out).into_pyarray(py).into_any())
+    } else {
+        let out = run(py, || {
+            let mut o = crate::error::try_vec(0u32, n, "morton_encode output")?;
+            morton::encode(coords, d, bits, &mut o, path)?;
+            Ok(o)
+        })?;
+        Ok(Array1::from_vec(out).into_pyarray(py).into_any())
+    }
+}
+
+/// morton_encode(coords (n, d) uint8/16/32/64 C-contiguous, bits, out64) -> (n,) uint32/uint64
+#[pyfunction]
+fn morton_encode<'py>(py: Python<'py>, coords: &Bound<'py, PyAny>, bits: u32, out64: bool) -> PyResult<Bound<'py, PyAny>> {
+    if let Ok(a) = coords.extract::<PyReadonlyArray2<u8>>() {
+        return encode_impl(py, a, bits, out64);
+    }
+    if let Ok(a) = coords.extract::<PyReadonlyArray2<u16>>() {
+        return encode_impl(py, a, bits, out64);
+    }
+    if let Ok(a) = coords.extract::<PyReadonlyArray2<u32>>() {
+        return encode_impl(py, a, bits, out64);
+    }
+    if let Ok(a) = coords.extract::<PyReadonlyArray2<u64>>() {
+        return encode_impl(py, a, bits, out64);
+    }
+    Err(dtype_err("coords", coords, "a 2-D array of unsigned integers (uint8/16/32/64)"))
+}
+
+fn decode_impl<'py, O: morton::Code + morton::Coord + numpy::Element>(
+    py: Python<'py>,
+    a: PyReadonlyArray1<'py, O>,
+    dims: usize,
+    bits: u32,
+) -> PyResult<Bound<'py, PyAny>> {
+    let n = a.shape()[0];
+    let codes = a.as_slice().map_err(|_| PyValueError::new_err("codes: must be C-contiguous"))?;
+    let path = simd::selected();
+    let out = run(py, || {
+        morton::check_dims("dims", dims)?;
+        let total = n.checked_mul(dims).ok_or_else(|| ZetaError::Memory("morton_decode output".into()))?;
+        let mut o = crate::error::try_vec(O::default(), total, "morton_decode output")?;
+        morton::decode(codes, dims, bits, &mut o, path)?;
+        Ok(o)
+    })?;
+    let arr = Array2::from_shape_vec((n, dims), out).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    Ok(arr.into_pyarray(py).into_any())
+}
+
+/// morton_decode(codes (n,) uint32/uint64, dims, bits) -> (n, dims) of the codes' dtype
+#[pyfunction]
+fn morton_decode<'py>(py: Python<'py>, codes: &Bound<'py, PyAny>, dims: usize, bits: u32) -> PyResult<Bound<'py, PyAny>> {
+    if let Ok(a) = codes.extract::<PyReadonlyArray1<u32>>() {
+        return decode_impl(py, a, dims, bits);
+    }
+    if let Ok(a) = codes.extract::<PyReadonlyArray1<u64>>() {
+        return decode_impl(py, a, dims, bits);
+    }
+    Err(dtype_err("codes", codes, "a 1-D array of uint32 or uint64"))
+}
+
+fn zorder_impl<'py, T: quantize::Real + numpy::Element>(
+    py: Python<'py>,
+    a: PyReadonlyArray2<'py, T>,
+    bits: u32,
+    shift: u32,
+    scale: f64,
+    out64: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (n, d) = (a.shape()[0], a.shape()[1]);
+    let x = a.as_slice().map_err(|_| PyValueError::new_err("x: must be C-contiguous"))?;
+    let grid = quantize::Grid::new(d, bits, shift, scale)?;
+    if out64 {
+        let out = run(py, || {
+            let mut o = crate::error::try_vec(0u64, n, "zorder output")?;
+            quantize::zorder(x, &grid, &mut o)?;
+            Ok(o)
+        })?;
+        Ok(Array1::from_vec(out).into_pyarray(py).into_any())
+    } else {
+        let out = run(py, || {
+            let mut o = crate::error::try_vec(0u32, n, "zorder output")?;
+            quantize::zorder(x, &grid, &mut o)?;
+            Ok(o)
+        })?;
+        Ok(Array1::from_vec(out).into_pyarray(py).into_any())
+    }
+}
+
+/// zorder(x (n, d) float32/float64, bits, shift, scale, out64) -> (n,) uint32/uint64
+#[pyfunction]
+fn zorder<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, bits: u32, shift: u32, scale: f64, out64: bool) -> PyResult<Bound<'py, PyAny>> {
+    if let Ok(a) = x.extract::<PyReadonlyArray2<f32>>() {
+        return zorder_impl(py, a, bits, shift, scale, out64);
+    }
+    if let Ok(a) = x.extract::<PyReadonlyArray2<f64>>() {
+        return zorder_impl(py, a, bits, shift, scale, out64);
+    }
+    Err(dtype_err("x", x, "a 2-D array of float32 or float64"))
+}
+
+fn argsort_impl<'py, K: morton::Code + numpy::Element>(py: Python<'py>, a: PyReadonlyArray2<'py, K>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let (rows, n) = (a.shape()[0], a.shape()[1]);
+    let keys = a.as_slice().map_err(|_| PyValueError::new_err("codes: must be C-contiguous"))?;
+    let out = run(py, || {
+        let mut o = crate::error::try_vec(0i64, rows * n, "argsort output")?;
+        sort::argsort_rows(keys, n, &mut o);
+        Ok(o)
+    })?;
+    let arr = Array2::from_shape_vec((rows, n), out).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    Ok(arr.into_pyarray(py))
+}
+
+/// argsort(codes (rows, n) uint32/uint64) -> (rows, n) int64, stable
+#[pyfunction]
+fn argsort<'py>(py: Python<'py>, codes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    if let Ok(a) = codes.extract::<PyReadonlyArray2<u32>>() {
+        return argsort_impl(py, a);
+    }
+    if let Ok(a) = codes.extract::<PyReadonlyArray2<u64>>() {
+        return argsort_impl(py, a);
+    }
+    Err(dtype_err("codes", codes, "uint32 or uint64 codes"))
+}
+
+fn searchsorted_impl<'py, K: morton::Code + numpy::Element>(
+    py: Python<'py>,
+    s: PyReadonlyArray2<'py, K>,
+    q: PyReadonlyArray2<'py, K>,
+    right: bool,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    let (rows, n) = (s.shape()[0], s.shape()[1]);
+    let (qrows, m) = (q.shape()[0], q.shape()[1]);
+    if rows != qrows {
+        return Err(PyValueError::new_err(format!(
+            "queries: leading shape must match sorted_codes' ({rows} rows vs {qrows})"
+        )));
+    }
+    let sorted = s.as_slice().map_err(|_| PyValueError::new_err("sorted_codes: must be C-contiguous"))?;
+    let queries = q.as_slice().map_err(|_| PyValueError::new_err("queries: must be C-contiguous"))?;
+    let out = run(py, || {
+        let mut o = crate::error::try_vec(0i64, rows * m, "searchsorted output")?;
+        search::searchsorted_rows(sorted, n, queries, m, right, &mut o);
+        Ok(o)
+    })?;
+    let arr = Array2::from_shape_vec((rows, m), out).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    Ok(arr.into_pyarray(py))
+}
+
+/// searchsorted(sorted (rows, n), queries (rows, m), right) -> (rows, m) int64; same dtype both
+#[pyfunction]
+fn searchsorted<'py>(py: Python<'py>, sorted: &Bound<'py, PyAny>, queries: &Bound<'py, PyAny>, right: bool) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    if let (Ok(s), Ok(q)) = (sorted.extract::<PyReadonlyArray2<u32>>(), queries.extract::<PyReadonlyArray2<u32>>()) {
+        return searchsorted_impl(py, s, q, right);
+    }
+    if let (Ok(s), Ok(q)) = (sorted.extract::<PyReadonlyArray2<u64>>(), queries.extract::<PyReadonlyArray2<u64>>()) {
+        return searchsorted_impl(py, s, q, right);
+    }
+    Err(dtype_err("sorted_codes", sorted, "uint32 or uint64 codes (queries of the same dtype)"))
+}
+
+/// The SIMD path in use now ("portable", "avx2" or "bmi2"); `ZETA_SIMD` overrides.
+#[pyfunction]
+fn simd_path() -> &'static str {
+    simd::selected().name()
+}
+
+/// CPU features zeta looks at, and the paths this CPU can run.
+#[pyfunction]
+fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    let f = simd::features();
+    let d = PyDict::new(py);
+    d.set_item("avx2", f.avx2)?;
+    d.set_item("bmi2", f.bmi2)?;
+    d.set_item("slow_pdep", f.slow_pdep)?;
+    d.set_item("paths", simd::available_paths().iter().map(|p| p.name()).collect::<Vec<_>>())?;
+    Ok(d)
+}
+
+/// Threads in zeta's pool (`ZETA_NUM_THREADS`, else the CPU count).
+#[pyfunction]
+fn num_threads() -> usize {
+    pool::current_threads()
+}
+
+/// Registered with `os.register_at_fork(after_in_child=...)`.
+#[pyfunction]
+fn _after_fork_in_child() {
+    pool::forget_after_fork();
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(morton_encode, m)?)?;
+    m.add_function(wrap_pyfunction!(morton_decode, m)?)?;
+    m.add_function(wrap_pyfunction!(zorder, m)?)?;
+    m.add_function(wrap_pyfunction!(argsort, m)?)?;
+    m.add_function(wrap_pyfunction!(searchsorted, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_path, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
+    Ok(())
+}
