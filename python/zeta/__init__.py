@@ -10,6 +10,7 @@ from __future__ import annotations
 import os as _os
 
 from . import _core
+from .ops import attention, backends, exact_knn, knn, recall
 from .primitives import argsort, morton_decode, morton_encode, searchsorted, zorder
 
 __version__ = _core.__version__
@@ -21,6 +22,11 @@ if hasattr(_os, "register_at_fork"):
 __all__ = [
     "__version__",
     "argsort",
+    "attention",
+    "backends",
+    "exact_knn",
+    "knn",
+    "recall",
     "morton_decode",
     "morton_encode",
     "searchsorted",

@@ -1,0 +1,286 @@
+//! The causal dyadic-run Z-order index (a merge-sort tree over chunks of keys).
+//!
+//! Positions split into chunks of `chunk` keys. Level `l` holds, for every aligned run of
+//! `2^l` full chunks, that run's keys sorted by (code, position), packed as
+//! `code << 32 | position` in one u64 (so ties break by position and one integer compare
+//! orders entries); the keys' coordinates are stored beside them in the same order, so the
+//! distance loop over a window reads memory sequentially instead of gathering.
+//!
+//! A query at position `p` lies in chunk `c = p / chunk`. The past full chunks `[0, c)`
+//! split by the binary digits of `c` into at most `log2(c) + 1` runs (high bit first); in
+//! each, the query's code is binary-searched and `window` entries on each side become
+//! candidates. Every key of the own chunk at positions `<= p` is a candidate too, so
+//! causality is exact at token level. Non-causal: one run holding all keys.
+//!
+//! Only even-indexed runs are ever searched, but odd ones are needed to merge the level above;
+//! building all levels costs `O(S log(S/chunk))` time and memory.
+use crate::error::{Result, ZetaError};
+use crate::quantize::{Grid, Real};
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Settings shared by the index, knn, attention and the KV cache.
+#[derive(Clone, Copy, Debug)]
+pub struct Params {
+    pub chunk: usize,
+    pub window: usize,
+    pub n_curves: usize,
+    pub n_sink: usize,
+    pub causal: bool,
+    pub bits: u32,
+    pub scale: f64,
+}
+
+impl Params {
+    pub fn check(&self, dk: usize) -> Result<()> {
+        if self.chunk == 0 {
+            return Err(ZetaError::value("chunk", "must be >= 1"));
+        }
+        if self.chunk > u32::MAX as usize / 2 {
+            return Err(ZetaError::value("chunk", "too large"));
+        }
+        if self.window == 0 {
+            return Err(ZetaError::value("window", "must be >= 1"));
+        }
+        if self.n_curves == 0 || self.n_curves > dk + 1 {
+            return Err(ZetaError::value(
+                "n_curves",
+                format!("must be 1..={} for key_dim {dk} (d+1 shifted curves)", dk + 1),
+            ));
+        }
+        let maxb = (32 / dk) as u32;
+        if self.bits == 0 || self.bits > maxb {
+            return Err(ZetaError::value(
+                "bits",
+                format!("must be 1..={maxb} for key_dim {dk} (the index packs codes into 32 bits), got {}", self.bits),
+            ));
+        }
+        Grid::new(dk, self.bits, 0, self.scale)?;
+        Ok(())
+    }
+
+    pub fn grids(&self, dk: usize) -> Result<Vec<Grid>> {
+        (0..self.n_curves)
+            .map(|c| Grid::new(dk, self.bits, c as u32, self.scale))
+            .collect()
+    }
+
+    /// How many times one position can appear among candidates (curves, plus sinks).
+    pub fn multiplicity(&self) -> usize {
+        self.n_curves + usize::from(self.n_sink > 0)
+    }
+}
+
+#[inline(always)]
+pub fn pack(code: u32, pos: u32) -> u64 {
+    ((code as u64) << 32) | pos as u64
+}
+
+#[inline(always)]
+pub fn unpack_pos(e: u64) -> u32 {
+    e as u32
+}
+
+#[inline(always)]
+pub fn sq_dist<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut s = T::zero();
+    for (x, y) in a.iter().zip(b) {
+        let d = *x - *y;
+        s = s + d * d;
+    }
+    s
+}
+
+/// A run of sorted entries and their coordinates (a view).
+#[derive(Clone, Copy)]
+pub struct RunView<'a, T> {
+    pub entries: &'a [u64],
+    pub coords: &'a [T],
+}
+
+impl<'a, T: Float> RunView<'a, T> {
+    /// Calls `f(position, d2)` for the `window` entries on each side of `qcode`.
+    #[inline]
+    pub fn window(&self, qcode: u32, q: &[T], window: usize, mut f: impl FnMut(u32, T)) {
+        let dk = q.len();
+        let key = (qcode as u64) << 32;
+        let s = self.entries.partition_point(|&e| e < key);
+        let lo = s.saturating_sub(window);
+        let hi = (s + window).min(self.entries.len());
+        for r in lo..hi {
+            let c = &self.coords[r * dk..(r + 1) * dk];
+            f(unpack_pos(self.entries[r]), sq_dist(q, c));
+        }
+    }
+}
+
+/// Sorted entries of `keys` positions `[lo, hi)` for one curve.
+pub fn sorted_entries(codes: &[u32], lo: usize, hi: usize) -> Vec<u64> {
+    let mut e: Vec<u64> = (lo..hi).map(|p| pack(codes[p], p as u32)).collect();
+    e.sort_unstable();
+    e
+}
+
+/// Coordinates of the entries, in entry order.
+pub fn gather_coords<T: Copy>(entries: &[u64], k: &[T], dk: usize, out: &mut [T]) {
+    for (e, o) in entries.iter().zip(out.chunks_exact_mut(dk)) {
+        let p = unpack_pos(*e) as usize;
+        o.copy_from_slice(&k[p * dk..(p + 1) * dk]);
+    }
+}
+
+/// Merges two sorted runs into `out`.
+pub fn merge_into(a: &[u64], b: &[u64], out: &mut [u64]) {
+    let (mut i, mut j) = (0, 0);
+    for o in out.iter_mut() {
+        if j >= b.len() || (i < a.len() && a[i] <= b[j]) {
+            *o = a[i];
+            i += 1;
+        } else {
+            *o = b[j];
+            j += 1;
+        }
+    }
+}
+
+/// One curve's merge-sort tree: `levels[l]` covers `(n_chunks >> l) << l` chunks.
+pub struct CurveTree<T> {
+    pub levels: Vec<Vec<u64>>,
+    pub coords: Vec<Vec<T>>,
+}
+
+/// The index of one (batch, kv-head) slice of keys.
+pub struct KeyIndex<T> {
+    pub grids: Vec<Grid>,
+    pub curves: Vec<CurveTree<T>>,
+    pub dk: usize,
+    pub s: usize,
+    pub params: Params,
+}
+
+impl<T: Float + Real> KeyIndex<T> {
+    /// Builds the index over `k` (S x dk, row-major). Parallel over curves, chunks and runs.
+    pub fn build(k: &[T], dk: usize, params: &Params) -> Result<Self> {
+        let s = k.len() / dk;
+        if s > u32::MAX as usize {
+            return Err(ZetaError::value("k", "more than 2^32 keys in one head"));
+        }
+        let grids = params.grids(dk)?;
+        let chunk = params.chunk;
+        let curves = grids
+            .par_iter()
+            .map(|g| {
+                let codes: Vec<u32> = k.par_chunks_exact(dk).map(|x| g.code(x) as u32).collect();
+                if !params.causal {
+                    let e = {
+                        let mut e: Vec<u64> = codes.par_iter().enumerate().map(|(p, &c)| pack(c, p as u32)).collect();
+                        e.par_sort_unstable();
+                        e
+                    };
+                    let mut c = vec![T::zero(); e.len() * dk];
+                    gather_coords(&e, k, dk, &mut c);
+                    return CurveTree { levels: vec![e], coords: vec![c] };
+                }
+                let n_chunks = s / chunk;
+                let mut levels: Vec<Vec<u64>> = Vec::new();
+                let mut coords: Vec<Vec<T>> = Vec::new();
+                if n_chunks > 0 {
+                    let mut l0 = vec![0u64; n_chunks * chunk];
+                    l0.par_chunks_mut(chunk).enumerate().for_each(|(ch, o)| {
+                        for (r, slot) in o.iter_mut().enumerate() {
+                            let p = ch * chunk + r;
+                            *slot = pack(codes[p], p as u32);
+                        }
+                        o.sort_unstable();
+                    });
+                    levels.push(l0);
+                    let mut l = 1;
+                    while (n_chunks >> l) > 0 {
+                        let run = chunk << l;
+                        let n_runs = n_chunks >> l;
+                        let prev = &levels[l - 1];
+                        let mut cur = vec![0u64; n_runs * run];
+                        cur.par_chunks_mut(run).enumerate().for_each(|(r, o)| {
+                            let a = &prev[r * run..r * run + run / 2];
+                            let b = &prev[r * run + run / 2..(r + 1) * run];
+                            merge_into(a, b, o);
+                        });
+                        levels.push(cur);
+                        l += 1;
+                    }
+                    for lv in &levels {
+                        let mut c = vec![T::zero(); lv.len() * dk];
+                        c.par_chunks_mut(dk * 1024)
+                            .zip(lv.par_chunks(1024))
+                            .for_each(|(o, e)| gather_coords(e, k, dk, o));
+                        coords.push(c);
+                    }
+                }
+                CurveTree { levels, coords }
+            })
+            .collect();
+        Ok(KeyIndex { grids, curves, dk, s, params: *params })
+    }
+
+    /// Calls `f(position, d2)` for every candidate of a query at absolute position `p`
+    /// (a position may come more than once: once per curve, and again as a sink).
+    pub fn for_each_candidate(&self, q: &[T], p: usize, k: &[T], mut f: impl FnMut(u32, T)) {
+        let dk = self.dk;
+        let prm = &self.params;
+        let w = prm.window;
+        if !prm.causal {
+            for (g, tree) in self.grids.iter().zip(&self.curves) {
+                let qc = g.code(q) as u32;
+                RunView { entries: &tree.levels[0], coords: &tree.coords[0] }.window(qc, q, w, &mut f);
+            }
+            for j in 0..prm.n_sink.min(self.s) {
+                f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
+            }
+            return;
+        }
+        let chunk = prm.chunk;
+        let c = p / chunk;
+        if c > 0 {
+            for (g, tree) in self.grids.iter().zip(&self.curves) {
+                let qc = g.code(q) as u32;
+                let mut start = 0usize;
+                for l in (0..tree.levels.len()).rev() {
+                    if (c >> l) & 1 == 1 {
+                        let a = start * chunk;
+                        let b = (start + (1 << l)) * chunk;
+                        let run = RunView { entries: &tree.levels[l][a..b], coords: &tree.coords[l][a * dk..b * dk] };
+                        run.window(qc, q, w, &mut f);
+                        start += 1 << l;
+                    }
+                }
+            }
+        }
+        for j in c * chunk..=p {
+            f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
+        }
+        for j in 0..prm.n_sink.min(p + 1) {
+            f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
+        }
+    }
+}
+
+/// Keeps the `topk` smallest candidates by (d2, position), distinct positions, sorted.
+///
+/// `mult` bounds how often one position repeats; duplicates are equal (d2, position) pairs,
+/// so after sorting they are adjacent and the first `topk * mult` entries hold the first
+/// `topk` distinct ones.
+pub fn select_topk<T: Float>(c: &mut Vec<(T, u32)>, topk: usize, mult: usize) {
+    let cmp = |a: &(T, u32), b: &(T, u32)| {
+        a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1))
+    };
+    let m = topk.saturating_mul(mult.max(1));
+    if c.len() > m {
+        c.select_nth_unstable_by(m - 1, cmp);
+        c.truncate(m);
+    }
+    c.sort_unstable_by(cmp);
+    if mult > 1 {
+        c.dedup_by_key(|x| x.1);
+    }
+    c.truncate(topk);
+}

@@ -6,9 +6,11 @@
 //! (`From<ZetaError> for PyErr`); no panic crosses into Python (each entry point catches
 //! unwinding and reports it as a `RuntimeError`).
 use crate::error::ZetaError;
+use crate::attention::{self, AttnOpts, Shape};
+use crate::index::Params;
 use crate::{morton, pool, quantize, search, simd, sort};
-use numpy::ndarray::{Array1, Array2};
-use numpy::{IntoPyArray, PyArray2, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
+use numpy::ndarray::{Array1, Array2, Array4};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray4, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray4, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -227,6 +229,220 @@ fn searchsorted<'py>(py: Python<'py>, sorted: &Bound<'py, PyAny>, queries: &Boun
     Err(dtype_err("sorted_codes", sorted, "uint32 or uint64 codes (queries of the same dtype)"))
 }
 
+/// Index settings as passed from Python.
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct PyParams {
+    chunk: usize,
+    window: usize,
+    n_curves: usize,
+    n_sink: usize,
+    causal: bool,
+    bits: u32,
+    scale: f64,
+}
+
+impl PyParams {
+    fn get(&self) -> Params {
+        Params {
+            chunk: self.chunk,
+            window: self.window,
+            n_curves: self.n_curves,
+            n_sink: self.n_sink,
+            causal: self.causal,
+            bits: self.bits,
+            scale: self.scale,
+        }
+    }
+}
+
+fn slice4<'a, T: numpy::Element>(a: &'a PyReadonlyArray4<'_, T>, name: &str) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| PyValueError::new_err(format!("{name}: must be C-contiguous")))
+}
+
+fn shape_of<T: numpy::Element, U: numpy::Element>(q: &PyReadonlyArray4<'_, T>, k: &PyReadonlyArray4<'_, T>, v: Option<&PyReadonlyArray4<'_, U>>) -> PyResult<Shape> {
+    let (qs, ks) = (q.shape(), k.shape());
+    if qs[0] != ks[0] {
+        return Err(PyValueError::new_err(format!("k: batch {} does not match q's {}", ks[0], qs[0])));
+    }
+    if qs[3] != ks[3] {
+        return Err(PyValueError::new_err(format!("k: key_dim {} does not match q's {}", ks[3], qs[3])));
+    }
+    let dv = match v {
+        Some(v) => {
+            let vs = v.shape();
+            if vs[0] != ks[0] || vs[1] != ks[1] || vs[2] != ks[2] {
+                return Err(PyValueError::new_err(format!("v: shape {vs:?} does not match k's {ks:?} in (B, H_kv, S)")));
+            }
+            vs[3]
+        }
+        None => 0,
+    };
+    Ok(Shape { b: qs[0], h: qs[1], hkv: ks[1], n: qs[2], s: ks[2], dk: qs[3], dv })
+}
+
+fn arr4<'py, T: numpy::Element>(py: Python<'py>, v: Vec<T>, d: [usize; 4]) -> PyResult<Bound<'py, PyArray4<T>>> {
+    Ok(Array4::from_shape_vec((d[0], d[1], d[2], d[3]), v).map_err(|e| PyRuntimeError::new_err(e.to_string()))?.into_pyarray(py))
+}
+
+macro_rules! float_dispatch {
+    ($q:expr, $f32:expr, $f64:expr) => {{
+        if $q.extract::<PyReadonlyArray4<f32>>().is_ok() {
+            $f32
+        } else if $q.extract::<PyReadonlyArray4<f64>>().is_ok() {
+            $f64
+        } else {
+            Err(dtype_err("q", $q, "a 4-D float32 or float64 array (B, H, N, key_dim)"))
+        }
+    }};
+}
+
+fn knn_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    topk: usize,
+    prm: &PyParams,
+) -> PyResult<(Bound<'py, PyArray4<i64>>, Bound<'py, PyArray4<T>>)> {
+    let q: PyReadonlyArray4<T> = q.extract()?;
+    let k: PyReadonlyArray4<T> = k.extract().map_err(|_| dtype_err("k", k, "a 4-D array of q's dtype (B, H_kv, S, key_dim)"))?;
+    let sh = shape_of::<T, T>(&q, &k, None)?;
+    let (qs, ks) = (slice4(&q, "q")?, slice4(&k, "k")?);
+    let p = prm.get();
+    let (idx, d2) = run(py, || attention::knn(&sh, &p, topk, qs, ks))?;
+    let dims = [sh.b, sh.h, sh.n, topk];
+    Ok((arr4(py, idx, dims)?, arr4(py, d2, dims)?))
+}
+
+fn exact_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    topk: usize,
+    causal: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    let q: PyReadonlyArray4<T> = q.extract()?;
+    let k: PyReadonlyArray4<T> = k.extract().map_err(|_| dtype_err("k", k, "a 4-D array of q's dtype (B, H_kv, S, key_dim)"))?;
+    let sh = shape_of::<T, T>(&q, &k, None)?;
+    let (qs, ks) = (slice4(&q, "q")?, slice4(&k, "k")?);
+    let (idx, d2) = run(py, || attention::exact_knn(&sh, causal, topk, qs, ks))?;
+    let dims = [sh.b, sh.h, sh.n, topk];
+    Ok((arr4(py, idx, dims)?, arr4(py, d2, dims)?).into_pyobject(py)?.into_any())
+}
+
+/// exact_knn(q, k, topk, causal) -> (indices, sq_dists): brute force, no index
+#[pyfunction]
+fn exact_knn<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, topk: usize, causal: bool) -> PyResult<Bound<'py, PyAny>> {
+    float_dispatch!(q, exact_impl::<f32>(py, q, k, topk, causal), exact_impl::<f64>(py, q, k, topk, causal))
+}
+
+/// knn(q, k, topk, params) -> (indices int64 (B,H,N,topk), sq_dists (B,H,N,topk))
+#[pyfunction]
+fn knn<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, topk: usize, params: PyParams) -> PyResult<Bound<'py, PyAny>> {
+    float_dispatch!(
+        q,
+        knn_impl::<f32>(py, q, k, topk, &params).and_then(|t| t.into_pyobject(py).map(|o| o.into_any())),
+        knn_impl::<f64>(py, q, k, topk, &params).and_then(|t| t.into_pyobject(py).map(|o| o.into_any()))
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    gamma: PyReadonlyArray1<'py, f64>,
+    topk: usize,
+    mean_token: bool,
+    prm: &PyParams,
+) -> PyResult<Bound<'py, PyAny>> {
+    let q: PyReadonlyArray4<T> = q.extract()?;
+    let k: PyReadonlyArray4<T> = k.extract().map_err(|_| dtype_err("k", k, "a 4-D array of q's dtype (B, H_kv, S, key_dim)"))?;
+    let v: PyReadonlyArray4<T> = v.extract().map_err(|_| dtype_err("v", v, "a 4-D array of q's dtype (B, H_kv, S, value_dim)"))?;
+    let sh = shape_of(&q, &k, Some(&v))?;
+    let (qs, ks, vs) = (slice4(&q, "q")?, slice4(&k, "k")?, slice4(&v, "v")?);
+    let gs = gamma.as_slice().map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
+    let p = prm.get();
+    let opts = AttnOpts { topk, mean_token };
+    let (out, idx) = run(py, || attention::forward(&sh, &p, &opts, qs, ks, vs, gs))?;
+    let o = arr4(py, out, [sh.b, sh.h, sh.n, sh.dv])?;
+    let i = arr4(py, idx, [sh.b, sh.h, sh.n, topk])?;
+    Ok((o, i).into_pyobject(py)?.into_any())
+}
+
+/// attention_forward(q, k, v, gamma (H,) float64, topk, mean_token, params) -> (out, indices)
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn attention_forward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    gamma: PyReadonlyArray1<'py, f64>,
+    topk: usize,
+    mean_token: bool,
+    params: PyParams,
+) -> PyResult<Bound<'py, PyAny>> {
+    float_dispatch!(
+        q,
+        fwd_impl::<f32>(py, q, k, v, gamma, topk, mean_token, &params),
+        fwd_impl::<f64>(py, q, k, v, gamma, topk, mean_token, &params)
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    gamma: PyReadonlyArray1<'py, f64>,
+    indices: PyReadonlyArray4<'py, i64>,
+    grad_out: &Bound<'py, PyAny>,
+    mean_token: bool,
+    prm: &PyParams,
+) -> PyResult<Bound<'py, PyAny>> {
+    let q: PyReadonlyArray4<T> = q.extract()?;
+    let k: PyReadonlyArray4<T> = k.extract().map_err(|_| dtype_err("k", k, "q's dtype"))?;
+    let v: PyReadonlyArray4<T> = v.extract().map_err(|_| dtype_err("v", v, "q's dtype"))?;
+    let go: PyReadonlyArray4<T> = grad_out.extract().map_err(|_| dtype_err("grad_out", grad_out, "q's dtype"))?;
+    let sh = shape_of(&q, &k, Some(&v))?;
+    let topk = indices.shape()[3];
+    let (qs, ks, vs, gos) = (slice4(&q, "q")?, slice4(&k, "k")?, slice4(&v, "v")?, slice4(&go, "grad_out")?);
+    let is = indices.as_slice().map_err(|_| PyValueError::new_err("indices: must be C-contiguous"))?;
+    let gs = gamma.as_slice().map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
+    let p = prm.get();
+    let opts = AttnOpts { topk, mean_token };
+    let (dq, dk, dv, dg) = run(py, || attention::backward(&sh, &p, &opts, qs, ks, vs, gs, is, gos))?;
+    let dq = arr4(py, dq, [sh.b, sh.h, sh.n, sh.dk])?;
+    let dk = arr4(py, dk, [sh.b, sh.hkv, sh.s, sh.dk])?;
+    let dv = arr4(py, dv, [sh.b, sh.hkv, sh.s, sh.dv])?;
+    let dg: Bound<'py, PyArray1<f64>> = Array1::from_vec(dg).into_pyarray(py);
+    Ok((dq, dk, dv, dg).into_pyobject(py)?.into_any())
+}
+
+/// attention_backward(q, k, v, gamma, indices, grad_out, mean_token, params) -> (dq, dk, dv, dgamma)
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn attention_backward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    gamma: PyReadonlyArray1<'py, f64>,
+    indices: PyReadonlyArray4<'py, i64>,
+    grad_out: &Bound<'py, PyAny>,
+    mean_token: bool,
+    params: PyParams,
+) -> PyResult<Bound<'py, PyAny>> {
+    float_dispatch!(
+        q,
+        bwd_impl::<f32>(py, q, k, v, gamma, indices, grad_out, mean_token, &params),
+        bwd_impl::<f64>(py, q, k, v, gamma, indices, grad_out, mean_token, &params)
+    )
+}
+
 /// The SIMD path in use now ("portable", "avx2" or "bmi2"); `ZETA_SIMD` overrides.
 #[pyfunction]
 fn simd_path() -> &'static str {
@@ -265,6 +481,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(zorder, m)?)?;
     m.add_function(wrap_pyfunction!(argsort, m)?)?;
     m.add_function(wrap_pyfunction!(searchsorted, m)?)?;
+    m.add_function(wrap_pyfunction!(knn, m)?)?;
+    m.add_function(wrap_pyfunction!(exact_knn, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_backward, m)?)?;
     m.add_function(wrap_pyfunction!(simd_path, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;

@@ -1,0 +1,148 @@
+"""torch integration of the Rust backend: ``torch.library`` custom ops with fake kernels and
+autograd, so ``zeta.attention`` works under autograd, ``torch.compile`` and ``opcheck``.
+
+Layers (as flash-attn's interface): ``zeta::attention_fwd`` / ``zeta::attention_bwd`` wrap the
+raw Rust calls on CPU tensors; ``register_fake`` gives shapes; ``register_autograd`` ties the
+backward op to the forward. Only imported when a torch tensor reaches zeta.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from . import _core
+
+
+def _params(chunk, window, n_curves, n_sink, causal, bits, scale) -> dict:
+    return {
+        "chunk": chunk,
+        "window": window,
+        "n_curves": n_curves,
+        "n_sink": n_sink,
+        "causal": causal,
+        "bits": bits,
+        "scale": scale,
+    }
+
+
+def _np(t: Tensor):
+    return t.detach().contiguous().numpy()
+
+
+@torch.library.custom_op("zeta::attention_fwd", mutates_args=(), device_types="cpu")
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    topk: int,
+    mean_token: bool,
+    chunk: int,
+    window: int,
+    n_curves: int,
+    n_sink: int,
+    causal: bool,
+    bits: int,
+    scale: float,
+) -> Tuple[Tensor, Tensor]:
+    """q (B,H,N,dk), k (B,Hkv,S,dk), v (B,Hkv,S,dv), gamma (H,) -> out (B,H,N,dv), idx (B,H,N,topk) int64."""
+    out, idx = _core.attention_forward(
+        _np(q),
+        _np(k),
+        _np(v),
+        _np(gamma.to(torch.float64)),
+        topk,
+        mean_token,
+        _params(chunk, window, n_curves, n_sink, causal, bits, scale),
+    )
+    return torch.from_numpy(out), torch.from_numpy(idx)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, gamma, topk, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
+    torch._check(q.dtype == k.dtype == v.dtype, lambda: "q, k, v must share a dtype")
+    torch._check(q.shape[3] == k.shape[3], lambda: "q and k must share key_dim")
+    torch._check(gamma.dim() == 1 and gamma.shape[0] == q.shape[1], lambda: "gamma must be (H,)")
+    b, h, n, _ = q.shape
+    out = q.new_empty((b, h, n, v.shape[3]))
+    idx = q.new_empty((b, h, n, topk), dtype=torch.int64)
+    return out, idx
+
+
+@torch.library.custom_op("zeta::attention_bwd", mutates_args=(), device_types="cpu")
+def attention_bwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gamma: Tensor,
+    idx: Tensor,
+    grad_out: Tensor,
+    mean_token: bool,
+    chunk: int,
+    window: int,
+    n_curves: int,
+    n_sink: int,
+    causal: bool,
+    bits: int,
+    scale: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dgamma) for :func:`attention_fwd`'s output, given its indices."""
+    dq, dk, dv, dg = _core.attention_backward(
+        _np(q),
+        _np(k),
+        _np(v),
+        _np(gamma.to(torch.float64)),
+        _np(idx),
+        _np(grad_out.to(q.dtype)),
+        mean_token,
+        _params(chunk, window, n_curves, n_sink, causal, bits, scale),
+    )
+    return (
+        torch.from_numpy(dq),
+        torch.from_numpy(dk),
+        torch.from_numpy(dv),
+        torch.from_numpy(dg).to(gamma.dtype),
+    )
+
+
+@attention_bwd.register_fake
+def _(q, k, v, gamma, idx, grad_out, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gamma)
+
+
+_SCALARS = ("topk", "mean_token", "chunk", "window", "n_curves", "n_sink", "causal", "bits", "scale")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gamma = inputs[:4]
+    ctx.scalars = dict(zip(_SCALARS, inputs[4:]))
+    ctx.save_for_backward(q, k, v, gamma, output[1])
+
+
+def _backward(ctx, grad_out, _grad_idx):
+    q, k, v, gamma, idx = ctx.saved_tensors
+    s = ctx.scalars
+    dq, dk, dv, dg = attention_bwd(
+        q, k, v, gamma, idx, grad_out.contiguous(), s["mean_token"], s["chunk"], s["window"],
+        s["n_curves"], s["n_sink"], s["causal"], s["bits"], s["scale"],
+    )
+    return (dq, dk, dv, dg) + (None,) * len(_SCALARS)
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, topk: int, mean_token: bool, p) -> Tensor:
+    """Rust-backed attention on CPU tensors; half precisions computed in float32."""
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    out, _ = attention_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), gamma, topk, mean_token,
+        p.chunk, p.window, p.n_curves, p.n_sink, p.causal, p.bits, p.scale,
+    )
+    return out.to(dtype)

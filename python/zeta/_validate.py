@@ -1,0 +1,139 @@
+"""Argument checks shared by the functional API, the nn module and the KV cache.
+
+Every failure is a ValueError/TypeError whose message starts with the argument's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+MAX_KEY_DIM = 8
+
+
+def default_window(topk: int) -> int:
+    """Default candidates taken on each side of the query in every run: ``topk``.
+
+    See benches/results (recall vs window): with one curve this gives recall@32 >= 0.95 on
+    Gaussian 3-D keys; larger windows buy recall linearly in time.
+    """
+    return int(topk)
+
+
+def _int(name: str, x: Any, lo: int, hi: Optional[int] = None) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__}")
+    x = int(x)
+    if x < lo or (hi is not None and x > hi):
+        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+        raise ValueError(f"{name}: must be {rng}, got {x}")
+    return x
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """Resolved index settings (what ``_core`` receives as a dict)."""
+
+    chunk: int
+    window: int
+    n_curves: int
+    n_sink: int
+    causal: bool
+    bits: int
+    scale: float
+
+    def as_dict(self) -> dict:
+        return {
+            "chunk": self.chunk,
+            "window": self.window,
+            "n_curves": self.n_curves,
+            "n_sink": self.n_sink,
+            "causal": self.causal,
+            "bits": self.bits,
+            "scale": self.scale,
+        }
+
+
+def index_params(
+    key_dim: int,
+    topk: int,
+    *,
+    causal: bool = True,
+    chunk: int = 64,
+    window: Optional[int] = None,
+    n_curves: int = 1,
+    n_sink: int = 0,
+    bits: Optional[int] = None,
+    scale: float = 1.0,
+) -> IndexParams:
+    _int("key_dim", key_dim, 1, MAX_KEY_DIM)
+    topk = _int("topk", topk, 1)
+    chunk = _int("chunk", chunk, 1, 1 << 30)
+    window = default_window(topk) if window is None else _int("window", window, 1)
+    n_curves = _int("n_curves", n_curves, 1, key_dim + 1)
+    n_sink = _int("n_sink", n_sink, 0)
+    maxb = 32 // key_dim
+    bits = maxb if bits is None else _int("bits", bits, 1, maxb)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}") from None
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: must be finite and > 0, got {scale}")
+    return IndexParams(chunk, window, n_curves, n_sink, bool(causal), bits, scale)
+
+
+def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool, topk: int):
+    """Checks SDPA-layout shapes; returns (B, H, H_kv, N, S, dk, dv)."""
+    if len(q_shape) != 4:
+        raise ValueError(f"q: expected 4 axes (B, H, N, key_dim), got shape {tuple(q_shape)}")
+    if len(k_shape) != 4:
+        raise ValueError(f"k: expected 4 axes (B, H_kv, S, key_dim), got shape {tuple(k_shape)}")
+    b, h, n, dk = q_shape
+    bk, hkv, s, dkk = k_shape
+    if bk != b:
+        raise ValueError(f"k: batch {bk} does not match q's {b}")
+    if dkk != dk:
+        raise ValueError(f"k: key_dim {dkk} does not match q's {dk}")
+    if not 1 <= dk <= MAX_KEY_DIM:
+        raise ValueError(f"q: key_dim must be 1..{MAX_KEY_DIM}, got {dk}")
+    if b == 0 or h == 0 or hkv == 0:
+        raise ValueError(f"q: batch and head counts must be >= 1 (q {tuple(q_shape)}, k {tuple(k_shape)})")
+    if n == 0:
+        raise ValueError("q: empty sequence (N = 0)")
+    if s == 0:
+        raise ValueError("k: empty sequence (S = 0)")
+    if h % hkv != 0:
+        raise ValueError(f"k: query heads ({h}) must be a multiple of kv heads ({hkv}) (GQA)")
+    if causal and s < n:
+        raise ValueError(f"k: causal attention needs S >= N (queries are the last N positions), got S={s}, N={n}")
+    if topk > s:
+        raise ValueError(f"topk: {topk} is larger than the number of keys S={s}")
+    dv = None
+    if v_shape is not None:
+        if len(v_shape) != 4:
+            raise ValueError(f"v: expected 4 axes (B, H_kv, S, value_dim), got shape {tuple(v_shape)}")
+        if tuple(v_shape[:3]) != (b, hkv, s):
+            raise ValueError(f"v: shape {tuple(v_shape)} does not match k's (B, H_kv, S) = {(b, hkv, s)}")
+        dv = v_shape[3]
+        if dv == 0:
+            raise ValueError("v: value_dim is 0")
+    return b, h, hkv, n, s, dk, dv
+
+
+def gamma_array(gamma: Any, h: int) -> np.ndarray:
+    """gamma (float or (H,) array/tensor) -> float64 array (H,), checked > 0 and finite."""
+    if hasattr(gamma, "detach"):
+        gamma = gamma.detach().cpu().double().numpy()
+    g = np.asarray(gamma, dtype=np.float64)
+    if g.ndim == 0:
+        g = np.full(h, float(g))
+    if g.shape != (h,):
+        raise ValueError(f"gamma: expected a float or shape ({h},) (one per query head), got shape {g.shape}")
+    if not np.all(np.isfinite(g)) or np.any(g <= 0):
+        raise ValueError(f"gamma: must be finite and > 0, got {g.tolist()}")
+    return np.ascontiguousarray(g)

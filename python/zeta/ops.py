@@ -1,0 +1,304 @@
+"""The functional API: ``knn``, ``attention``, ``recall``.
+
+numpy in -> numpy out; torch in -> torch out on the same device. Shapes follow
+``torch.nn.functional.scaled_dot_product_attention``: q (B, H, N, d_k), k (B, H_kv, S, d_k),
+v (B, H_kv, S, d_v); H % H_kv == 0 (GQA); with S > N the queries are the last N positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._arrays import is_torch
+from ._validate import check_qkv_shapes, gamma_array, index_params
+from .backends import CallInfo, report, select
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
+
+
+def _kind(arrays, names) -> Tuple[str, str, str]:
+    """(kind, device, dtype) shared by all inputs, or a TypeError naming the odd one."""
+    kinds = ["torch" if is_torch(a) else "numpy" if isinstance(a, np.ndarray) else None for a in arrays]
+    for a, kd, nm in zip(arrays, kinds, names):
+        if kd is None:
+            raise TypeError(f"{nm}: expected a numpy array or torch tensor, got {type(a).__name__}")
+    if len(set(kinds)) > 1:
+        raise TypeError(f"{', '.join(names)}: mix numpy arrays and torch tensors; pass one kind")
+    kind = kinds[0]
+    if kind == "torch":
+        devs = [str(a.device) for a in arrays]
+        if len(set(devs)) > 1:
+            raise ValueError(f"{names[devs.index(devs[-1])]}: on {devs[-1]}, but {names[0]} is on {devs[0]}; put them on one device")
+        dtypes = [str(a.dtype).replace("torch.", "") for a in arrays]
+        device = arrays[0].device.type
+    else:
+        dtypes = [str(a.dtype) for a in arrays]
+        device = "cpu"
+    for d, nm in zip(dtypes, names):
+        if d not in _FLOATS:
+            raise TypeError(f"{nm}: expected a float dtype (float16/bfloat16/float32/float64), got {d}")
+    if len(set(dtypes)) > 1:
+        odd = next(nm for d, nm in zip(dtypes, names) if d != dtypes[0])
+        raise TypeError(f"{odd}: dtype {dtypes[names.index(odd)]} differs from {names[0]}'s {dtypes[0]}; use one dtype")
+    return kind, device, dtypes[0]
+
+
+def _np_float(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.float16:
+        a = a.astype(np.float32)
+    return np.ascontiguousarray(a)
+
+
+def _check_finite_np(a: np.ndarray, name: str) -> None:
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name}: contains NaN or inf")
+
+
+def _check_finite_torch(t, name: str) -> None:
+    import torch
+
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or inf")
+
+
+def knn(
+    q: Any,
+    k: Any,
+    topk: int,
+    *,
+    causal: bool = True,
+    chunk: int = 64,
+    window: Optional[int] = None,
+    n_curves: int = 1,
+    n_sink: int = 0,
+    bits: Optional[int] = None,
+    scale: float = 1.0,
+    backend: str = "auto",
+):
+    """Top-k nearest keys of every query through the causal Z-order index.
+
+    Args:
+        q: queries, (B, H, N, d_k), d_k in 1..8.
+        k: keys, (B, H_kv, S, d_k); H % H_kv == 0. Causal: query i sits at position S - N + i
+            and sees keys at positions <= its own.
+        topk: neighbours per query (<= S).
+        causal: restrict to past keys (exact at token level).
+        chunk: tokens per chunk of the dyadic-run index.
+        window: candidates taken on each side of the query's code in every run (default
+            ``topk``); a window >= S makes the result exact.
+        n_curves: shifted Z-curves searched (1..d_k+1); more curves, more recall.
+        n_sink: first positions always taken as candidates.
+        bits: grid bits per coordinate (default ``32 // d_k``).
+        scale: the fixed squash's scale (see :func:`zeta.zorder`).
+        backend: "auto", "rust" or "torch".
+
+    Returns:
+        (indices int64 (B, H, N, topk), sq_dists (B, H, N, topk)) sorted by (distance,
+        position); missing slots (fewer causal keys than topk) are -1 / +inf.
+    """
+    kind, device, dtype = _kind([q, k], ["q", "k"])
+    check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal, topk=_topk(topk))
+    p = index_params(q.shape[-1], topk, causal=causal, chunk=chunk, window=window,
+                     n_curves=n_curves, n_sink=n_sink, bits=bits, scale=scale)
+    be = select(CallInfo(kind, device, dtype, q.shape[-1]), backend)
+    if be.name == "torch":
+        import torch
+
+        from .backends import torch_ref
+
+        qt = q if kind == "torch" else torch.from_numpy(q)
+        kt = k if kind == "torch" else torch.from_numpy(k)
+        if qt.dtype in (torch.float16, torch.bfloat16):
+            qt, kt = qt.float(), kt.float()
+        _check_finite_torch(qt, "q")
+        _check_finite_torch(kt, "k")
+        idx, d2 = torch_ref.knn(qt, kt, topk, causal=p.causal, chunk=p.chunk, window=p.window,
+                                n_curves=p.n_curves, n_sink=p.n_sink, bits=p.bits, scale=p.scale)
+        if kind == "numpy":
+            return idx.numpy(), d2.numpy()
+        return idx, d2
+    if kind == "torch":
+        import torch
+
+        qn = q.detach().float() if q.dtype in (torch.float16, torch.bfloat16) else q.detach()
+        kn = k.detach().float() if k.dtype in (torch.float16, torch.bfloat16) else k.detach()
+        idx, d2 = _core.knn(qn.contiguous().numpy(), kn.contiguous().numpy(), topk, p.as_dict())
+        return torch.from_numpy(idx), torch.from_numpy(d2).to(q.dtype)
+    idx, d2 = _core.knn(_np_float(q), _np_float(k), topk, p.as_dict())
+    return idx, d2.astype(q.dtype, copy=False)
+
+
+def _topk(topk: Any) -> int:
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+        raise TypeError(f"topk: expected an int, got {type(topk).__name__}")
+    if topk < 1:
+        raise ValueError(f"topk: must be >= 1, got {topk}")
+    return int(topk)
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    topk: int = 32,
+    gamma: Any = 1.0,
+    causal: bool = True,
+    chunk: int = 64,
+    window: Optional[int] = None,
+    n_curves: int = 1,
+    n_sink: int = 0,
+    mean_token: bool = False,
+    bits: Optional[int] = None,
+    scale: float = 1.0,
+    backend: str = "auto",
+):
+    """ZETA top-k attention with Adaptive Cauchy-Softmax scores.
+
+    Each query attends to its ``topk`` nearest keys (found by :func:`knn`'s index):
+    ``s_j = 1 / (||q - k_j||^2 + gamma^2)``, ``a_j = s_j / sum(s)``, ``o = sum a_j v_j``.
+
+    Args:
+        q: (B, H, N, d_k) queries; d_k in 1..8 (typically 3).
+        k: (B, H_kv, S, d_k) keys; H % H_kv == 0 (GQA).
+        v: (B, H_kv, S, d_v) values.
+        topk: keys attended per query (<= S).
+        gamma: float, or a per-head (H,) tensor/array; > 0. Differentiable when a tensor
+            that requires grad.
+        mean_token: add one attended item per query made of the running means of k and v
+            over positions <= i (so every past token gets gradient).
+        causal, chunk, window, n_curves, n_sink, bits, scale: as in :func:`knn`.
+        backend: "auto" (Rust on CPU, torch reference elsewhere), "rust" or "torch".
+
+    Returns:
+        (B, H, N, d_v), the inputs' kind, dtype and device. float16/bfloat16 are computed in
+        float32. Differentiable in q, k, v and gamma (torch tensors).
+    """
+    kind, device, dtype = _kind([q, k, v], ["q", "k", "v"])
+    topk = _topk(topk)
+    b, h, hkv, n, s, dk, dv = check_qkv_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape),
+                                               causal=causal, topk=topk)
+    p = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=n_curves,
+                     n_sink=n_sink, bits=bits, scale=scale)
+    if not isinstance(mean_token, (bool, np.bool_)):
+        raise TypeError(f"mean_token: expected a bool, got {type(mean_token).__name__}")
+    g = gamma_array(gamma, h)  # checks values (also of tensors)
+    be = select(CallInfo(kind, device, dtype, dk), backend)
+    if kind == "numpy":
+        if be.name == "torch":
+            import torch
+
+            from .backends import torch_ref
+
+            out = torch_ref.attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
+                                      topk=topk, gamma=torch.from_numpy(g), mean_token=bool(mean_token),
+                                      **_ref_kwargs(p))
+            return out.numpy()
+        qn, kn, vn = _np_float(q), _np_float(k), _np_float(v)
+        out, _ = _core.attention_forward(qn, kn, vn, g, topk, bool(mean_token), p.as_dict())
+        return out.astype(q.dtype, copy=False)
+
+    import torch
+
+    for t, nm in ((q, "q"), (k, "k"), (v, "v")):
+        _check_finite_torch(t.detach(), nm)
+    if is_torch(gamma):
+        if gamma.device != q.device:
+            raise ValueError(f"gamma: on {gamma.device}, but q is on {q.device}")
+        gt = gamma.reshape(-1).expand(h) if gamma.numel() == 1 else gamma
+    else:
+        gt = torch.as_tensor(g, dtype=torch.float64, device=q.device)
+    if be.name == "torch":
+        from .backends import torch_ref
+
+        qq, kk, vv = q, k, v
+        if dtype in ("float16", "bfloat16"):
+            qq, kk, vv = q.float(), k.float(), v.float()
+        out = torch_ref.attention(qq, kk, vv, topk=topk, gamma=gt, mean_token=bool(mean_token),
+                                  **_ref_kwargs(p))
+        return out.to(q.dtype)
+    from . import _torch_ops
+
+    return _torch_ops.attention(q, k, v, gt, topk, bool(mean_token), p)
+
+
+def _ref_kwargs(p) -> dict:
+    return dict(causal=p.causal, chunk=p.chunk, window=p.window, n_curves=p.n_curves,
+                n_sink=p.n_sink, bits=p.bits, scale=p.scale)
+
+
+def exact_knn(q: Any, k: Any, topk: int, *, causal: bool = True):
+    """Brute-force exact top-k (no index; O(N*S)): the oracle for :func:`recall`.
+
+    Same shapes, tie rule and padding as :func:`knn`. Runs in Rust on the CPU.
+    """
+    kind, _device, _dtype = _kind([q, k], ["q", "k"])
+    topk = _topk(topk)
+    check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal, topk=topk)
+    if kind == "torch":
+        import torch
+
+        want = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qn = q.detach().cpu().to(want).numpy()
+        kn = k.detach().cpu().to(want).numpy()
+    else:
+        qn, kn = _np_float(q), _np_float(k)
+    idx, d2 = _core.exact_knn(np.ascontiguousarray(qn), np.ascontiguousarray(kn), topk, bool(causal))
+    if kind == "torch":
+        import torch
+
+        return torch.from_numpy(idx).to(q.device), torch.from_numpy(d2).to(q.device)
+    return idx, d2
+
+
+def recall(q: Any, k: Any, indices: Any, *, causal: bool = True) -> float:
+    """Fraction of the exact top-k neighbours found in ``indices`` (brute force oracle).
+
+    Args:
+        q: (B, H, N, d_k); k: (B, H_kv, S, d_k).
+        indices: (B, H, N, topk) int64 from :func:`knn` (-1 = empty slot).
+        causal: whether the neighbours were restricted to positions <= the query's.
+
+    Returns:
+        float in [0, 1]: over all queries, (retrieved keys within the exact k-th nearest
+        distance) / (number of exact neighbours; fewer than topk when fewer keys exist).
+        Ties at the k-th distance count as found.
+    """
+    kind, _, _ = _kind([q, k], ["q", "k"])
+    ind = indices.detach().cpu().numpy() if is_torch(indices) else np.asarray(indices)
+    if ind.ndim != 4 or ind.shape[:3] != tuple(q.shape[:3]):
+        raise ValueError(f"indices: expected shape (B, H, N, topk) = {tuple(q.shape[:3])} + (topk,), got {ind.shape}")
+    if ind.dtype.kind not in "iu":
+        raise TypeError(f"indices: expected integers, got {ind.dtype}")
+    topk = ind.shape[-1]
+    if kind == "torch":
+        qn = q.detach().cpu().double().numpy()
+        kn = k.detach().cpu().double().numpy()
+    else:
+        qn, kn = q.astype(np.float64), k.astype(np.float64)
+    _, d2 = exact_knn(qn, kn, topk, causal=causal)
+    b, h, n, dk = qn.shape
+    s = kn.shape[2]
+    if np.any(ind >= s):
+        raise ValueError(f"indices: values must be < S={s}")
+    g = h // kn.shape[1]
+    kk = np.repeat(kn, g, axis=1)  # (B, H, S, dk)
+    valid = ind >= 0
+    safe = np.where(valid, ind, 0)
+    got = kk[np.arange(b)[:, None, None, None], np.arange(h)[None, :, None, None], safe]
+    gd2 = ((got - qn[:, :, :, None, :]) ** 2).sum(-1)  # (B, H, N, topk)
+    if causal:
+        pos = np.arange(n) + (s - n)
+        valid &= ind <= pos[None, None, :, None]
+    kth = np.max(np.where(np.isfinite(d2), d2, -np.inf), axis=-1, keepdims=True)
+    hits = (valid & (gd2 <= kth * (1 + 1e-12))).sum(-1)
+    denom = np.isfinite(d2).sum(-1)
+    return float(np.minimum(hits, denom).sum() / max(denom.sum(), 1))
+
+
+def backends() -> dict:
+    """What is available here and why not the rest: {name: {available, reason, devices, dtypes}}."""
+    return report()
