@@ -10,6 +10,7 @@ from __future__ import annotations
 import os as _os
 
 from . import _core
+from .cache import KVCache
 from .ops import attention, backends, exact_knn, knn, recall
 from .primitives import argsort, morton_decode, morton_encode, searchsorted, zorder
 
@@ -21,6 +22,7 @@ if hasattr(_os, "register_at_fork"):
 
 __all__ = [
     "__version__",
+    "KVCache",
     "argsort",
     "attention",
     "backends",

@@ -185,9 +185,9 @@ def attention(
                      n_sink=n_sink, bits=bits, scale=scale)
     if not isinstance(mean_token, (bool, np.bool_)):
         raise TypeError(f"mean_token: expected a bool, got {type(mean_token).__name__}")
-    g = gamma_array(gamma, h)  # checks values (also of tensors)
     be = select(CallInfo(kind, device, dtype, dk), backend)
     if kind == "numpy":
+        g = gamma_array(gamma, h)
         if be.name == "torch":
             import torch
 
@@ -203,14 +203,24 @@ def attention(
 
     import torch
 
-    for t, nm in ((q, "q"), (k, "k"), (v, "v")):
-        _check_finite_torch(t.detach(), nm)
     if is_torch(gamma):
         if gamma.device != q.device:
             raise ValueError(f"gamma: on {gamma.device}, but q is on {q.device}")
-        gt = gamma.reshape(-1).expand(h) if gamma.numel() == 1 else gamma
+        if gamma.numel() == 1:
+            gt = gamma.reshape(1).expand(h)
+        elif tuple(gamma.shape) == (h,):
+            gt = gamma
+        else:
+            raise ValueError(f"gamma: expected a float or shape ({h},) (one per query head), got shape {tuple(gamma.shape)}")
     else:
-        gt = torch.as_tensor(g, dtype=torch.float64, device=q.device)
+        gt = torch.as_tensor(gamma_array(gamma, h), dtype=torch.float64, device=q.device)
+    # Value checks that read tensor data (NaN/inf, gamma > 0) would break torch.compile graphs;
+    # the Rust kernels make them anyway, so only the reference path checks here.
+    if be.name == "torch" and not torch.compiler.is_compiling():
+        for t, nm in ((q, "q"), (k, "k"), (v, "v")):
+            _check_finite_torch(t.detach(), nm)
+        if is_torch(gamma):
+            gamma_array(gt, h)
     if be.name == "torch":
         from .backends import torch_ref
 

@@ -7,6 +7,7 @@
 //! unwinding and reports it as a `RuntimeError`).
 use crate::error::ZetaError;
 use crate::attention::{self, AttnOpts, Shape};
+use crate::cache::KvCache;
 use crate::index::Params;
 use crate::{morton, pool, quantize, search, simd, sort};
 use numpy::ndarray::{Array1, Array2, Array4};
@@ -443,6 +444,102 @@ fn attention_backward<'py>(
     )
 }
 
+/// The Rust KV cache (see `zeta.KVCache` for the documented front end).
+#[pyclass(name = "KVCacheCore", module = "zeta._core")]
+struct PyKvCache {
+    inner: KvCache,
+}
+
+#[pymethods]
+impl PyKvCache {
+    #[new]
+    fn new(batch: usize, kv_heads: usize, key_dim: usize, value_dim: usize, params: PyParams, dtype: &str) -> PyResult<Self> {
+        Ok(PyKvCache { inner: KvCache::new(batch, kv_heads, key_dim, value_dim, params.get(), dtype)? })
+    }
+
+    /// extend(k (B, H_kv, T, key_dim) f32, v (B, H_kv, T, value_dim) f32)
+    fn extend(&mut self, py: Python<'_>, k: PyReadonlyArray4<'_, f32>, v: PyReadonlyArray4<'_, f32>) -> PyResult<()> {
+        let c = &self.inner;
+        let (ks, vs) = (k.shape(), v.shape());
+        if ks[0] != c.batch || ks[1] != c.kv_heads || ks[3] != c.key_dim {
+            return Err(PyValueError::new_err(format!(
+                "k: expected shape ({}, {}, T, {}), got {ks:?}",
+                c.batch, c.kv_heads, c.key_dim
+            )));
+        }
+        if vs[0] != c.batch || vs[1] != c.kv_heads || vs[2] != ks[2] || vs[3] != c.value_dim {
+            return Err(PyValueError::new_err(format!(
+                "v: expected shape ({}, {}, {}, {}), got {vs:?}",
+                c.batch, c.kv_heads, ks[2], c.value_dim
+            )));
+        }
+        let t = ks[2];
+        let kk = slice4(&k, "k")?;
+        let vv = slice4(&v, "v")?;
+        let inner = &mut self.inner;
+        run(py, || inner.extend(kk, vv, t))
+    }
+
+    /// attend(q (B, H, T_q, key_dim) f32, topk, gamma (H,) f64, mean_token) -> (B, H, T_q, value_dim) f32
+    #[pyo3(signature = (q, topk, gamma, mean_token, window=None))]
+    fn attend<'py>(
+        &self,
+        py: Python<'py>,
+        q: PyReadonlyArray4<'py, f32>,
+        topk: usize,
+        gamma: PyReadonlyArray1<'py, f64>,
+        mean_token: bool,
+        window: Option<usize>,
+    ) -> PyResult<Bound<'py, PyArray4<f32>>> {
+        let c = &self.inner;
+        let qs = q.shape();
+        if qs[0] != c.batch || qs[3] != c.key_dim {
+            return Err(PyValueError::new_err(format!("q: expected shape ({}, H, T_q, {}), got {qs:?}", c.batch, c.key_dim)));
+        }
+        let (h, tq) = (qs[1], qs[2]);
+        let qq = slice4(&q, "q")?;
+        let gs = gamma.as_slice().map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
+        let out = run(py, || c.attend(qq, h, tq, topk, gs, mean_token, window))?;
+        arr4(py, out, [c.batch, h, tq, c.value_dim])
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.dtype()
+    }
+    /// (batch, kv_heads, key_dim, value_dim, params as a dict)
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let c = &self.inner;
+        let d = PyDict::new(py);
+        d.set_item("chunk", c.params.chunk)?;
+        d.set_item("window", c.params.window)?;
+        d.set_item("n_curves", c.params.n_curves)?;
+        d.set_item("n_sink", c.params.n_sink)?;
+        d.set_item("causal", c.params.causal)?;
+        d.set_item("bits", c.params.bits)?;
+        d.set_item("scale", c.params.scale)?;
+        Ok((c.batch, c.kv_heads, c.key_dim, c.value_dim, d).into_pyobject(py)?.into_any())
+    }
+    fn save(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
+        let c = &self.inner;
+        run(py, || c.save(&path))
+    }
+    #[staticmethod]
+    fn load(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Self> {
+        Ok(PyKvCache { inner: run(py, || KvCache::load(&path))? })
+    }
+    fn same_contents(&self, other: &PyKvCache) -> bool {
+        self.inner.same_contents(&other.inner)
+    }
+}
+
 /// The SIMD path in use now ("portable", "avx2" or "bmi2"); `ZETA_SIMD` overrides.
 #[pyfunction]
 fn simd_path() -> &'static str {
@@ -486,6 +583,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(attention_backward, m)?)?;
     m.add_function(wrap_pyfunction!(simd_path, m)?)?;
+    m.add_class::<PyKvCache>()?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;

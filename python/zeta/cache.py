@@ -1,0 +1,188 @@
+"""``KVCache``: the incremental Z-order KV cache for CPU decoding.
+
+A tail buffer plus sorted runs that merge like a binary counter (the same dyadic-run index
+as :func:`zeta.attention`), so ``extend`` is amortised O(log N) per token and ``attend`` for
+the newest token searches every run plus the tail. Step-by-step decoding gives the same
+output as one parallel :func:`zeta.attention` call with the same settings.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _core
+from ._arrays import is_torch
+from ._validate import default_window, gamma_array, index_params
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _f32(x: Any, name: str) -> np.ndarray:
+    if is_torch(x):
+        if x.device.type != "cpu":
+            raise TypeError(f"{name}: tensor on {x.device}; the KV cache runs on the CPU")
+        x = x.detach().float().contiguous().numpy()
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            raise TypeError(f"{name}: expected a float array, got {x.dtype}")
+    else:
+        raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected 4 axes (B, heads, T, dim), got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class KVCache:
+    """KV cache with a Z-order index, for top-k Cauchy attention while decoding.
+
+    Args:
+        num_kv_heads: H_kv.
+        key_dim: d_k (1..8).
+        value_dim: d_v.
+        batch: B.
+        chunk, window, n_curves, n_sink, bits, scale: the index settings, as in
+            :func:`zeta.attention` (the same settings give the same outputs). ``window=None``
+            takes :func:`zeta.attention`'s default for each ``attend``'s ``topk``.
+        dtype: storage of values: "float32", "float16" or "bfloat16" (keys are float32).
+
+    Methods:
+        extend(k (B, H_kv, T, d_k), v (B, H_kv, T, d_v)): append T tokens.
+        attend(q (B, H, T_q, d_k), topk=32, gamma=1.0, mean_token=False) -> (B, H, T_q, d_v):
+            the last T_q positions' queries (T_q = 1 to decode), causal among them, GQA
+            when H > H_kv. numpy in -> numpy out (float32); torch in -> torch out.
+
+    ``len(cache)`` is the number of tokens; ``cache.nbytes`` the bytes it holds.
+    A call that raises leaves the cache as it was.
+    """
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        key_dim: int,
+        value_dim: int,
+        *,
+        batch: int = 1,
+        chunk: int = 64,
+        window: Optional[int] = None,
+        n_curves: int = 1,
+        n_sink: int = 0,
+        bits: Optional[int] = None,
+        scale: float = 1.0,
+        dtype: str = "float32",
+        _core_cache: Any = None,
+    ):
+        if _core_cache is not None:
+            self._c = _core_cache
+            return
+        for nm, val in (("num_kv_heads", num_kv_heads), ("key_dim", key_dim), ("value_dim", value_dim), ("batch", batch)):
+            if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
+                raise TypeError(f"{nm}: expected an int, got {type(val).__name__}")
+            if val < 1:
+                raise ValueError(f"{nm}: must be >= 1, got {val}")
+        if not 1 <= key_dim <= 8:
+            raise ValueError(f"key_dim: must be 1..8, got {key_dim}")
+        dtype = str(dtype).replace("torch.", "")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: must be one of {_DTYPES}, got {dtype!r}")
+        p = index_params(int(key_dim), 32, causal=True, chunk=chunk, window=window,
+                         n_curves=n_curves, n_sink=n_sink, bits=bits, scale=scale)
+        # window=None: resolved per attend() from topk, as zeta.attention does (the sorted
+        # runs do not depend on the window). 0 marks "unset" in the stored settings.
+        p = p.__class__(**{**p.as_dict(), "window": 0 if window is None else p.window})
+        self._c = _core.KVCacheCore(int(batch), int(num_kv_heads), int(key_dim), int(value_dim), p.as_dict(), dtype)
+
+    # -- shape facts -------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self._c.config()[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self._c.config()[1]
+
+    @property
+    def key_dim(self) -> int:
+        return self._c.config()[2]
+
+    @property
+    def value_dim(self) -> int:
+        return self._c.config()[3]
+
+    @property
+    def settings(self) -> dict:
+        """The index settings (chunk, window, n_curves, n_sink, bits, scale)."""
+        d = dict(self._c.config()[4])
+        d.pop("causal", None)
+        if d["window"] == 0:
+            d["window"] = None  # resolved from topk at attend time
+        return d
+
+    @property
+    def dtype(self) -> str:
+        return self._c.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: keys, values, codes, sorted runs."""
+        return self._c.nbytes
+
+    def __len__(self) -> int:
+        return len(self._c)
+
+    def __repr__(self) -> str:
+        b, hkv, dk, dv, _ = self._c.config()
+        return (f"KVCache(len={len(self)}, batch={b}, num_kv_heads={hkv}, key_dim={dk}, value_dim={dv}, "
+                f"dtype={self.dtype!r}, nbytes={self.nbytes})")
+
+    # -- the work ----------------------------------------------------------------------
+    def extend(self, k: Any, v: Any) -> None:
+        """Append T tokens: k (B, H_kv, T, key_dim), v (B, H_kv, T, value_dim)."""
+        kn, vn = _f32(k, "k"), _f32(v, "v")
+        self._c.extend(kn, vn)
+
+    def attend(self, q: Any, *, topk: int = 32, gamma: Any = 1.0, mean_token: bool = False) -> Any:
+        """Top-k Cauchy attention of the last T_q positions' queries over the cache.
+
+        Args:
+            q: (B, H, T_q, key_dim); H % H_kv == 0; T_q <= len(cache).
+            topk: keys attended per query (>= 1; fewer keys than topk: all of them).
+            gamma: float or per-head (H,).
+            mean_token: as in :func:`zeta.attention`.
+
+        Returns:
+            (B, H, T_q, value_dim): float32 numpy, or a torch tensor in q's dtype.
+        """
+        if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
+            raise TypeError(f"topk: expected an int, got {type(topk).__name__}")
+        if topk < 1:
+            raise ValueError(f"topk: must be >= 1, got {topk}")
+        if len(self) == 0:
+            raise ValueError("q: the cache is empty: extend it before attend")
+        qn = _f32(q, "q")
+        g = gamma_array(gamma, qn.shape[1])
+        w = self._c.config()[4]["window"]
+        out = self._c.attend(qn, int(topk), g, bool(mean_token), w if w > 0 else default_window(int(topk)))
+        if is_torch(q):
+            import torch
+
+            return torch.from_numpy(out).to(q.dtype)
+        return out
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, path: "str | os.PathLike") -> None:
+        """Write the cache to ``path`` atomically (temporary file + rename), versioned, with
+        a CRC32 checksum. A crash mid-save leaves an older file at ``path`` intact."""
+        self._c.save(os.fspath(path))
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike") -> "KVCache":
+        """Read a cache written by :meth:`save` (bit-exact). Truncated, corrupt,
+        wrong-version files raise ValueError; a missing file raises OSError."""
+        return cls(0, 0, 0, _core_cache=_core.KVCacheCore.load(os.fspath(path)))
+
+    def same_contents(self, other: "KVCache") -> bool:
+        """True when both caches hold bit-identical keys, values, settings and index."""
+        return self._c.same_contents(other._c)
