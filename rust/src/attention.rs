@@ -515,11 +515,18 @@ pub fn exact_knn<T: Float + Real>(sh: &Shape, causal: bool, topk: usize, q: &[T]
             let qr = &q[row * dk..(row + 1) * dk];
             let upto = if causal { sh.s - sh.n + i + 1 } else { sh.s };
             cands.clear();
-            // Keep a bounded buffer: select whenever it doubles.
+            // Keep a bounded buffer; once it has been cut to the best topk, only keys that
+            // beat the current k-th distance can enter.
+            let mut kth = T::infinity();
+            let cap = 8 * topk.max(32);
             for (j, kr) in kk.chunks_exact(dk).take(upto).enumerate() {
-                cands.push((sq_dist(qr, kr), j as u32));
-                if cands.len() >= 4 * topk.max(64) {
-                    select_topk(cands, topk, 1);
+                let d2 = sq_dist(qr, kr);
+                if d2 <= kth {
+                    cands.push((d2, j as u32));
+                    if cands.len() >= cap {
+                        select_topk(cands, topk, 1);
+                        kth = cands[cands.len() - 1].0;
+                    }
                 }
             }
             select_topk(cands, topk, 1);

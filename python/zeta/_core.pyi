@@ -1,0 +1,100 @@
+"""Typed stubs for the Rust extension ``zeta._core`` (private: use the ``zeta`` API)."""
+
+from os import PathLike
+from typing import Any, Dict, List, Optional, Tuple, Union, final
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+__all__ = [
+    "KVCacheCore",
+    "__version__",
+    "_after_fork_in_child",
+    "argsort",
+    "attention_backward",
+    "attention_forward",
+    "cpu_features",
+    "exact_knn",
+    "knn",
+    "morton_decode",
+    "morton_encode",
+    "num_threads",
+    "searchsorted",
+    "simd_path",
+    "zorder",
+]
+
+_Params = Dict[str, Any]  # chunk, window, n_curves, n_sink, causal, bits, scale
+
+def morton_encode(coords: npt.NDArray[Any], bits: int, out64: bool) -> npt.NDArray[Any]:
+    """(n, d) uint8/16/32/64 -> (n,) uint32 (out64=False) or uint64."""
+
+def morton_decode(codes: npt.NDArray[Any], dims: int, bits: int) -> npt.NDArray[Any]:
+    """(n,) uint32/uint64 -> (n, dims) of the codes' dtype."""
+
+def zorder(x: npt.NDArray[Any], bits: int, shift: int, scale: float, out64: bool) -> npt.NDArray[Any]:
+    """(n, d) float32/float64 -> (n,) uint32/uint64 codes."""
+
+def argsort(codes: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """(rows, n) uint32/uint64 -> (rows, n) int64, stable."""
+
+def searchsorted(sorted: npt.NDArray[Any], queries: npt.NDArray[Any], right: bool) -> npt.NDArray[np.int64]:
+    """(rows, n), (rows, m) -> (rows, m) int64."""
+
+def knn(q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, params: _Params) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
+    """(B,H,N,dk), (B,Hkv,S,dk) -> indices (B,H,N,topk), sq_dists (B,H,N,topk)."""
+
+def exact_knn(q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, causal: bool) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
+    """Brute force; same layout as knn."""
+
+def attention_forward(
+    q: npt.NDArray[Any],
+    k: npt.NDArray[Any],
+    v: npt.NDArray[Any],
+    gamma: npt.NDArray[np.float64],
+    topk: int,
+    mean_token: bool,
+    params: _Params,
+) -> Tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+    """-> out (B,H,N,dv), indices (B,H,N,topk)."""
+
+def attention_backward(
+    q: npt.NDArray[Any],
+    k: npt.NDArray[Any],
+    v: npt.NDArray[Any],
+    gamma: npt.NDArray[np.float64],
+    indices: npt.NDArray[np.int64],
+    grad_out: npt.NDArray[Any],
+    mean_token: bool,
+    params: _Params,
+) -> Tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[np.float64]]:
+    """-> dq, dk, dv, dgamma (H,)."""
+
+def simd_path() -> str: ...
+def cpu_features() -> Dict[str, Union[bool, List[str]]]: ...
+def num_threads() -> int: ...
+def _after_fork_in_child() -> None: ...
+
+@final
+class KVCacheCore:
+    def __new__(cls, batch: int, kv_heads: int, key_dim: int, value_dim: int, params: _Params, dtype: str) -> "KVCacheCore": ...
+    def extend(self, k: npt.NDArray[np.float32], v: npt.NDArray[np.float32]) -> None: ...
+    def attend(
+        self,
+        q: npt.NDArray[np.float32],
+        topk: int,
+        gamma: npt.NDArray[np.float64],
+        mean_token: bool,
+        window: Optional[int] = None,
+    ) -> npt.NDArray[np.float32]: ...
+    def __len__(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    def config(self) -> Tuple[int, int, int, int, _Params]: ...
+    def save(self, path: Union[str, "PathLike[str]"]) -> None: ...
+    @staticmethod
+    def load(path: Union[str, "PathLike[str]"]) -> "KVCacheCore": ...
+    def same_contents(self, other: "KVCacheCore") -> bool: ...
