@@ -3,7 +3,6 @@
 import sys
 
 import numpy as np
-
 import zeta
 
 assert "torch" not in sys.modules, "zeta imported torch"

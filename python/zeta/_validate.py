@@ -5,6 +5,7 @@ Every failure is a ValueError/TypeError whose message starts with the argument's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -82,7 +83,7 @@ def index_params(
         scale = float(scale)
     except (TypeError, ValueError):
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}") from None
-    if not (np.isfinite(scale) and scale > 0):
+    if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: must be finite and > 0, got {scale}")
     return IndexParams(chunk, window, n_curves, n_sink, bool(causal), bits, scale)
 

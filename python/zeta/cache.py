@@ -172,17 +172,17 @@ class KVCache:
         return out
 
     # -- persistence -------------------------------------------------------------------
-    def save(self, path: "str | os.PathLike") -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Write the cache to ``path`` atomically (temporary file + rename), versioned, with
         a CRC32 checksum. A crash mid-save leaves an older file at ``path`` intact."""
         self._c.save(os.fspath(path))
 
     @classmethod
-    def load(cls, path: "str | os.PathLike") -> "KVCache":
+    def load(cls, path: str | os.PathLike) -> KVCache:
         """Read a cache written by :meth:`save` (bit-exact). Truncated, corrupt,
         wrong-version files raise ValueError; a missing file raises OSError."""
         return cls(0, 0, 0, _core_cache=_core.KVCacheCore.load(os.fspath(path)))
 
-    def same_contents(self, other: "KVCache") -> bool:
+    def same_contents(self, other: KVCache) -> bool:
         """True when both caches hold bit-identical keys, values, settings and index."""
         return self._c.same_contents(other._c)

@@ -14,7 +14,7 @@
 //! chunks, e.g. a prefill) need runs the counter has merged away; for those the cache
 //! builds the full merge-sort tree over its keys for that call (O(T log T)).
 use crate::error::{try_vec, Result, ZetaError};
-use crate::index::{gather_coords, merge_into, select_topk, sorted_entries, sq_dist, KeyIndex, Params, RunView};
+use crate::index::{gather_coords, merge_into, sorted_entries, sq_dist, KeyIndex, Params, RunView, TopK};
 use crate::quantize::{first_non_finite, Grid};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -264,11 +264,17 @@ impl KvCache {
             for (c, grid) in g.codes.iter_mut().zip(grids) {
                 c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
             }
-            for (s, x) in g.ksum.iter_mut().enumerate() {
-                *x += kk.iter().skip(s).step_by(dk).map(|&y| y as f64).sum::<f64>();
+            for row in kk.chunks_exact(dk) {
+                for (x, &y) in g.ksum.iter_mut().zip(row) {
+                    *x += y as f64;
+                }
             }
-            for (s, x) in g.vsum.iter_mut().enumerate() {
-                *x += vv.iter().skip(s).step_by(dv).map(|&y| y as f64).sum::<f64>();
+            // Sum what is stored (f16/bf16 rounding included), as `from_bytes` does.
+            let base = g.values.len() - t * dv;
+            for r in 0..t {
+                for (j, x) in g.vsum.iter_mut().enumerate() {
+                    *x += g.values.get_f64(base + r * dv + j);
+                }
             }
             g.advance_index(new_len, params, dk);
         });
@@ -326,18 +332,19 @@ impl KvCache {
             let full = if first / chunk >= g.indexed_chunks { None } else { Some(KeyIndex::build(&g.keys, dk, prm)?) };
             // Means at positions >= first: total minus the keys after p.
             let (kbar, vbar) = if mean_token { g.suffix_means(first, s, dk, dv) } else { (Vec::new(), Vec::new()) };
-            out_g.par_chunks_mut(dv).enumerate().for_each_init(Vec::new, |cands: &mut Vec<(f32, u32)>, (qi, o)| {
+            let init = || (TopK::new(topk, prm.multiplicity() > 1), Vec::new());
+            out_g.par_chunks_mut(dv).enumerate().for_each_init(init, |(tk, cands): &mut (TopK<f32>, Vec<(f32, u32)>), (qi, o)| {
                 let (hl, i) = (qi / tq, qi % tq);
                 let hq = hkv * grp + hl;
                 let qr = &q[((b * h + hq) * tq + i) * dk..][..dk];
                 let p = first + i;
-                cands.clear();
-                let push = |pos: u32, d2: f32| cands.push((d2, pos));
+                tk.clear();
+                let push = |pos: u32, d2: f32| tk.push(pos, d2);
                 match &full {
                     Some(ix) => ix.for_each_candidate(qr, p, &g.keys, push),
                     None => g.for_each_candidate(&self.grids, prm, qr, p, push),
                 }
-                select_topk(cands, topk, prm.multiplicity());
+                tk.drain_sorted(cands);
                 let g2 = (gamma[hq] * gamma[hq]) as f32;
                 let mut z = 0.0f32;
                 for &(d2, pos) in cands.iter() {

@@ -298,6 +298,7 @@ macro_rules! float_dispatch {
     }};
 }
 
+#[allow(clippy::type_complexity)]
 fn knn_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     py: Python<'py>,
     q: &Bound<'py, PyAny>,
