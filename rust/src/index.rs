@@ -45,7 +45,10 @@ impl Params {
         if self.n_curves == 0 || self.n_curves > dk + 1 {
             return Err(ZetaError::value(
                 "n_curves",
-                format!("must be 1..={} for key_dim {dk} (d+1 shifted curves)", dk + 1),
+                format!(
+                    "must be 1..={} for key_dim {dk} (d+1 shifted curves)",
+                    dk + 1
+                ),
             ));
         }
         let maxb = (32 / dk) as u32;
@@ -173,13 +176,20 @@ impl<T: Float + Real> KeyIndex<T> {
                 let codes: Vec<u32> = k.par_chunks_exact(dk).map(|x| g.code(x) as u32).collect();
                 if !params.causal {
                     let e = {
-                        let mut e: Vec<u64> = codes.par_iter().enumerate().map(|(p, &c)| pack(c, p as u32)).collect();
+                        let mut e: Vec<u64> = codes
+                            .par_iter()
+                            .enumerate()
+                            .map(|(p, &c)| pack(c, p as u32))
+                            .collect();
                         e.par_sort_unstable();
                         e
                     };
                     let mut c = vec![T::zero(); e.len() * dk];
                     gather_coords(&e, k, dk, &mut c);
-                    return CurveTree { levels: vec![e], coords: vec![c] };
+                    return CurveTree {
+                        levels: vec![e],
+                        coords: vec![c],
+                    };
                 }
                 let n_chunks = s / chunk;
                 let mut levels: Vec<Vec<u64>> = Vec::new();
@@ -219,7 +229,13 @@ impl<T: Float + Real> KeyIndex<T> {
                 CurveTree { levels, coords }
             })
             .collect();
-        Ok(KeyIndex { grids, curves, dk, s, params: *params })
+        Ok(KeyIndex {
+            grids,
+            curves,
+            dk,
+            s,
+            params: *params,
+        })
     }
 
     /// Calls `f(position, d2)` for every candidate of a query at absolute position `p`
@@ -231,7 +247,11 @@ impl<T: Float + Real> KeyIndex<T> {
         if !prm.causal {
             for (g, tree) in self.grids.iter().zip(&self.curves) {
                 let qc = g.code(q) as u32;
-                RunView { entries: &tree.levels[0], coords: &tree.coords[0] }.window(qc, q, w, &mut f);
+                RunView {
+                    entries: &tree.levels[0],
+                    coords: &tree.coords[0],
+                }
+                .window(qc, q, w, &mut f);
             }
             for j in 0..prm.n_sink.min(self.s) {
                 f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
@@ -248,7 +268,10 @@ impl<T: Float + Real> KeyIndex<T> {
                     if (c >> l) & 1 == 1 {
                         let a = start * chunk;
                         let b = (start + (1 << l)) * chunk;
-                        let run = RunView { entries: &tree.levels[l][a..b], coords: &tree.coords[l][a * dk..b * dk] };
+                        let run = RunView {
+                            entries: &tree.levels[l][a..b],
+                            coords: &tree.coords[l][a * dk..b * dk],
+                        };
                         run.window(qc, q, w, &mut f);
                         start += 1 << l;
                     }
@@ -275,53 +298,81 @@ impl<T: Float> PartialOrd for Item<T> {
 }
 impl<T: Float> Ord for Item<T> {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.0.partial_cmp(&o.0).unwrap_or(std::cmp::Ordering::Equal).then(self.1.cmp(&o.1))
+        self.0
+            .partial_cmp(&o.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(self.1.cmp(&o.1))
     }
 }
 
-/// Streaming top-k by (d2, position): a max-heap of the best `k` seen so far.
+/// Streaming top-k by (d2, position): a buffer with a rejection threshold.
 ///
-/// Perf note: collecting every candidate and then `select_nth_unstable` cost about a third
-/// of a query at N=32k (hundreds of candidates per query); with the heap, a candidate that
-/// does not beat the current k-th best is rejected with one comparison, and accepted ones
-/// (about k*ln(M/k) of M) cost O(log k).
+/// Perf notes (N = 32k, H = 8, one thread, perf): collecting every candidate and then
+/// `select_nth_unstable` cost about a third of a query; a `BinaryHeap` of the best k was no
+/// better (31% of the time in `push`: about k*ln(M/k) of M candidates are accepted, each a
+/// pop + push). Now a candidate is compared once against the k-th best known so far; the
+/// accepted ones are appended, and when the buffer holds `4k` of them it is cut back to the
+/// best k (a select; or sort + dedup when positions can repeat), which tightens the threshold.
 pub struct TopK<T> {
     k: usize,
     dedupe: bool,
-    heap: std::collections::BinaryHeap<Item<T>>,
+    buf: Vec<(T, u32)>,
+    /// Items >= this are rejected: k better distinct items are known.
+    thresh: Option<Item<T>>,
 }
 
 impl<T: Float> TopK<T> {
     /// `dedupe`: a position may be offered more than once (several curves, sinks).
     pub fn new(k: usize, dedupe: bool) -> Self {
-        TopK { k, dedupe, heap: std::collections::BinaryHeap::with_capacity(k + 1) }
+        TopK {
+            k,
+            dedupe,
+            buf: Vec::with_capacity(4 * k.max(16)),
+            thresh: None,
+        }
     }
     pub fn clear(&mut self) {
-        self.heap.clear();
+        self.buf.clear();
+        self.thresh = None;
     }
-    #[inline]
+    #[inline(always)]
     pub fn push(&mut self, pos: u32, d2: T) {
-        let it = Item(d2, pos);
-        if self.heap.len() == self.k {
-            // Full: must beat the worst kept.
-            match self.heap.peek() {
-                Some(top) if it < *top => {}
-                _ => return,
+        if let Some(t) = self.thresh {
+            if Item(d2, pos) >= t {
+                return;
             }
         }
-        if self.dedupe && self.heap.iter().any(|x| x.1 == pos) {
-            return;
+        self.buf.push((d2, pos));
+        if self.buf.len() >= 4 * self.k.max(16) {
+            self.compact();
         }
-        if self.heap.len() == self.k {
-            self.heap.pop();
+    }
+    /// Cuts the buffer to the best k distinct items and tightens the threshold.
+    fn compact(&mut self) {
+        let k = self.k;
+        if self.dedupe {
+            self.buf.sort_unstable_by_key(|a| Item(a.0, a.1));
+            self.buf.dedup_by_key(|a| a.1);
+        } else if self.buf.len() > k {
+            self.buf
+                .select_nth_unstable_by_key(k - 1, |a| Item(a.0, a.1));
         }
-        self.heap.push(it);
+        self.buf.truncate(k);
+        if self.buf.len() == k {
+            let worst = self.buf.iter().map(|a| Item(a.0, a.1)).max();
+            self.thresh = worst;
+        }
     }
     /// The kept candidates, ascending by (d2, position), into `out` (cleared first).
     pub fn drain_sorted(&mut self, out: &mut Vec<(T, u32)>) {
+        self.buf.sort_unstable_by_key(|a| Item(a.0, a.1));
+        if self.dedupe {
+            self.buf.dedup_by_key(|a| a.1);
+        }
+        self.buf.truncate(self.k);
         out.clear();
-        out.extend(self.heap.drain().map(|Item(d, p)| (d, p)));
-        out.sort_unstable_by_key(|a| Item(a.0, a.1));
+        out.append(&mut self.buf);
+        self.thresh = None;
     }
 }
 
@@ -332,7 +383,9 @@ impl<T: Float> TopK<T> {
 /// `topk` distinct ones.
 pub fn select_topk<T: Float>(c: &mut Vec<(T, u32)>, topk: usize, mult: usize) {
     let cmp = |a: &(T, u32), b: &(T, u32)| {
-        a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1))
+        a.0.partial_cmp(&b.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
     };
     let m = topk.saturating_mul(mult.max(1));
     if c.len() > m {
