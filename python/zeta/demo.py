@@ -10,8 +10,9 @@ little noise. Reported per decoded token (all heads):
   same cache in numpy (all S keys scored, the way an N x N kernel decodes) and an exact
   brute-force top-k in numpy (what zeta approximates);
 - needle hits: the output is nearer (cosine) to its needle's signature than to any other;
-- agreement with exact top-k Cauchy attention: max |zeta - exact| and the share of queries
-  whose output matches it to 1e-4.
+- agreement with exact top-k Cauchy attention (brute-force neighbours): the median relative
+  error ||zeta - exact|| / ||exact|| over heads and steps, and the share of outputs within 1%.
+  The index is approximate (see `zeta bench --only recall`); `window` trades speed for recall.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def run(tokens: int = 262_144, heads: int = 8, key_dim: int = 3, value_dim: int 
     say(f"  extend: {S / t_build:,.0f} tokens/s ({t_build:.2f} s), {cache.nbytes / S:,.0f} bytes/token held")
 
     lat_z, lat_dense, lat_exact = [], [], []
-    hits, agree, maxdiff = 0, 0, 0.0
+    hits, rel = 0, []
     with progress(queries, "decoding", "tok", disable=quiet) as bar:
         for i in range(queries):
             p = S + i
@@ -89,9 +90,7 @@ def run(tokens: int = 262_144, heads: int = 8, key_dim: int = 3, value_dim: int 
 
             cos = np.einsum("hd,hqd->hq", out / np.linalg.norm(out, axis=-1, keepdims=True), sig)
             hits += int((cos.argmax(-1) == i).sum())
-            diff = np.abs(out - exact).max(-1)
-            maxdiff = max(maxdiff, float(diff.max()))
-            agree += int((diff <= 1e-4).sum())
+            rel.extend((np.linalg.norm(out - exact, axis=-1) / np.linalg.norm(exact, axis=-1)).tolist())
             bar.update(1)
 
     us = 1e6 * float(np.median(lat_z))
@@ -102,8 +101,8 @@ def run(tokens: int = 262_144, heads: int = 8, key_dim: int = 3, value_dim: int 
         "exact_topk_ms_per_token": 1e3 * float(np.median(lat_exact)),
         "dense_ms_per_token": 1e3 * float(np.median(lat_dense)) if lat_dense else None,
         "needle_hit_rate": hits / (queries * H),
-        "agree_with_exact_topk": agree / (queries * H),
-        "max_abs_diff_vs_exact_topk": maxdiff,
+        "median_rel_err_vs_exact_topk": float(np.median(rel)),
+        "share_within_1pct_of_exact_topk": float(np.mean(np.asarray(rel) <= 0.01)),
     }
     say(f"  zeta decode:      {us:9.1f} us/token ({us / H:.1f} us per head), median of {queries}")
     say(f"  exact top-k (np): {res['exact_topk_ms_per_token'] * 1e3:9.1f} us/token  "
@@ -112,8 +111,8 @@ def run(tokens: int = 262_144, heads: int = 8, key_dim: int = 3, value_dim: int 
         say(f"  dense attn (np):  {res['dense_ms_per_token'] * 1e3:9.1f} us/token  "
             f"-> zeta is {res['dense_ms_per_token'] * 1e3 / us:,.0f}x faster")
     say(f"  needles retrieved: {hits}/{queries * H} ({100 * res['needle_hit_rate']:.1f}%)")
-    say(f"  agreement with exact top-k attention: {100 * res['agree_with_exact_topk']:.1f}% of outputs "
-        f"within 1e-4 (max |diff| {maxdiff:.2e})")
+    say(f"  vs exact top-k attention: median relative error {res['median_rel_err_vs_exact_topk']:.3f}, "
+        f"{100 * res['share_within_1pct_of_exact_topk']:.1f}% of outputs within 1%")
     return res
 
 

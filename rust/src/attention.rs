@@ -42,7 +42,10 @@ impl Shape {
         if self.h % self.hkv != 0 {
             return Err(ZetaError::value(
                 "k",
-                format!("query heads ({}) must be a multiple of kv heads ({})", self.h, self.hkv),
+                format!(
+                    "query heads ({}) must be a multiple of kv heads ({})",
+                    self.h, self.hkv
+                ),
             ));
         }
         if self.n == 0 {
@@ -54,11 +57,17 @@ impl Shape {
         if causal && self.s < self.n {
             return Err(ZetaError::value(
                 "k",
-                format!("causal attention needs at least as many keys as queries (S={} < N={})", self.s, self.n),
+                format!(
+                    "causal attention needs at least as many keys as queries (S={} < N={})",
+                    self.s, self.n
+                ),
             ));
         }
         if self.dk == 0 || self.dk > crate::morton::MAX_DIMS {
-            return Err(ZetaError::value("q", format!("key_dim must be 1..=8, got {}", self.dk)));
+            return Err(ZetaError::value(
+                "q",
+                format!("key_dim must be 1..=8, got {}", self.dk),
+            ));
         }
         Ok(())
     }
@@ -66,24 +75,36 @@ impl Shape {
 
 fn check_len(arg: &'static str, got: usize, want: usize) -> Result<()> {
     if got != want {
-        return Err(ZetaError::value(arg, format!("has {got} elements, expected {want}")));
+        return Err(ZetaError::value(
+            arg,
+            format!("has {got} elements, expected {want}"),
+        ));
     }
     Ok(())
 }
 
 fn check_finite<T: Real>(arg: &'static str, x: &[T]) -> Result<()> {
     if let Some(p) = first_non_finite(x) {
-        return Err(ZetaError::value(arg, format!("contains NaN or inf (flat index {p})")));
+        return Err(ZetaError::value(
+            arg,
+            format!("contains NaN or inf (flat index {p})"),
+        ));
     }
     Ok(())
 }
 
 fn check_gamma(gamma: &[f64], h: usize) -> Result<()> {
     if gamma.len() != h {
-        return Err(ZetaError::value("gamma", format!("needs one value per query head ({h}), got {}", gamma.len())));
+        return Err(ZetaError::value(
+            "gamma",
+            format!("needs one value per query head ({h}), got {}", gamma.len()),
+        ));
     }
     if let Some(g) = gamma.iter().find(|g| !(g.is_finite() && **g > 0.0)) {
-        return Err(ZetaError::value("gamma", format!("must be finite and > 0, got {g}")));
+        return Err(ZetaError::value(
+            "gamma",
+            format!("must be finite and > 0, got {g}"),
+        ));
     }
     Ok(())
 }
@@ -116,7 +137,14 @@ pub struct AttnOpts {
     pub mean_token: bool,
 }
 
-fn validate<T: Real>(sh: &Shape, prm: &Params, q: &[T], k: &[T], v: Option<&[T]>, topk: usize) -> Result<()> {
+fn validate<T: Real>(
+    sh: &Shape,
+    prm: &Params,
+    q: &[T],
+    k: &[T],
+    v: Option<&[T]>,
+    topk: usize,
+) -> Result<()> {
     sh.check(prm.causal)?;
     prm.check(sh.dk)?;
     if topk == 0 {
@@ -150,7 +178,11 @@ unsafe impl<T: Send> Sync for Rows<T> {}
 
 impl<T> Rows<T> {
     fn new(buf: &mut [T], width: usize) -> Self {
-        Rows { ptr: buf.as_mut_ptr(), width, n: buf.len() / width.max(1) }
+        Rows {
+            ptr: buf.as_mut_ptr(),
+            width,
+            n: buf.len() / width.max(1),
+        }
     }
     /// SAFETY: the caller visits each row index at most once across all threads (the rows
     /// come from a permutation), so no two live `&mut` alias.
@@ -182,7 +214,13 @@ const QUERY_BLOCK: usize = 256;
 
 /// Exact top-k among the index candidates: indices (B, H, N, topk) as int64 (-1 = missing)
 /// and squared distances (+inf = missing).
-pub fn knn<T: Float + Real>(sh: &Shape, prm: &Params, topk: usize, q: &[T], k: &[T]) -> Result<(Vec<i64>, Vec<T>)> {
+pub fn knn<T: Float + Real>(
+    sh: &Shape,
+    prm: &Params,
+    topk: usize,
+    q: &[T],
+    k: &[T],
+) -> Result<(Vec<i64>, Vec<T>)> {
     validate(sh, prm, q, k, None, topk)?;
     let total = sh.b * sh.h * sh.n * topk;
     let mut idx = try_vec(-1i64, total, "knn indices")?;
@@ -248,13 +286,24 @@ pub fn forward<T: Float + Real>(
             let kk = &k[gi * sh.s * dk..(gi + 1) * sh.s * dk];
             let vv = &v[gi * sh.s * dv..(gi + 1) * sh.s * dv];
             let index = KeyIndex::build(kk, dk, prm)?;
-            let (pk, pv) = if opts.mean_token { (prefix_sums(kk, dk), prefix_sums(vv, dv)) } else { (Vec::new(), Vec::new()) };
+            let (pk, pv) = if opts.mean_token {
+                (prefix_sums(kk, dk), prefix_sums(vv, dv))
+            } else {
+                (Vec::new(), Vec::new())
+            };
             let (b, hkv) = (gi / sh.hkv, gi % sh.hkv);
             let qg = &q[(b * sh.h + hkv * g) * sh.n * dk..][..g * sh.n * dk];
             let order = query_order(&index, qg, dk);
             let (orows, irows) = (Rows::new(out_g, dv), Rows::new(idx_g, topk));
             order.par_chunks(QUERY_BLOCK).for_each_init(
-                || (TopK::new(topk, prm.multiplicity() > 1), Vec::new(), vec![T::zero(); dk], vec![T::zero(); dv]),
+                || {
+                    (
+                        TopK::new(topk, prm.multiplicity() > 1),
+                        Vec::new(),
+                        vec![T::zero(); dk],
+                        vec![T::zero(); dv],
+                    )
+                },
                 |(tk, cands, kbar, vbar), block| {
                     for &qi in block {
                         let qi = qi as usize;
@@ -322,11 +371,17 @@ pub fn backward<T: Float + Real>(
     check_len("grad_out", dout.len(), sh.b * sh.h * n * dv)?;
     check_finite("grad_out", dout)?;
     if let Some(bad) = idx.iter().find(|&&j| j < -1 || j >= s as i64) {
-        return Err(ZetaError::value("indices", format!("index {bad} out of range for S={s}")));
+        return Err(ZetaError::value(
+            "indices",
+            format!("index {bad} out of range for S={s}"),
+        ));
     }
     let g = sh.group();
     if g * n * topk > u32::MAX as usize {
-        return Err(ZetaError::value("topk", "too many (query, slot) pairs in one kv-head group"));
+        return Err(ZetaError::value(
+            "topk",
+            "too many (query, slot) pairs in one kv-head group",
+        ));
     }
     let mut dq = try_vec(T::zero(), q.len(), "dq")?;
     let mut dkk = try_vec(T::zero(), k.len(), "dk")?;
@@ -346,7 +401,11 @@ pub fn backward<T: Float + Real>(
             let q_g = &q[(b * sh.h + hkv * g) * n * dk..][..g * n * dk];
             let do_g = &dout[(b * sh.h + hkv * g) * n * dv..][..g * n * dv];
             let idx_g = &idx[(b * sh.h + hkv * g) * n * topk..][..g * n * topk];
-            let (pk, pv) = if opts.mean_token { (prefix_sums(kk, dk), prefix_sums(vv, dv)) } else { (Vec::new(), Vec::new()) };
+            let (pk, pv) = if opts.mean_token {
+                (prefix_sums(kk, dk), prefix_sums(vv, dv))
+            } else {
+                (Vec::new(), Vec::new())
+            };
             // Pass 1, per query: dq, dgamma, and per-slot coefficients a (for dv) and
             // gd = dL/d(d2) (for dk). Mean-token gradients per query go to mk/mv.
             let mut coef_a = try_vec(T::zero(), g * n * topk, "backward scratch")?;
@@ -361,7 +420,14 @@ pub fn backward<T: Float + Real>(
                 .zip(mean_g.par_iter_mut())
                 .enumerate()
                 .for_each_init(
-                    || (vec![T::zero(); topk], vec![T::zero(); topk], vec![T::zero(); dk], vec![T::zero(); dv]),
+                    || {
+                        (
+                            vec![T::zero(); topk],
+                            vec![T::zero(); topk],
+                            vec![T::zero(); dk],
+                            vec![T::zero(); dv],
+                        )
+                    },
                     |(sc, da, kbar, vbar), (qi, (((((dqr, ca), cg), dgam), ma), mg))| {
                         let hl = qi / n;
                         let i = qi % n;
@@ -384,7 +450,10 @@ pub fn backward<T: Float + Real>(
                             sc[slot] = T::one() / (d2 + g2);
                             z = z + sc[slot];
                             let vr = &vv[j * dv..(j + 1) * dv];
-                            da[slot] = vr.iter().zip(dor).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                            da[slot] = vr
+                                .iter()
+                                .zip(dor)
+                                .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
                         }
                         let (mut sm, mut dam) = (T::zero(), T::zero());
                         if opts.mean_token {
@@ -392,7 +461,10 @@ pub fn backward<T: Float + Real>(
                             mean_row(&pv, dv, p, prm.causal, s, vbar);
                             sm = T::one() / (sq_dist(qr, kbar) + g2);
                             z = z + sm;
-                            dam = vbar.iter().zip(dor).fold(T::zero(), |acc, (&a, &b)| acc + a * b);
+                            dam = vbar
+                                .iter()
+                                .zip(dor)
+                                .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
                         }
                         let invz = T::one() / z;
                         // t = sum_j a_j da_j = o . dO
@@ -453,41 +525,45 @@ pub fn backward<T: Float + Real>(
                 }
             }
             // Pass 2, per key: dv_j = sum a dO, dk_j = sum -2 gd (q - k_j).
-            dk_g.par_chunks_mut(dk).zip(dv_g.par_chunks_mut(dv)).enumerate().for_each(|(j, (dkr, dvr))| {
-                let kr = &kk[j * dk..(j + 1) * dk];
-                for &e in &pairs[start[j] as usize..start[j + 1] as usize] {
-                    let e = e as usize;
-                    let qi = e / topk;
-                    let a = coef_a[e];
-                    let gd = coef_g[e];
-                    let dor = &do_g[qi * dv..(qi + 1) * dv];
-                    for (x, &y) in dvr.iter_mut().zip(dor) {
-                        *x = *x + a * y;
+            dk_g.par_chunks_mut(dk)
+                .zip(dv_g.par_chunks_mut(dv))
+                .enumerate()
+                .for_each(|(j, (dkr, dvr))| {
+                    let kr = &kk[j * dk..(j + 1) * dk];
+                    for &e in &pairs[start[j] as usize..start[j + 1] as usize] {
+                        let e = e as usize;
+                        let qi = e / topk;
+                        let a = coef_a[e];
+                        let gd = coef_g[e];
+                        let dor = &do_g[qi * dv..(qi + 1) * dv];
+                        for (x, &y) in dvr.iter_mut().zip(dor) {
+                            *x = *x + a * y;
+                        }
+                        let qr = &q_g[qi * dk..(qi + 1) * dk];
+                        for d in 0..dk {
+                            dkr[d] = dkr[d] - two * gd * (qr[d] - kr[d]);
+                        }
                     }
-                    let qr = &q_g[qi * dk..(qi + 1) * dk];
-                    for d in 0..dk {
-                        dkr[d] = dkr[d] - two * gd * (qr[d] - kr[d]);
-                    }
-                }
-            });
+                });
             if opts.mean_token {
                 // d mean_p / d x_j = 1/(p+1) for j <= p (causal), 1/S for all (non-causal).
                 let mut acc_k = vec![0.0f64; dk];
                 let mut acc_v = vec![0.0f64; dv];
                 let mut kbar = vec![T::zero(); dk];
                 // Per query: d mean_k = -2 gd (q - kbar), d mean_v = a dO.
-                let mean_grads = |qi: usize, kbar: &mut [T], gk: &mut [f64], gv: &mut [f64], w: f64| {
-                    let i = qi % n;
-                    mean_row(&pk, dk, s - n + i, prm.causal, s, kbar);
-                    let qr = &q_g[qi * dk..(qi + 1) * dk];
-                    let dor = &do_g[qi * dv..(qi + 1) * dv];
-                    for d in 0..dk {
-                        gk[d] += (-two * mean_g[qi] * (qr[d] - kbar[d])).to_f64() * w;
-                    }
-                    for d in 0..dv {
-                        gv[d] += (mean_a[qi] * dor[d]).to_f64() * w;
-                    }
-                };
+                let mean_grads =
+                    |qi: usize, kbar: &mut [T], gk: &mut [f64], gv: &mut [f64], w: f64| {
+                        let i = qi % n;
+                        mean_row(&pk, dk, s - n + i, prm.causal, s, kbar);
+                        let qr = &q_g[qi * dk..(qi + 1) * dk];
+                        let dor = &do_g[qi * dv..(qi + 1) * dv];
+                        for d in 0..dk {
+                            gk[d] += (-two * mean_g[qi] * (qr[d] - kbar[d])).to_f64() * w;
+                        }
+                        for d in 0..dv {
+                            gv[d] += (mean_a[qi] * dor[d]).to_f64() * w;
+                        }
+                    };
                 if prm.causal {
                     // Sum of per-query mean gradients / (p+1) over queries at positions >= j.
                     let mut per_pos_k = vec![0.0f64; n * dk];
@@ -495,7 +571,10 @@ pub fn backward<T: Float + Real>(
                     for qi in 0..g * n {
                         let i = qi % n;
                         let w = 1.0 / (s - n + i + 1) as f64;
-                        let (gk, gv) = (&mut per_pos_k[i * dk..(i + 1) * dk], &mut per_pos_v[i * dv..(i + 1) * dv]);
+                        let (gk, gv) = (
+                            &mut per_pos_k[i * dk..(i + 1) * dk],
+                            &mut per_pos_v[i * dv..(i + 1) * dv],
+                        );
                         mean_grads(qi, &mut kbar, gk, gv, w);
                     }
                     for j in (0..s).rev() {
@@ -535,7 +614,9 @@ pub fn backward<T: Float + Real>(
     let mut dgamma = vec![0.0f64; sh.h];
     for b in 0..sh.b {
         for h in 0..sh.h {
-            dgamma[h] += dgamma_q[(b * sh.h + h) * n..(b * sh.h + h + 1) * n].iter().sum::<f64>();
+            dgamma[h] += dgamma_q[(b * sh.h + h) * n..(b * sh.h + h + 1) * n]
+                .iter()
+                .sum::<f64>();
         }
     }
     Ok((dq, dkk, dvv, dgamma))
@@ -543,7 +624,13 @@ pub fn backward<T: Float + Real>(
 
 /// Brute-force exact top-k (no index): the oracle behind `zeta.recall`.
 /// Same layout, tie rule (d2, position) and -1/+inf padding as [`knn`].
-pub fn exact_knn<T: Float + Real>(sh: &Shape, causal: bool, topk: usize, q: &[T], k: &[T]) -> Result<(Vec<i64>, Vec<T>)> {
+pub fn exact_knn<T: Float + Real>(
+    sh: &Shape,
+    causal: bool,
+    topk: usize,
+    q: &[T],
+    k: &[T],
+) -> Result<(Vec<i64>, Vec<T>)> {
     sh.check(causal)?;
     if topk == 0 {
         return Err(ZetaError::value("topk", "must be >= 1"));

@@ -14,7 +14,9 @@
 //! chunks, e.g. a prefill) need runs the counter has merged away; for those the cache
 //! builds the full merge-sort tree over its keys for that call (O(T log T)).
 use crate::error::{try_vec, Result, ZetaError};
-use crate::index::{gather_coords, merge_into, sorted_entries, sq_dist, KeyIndex, Params, RunView, TopK};
+use crate::index::{
+    gather_coords, merge_into, sorted_entries, sq_dist, KeyIndex, Params, RunView, TopK,
+};
 use crate::quantize::{first_non_finite, Grid};
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -35,7 +37,10 @@ impl Values {
             "float32" => Ok(Values::F32(Vec::new())),
             "float16" => Ok(Values::F16(Vec::new())),
             "bfloat16" => Ok(Values::BF16(Vec::new())),
-            _ => Err(ZetaError::value("dtype", format!("must be 'float32', 'float16' or 'bfloat16', got {dtype:?}"))),
+            _ => Err(ZetaError::value(
+                "dtype",
+                format!("must be 'float32', 'float16' or 'bfloat16', got {dtype:?}"),
+            )),
         }
     }
     pub fn dtype(&self) -> &'static str {
@@ -125,9 +130,14 @@ impl Values {
     }
     fn read_le(&mut self, b: &[u8]) {
         match self {
-            Values::F32(v) => v.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            Values::F32(v) => v.extend(
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
             Values::F16(v) => v.extend(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]))),
-            Values::BF16(v) => v.extend(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]))),
+            Values::BF16(v) => {
+                v.extend(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])))
+            }
         }
     }
 }
@@ -169,7 +179,14 @@ const MAGIC: &[u8; 8] = b"ZETAKV\0\0";
 const VERSION: u32 = 1;
 
 impl KvCache {
-    pub fn new(batch: usize, kv_heads: usize, key_dim: usize, value_dim: usize, params: Params, dtype: &str) -> Result<KvCache> {
+    pub fn new(
+        batch: usize,
+        kv_heads: usize,
+        key_dim: usize,
+        value_dim: usize,
+        params: Params,
+        dtype: &str,
+    ) -> Result<KvCache> {
         if batch == 0 {
             return Err(ZetaError::value("batch", "must be >= 1"));
         }
@@ -177,7 +194,10 @@ impl KvCache {
             return Err(ZetaError::value("num_kv_heads", "must be >= 1"));
         }
         if key_dim == 0 || key_dim > crate::morton::MAX_DIMS {
-            return Err(ZetaError::value("key_dim", format!("must be 1..=8, got {key_dim}")));
+            return Err(ZetaError::value(
+                "key_dim",
+                format!("must be 1..=8, got {key_dim}"),
+            ));
         }
         if value_dim == 0 {
             return Err(ZetaError::value("value_dim", "must be >= 1"));
@@ -186,7 +206,11 @@ impl KvCache {
             return Err(ZetaError::value("causal", "a KV cache is causal"));
         }
         // window 0 = "unset": each attend passes one (the runs do not depend on it).
-        Params { window: params.window.max(1), ..params }.check(key_dim)?;
+        Params {
+            window: params.window.max(1),
+            ..params
+        }
+        .check(key_dim)?;
         let values = Values::new(dtype)?;
         let grids = params.grids(key_dim)?;
         let g = Group {
@@ -198,7 +222,16 @@ impl KvCache {
             ksum: vec![0.0; key_dim],
             vsum: vec![0.0; value_dim],
         };
-        Ok(KvCache { batch, kv_heads, key_dim, value_dim, params, grids, len: 0, groups: vec![g; batch * kv_heads] })
+        Ok(KvCache {
+            batch,
+            kv_heads,
+            key_dim,
+            value_dim,
+            params,
+            grids,
+            len: 0,
+            groups: vec![g; batch * kv_heads],
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -233,26 +266,53 @@ impl KvCache {
         let (dk, dv) = (self.key_dim, self.value_dim);
         let ng = self.groups.len();
         if k.len() != ng * t * dk {
-            return Err(ZetaError::value("k", format!("has {} elements, expected B*H_kv*T*key_dim = {}", k.len(), ng * t * dk)));
+            return Err(ZetaError::value(
+                "k",
+                format!(
+                    "has {} elements, expected B*H_kv*T*key_dim = {}",
+                    k.len(),
+                    ng * t * dk
+                ),
+            ));
         }
         if v.len() != ng * t * dv {
-            return Err(ZetaError::value("v", format!("has {} elements, expected B*H_kv*T*value_dim = {}", v.len(), ng * t * dv)));
+            return Err(ZetaError::value(
+                "v",
+                format!(
+                    "has {} elements, expected B*H_kv*T*value_dim = {}",
+                    v.len(),
+                    ng * t * dv
+                ),
+            ));
         }
         if t == 0 {
             return Ok(());
         }
         if let Some(p) = first_non_finite(k) {
-            return Err(ZetaError::value("k", format!("contains NaN or inf (flat index {p})")));
+            return Err(ZetaError::value(
+                "k",
+                format!("contains NaN or inf (flat index {p})"),
+            ));
         }
         if let Some(p) = first_non_finite(v) {
-            return Err(ZetaError::value("v", format!("contains NaN or inf (flat index {p})")));
+            return Err(ZetaError::value(
+                "v",
+                format!("contains NaN or inf (flat index {p})"),
+            ));
         }
-        let new_len = self.len.checked_add(t).filter(|&n| n <= u32::MAX as usize).ok_or_else(|| ZetaError::value("k", "the cache would exceed 2^32 tokens"))?;
+        let new_len = self
+            .len
+            .checked_add(t)
+            .filter(|&n| n <= u32::MAX as usize)
+            .ok_or_else(|| ZetaError::value("k", "the cache would exceed 2^32 tokens"))?;
         for g in self.groups.iter_mut() {
-            g.keys.try_reserve(t * dk).map_err(|_| ZetaError::Memory("KV cache keys".into()))?;
+            g.keys
+                .try_reserve(t * dk)
+                .map_err(|_| ZetaError::Memory("KV cache keys".into()))?;
             g.values.try_reserve(t * dv)?;
             for c in g.codes.iter_mut() {
-                c.try_reserve(t).map_err(|_| ZetaError::Memory("KV cache codes".into()))?;
+                c.try_reserve(t)
+                    .map_err(|_| ZetaError::Memory("KV cache codes".into()))?;
             }
         }
         let (grids, params, len) = (&self.grids, &self.params, self.len);
@@ -287,28 +347,62 @@ impl KvCache {
     /// H % H_kv == 0, gamma (H,). Returns (B, H, T_q, value_dim) f32.
     /// `window` overrides the cache's window for this call (the runs do not depend on it).
     #[allow(clippy::too_many_arguments)]
-    pub fn attend(&self, q: &[f32], h: usize, tq: usize, topk: usize, gamma: &[f64], mean_token: bool, window: Option<usize>) -> Result<Vec<f32>> {
+    pub fn attend(
+        &self,
+        q: &[f32],
+        h: usize,
+        tq: usize,
+        topk: usize,
+        gamma: &[f64],
+        mean_token: bool,
+        window: Option<usize>,
+    ) -> Result<Vec<f32>> {
         let (dk, dv, s) = (self.key_dim, self.value_dim, self.len);
         if s == 0 {
-            return Err(ZetaError::value("q", "the cache is empty: extend it before attend"));
+            return Err(ZetaError::value(
+                "q",
+                "the cache is empty: extend it before attend",
+            ));
         }
         if h == 0 || h % self.kv_heads != 0 {
-            return Err(ZetaError::value("q", format!("query heads ({h}) must be a multiple of the cache's kv heads ({})", self.kv_heads)));
+            return Err(ZetaError::value(
+                "q",
+                format!(
+                    "query heads ({h}) must be a multiple of the cache's kv heads ({})",
+                    self.kv_heads
+                ),
+            ));
         }
         if tq == 0 || tq > s {
-            return Err(ZetaError::value("q", format!("T_q must be 1..=len(cache) = {s}, got {tq}")));
+            return Err(ZetaError::value(
+                "q",
+                format!("T_q must be 1..=len(cache) = {s}, got {tq}"),
+            ));
         }
         if q.len() != self.batch * h * tq * dk {
-            return Err(ZetaError::value("q", format!("has {} elements, expected B*H*T_q*key_dim = {}", q.len(), self.batch * h * tq * dk)));
+            return Err(ZetaError::value(
+                "q",
+                format!(
+                    "has {} elements, expected B*H*T_q*key_dim = {}",
+                    q.len(),
+                    self.batch * h * tq * dk
+                ),
+            ));
         }
         if topk == 0 {
             return Err(ZetaError::value("topk", "must be >= 1"));
         }
         if gamma.len() != h || gamma.iter().any(|g| !(g.is_finite() && *g > 0.0)) {
-            return Err(ZetaError::value("gamma", format!("must be {h} finite values > 0 (one per query head)")));
+            return Err(ZetaError::value(
+                "gamma",
+                format!("must be {h} finite values > 0 (one per query head)"),
+            ));
         }
         if let Some(p) = first_non_finite(q) {
-            return Err(ZetaError::value("q", format!("contains NaN or inf (flat index {p})")));
+            return Err(ZetaError::value(
+                "q",
+                format!("contains NaN or inf (flat index {p})"),
+            ));
         }
         let grp = h / self.kv_heads;
         let mut out = try_vec(0.0f32, self.batch * h * tq * dv, "attend output")?;
@@ -321,50 +415,66 @@ impl KvCache {
             prm.window = w;
         }
         if prm.window == 0 {
-            return Err(ZetaError::value("window", "this cache has no window set: pass one to attend"));
+            return Err(ZetaError::value(
+                "window",
+                "this cache has no window set: pass one to attend",
+            ));
         }
         let prm = &prm;
-        out.par_chunks_mut(grp * tq * dv).enumerate().try_for_each(|(gi, out_g)| -> Result<()> {
-            let g = &self.groups[gi];
-            let (b, hkv) = (gi / self.kv_heads, gi % self.kv_heads);
-            let first = s - tq;
-            // Fast path: every query in the tail chunk sees exactly the counter's runs.
-            let full = if first / chunk >= g.indexed_chunks { None } else { Some(KeyIndex::build(&g.keys, dk, prm)?) };
-            // Means at positions >= first: total minus the keys after p.
-            let (kbar, vbar) = if mean_token { g.suffix_means(first, s, dk, dv) } else { (Vec::new(), Vec::new()) };
-            let init = || (TopK::new(topk, prm.multiplicity() > 1), Vec::new());
-            out_g.par_chunks_mut(dv).enumerate().for_each_init(init, |(tk, cands): &mut (TopK<f32>, Vec<(f32, u32)>), (qi, o)| {
-                let (hl, i) = (qi / tq, qi % tq);
-                let hq = hkv * grp + hl;
-                let qr = &q[((b * h + hq) * tq + i) * dk..][..dk];
-                let p = first + i;
-                tk.clear();
-                let push = |pos: u32, d2: f32| tk.push(pos, d2);
-                match &full {
-                    Some(ix) => ix.for_each_candidate(qr, p, &g.keys, push),
-                    None => g.for_each_candidate(&self.grids, prm, qr, p, push),
-                }
-                tk.drain_sorted(cands);
-                let g2 = (gamma[hq] * gamma[hq]) as f32;
-                let mut z = 0.0f32;
-                for &(d2, pos) in cands.iter() {
-                    let sc = 1.0 / (d2 + g2);
-                    z += sc;
-                    g.values.axpy(pos as usize, dv, sc, o);
-                }
-                if mean_token {
-                    let kb = &kbar[i * dk..(i + 1) * dk];
-                    let sc = 1.0 / (sq_dist(qr, kb) + g2);
-                    z += sc;
-                    for (a, &x) in o.iter_mut().zip(&vbar[i * dv..(i + 1) * dv]) {
-                        *a += sc * x;
-                    }
-                }
-                let inv = 1.0 / z;
-                o.iter_mut().for_each(|a| *a *= inv);
-            });
-            Ok(())
-        })?;
+        out.par_chunks_mut(grp * tq * dv).enumerate().try_for_each(
+            |(gi, out_g)| -> Result<()> {
+                let g = &self.groups[gi];
+                let (b, hkv) = (gi / self.kv_heads, gi % self.kv_heads);
+                let first = s - tq;
+                // Fast path: every query in the tail chunk sees exactly the counter's runs.
+                let full = if first / chunk >= g.indexed_chunks {
+                    None
+                } else {
+                    Some(KeyIndex::build(&g.keys, dk, prm)?)
+                };
+                // Means at positions >= first: total minus the keys after p.
+                let (kbar, vbar) = if mean_token {
+                    g.suffix_means(first, s, dk, dv)
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+                let init = || (TopK::new(topk, prm.multiplicity() > 1), Vec::new());
+                out_g.par_chunks_mut(dv).enumerate().for_each_init(
+                    init,
+                    |(tk, cands): &mut (TopK<f32>, Vec<(f32, u32)>), (qi, o)| {
+                        let (hl, i) = (qi / tq, qi % tq);
+                        let hq = hkv * grp + hl;
+                        let qr = &q[((b * h + hq) * tq + i) * dk..][..dk];
+                        let p = first + i;
+                        tk.clear();
+                        let push = |pos: u32, d2: f32| tk.push(pos, d2);
+                        match &full {
+                            Some(ix) => ix.for_each_candidate(qr, p, &g.keys, push),
+                            None => g.for_each_candidate(&self.grids, prm, qr, p, push),
+                        }
+                        tk.drain_sorted(cands);
+                        let g2 = (gamma[hq] * gamma[hq]) as f32;
+                        let mut z = 0.0f32;
+                        for &(d2, pos) in cands.iter() {
+                            let sc = 1.0 / (d2 + g2);
+                            z += sc;
+                            g.values.axpy(pos as usize, dv, sc, o);
+                        }
+                        if mean_token {
+                            let kb = &kbar[i * dk..(i + 1) * dk];
+                            let sc = 1.0 / (sq_dist(qr, kb) + g2);
+                            z += sc;
+                            for (a, &x) in o.iter_mut().zip(&vbar[i * dv..(i + 1) * dv]) {
+                                *a += sc * x;
+                            }
+                        }
+                        let inv = 1.0 / z;
+                        o.iter_mut().for_each(|a| *a *= inv);
+                    },
+                );
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
@@ -373,13 +483,26 @@ impl KvCache {
         let mut w = Vec::new();
         w.extend_from_slice(MAGIC);
         w.extend_from_slice(&VERSION.to_le_bytes());
-        for x in [self.batch, self.kv_heads, self.key_dim, self.value_dim, self.params.chunk, self.params.window, self.params.n_curves, self.params.n_sink, self.params.bits as usize, self.len] {
+        for x in [
+            self.batch,
+            self.kv_heads,
+            self.key_dim,
+            self.value_dim,
+            self.params.chunk,
+            self.params.window,
+            self.params.n_curves,
+            self.params.n_sink,
+            self.params.bits as usize,
+            self.len,
+        ] {
             w.extend_from_slice(&(x as u64).to_le_bytes());
         }
         w.extend_from_slice(&self.params.scale.to_le_bytes());
         w.push(self.groups[0].values.code());
         for g in &self.groups {
-            g.keys.iter().for_each(|x| w.extend_from_slice(&x.to_le_bytes()));
+            g.keys
+                .iter()
+                .for_each(|x| w.extend_from_slice(&x.to_le_bytes()));
             g.values.write_le(&mut w);
         }
         let crc = crc32fast::hash(&w);
@@ -392,14 +515,18 @@ impl KvCache {
     pub fn from_bytes(b: &[u8]) -> Result<KvCache> {
         let head = 8 + 4 + 10 * 8 + 8 + 1;
         if b.len() < 8 || &b[..8] != MAGIC {
-            return Err(ZetaError::Corrupt("not a zeta KV cache file (bad magic)".into()));
+            return Err(ZetaError::Corrupt(
+                "not a zeta KV cache file (bad magic)".into(),
+            ));
         }
         if b.len() < head + 4 {
             return Err(ZetaError::Corrupt("truncated header".into()));
         }
         let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
         if version != VERSION {
-            return Err(ZetaError::Corrupt(format!("unsupported version {version} (this zeta reads version {VERSION})")));
+            return Err(ZetaError::Corrupt(format!(
+                "unsupported version {version} (this zeta reads version {VERSION})"
+            )));
         }
         let u = |i: usize| u64::from_le_bytes(b[12 + 8 * i..20 + 8 * i].try_into().unwrap());
         let fields: Vec<u64> = (0..10).map(u).collect();
@@ -430,22 +557,33 @@ impl KvCache {
         let per_group = len
             .checked_mul(dk * 4 + dv * esz)
             .ok_or_else(|| ZetaError::Corrupt("sizes overflow".into()))?;
-        let body = batch.checked_mul(kvh).and_then(|g| g.checked_mul(per_group)).ok_or_else(|| ZetaError::Corrupt("sizes overflow".into()))?;
+        let body = batch
+            .checked_mul(kvh)
+            .and_then(|g| g.checked_mul(per_group))
+            .ok_or_else(|| ZetaError::Corrupt("sizes overflow".into()))?;
         if b.len() != head + body + 4 {
-            return Err(ZetaError::Corrupt(format!("truncated or padded: {} bytes, expected {}", b.len(), head + body + 4)));
+            return Err(ZetaError::Corrupt(format!(
+                "truncated or padded: {} bytes, expected {}",
+                b.len(),
+                head + body + 4
+            )));
         }
         let crc = u32::from_le_bytes(b[b.len() - 4..].try_into().unwrap());
         if crc32fast::hash(&b[..b.len() - 4]) != crc {
             return Err(ZetaError::Corrupt("checksum mismatch".into()));
         }
         let dtype = values.dtype();
-        let mut cache = KvCache::new(batch, kvh, dk, dv, params, dtype).map_err(|e| ZetaError::Corrupt(format!("bad header: {e}")))?;
+        let mut cache = KvCache::new(batch, kvh, dk, dv, params, dtype)
+            .map_err(|e| ZetaError::Corrupt(format!("bad header: {e}")))?;
         let mut off = head;
         let mut ks = Vec::with_capacity(batch * kvh * len * dk);
         let mut vs_raw: Vec<&[u8]> = Vec::new();
         for _ in 0..batch * kvh {
             let kb = &b[off..off + len * dk * 4];
-            ks.extend(kb.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            ks.extend(
+                kb.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
             off += len * dk * 4;
             vs_raw.push(&b[off..off + len * dv * esz]);
             off += len * dv * esz;
@@ -455,23 +593,28 @@ impl KvCache {
         }
         let grids = cache.grids.clone();
         let prm = cache.params;
-        cache.groups.par_iter_mut().zip(vs_raw.par_iter()).enumerate().for_each(|(gi, (g, vb))| {
-            let kk = &ks[gi * len * dk..(gi + 1) * len * dk];
-            g.keys.extend_from_slice(kk);
-            g.values.read_le(vb);
-            for (c, grid) in g.codes.iter_mut().zip(&grids) {
-                c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
-            }
-            for p in 0..len {
-                for j in 0..dk {
-                    g.ksum[j] += kk[p * dk + j] as f64;
+        cache
+            .groups
+            .par_iter_mut()
+            .zip(vs_raw.par_iter())
+            .enumerate()
+            .for_each(|(gi, (g, vb))| {
+                let kk = &ks[gi * len * dk..(gi + 1) * len * dk];
+                g.keys.extend_from_slice(kk);
+                g.values.read_le(vb);
+                for (c, grid) in g.codes.iter_mut().zip(&grids) {
+                    c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
                 }
-                for j in 0..dv {
-                    g.vsum[j] += g.values.get_f64(p * dv + j);
+                for p in 0..len {
+                    for j in 0..dk {
+                        g.ksum[j] += kk[p * dk + j] as f64;
+                    }
+                    for j in 0..dv {
+                        g.vsum[j] += g.values.get_f64(p * dv + j);
+                    }
                 }
-            }
-            g.advance_index(len, &prm, dk);
-        });
+                g.advance_index(len, &prm, dk);
+            });
         cache.len = len;
         Ok(cache)
     }
@@ -479,9 +622,18 @@ impl KvCache {
     /// Atomic save: write a temporary file beside `path`, fsync, rename over `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
         let bytes = self.to_bytes();
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = path.file_name().ok_or_else(|| ZetaError::value("path", "has no file name"))?;
-        let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .ok_or_else(|| ZetaError::value("path", "has no file name"))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         let res = (|| -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
@@ -491,7 +643,10 @@ impl KvCache {
         })();
         if let Err(e) = res {
             let _ = std::fs::remove_file(&tmp);
-            return Err(ZetaError::Io(format!("saving KV cache to {}: {e}", path.display())));
+            return Err(ZetaError::Io(format!(
+                "saving KV cache to {}: {e}",
+                path.display()
+            )));
         }
         Ok(())
     }
@@ -508,7 +663,11 @@ impl KvCache {
     pub fn same_contents(&self, other: &KvCache) -> bool {
         self.to_bytes() == other.to_bytes()
             && self.groups.iter().zip(&other.groups).all(|(a, b)| {
-                a.runs.len() == b.runs.len() && a.runs.iter().zip(&b.runs).all(|(x, y)| x.curves == y.curves)
+                a.runs.len() == b.runs.len()
+                    && a.runs
+                        .iter()
+                        .zip(&b.runs)
+                        .all(|(x, y)| x.curves == y.curves)
             })
     }
 }
@@ -530,9 +689,15 @@ impl Group {
                     (e, co)
                 })
                 .collect();
-            self.runs.push(Run { n_chunks: 1, curves });
+            self.runs.push(Run {
+                n_chunks: 1,
+                curves,
+            });
             self.indexed_chunks += 1;
-            while self.runs.len() >= 2 && self.runs[self.runs.len() - 1].n_chunks == self.runs[self.runs.len() - 2].n_chunks {
+            while self.runs.len() >= 2
+                && self.runs[self.runs.len() - 1].n_chunks
+                    == self.runs[self.runs.len() - 2].n_chunks
+            {
                 let b = self.runs.pop().unwrap();
                 let a = self.runs.pop().unwrap();
                 let curves = a
@@ -547,20 +712,34 @@ impl Group {
                         (e, co)
                     })
                     .collect();
-                self.runs.push(Run { n_chunks: a.n_chunks * 2, curves });
+                self.runs.push(Run {
+                    n_chunks: a.n_chunks * 2,
+                    curves,
+                });
             }
         }
     }
 
     /// Candidates of a query at position `p` in the tail chunk (same set as the parallel
     /// index: the counter's runs are the binary decomposition of the tail's chunk index).
-    fn for_each_candidate(&self, grids: &[Grid], prm: &Params, q: &[f32], p: usize, mut f: impl FnMut(u32, f32)) {
+    fn for_each_candidate(
+        &self,
+        grids: &[Grid],
+        prm: &Params,
+        q: &[f32],
+        p: usize,
+        mut f: impl FnMut(u32, f32),
+    ) {
         let dk = q.len();
         for (ci, g) in grids.iter().enumerate() {
             let qc = g.code(q) as u32;
             for r in &self.runs {
                 let (e, c) = &r.curves[ci];
-                RunView { entries: e, coords: c }.window(qc, q, prm.window, &mut f);
+                RunView {
+                    entries: e,
+                    coords: c,
+                }
+                .window(qc, q, prm.window, &mut f);
             }
         }
         for j in self.indexed_chunks * prm.chunk..=p {

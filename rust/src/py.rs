@@ -5,13 +5,16 @@
 //! work in zeta's rayon pool. Errors map to Python exceptions in one place
 //! (`From<ZetaError> for PyErr`); no panic crosses into Python (each entry point catches
 //! unwinding and reports it as a `RuntimeError`).
-use crate::error::ZetaError;
 use crate::attention::{self, AttnOpts, Shape};
 use crate::cache::KvCache;
+use crate::error::ZetaError;
 use crate::index::Params;
 use crate::{morton, pool, quantize, search, simd, sort};
 use numpy::ndarray::{Array1, Array2, Array4};
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray4, PyReadonlyArray1, PyReadonlyArray2, PyReadonlyArray4, PyUntypedArrayMethods};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArray4, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArray4, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -29,8 +32,12 @@ impl From<ZetaError> for PyErr {
 }
 
 /// Runs `f` without the GIL, in zeta's pool, turning a panic into a Python `RuntimeError`.
-pub(crate) fn run<R: Send>(py: Python<'_>, f: impl FnOnce() -> Result<R, ZetaError> + Send) -> PyResult<R> {
-    let r = py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool::install(f))));
+pub(crate) fn run<R: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> Result<R, ZetaError> + Send,
+) -> PyResult<R> {
+    let r =
+        py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool::install(f))));
     match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.into()),
@@ -40,7 +47,9 @@ pub(crate) fn run<R: Send>(py: Python<'_>, f: impl FnOnce() -> Result<R, ZetaErr
                 .map(|s| s.to_string())
                 .or_else(|| p.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown".into());
-            Err(PyRuntimeError::new_err(format!("zeta internal error (please report): {what}")))
+            Err(PyRuntimeError::new_err(format!(
+                "zeta internal error (please report): {what}"
+            )))
         }
     }
 }
@@ -61,7 +70,9 @@ fn encode_impl<'py, C: morton::Coord + numpy::Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let d = a.shape()[1];
     let n = a.shape()[0];
-    let coords = a.as_slice().map_err(|_| PyValueError::new_err("coords: must be C-contiguous"))?;
+    let coords = a
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("coords: must be C-contiguous"))?;
     let path = simd::selected();
     if out64 {
         let out = run(py, || {
@@ -82,7 +93,12 @@ fn encode_impl<'py, C: morton::Coord + numpy::Element>(
 
 /// morton_encode(coords (n, d) uint8/16/32/64 C-contiguous, bits, out64) -> (n,) uint32/uint64
 #[pyfunction]
-fn morton_encode<'py>(py: Python<'py>, coords: &Bound<'py, PyAny>, bits: u32, out64: bool) -> PyResult<Bound<'py, PyAny>> {
+fn morton_encode<'py>(
+    py: Python<'py>,
+    coords: &Bound<'py, PyAny>,
+    bits: u32,
+    out64: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     if let Ok(a) = coords.extract::<PyReadonlyArray2<u8>>() {
         return encode_impl(py, a, bits, out64);
     }
@@ -95,7 +111,11 @@ fn morton_encode<'py>(py: Python<'py>, coords: &Bound<'py, PyAny>, bits: u32, ou
     if let Ok(a) = coords.extract::<PyReadonlyArray2<u64>>() {
         return encode_impl(py, a, bits, out64);
     }
-    Err(dtype_err("coords", coords, "a 2-D array of unsigned integers (uint8/16/32/64)"))
+    Err(dtype_err(
+        "coords",
+        coords,
+        "a 2-D array of unsigned integers (uint8/16/32/64)",
+    ))
 }
 
 fn decode_impl<'py, O: morton::Code + morton::Coord + numpy::Element>(
@@ -105,22 +125,32 @@ fn decode_impl<'py, O: morton::Code + morton::Coord + numpy::Element>(
     bits: u32,
 ) -> PyResult<Bound<'py, PyAny>> {
     let n = a.shape()[0];
-    let codes = a.as_slice().map_err(|_| PyValueError::new_err("codes: must be C-contiguous"))?;
+    let codes = a
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("codes: must be C-contiguous"))?;
     let path = simd::selected();
     let out = run(py, || {
         morton::check_dims("dims", dims)?;
-        let total = n.checked_mul(dims).ok_or_else(|| ZetaError::Memory("morton_decode output".into()))?;
+        let total = n
+            .checked_mul(dims)
+            .ok_or_else(|| ZetaError::Memory("morton_decode output".into()))?;
         let mut o = crate::error::try_vec(O::default(), total, "morton_decode output")?;
         morton::decode(codes, dims, bits, &mut o, path)?;
         Ok(o)
     })?;
-    let arr = Array2::from_shape_vec((n, dims), out).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let arr = Array2::from_shape_vec((n, dims), out)
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     Ok(arr.into_pyarray(py).into_any())
 }
 
 /// morton_decode(codes (n,) uint32/uint64, dims, bits) -> (n, dims) of the codes' dtype
 #[pyfunction]
-fn morton_decode<'py>(py: Python<'py>, codes: &Bound<'py, PyAny>, dims: usize, bits: u32) -> PyResult<Bound<'py, PyAny>> {
+fn morton_decode<'py>(
+    py: Python<'py>,
+    codes: &Bound<'py, PyAny>,
+    dims: usize,
+    bits: u32,
+) -> PyResult<Bound<'py, PyAny>> {
     if let Ok(a) = codes.extract::<PyReadonlyArray1<u32>>() {
         return decode_impl(py, a, dims, bits);
     }
@@ -139,7 +169,9 @@ fn zorder_impl<'py, T: quantize::Real + numpy::Element>(
     out64: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (n, d) = (a.shape()[0], a.shape()[1]);
-    let x = a.as_slice().map_err(|_| PyValueError::new_err("x: must be C-contiguous"))?;
+    let x = a
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("x: must be C-contiguous"))?;
     let grid = quantize::Grid::new(d, bits, shift, scale)?;
     if out64 {
         let out = run(py, || {
@@ -160,7 +192,14 @@ fn zorder_impl<'py, T: quantize::Real + numpy::Element>(
 
 /// zorder(x (n, d) float32/float64, bits, shift, scale, out64) -> (n,) uint32/uint64
 #[pyfunction]
-fn zorder<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, bits: u32, shift: u32, scale: f64, out64: bool) -> PyResult<Bound<'py, PyAny>> {
+fn zorder<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    bits: u32,
+    shift: u32,
+    scale: f64,
+    out64: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     if let Ok(a) = x.extract::<PyReadonlyArray2<f32>>() {
         return zorder_impl(py, a, bits, shift, scale, out64);
     }
@@ -170,15 +209,21 @@ fn zorder<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, bits: u32, shift: u32, sc
     Err(dtype_err("x", x, "a 2-D array of float32 or float64"))
 }
 
-fn argsort_impl<'py, K: morton::Code + numpy::Element>(py: Python<'py>, a: PyReadonlyArray2<'py, K>) -> PyResult<Bound<'py, PyArray2<i64>>> {
+fn argsort_impl<'py, K: morton::Code + numpy::Element>(
+    py: Python<'py>,
+    a: PyReadonlyArray2<'py, K>,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
     let (rows, n) = (a.shape()[0], a.shape()[1]);
-    let keys = a.as_slice().map_err(|_| PyValueError::new_err("codes: must be C-contiguous"))?;
+    let keys = a
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("codes: must be C-contiguous"))?;
     let out = run(py, || {
         let mut o = crate::error::try_vec(0i64, rows * n, "argsort output")?;
         sort::argsort_rows(keys, n, &mut o);
         Ok(o)
     })?;
-    let arr = Array2::from_shape_vec((rows, n), out).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let arr = Array2::from_shape_vec((rows, n), out)
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     Ok(arr.into_pyarray(py))
 }
 
@@ -207,27 +252,47 @@ fn searchsorted_impl<'py, K: morton::Code + numpy::Element>(
             "queries: leading shape must match sorted_codes' ({rows} rows vs {qrows})"
         )));
     }
-    let sorted = s.as_slice().map_err(|_| PyValueError::new_err("sorted_codes: must be C-contiguous"))?;
-    let queries = q.as_slice().map_err(|_| PyValueError::new_err("queries: must be C-contiguous"))?;
+    let sorted = s
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("sorted_codes: must be C-contiguous"))?;
+    let queries = q
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("queries: must be C-contiguous"))?;
     let out = run(py, || {
         let mut o = crate::error::try_vec(0i64, rows * m, "searchsorted output")?;
         search::searchsorted_rows(sorted, n, queries, m, right, &mut o);
         Ok(o)
     })?;
-    let arr = Array2::from_shape_vec((rows, m), out).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let arr = Array2::from_shape_vec((rows, m), out)
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     Ok(arr.into_pyarray(py))
 }
 
 /// searchsorted(sorted (rows, n), queries (rows, m), right) -> (rows, m) int64; same dtype both
 #[pyfunction]
-fn searchsorted<'py>(py: Python<'py>, sorted: &Bound<'py, PyAny>, queries: &Bound<'py, PyAny>, right: bool) -> PyResult<Bound<'py, PyArray2<i64>>> {
-    if let (Ok(s), Ok(q)) = (sorted.extract::<PyReadonlyArray2<u32>>(), queries.extract::<PyReadonlyArray2<u32>>()) {
+fn searchsorted<'py>(
+    py: Python<'py>,
+    sorted: &Bound<'py, PyAny>,
+    queries: &Bound<'py, PyAny>,
+    right: bool,
+) -> PyResult<Bound<'py, PyArray2<i64>>> {
+    if let (Ok(s), Ok(q)) = (
+        sorted.extract::<PyReadonlyArray2<u32>>(),
+        queries.extract::<PyReadonlyArray2<u32>>(),
+    ) {
         return searchsorted_impl(py, s, q, right);
     }
-    if let (Ok(s), Ok(q)) = (sorted.extract::<PyReadonlyArray2<u64>>(), queries.extract::<PyReadonlyArray2<u64>>()) {
+    if let (Ok(s), Ok(q)) = (
+        sorted.extract::<PyReadonlyArray2<u64>>(),
+        queries.extract::<PyReadonlyArray2<u64>>(),
+    ) {
         return searchsorted_impl(py, s, q, right);
     }
-    Err(dtype_err("sorted_codes", sorted, "uint32 or uint64 codes (queries of the same dtype)"))
+    Err(dtype_err(
+        "sorted_codes",
+        sorted,
+        "uint32 or uint64 codes (queries of the same dtype)",
+    ))
 }
 
 /// Index settings as passed from Python.
@@ -258,32 +323,59 @@ impl PyParams {
 }
 
 fn slice4<'a, T: numpy::Element>(a: &'a PyReadonlyArray4<'_, T>, name: &str) -> PyResult<&'a [T]> {
-    a.as_slice().map_err(|_| PyValueError::new_err(format!("{name}: must be C-contiguous")))
+    a.as_slice()
+        .map_err(|_| PyValueError::new_err(format!("{name}: must be C-contiguous")))
 }
 
-fn shape_of<T: numpy::Element, U: numpy::Element>(q: &PyReadonlyArray4<'_, T>, k: &PyReadonlyArray4<'_, T>, v: Option<&PyReadonlyArray4<'_, U>>) -> PyResult<Shape> {
+fn shape_of<T: numpy::Element, U: numpy::Element>(
+    q: &PyReadonlyArray4<'_, T>,
+    k: &PyReadonlyArray4<'_, T>,
+    v: Option<&PyReadonlyArray4<'_, U>>,
+) -> PyResult<Shape> {
     let (qs, ks) = (q.shape(), k.shape());
     if qs[0] != ks[0] {
-        return Err(PyValueError::new_err(format!("k: batch {} does not match q's {}", ks[0], qs[0])));
+        return Err(PyValueError::new_err(format!(
+            "k: batch {} does not match q's {}",
+            ks[0], qs[0]
+        )));
     }
     if qs[3] != ks[3] {
-        return Err(PyValueError::new_err(format!("k: key_dim {} does not match q's {}", ks[3], qs[3])));
+        return Err(PyValueError::new_err(format!(
+            "k: key_dim {} does not match q's {}",
+            ks[3], qs[3]
+        )));
     }
     let dv = match v {
         Some(v) => {
             let vs = v.shape();
             if vs[0] != ks[0] || vs[1] != ks[1] || vs[2] != ks[2] {
-                return Err(PyValueError::new_err(format!("v: shape {vs:?} does not match k's {ks:?} in (B, H_kv, S)")));
+                return Err(PyValueError::new_err(format!(
+                    "v: shape {vs:?} does not match k's {ks:?} in (B, H_kv, S)"
+                )));
             }
             vs[3]
         }
         None => 0,
     };
-    Ok(Shape { b: qs[0], h: qs[1], hkv: ks[1], n: qs[2], s: ks[2], dk: qs[3], dv })
+    Ok(Shape {
+        b: qs[0],
+        h: qs[1],
+        hkv: ks[1],
+        n: qs[2],
+        s: ks[2],
+        dk: qs[3],
+        dv,
+    })
 }
 
-fn arr4<'py, T: numpy::Element>(py: Python<'py>, v: Vec<T>, d: [usize; 4]) -> PyResult<Bound<'py, PyArray4<T>>> {
-    Ok(Array4::from_shape_vec((d[0], d[1], d[2], d[3]), v).map_err(|e| PyRuntimeError::new_err(e.to_string()))?.into_pyarray(py))
+fn arr4<'py, T: numpy::Element>(
+    py: Python<'py>,
+    v: Vec<T>,
+    d: [usize; 4],
+) -> PyResult<Bound<'py, PyArray4<T>>> {
+    Ok(Array4::from_shape_vec((d[0], d[1], d[2], d[3]), v)
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?
+        .into_pyarray(py))
 }
 
 macro_rules! float_dispatch {
@@ -293,7 +385,11 @@ macro_rules! float_dispatch {
         } else if $q.extract::<PyReadonlyArray4<f64>>().is_ok() {
             $f64
         } else {
-            Err(dtype_err("q", $q, "a 4-D float32 or float64 array (B, H, N, key_dim)"))
+            Err(dtype_err(
+                "q",
+                $q,
+                "a 4-D float32 or float64 array (B, H, N, key_dim)",
+            ))
         }
     }};
 }
@@ -307,7 +403,9 @@ fn knn_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     prm: &PyParams,
 ) -> PyResult<(Bound<'py, PyArray4<i64>>, Bound<'py, PyArray4<T>>)> {
     let q: PyReadonlyArray4<T> = q.extract()?;
-    let k: PyReadonlyArray4<T> = k.extract().map_err(|_| dtype_err("k", k, "a 4-D array of q's dtype (B, H_kv, S, key_dim)"))?;
+    let k: PyReadonlyArray4<T> = k
+        .extract()
+        .map_err(|_| dtype_err("k", k, "a 4-D array of q's dtype (B, H_kv, S, key_dim)"))?;
     let sh = shape_of::<T, T>(&q, &k, None)?;
     let (qs, ks) = (slice4(&q, "q")?, slice4(&k, "k")?);
     let p = prm.get();
@@ -324,27 +422,49 @@ fn exact_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     causal: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let q: PyReadonlyArray4<T> = q.extract()?;
-    let k: PyReadonlyArray4<T> = k.extract().map_err(|_| dtype_err("k", k, "a 4-D array of q's dtype (B, H_kv, S, key_dim)"))?;
+    let k: PyReadonlyArray4<T> = k
+        .extract()
+        .map_err(|_| dtype_err("k", k, "a 4-D array of q's dtype (B, H_kv, S, key_dim)"))?;
     let sh = shape_of::<T, T>(&q, &k, None)?;
     let (qs, ks) = (slice4(&q, "q")?, slice4(&k, "k")?);
     let (idx, d2) = run(py, || attention::exact_knn(&sh, causal, topk, qs, ks))?;
     let dims = [sh.b, sh.h, sh.n, topk];
-    Ok((arr4(py, idx, dims)?, arr4(py, d2, dims)?).into_pyobject(py)?.into_any())
+    Ok((arr4(py, idx, dims)?, arr4(py, d2, dims)?)
+        .into_pyobject(py)?
+        .into_any())
 }
 
 /// exact_knn(q, k, topk, causal) -> (indices, sq_dists): brute force, no index
 #[pyfunction]
-fn exact_knn<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, topk: usize, causal: bool) -> PyResult<Bound<'py, PyAny>> {
-    float_dispatch!(q, exact_impl::<f32>(py, q, k, topk, causal), exact_impl::<f64>(py, q, k, topk, causal))
+fn exact_knn<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    topk: usize,
+    causal: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    float_dispatch!(
+        q,
+        exact_impl::<f32>(py, q, k, topk, causal),
+        exact_impl::<f64>(py, q, k, topk, causal)
+    )
 }
 
 /// knn(q, k, topk, params) -> (indices int64 (B,H,N,topk), sq_dists (B,H,N,topk))
 #[pyfunction]
-fn knn<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, topk: usize, params: PyParams) -> PyResult<Bound<'py, PyAny>> {
+fn knn<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    topk: usize,
+    params: PyParams,
+) -> PyResult<Bound<'py, PyAny>> {
     float_dispatch!(
         q,
-        knn_impl::<f32>(py, q, k, topk, &params).and_then(|t| t.into_pyobject(py).map(|o| o.into_any())),
-        knn_impl::<f64>(py, q, k, topk, &params).and_then(|t| t.into_pyobject(py).map(|o| o.into_any()))
+        knn_impl::<f32>(py, q, k, topk, &params)
+            .and_then(|t| t.into_pyobject(py).map(|o| o.into_any())),
+        knn_impl::<f64>(py, q, k, topk, &params)
+            .and_then(|t| t.into_pyobject(py).map(|o| o.into_any()))
     )
 }
 
@@ -360,11 +480,17 @@ fn fwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     prm: &PyParams,
 ) -> PyResult<Bound<'py, PyAny>> {
     let q: PyReadonlyArray4<T> = q.extract()?;
-    let k: PyReadonlyArray4<T> = k.extract().map_err(|_| dtype_err("k", k, "a 4-D array of q's dtype (B, H_kv, S, key_dim)"))?;
-    let v: PyReadonlyArray4<T> = v.extract().map_err(|_| dtype_err("v", v, "a 4-D array of q's dtype (B, H_kv, S, value_dim)"))?;
+    let k: PyReadonlyArray4<T> = k
+        .extract()
+        .map_err(|_| dtype_err("k", k, "a 4-D array of q's dtype (B, H_kv, S, key_dim)"))?;
+    let v: PyReadonlyArray4<T> = v
+        .extract()
+        .map_err(|_| dtype_err("v", v, "a 4-D array of q's dtype (B, H_kv, S, value_dim)"))?;
     let sh = shape_of(&q, &k, Some(&v))?;
     let (qs, ks, vs) = (slice4(&q, "q")?, slice4(&k, "k")?, slice4(&v, "v")?);
-    let gs = gamma.as_slice().map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
+    let gs = gamma
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
     let p = prm.get();
     let opts = AttnOpts { topk, mean_token };
     let (out, idx) = run(py, || attention::forward(&sh, &p, &opts, qs, ks, vs, gs))?;
@@ -408,15 +534,28 @@ fn bwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     let q: PyReadonlyArray4<T> = q.extract()?;
     let k: PyReadonlyArray4<T> = k.extract().map_err(|_| dtype_err("k", k, "q's dtype"))?;
     let v: PyReadonlyArray4<T> = v.extract().map_err(|_| dtype_err("v", v, "q's dtype"))?;
-    let go: PyReadonlyArray4<T> = grad_out.extract().map_err(|_| dtype_err("grad_out", grad_out, "q's dtype"))?;
+    let go: PyReadonlyArray4<T> = grad_out
+        .extract()
+        .map_err(|_| dtype_err("grad_out", grad_out, "q's dtype"))?;
     let sh = shape_of(&q, &k, Some(&v))?;
     let topk = indices.shape()[3];
-    let (qs, ks, vs, gos) = (slice4(&q, "q")?, slice4(&k, "k")?, slice4(&v, "v")?, slice4(&go, "grad_out")?);
-    let is = indices.as_slice().map_err(|_| PyValueError::new_err("indices: must be C-contiguous"))?;
-    let gs = gamma.as_slice().map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
+    let (qs, ks, vs, gos) = (
+        slice4(&q, "q")?,
+        slice4(&k, "k")?,
+        slice4(&v, "v")?,
+        slice4(&go, "grad_out")?,
+    );
+    let is = indices
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("indices: must be C-contiguous"))?;
+    let gs = gamma
+        .as_slice()
+        .map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
     let p = prm.get();
     let opts = AttnOpts { topk, mean_token };
-    let (dq, dk, dv, dg) = run(py, || attention::backward(&sh, &p, &opts, qs, ks, vs, gs, is, gos))?;
+    let (dq, dk, dv, dg) = run(py, || {
+        attention::backward(&sh, &p, &opts, qs, ks, vs, gs, is, gos)
+    })?;
     let dq = arr4(py, dq, [sh.b, sh.h, sh.n, sh.dk])?;
     let dk = arr4(py, dk, [sh.b, sh.hkv, sh.s, sh.dk])?;
     let dv = arr4(py, dv, [sh.b, sh.hkv, sh.s, sh.dv])?;
@@ -454,12 +593,26 @@ struct PyKvCache {
 #[pymethods]
 impl PyKvCache {
     #[new]
-    fn new(batch: usize, kv_heads: usize, key_dim: usize, value_dim: usize, params: PyParams, dtype: &str) -> PyResult<Self> {
-        Ok(PyKvCache { inner: KvCache::new(batch, kv_heads, key_dim, value_dim, params.get(), dtype)? })
+    fn new(
+        batch: usize,
+        kv_heads: usize,
+        key_dim: usize,
+        value_dim: usize,
+        params: PyParams,
+        dtype: &str,
+    ) -> PyResult<Self> {
+        Ok(PyKvCache {
+            inner: KvCache::new(batch, kv_heads, key_dim, value_dim, params.get(), dtype)?,
+        })
     }
 
     /// extend(k (B, H_kv, T, key_dim) f32, v (B, H_kv, T, value_dim) f32)
-    fn extend(&mut self, py: Python<'_>, k: PyReadonlyArray4<'_, f32>, v: PyReadonlyArray4<'_, f32>) -> PyResult<()> {
+    fn extend(
+        &mut self,
+        py: Python<'_>,
+        k: PyReadonlyArray4<'_, f32>,
+        v: PyReadonlyArray4<'_, f32>,
+    ) -> PyResult<()> {
         let c = &self.inner;
         let (ks, vs) = (k.shape(), v.shape());
         if ks[0] != c.batch || ks[1] != c.kv_heads || ks[3] != c.key_dim {
@@ -495,11 +648,16 @@ impl PyKvCache {
         let c = &self.inner;
         let qs = q.shape();
         if qs[0] != c.batch || qs[3] != c.key_dim {
-            return Err(PyValueError::new_err(format!("q: expected shape ({}, H, T_q, {}), got {qs:?}", c.batch, c.key_dim)));
+            return Err(PyValueError::new_err(format!(
+                "q: expected shape ({}, H, T_q, {}), got {qs:?}",
+                c.batch, c.key_dim
+            )));
         }
         let (h, tq) = (qs[1], qs[2]);
         let qq = slice4(&q, "q")?;
-        let gs = gamma.as_slice().map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
+        let gs = gamma
+            .as_slice()
+            .map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
         let out = run(py, || c.attend(qq, h, tq, topk, gs, mean_token, window))?;
         arr4(py, out, [c.batch, h, tq, c.value_dim])
     }
@@ -526,7 +684,9 @@ impl PyKvCache {
         d.set_item("causal", c.params.causal)?;
         d.set_item("bits", c.params.bits)?;
         d.set_item("scale", c.params.scale)?;
-        Ok((c.batch, c.kv_heads, c.key_dim, c.value_dim, d).into_pyobject(py)?.into_any())
+        Ok((c.batch, c.kv_heads, c.key_dim, c.value_dim, d)
+            .into_pyobject(py)?
+            .into_any())
     }
     fn save(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
         let c = &self.inner;
@@ -534,7 +694,9 @@ impl PyKvCache {
     }
     #[staticmethod]
     fn load(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Self> {
-        Ok(PyKvCache { inner: run(py, || KvCache::load(&path))? })
+        Ok(PyKvCache {
+            inner: run(py, || KvCache::load(&path))?,
+        })
     }
     fn same_contents(&self, other: &PyKvCache) -> bool {
         self.inner.same_contents(&other.inner)
@@ -555,7 +717,13 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("avx2", f.avx2)?;
     d.set_item("bmi2", f.bmi2)?;
     d.set_item("slow_pdep", f.slow_pdep)?;
-    d.set_item("paths", simd::available_paths().iter().map(|p| p.name()).collect::<Vec<_>>())?;
+    d.set_item(
+        "paths",
+        simd::available_paths()
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>(),
+    )?;
     Ok(d)
 }
 
