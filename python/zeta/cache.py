@@ -143,7 +143,8 @@ class KVCache:
         kn, vn = _f32(k, "k"), _f32(v, "v")
         self._c.extend(kn, vn)
 
-    def attend(self, q: Any, *, topk: int = 32, gamma: Any = 1.0, mean_token: bool = False) -> Any:
+    def attend(self, q: Any, *, topk: int = 32, gamma: Any = 1.0, mean_token: bool = False,
+               window: Optional[int] = None) -> Any:
         """Top-k Cauchy attention of the last T_q positions' queries over the cache.
 
         Args:
@@ -151,6 +152,8 @@ class KVCache:
             topk: keys attended per query (>= 1; fewer keys than topk: all of them).
             gamma: float or per-head (H,).
             mean_token: as in :func:`zeta.attention`.
+            window: overrides the cache's ``window`` for this call (the sorted runs do not
+                depend on it); None: the cache's, else :func:`zeta.attention`'s default.
 
         Returns:
             (B, H, T_q, value_dim): float32 numpy, or a torch tensor in q's dtype.
@@ -163,8 +166,12 @@ class KVCache:
             raise ValueError("q: the cache is empty: extend it before attend")
         qn = _f32(q, "q")
         g = gamma_array(gamma, qn.shape[1])
-        w = self._c.config()[4]["window"]
-        out = self._c.attend(qn, int(topk), g, bool(mean_token), w if w > 0 else default_window(int(topk)))
+        if window is None:
+            w = self._c.config()[4]["window"]
+            window = w if w > 0 else default_window(int(topk))
+        elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+            raise ValueError(f"window: must be an int >= 1, got {window!r}")
+        out = self._c.attend(qn, int(topk), g, bool(mean_token), int(window))
         if is_torch(q):
             import torch
 
