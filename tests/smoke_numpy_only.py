@@ -3,6 +3,7 @@
 import sys
 
 import numpy as np
+
 import zeta
 
 assert "torch" not in sys.modules, "zeta imported torch"

@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
+
 import zeta
 
 TOL = 1e-5

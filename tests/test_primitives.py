@@ -12,9 +12,10 @@ import textwrap
 
 import numpy as np
 import pytest
-import zeta
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import zeta
 
 MAX_EXAMPLES = int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "50"))
 HSET = settings(max_examples=MAX_EXAMPLES, deadline=None)

@@ -1,0 +1,266 @@
+"""MQAR (multi-query associative recall, Zoology) with softmax attention vs ZETA attention.
+
+    python benches/mqar.py --quick             # 2 CPU cores, ~20 min for both attentions
+    python benches/mqar.py --full --device cuda
+
+The data follow Zoology's ``multiquery_ar`` (Arora et al. 2023): keys from the lower half of
+the vocabulary, values from the upper half, ``num_kv`` distinct key-value pairs at the start
+of the sequence, then the keys again as queries at power-law distributed gaps (``power_a``),
+all other positions random tokens; the loss and the accuracy count only the answers (the
+value that follows each query). Same model, data, seeds and steps for both attentions; only
+the token mixer differs. Writes benches/results/mqar-<machine>-<date>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Dict, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _models as M  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+QUICK = dict(vocab=8192, seq_len=256, num_kv=16, d_model=128, n_layers=2, n_heads=2,
+             batch=64, steps=1000, lr=3e-3, warmup=100, weight_decay=0.1,
+             n_train=64_000, n_test=1_000, eval_every=100)
+FULL = dict(vocab=8192, seq_len=512, num_kv=64, d_model=256, n_layers=2, n_heads=4,
+            batch=64, steps=20_000, lr=1e-3, warmup=1000, weight_decay=0.1,
+            n_train=1_280_000, n_test=3_000, eval_every=500)
+
+
+# --------------------------------------------------------------------------- data
+def multiquery_ar(vocab: int, num_examples: int, seq_len: int, num_kv: int, seed: int,
+                  power_a: float = 0.01, random_non_queries: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Zoology's MQAR: (inputs (n, seq_len) int64, labels (n, seq_len) int64, -100 = no loss).
+
+    Vectorised and seeded (numpy Generator); sampling without replacement (keys, values,
+    query gaps with p_i ~ i^(power_a - 1)) uses the Gumbel-top-k trick, which draws from the
+    same distribution as ``np.random.choice(replace=False, p=...)``.
+    """
+    if seq_len % 2 or vocab <= seq_len or 4 * num_kv > seq_len:
+        raise ValueError("need even seq_len, vocab > seq_len and 4 * num_kv <= seq_len")
+    rng = np.random.default_rng(seed)
+    context = 2 * num_kv
+    key_vocab = vocab // 2
+    space = (seq_len - context) // 2
+    logp = np.log(power_a * np.arange(1, space + 1) ** (power_a - 1))
+    inputs = np.empty((num_examples, seq_len), dtype=np.int64)
+    labels = np.full((num_examples, seq_len), -100, dtype=np.int64)
+    rows = np.arange(min(num_examples, 2048))[:, None]
+    for s in range(0, num_examples, 2048):
+        n = min(2048, num_examples - s)
+        r = rows[:n]
+        keys = np.argpartition(rng.random((n, key_vocab - 1)), num_kv, axis=1)[:, :num_kv] + 1
+        values = np.argpartition(rng.random((n, vocab - key_vocab)), num_kv, axis=1)[:, :num_kv] + key_vocab
+        gumbel = logp[None, :] - np.log(-np.log(rng.random((n, space))))
+        gaps = np.argsort(-gumbel, axis=1)[:, :num_kv]
+        ex = np.zeros((n, seq_len + 1), dtype=np.int64)
+        ex[:, 0:context:2] = keys
+        ex[:, 1:context:2] = values
+        ex[r, context + 2 * gaps] = keys
+        lab = np.full((n, seq_len + 1), -100, dtype=np.int64)
+        lab[r, context + 2 * gaps + 1] = values
+        x = ex[:, :-1]
+        if random_non_queries:
+            noise = rng.integers(0, vocab, size=x.shape)
+            x = np.where(x == 0, noise, x)
+        inputs[s:s + n] = x
+        labels[s:s + n] = lab[:, 1:]
+    return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+
+# --------------------------------------------------------------------------- train / eval
+def evaluate(model, x, y, device, batch=250) -> Tuple[float, float]:
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for s in range(0, len(x), batch):
+            xb, yb = x[s:s + batch].to(device), y[s:s + batch].to(device)
+            sel = yb != -100
+            logits = model(xb, select=sel)
+            tgt = yb[sel]
+            loss_sum += float(F.cross_entropy(logits.float(), tgt, reduction="sum"))
+            correct += int((logits.argmax(-1) == tgt).sum())
+            total += int(tgt.numel())
+    model.train()
+    return correct / total, loss_sum / total
+
+
+def zeta_kwargs_from(args) -> dict:
+    kw = dict(key_dim=args.key_dim, topk=args.topk, gamma_init=args.gamma_init, n_sink=args.n_sink,
+              mean_token=args.mean_token, n_curves=args.n_curves, chunk=args.chunk)
+    if args.window:
+        kw["window"] = args.window
+    return kw
+
+
+def train_one(attn: str, cfg: dict, args, data, device) -> Dict:
+    xtr, ytr, xte, yte = data
+    M.seed_all(args.seed)
+    zkw = zeta_kwargs_from(args)
+    model = M.TinyLM(cfg["vocab"], cfg["seq_len"], attn, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
+                     conv_kernel=args.conv, zeta_kwargs=zkw if attn == "zeta" else None).to(device)
+    opt = M.make_optimizer(model, cfg["lr"], cfg["weight_decay"])
+    gen = torch.Generator().manual_seed(args.seed)
+    steps, bs = cfg["steps"], cfg["batch"]
+    perm = torch.randperm(len(xtr), generator=gen)
+    curve = []
+    t0 = time.time()
+    bar = tqdm(range(steps), desc=f"mqar {attn:7s}", dynamic_ncols=True, mininterval=2.0)
+    pos = 0
+    for step in bar:
+        if pos + bs > len(perm):
+            perm, pos = torch.randperm(len(xtr), generator=gen), 0
+        ib = perm[pos:pos + bs]
+        pos += bs
+        xb, yb = xtr[ib].to(device), ytr[ib].to(device)
+        for g in opt.param_groups:
+            g["lr"] = M.lr_at(step, steps, cfg["lr"], cfg["warmup"])
+        sel = yb != -100
+        loss = F.cross_entropy(model(xb, select=sel).float(), yb[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
+            acc, tl = evaluate(model, xte, yte, device)
+            curve.append({"step": step + 1, "train_loss": float(loss.detach()), "test_loss": tl, "test_acc": acc,
+                          "seconds": time.time() - t0})
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.4f}")
+    train_s = time.time() - t0
+    res = {"attn": attn, "params": M.n_params(model), "train_seconds": train_s, "curve": curve,
+           "final_test_acc": curve[-1]["test_acc"], "best_test_acc": max(c["test_acc"] for c in curve),
+           "final_test_loss": curve[-1]["test_loss"]}
+    if attn == "zeta":
+        res["zeta_kwargs"] = zkw
+        res["gamma"] = [[round(float(g), 4) for g in blk.attn.gamma.detach()] for blk in model.blocks]
+        idx_kw = {k: v for k, v in zkw.items() if k not in ("key_dim", "topk", "gamma_init")}
+        nb = min(64, len(xte))
+        res["learned_key_recall"] = M.learned_key_recall(
+            model, lambda: model(xte[:nb].to(device)), idx_kw, args.topk)
+        # Would a perfect index help? Evaluate the same weights with an exact top-k search.
+        for blk in model.blocks:
+            blk.attn.zeta_kwargs = {**blk.attn.zeta_kwargs, "window": cfg["seq_len"]}
+        res["test_acc_exact_topk"], _ = evaluate(model, xte, yte, device)
+        for blk in model.blocks:
+            blk.attn.zeta_kwargs = {k: v for k, v in blk.attn.zeta_kwargs.items() if k != "window"}
+            if "window" in zkw:
+                blk.attn.zeta_kwargs["window"] = zkw["window"]
+    return res
+
+
+def table(cfg: dict, results: Dict[str, Dict]) -> str:
+    lines = [f"MQAR (Zoology), vocab {cfg['vocab']}, seq len {cfg['seq_len']}, {cfg['num_kv']} KV pairs, "
+             f"d_model {cfg['d_model']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
+             f"{cfg['steps']} steps x batch {cfg['batch']}",
+             "",
+             "| attention | params | test accuracy | best accuracy | test loss | train time (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        label = "softmax (SDPA)" if name == "softmax" else (
+            f"ZETA (key_dim {r['zeta_kwargs']['key_dim']}, top-{r['zeta_kwargs']['topk']})")
+        lines.append(f"| {label} | {r['params']:,} | {100 * r['final_test_acc']:.2f}% | "
+                     f"{100 * r['best_test_acc']:.2f}% | {r['final_test_loss']:.4f} | {r['train_seconds']:.0f} |")
+    z = results.get("zeta")
+    if z and "learned_key_recall" in z:
+        lines.append("")
+        lines.append("| ZETA layer | recall@topk (configured index) | recall, 4 curves | recall, window 2k |")
+        lines.append("|---|---:|---:|---:|")
+        for row in z["learned_key_recall"]:
+            lines.append(f"| {row['layer']} | {100 * row['recall_configured']:.2f}% | "
+                         f"{100 * row['recall_n_curves=4']:.2f}% | {100 * row['recall_window=2*topk']:.2f}% |")
+        lines.append("")
+        lines.append(f"ZETA accuracy with the same weights and an exact top-k search: "
+                     f"{100 * z['test_acc_exact_topk']:.2f}%")
+    return "\n".join(lines)
+
+
+def plot(path, results: Dict[str, Dict], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        ax.plot([c["step"] for c in r["curve"]], [100 * c["test_acc"] for c in r["curve"]], marker="o",
+                ms=3, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, 101)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="small CPU configuration (default)")
+    g.add_argument("--full", action="store_true", help="larger configuration, meant for a GPU")
+    p.add_argument("--attn", choices=["both", "softmax", "zeta"], default="both")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch / ZETA threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    for k in QUICK:
+        p.add_argument("--" + k.replace("_", "-"), type=type(QUICK[k]), default=None,
+                       help=f"override (quick {QUICK[k]}, full {FULL[k]})")
+    p.add_argument("--key-dim", type=int, default=3)
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--gamma-init", type=float, default=1.0)
+    p.add_argument("--n-sink", type=int, default=0)
+    p.add_argument("--mean-token", action="store_true")
+    p.add_argument("--n-curves", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--window", type=int, default=0, help="index window (0: zeta's default, = topk)")
+    p.add_argument("--conv", type=int, default=0, help="short causal conv kernel in every block (0: none)")
+    p.add_argument("--out", default=None, help="result file stem (default mqar-<machine>-<date>)")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+
+    cfg = dict(FULL if args.full else QUICK)
+    for k in QUICK:
+        v = getattr(args, k)
+        if v is not None:
+            cfg[k] = v
+    threads = M.set_threads(args.threads)
+    print(f"config: {cfg}  threads={threads}  device={args.device}")
+    t = time.time()
+    xtr, ytr = multiquery_ar(cfg["vocab"], cfg["n_train"], cfg["seq_len"], cfg["num_kv"], seed=args.seed)
+    xte, yte = multiquery_ar(cfg["vocab"], cfg["n_test"], cfg["seq_len"], cfg["num_kv"], seed=args.seed + 10_000)
+    print(f"data: {len(xtr)} train / {len(xte)} test examples in {time.time() - t:.1f}s")
+    attns = ["softmax", "zeta"] if args.attn == "both" else [args.attn]
+    results = {}
+    t_all = time.time()
+    for a in attns:
+        results[a] = train_one(a, cfg, args, (xtr, ytr, xte, yte), args.device)
+        print(f"{a}: test acc {100 * results[a]['final_test_acc']:.2f}%  ({results[a]['train_seconds']:.0f}s)")
+    md = table(cfg, results)
+    print()
+    print(md)
+    if args.no_save:
+        return 0
+    stem = args.out or f"mqar-{M.device_tag(args.device)}-{M.today()}"
+    payload = {"benchmark": "mqar", "config": cfg, "mode": "full" if args.full else "quick",
+               "seed": args.seed, "device": args.device, "machine": M.device_tag(args.device),
+               "env": M.env_info(), "total_seconds": time.time() - t_all,
+               "argv": sys.argv[1:], "results": results}
+    path = M.write_results(stem, payload, md)
+    plot(path.with_suffix(".png"), results, md.splitlines()[0])
+    print(f"wrote {path}, {path.with_suffix('.md').name}, {path.with_suffix('.png').name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
