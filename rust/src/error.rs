@@ -19,10 +19,16 @@ pub type Result<T> = std::result::Result<T, ZetaError>;
 
 impl ZetaError {
     pub fn value(arg: &'static str, msg: impl Into<String>) -> Self {
-        ZetaError::Value { arg, msg: msg.into() }
+        ZetaError::Value {
+            arg,
+            msg: msg.into(),
+        }
     }
     pub fn type_(arg: &'static str, msg: impl Into<String>) -> Self {
-        ZetaError::Type { arg, msg: msg.into() }
+        ZetaError::Type {
+            arg,
+            msg: msg.into(),
+        }
     }
 }
 

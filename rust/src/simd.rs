@@ -38,7 +38,11 @@ pub fn features() -> Features {
 fn detect() -> Features {
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
     let bmi2 = std::arch::is_x86_feature_detected!("bmi2");
-    Features { avx2, bmi2, slow_pdep: bmi2 && amd_before_zen3() }
+    Features {
+        avx2,
+        bmi2,
+        slow_pdep: bmi2 && amd_before_zen3(),
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -49,14 +53,21 @@ fn detect() -> Features {
 #[cfg(target_arch = "x86_64")]
 fn amd_before_zen3() -> bool {
     let v = std::arch::x86_64::__cpuid(0);
-    let vendor: Vec<u8> = [v.ebx, v.edx, v.ecx].iter().flat_map(|r| r.to_le_bytes()).collect();
+    let vendor: Vec<u8> = [v.ebx, v.edx, v.ecx]
+        .iter()
+        .flat_map(|r| r.to_le_bytes())
+        .collect();
     if &vendor[..] != b"AuthenticAMD" {
         return false;
     }
     let l1 = std::arch::x86_64::__cpuid(1);
     let base_family = (l1.eax >> 8) & 0xf;
     let ext_family = (l1.eax >> 20) & 0xff;
-    let family = if base_family == 0xf { base_family + ext_family } else { base_family };
+    let family = if base_family == 0xf {
+        base_family + ext_family
+    } else {
+        base_family
+    };
     // Zen 1/2 are family 0x17; Zen 3 and later are 0x19+ with fast pdep.
     family < 0x19
 }
