@@ -772,3 +772,130 @@ impl Group {
         (kb, vb)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{forward, AttnOpts, Shape};
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn decode_equals_parallel_forward() {
+        let (hkv, h, s, dk, dv, topk) = (2usize, 4usize, 300usize, 3usize, 5usize, 6usize);
+        let prm = Params {
+            chunk: 8,
+            window: 3,
+            n_curves: 2,
+            n_sink: 2,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        };
+        let (q, k, v) = (
+            data(h * s * dk, 1),
+            data(hkv * s * dk, 2),
+            data(hkv * s * dv, 3),
+        );
+        let gamma = vec![0.5, 0.7, 1.0, 1.3];
+        for mean_token in [false, true] {
+            let sh = Shape {
+                b: 1,
+                h,
+                hkv,
+                n: s,
+                s,
+                dk,
+                dv,
+            };
+            let (want, _) = forward(
+                &sh,
+                &prm,
+                &AttnOpts { topk, mean_token },
+                &q,
+                &k,
+                &v,
+                &gamma,
+            )
+            .unwrap();
+            let mut c = KvCache::new(1, hkv, dk, dv, prm, "float32").unwrap();
+            for t in 0..s {
+                let kt: Vec<f32> = (0..hkv)
+                    .flat_map(|g| k[(g * s + t) * dk..(g * s + t + 1) * dk].to_vec())
+                    .collect();
+                let vt: Vec<f32> = (0..hkv)
+                    .flat_map(|g| v[(g * s + t) * dv..(g * s + t + 1) * dv].to_vec())
+                    .collect();
+                c.extend(&kt, &vt, 1).unwrap();
+                let qt: Vec<f32> = (0..h)
+                    .flat_map(|hh| q[(hh * s + t) * dk..(hh * s + t + 1) * dk].to_vec())
+                    .collect();
+                let got = c.attend(&qt, h, 1, topk, &gamma, mean_token, None).unwrap();
+                for hh in 0..h {
+                    let w = &want[(hh * s + t) * dv..(hh * s + t + 1) * dv];
+                    let g = &got[hh * dv..(hh + 1) * dv];
+                    for (a, b) in w.iter().zip(g) {
+                        assert!((a - b).abs() <= 1e-6, "t={t} h={hh}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_round_trip_and_corruption() {
+        let prm = Params {
+            chunk: 4,
+            window: 2,
+            n_curves: 1,
+            n_sink: 0,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        };
+        let mut c = KvCache::new(1, 1, 3, 2, prm, "float16").unwrap();
+        c.extend(&data(30 * 3, 4), &data(30 * 2, 5), 30).unwrap();
+        let b = c.to_bytes();
+        let d = KvCache::from_bytes(&b).unwrap();
+        assert!(d.same_contents(&c));
+        let mut bad = b.clone();
+        bad[120] ^= 1;
+        assert!(matches!(
+            KvCache::from_bytes(&bad),
+            Err(ZetaError::Corrupt(_))
+        ));
+        assert!(KvCache::from_bytes(&b[..b.len() - 1]).is_err());
+        assert!(KvCache::from_bytes(b"nonsense").is_err());
+    }
+
+    #[test]
+    fn failed_extend_changes_nothing() {
+        let prm = Params {
+            chunk: 4,
+            window: 2,
+            n_curves: 1,
+            n_sink: 0,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        };
+        let mut c = KvCache::new(1, 1, 3, 2, prm, "float32").unwrap();
+        c.extend(&data(9, 1), &data(6, 2), 3).unwrap();
+        let before = c.to_bytes();
+        let mut k = data(9, 3);
+        k[4] = f32::NAN;
+        assert!(c.extend(&k, &data(6, 4), 3).is_err());
+        assert!(c.extend(&data(8, 3), &data(6, 4), 3).is_err());
+        assert_eq!(c.to_bytes(), before);
+    }
+}

@@ -398,3 +398,97 @@ pub fn select_topk<T: Float>(c: &mut Vec<(T, u32)>, topk: usize, mult: usize) {
     }
     c.truncate(topk);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    }
+
+    #[test]
+    fn topk_matches_sorting_with_and_without_duplicates() {
+        let mut s = 7u64;
+        for &dedupe in &[false, true] {
+            for n in [0usize, 5, 31, 32, 33, 200, 1000] {
+                let mut items: Vec<(f32, u32)> = (0..n as u32)
+                    .map(|p| ((lcg(&mut s) * 8.0).round(), p))
+                    .collect();
+                if dedupe {
+                    let dup: Vec<_> = items.iter().step_by(3).cloned().collect();
+                    items.extend(dup);
+                }
+                let mut tk = TopK::new(32, dedupe);
+                for &(d, p) in &items {
+                    tk.push(p, d);
+                }
+                let mut got = Vec::new();
+                tk.drain_sorted(&mut got);
+                let mut want = items.clone();
+                want.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
+                want.dedup_by_key(|a| a.1);
+                want.truncate(32);
+                assert_eq!(got, want, "n={n} dedupe={dedupe}");
+            }
+        }
+    }
+
+    #[test]
+    fn candidates_are_causal_and_cover_own_chunk() {
+        let (s, dk) = (300usize, 3usize);
+        let mut seed = 1u64;
+        let k: Vec<f32> = (0..s * dk).map(|_| lcg(&mut seed)).collect();
+        let prm = Params {
+            chunk: 8,
+            window: 2,
+            n_curves: 2,
+            n_sink: 1,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        };
+        let ix = KeyIndex::build(&k, dk, &prm).unwrap();
+        for p in [0usize, 7, 8, 63, 64, 200, 299] {
+            let q = [0.1f32, -0.2, 0.3];
+            let mut seen = vec![false; s];
+            ix.for_each_candidate(&q, p, &k, |pos, d2| {
+                assert!((pos as usize) <= p, "non-causal candidate {pos} for p={p}");
+                assert_eq!(
+                    d2,
+                    sq_dist(&q, &k[pos as usize * dk..(pos as usize + 1) * dk])
+                );
+                seen[pos as usize] = true;
+            });
+            for (j, &x) in seen.iter().enumerate().take(p + 1).skip((p / 8) * 8) {
+                assert!(x, "own-chunk key {j} missing for p={p}");
+            }
+            assert!(seen[0], "sink missing");
+        }
+    }
+
+    #[test]
+    fn huge_window_finds_every_past_key() {
+        let (s, dk) = (257usize, 2usize);
+        let mut seed = 3u64;
+        let k: Vec<f32> = (0..s * dk).map(|_| lcg(&mut seed)).collect();
+        let prm = Params {
+            chunk: 4,
+            window: 10_000,
+            n_curves: 1,
+            n_sink: 0,
+            causal: true,
+            bits: 16,
+            scale: 1.0,
+        };
+        let ix = KeyIndex::build(&k, dk, &prm).unwrap();
+        for p in 0..s {
+            let mut n = 0;
+            ix.for_each_candidate(&[0.0, 0.0], p, &k, |_, _| n += 1);
+            assert_eq!(n, p + 1);
+        }
+    }
+}
