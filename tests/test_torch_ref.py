@@ -21,7 +21,8 @@ def py_quantize(x: float, bits: int, shift: int, d: int, scale: float = 1.0) -> 
     u = 0.5 + 0.5 * y / (1.0 + abs(y))
     half = 1 << (bits - 1)
     g = min(math.floor(u * half), half - 1)
-    return g + (shift * half) // (d + 1)
+    m = d + 1 if (d + 1) % 2 == 1 else d + 2  # odd shift denominator, as in quantize.rs
+    return g + (shift * half) // m
 
 
 def py_morton(coords, bits: int) -> int:

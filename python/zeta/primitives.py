@@ -106,7 +106,8 @@ def zorder(x: Any, bits: Optional[int] = None, shift: int = 0, *, scale: float =
         x: float32/float64 (float16/bfloat16 are upcast), shape ``(..., d)``, d in 1..8, finite.
         bits: grid bits per coordinate; default ``32 // d`` (uint32 codes) for d <= 4,
             else ``64 // d``.
-        shift: curve index 0..d: shifts the grid by ``shift / (d + 1)`` of its range
+        shift: curve index 0..d: shifts the grid by ``shift / m`` of its range, m = d + 1 when
+            that is odd, else d + 2
             (Chan's shifted Z-curves; ``n_curves`` in :func:`zeta.knn` uses 0..n_curves-1).
         scale: the squash's scale (points with ``|x| >> scale`` crowd the grid's edges).
 

@@ -8,12 +8,15 @@
 //! u    = 0.5 + 0.5 * y / (1 + |y|)          softsign squash: monotone, (0, 1), no data stats
 //! half = 2^(bits-1)
 //! g    = min(floor(u * half), half - 1)     the data uses the lower half of the grid
-//! q    = g + (shift * half) / (d + 1)       integer division; shift = curve index 0..=d
+//! m    = d + 1 if d + 1 is odd, else d + 2
+//! q    = g + (shift * half) / m                integer division; shift = curve index 0..=d
 //! ```
 //!
-//! The data lives in half the grid so that each shifted copy (Chan 1998: shifts of j/(d+1) of
-//! the range give every pair of near points a curve on which they stay near) still fits
-//! `bits` bits; the same key gets the same code whatever `n_curves` is.
+//! The data lives in half the grid so that each shifted copy still fits `bits` bits; the same
+//! key gets the same code whatever `n_curves` is. The shifts are j/m of the range with m odd
+//! (Chan 1998 states the lemma for odd d+1): with m = 4 (d = 3) the shifts 1/4, 2/4, 3/4 are
+//! dyadic, so curves 2 and 3 had exactly the local structure of curves 0 and 1 and added no
+//! recall (measured: N=16k Gaussian 3-D, window 128: recall 0.856 with 2 curves, 0.862 with 4).
 use crate::error::{Result, ZetaError};
 use crate::morton::{check_bits, check_dims, encode_point, Code, MAX_DIMS};
 #[cfg(target_arch = "x86_64")]
@@ -21,6 +24,16 @@ use crate::morton::{checked, Checked};
 use crate::morton::{encode_rows, with_dims, PORTABLE};
 use crate::simd::Path;
 use rayon::prelude::*;
+
+/// The odd denominator m of the curve shifts j/m (d + 1, or d + 2 when d + 1 is even).
+pub fn shift_denominator(d: usize) -> u64 {
+    let m = d as u64 + 1;
+    if m % 2 == 1 {
+        m
+    } else {
+        m + 1
+    }
+}
 
 /// A float input type.
 pub trait Real: Copy + Send + Sync + 'static {
@@ -95,7 +108,7 @@ impl Grid {
             inv: exact_inverse(scale).unwrap_or(0.0),
             half: half_u as f64,
             half_minus_one: half_u - 1,
-            offset: (shift as u64 * half_u) / (d as u64 + 1),
+            offset: (shift as u64 * half_u) / shift_denominator(d),
         })
     }
 
@@ -507,7 +520,7 @@ mod tests {
                 let y = v / g.scale;
                 let u = 0.5 + 0.5 * y / (1.0 + y.abs());
                 let c = ((u * half_u as f64).floor() as u64).min(half_u - 1);
-                c + (g.shift as u64 * half_u) / (g.d as u64 + 1)
+                c + (g.shift as u64 * half_u) / shift_denominator(g.d)
             })
             .collect();
         encode_point_ref(&cells, g.bits)

@@ -141,7 +141,8 @@ def quantize(x: torch.Tensor, bits: int, shift: int = 0, scale: float = 1.0) -> 
     at_top = g_float >= float(half)
     g = torch.where(at_top, torch.zeros_like(g_float), g_float).to(torch.int64)
     g = torch.where(at_top, torch.full_like(g, _as_int64(half - 1)), g)
-    offset = (shift * half) // (d + 1)
+    m = d + 1 if (d + 1) % 2 == 1 else d + 2  # odd denominator of the curve shifts j/m
+    offset = (shift * half) // m
     return g + _as_int64(offset)  # wraps like uint64 only when bits == 64
 
 
