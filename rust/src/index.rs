@@ -104,15 +104,40 @@ pub struct RunView<'a, T> {
 impl<'a, T: Float> RunView<'a, T> {
     /// Calls `f(position, d2)` for the `window` entries on each side of `qcode`.
     #[inline]
-    pub fn window(&self, qcode: u32, q: &[T], window: usize, mut f: impl FnMut(u32, T)) {
-        let dk = q.len();
+    pub fn window(&self, qcode: u32, q: &[T], window: usize, f: impl FnMut(u32, T)) {
         let key = (qcode as u64) << 32;
         let s = self.entries.partition_point(|&e| e < key);
         let lo = s.saturating_sub(window);
         let hi = (s + window).min(self.entries.len());
-        for r in lo..hi {
-            let c = &self.coords[r * dk..(r + 1) * dk];
-            f(unpack_pos(self.entries[r]), sq_dist(q, c));
+        // d_k is tiny; a fixed-size loop lets the compiler unroll the distance.
+        match q.len() {
+            2 => self.scan::<2>(q, lo, hi, f),
+            3 => self.scan::<3>(q, lo, hi, f),
+            4 => self.scan::<4>(q, lo, hi, f),
+            _ => {
+                let dk = q.len();
+                let mut f = f;
+                for r in lo..hi {
+                    f(
+                        unpack_pos(self.entries[r]),
+                        sq_dist(q, &self.coords[r * dk..(r + 1) * dk]),
+                    );
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn scan<const D: usize>(&self, q: &[T], lo: usize, hi: usize, mut f: impl FnMut(u32, T)) {
+        let q: [T; D] = std::array::from_fn(|i| q[i]);
+        let coords = &self.coords[lo * D..hi * D];
+        for (e, c) in self.entries[lo..hi].iter().zip(coords.chunks_exact(D)) {
+            let mut s = T::zero();
+            for i in 0..D {
+                let d = q[i] - c[i];
+                s = s + d * d;
+            }
+            f(unpack_pos(*e), s);
         }
     }
 }
