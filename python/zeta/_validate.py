@@ -128,6 +128,10 @@ def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool, topk: int)
 
 def gamma_array(gamma: Any, h: int) -> np.ndarray:
     """gamma (float or (H,) array/tensor) -> float64 array (H,), checked > 0 and finite."""
+    if isinstance(gamma, (float, int)) and not isinstance(gamma, bool):
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"gamma: must be finite and > 0, got {gamma}")
+        return np.full(h, float(gamma))
     if hasattr(gamma, "detach"):
         gamma = gamma.detach().cpu().double().numpy()
     g = np.asarray(gamma, dtype=np.float64)

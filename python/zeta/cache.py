@@ -76,6 +76,7 @@ class KVCache:
     ):
         if _core_cache is not None:
             self._c = _core_cache
+            self._window = self._c.config()[4]["window"]  # 0: unset
             return
         for nm, val in (("num_kv_heads", num_kv_heads), ("key_dim", key_dim), ("value_dim", value_dim), ("batch", batch)):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
@@ -93,6 +94,7 @@ class KVCache:
         # runs do not depend on the window). 0 marks "unset" in the stored settings.
         p = p.__class__(**{**p.as_dict(), "window": 0 if window is None else p.window})
         self._c = _core.KVCacheCore(int(batch), int(num_kv_heads), int(key_dim), int(value_dim), p.as_dict(), dtype)
+        self._window = p.window
 
     # -- shape facts -------------------------------------------------------------------
     @property
@@ -167,8 +169,7 @@ class KVCache:
         qn = _f32(q, "q")
         g = gamma_array(gamma, qn.shape[1])
         if window is None:
-            w = self._c.config()[4]["window"]
-            window = w if w > 0 else default_window(int(topk))
+            window = self._window if self._window > 0 else default_window(int(topk))
         elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
             raise ValueError(f"window: must be an int >= 1, got {window!r}")
         out = self._c.attend(qn, int(topk), g, bool(mean_token), int(window))

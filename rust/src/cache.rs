@@ -15,7 +15,7 @@
 //! builds the full merge-sort tree over its keys for that call (O(T log T)).
 use crate::error::{try_vec, Result, ZetaError};
 use crate::index::{
-    gather_coords, merge_into, sorted_entries, sq_dist, KeyIndex, Params, RunView, TopK,
+    fence_of, gather_coords, merge_into, sorted_entries, sq_dist, KeyIndex, Params, RunView, TopK,
 };
 use crate::quantize::{first_non_finite, Grid};
 use half::{bf16, f16};
@@ -146,7 +146,8 @@ impl Values {
 #[derive(Clone, Debug)]
 struct Run {
     n_chunks: usize,
-    curves: Vec<(Vec<u64>, Vec<f32>)>,
+    /// Per curve: sorted entries, their coordinates, the entries' fence.
+    curves: Vec<(Vec<u64>, Vec<f32>, Vec<u32>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -251,8 +252,8 @@ impl KvCache {
             n += g.keys.capacity() * 4 + g.values.len() * g.values.elem_size();
             n += g.codes.iter().map(|c| c.capacity() * 4).sum::<usize>();
             for r in &g.runs {
-                for (e, c) in &r.curves {
-                    n += e.capacity() * 8 + c.capacity() * 4;
+                for (e, c, fe) in &r.curves {
+                    n += e.capacity() * 8 + c.capacity() * 4 + fe.capacity() * 4;
                 }
             }
             n += (g.ksum.len() + g.vsum.len()) * 8;
@@ -686,7 +687,8 @@ impl Group {
                     let e = sorted_entries(codes, c * chunk, (c + 1) * chunk);
                     let mut co = vec![0.0f32; e.len() * dk];
                     gather_coords(&e, &self.keys, dk, &mut co);
-                    (e, co)
+                    let fe = fence_of(&e);
+                    (e, co, fe)
                 })
                 .collect();
             self.runs.push(Run {
@@ -704,12 +706,13 @@ impl Group {
                     .curves
                     .iter()
                     .zip(&b.curves)
-                    .map(|((ea, _), (eb, _))| {
+                    .map(|((ea, _, _), (eb, _, _))| {
                         let mut e = vec![0u64; ea.len() + eb.len()];
                         merge_into(ea, eb, &mut e);
                         let mut co = vec![0.0f32; e.len() * dk];
                         gather_coords(&e, &self.keys, dk, &mut co);
-                        (e, co)
+                        let fe = fence_of(&e);
+                        (e, co, fe)
                     })
                     .collect();
                 self.runs.push(Run {
@@ -734,10 +737,11 @@ impl Group {
         for (ci, g) in grids.iter().enumerate() {
             let qc = g.code(q) as u32;
             for r in &self.runs {
-                let (e, c) = &r.curves[ci];
+                let (e, c, fe) = &r.curves[ci];
                 RunView {
                     entries: e,
                     coords: c,
+                    fence: fe,
                 }
                 .window(qc, q, prm.window, &mut f);
             }

@@ -99,6 +99,24 @@ pub fn sq_dist<T: Float>(a: &[T], b: &[T]) -> T {
 pub struct RunView<'a, T> {
     pub entries: &'a [u64],
     pub coords: &'a [T],
+    /// Codes of every `FENCE`-th entry (see [`fence_of`]), or empty.
+    pub fence: &'a [u32],
+}
+
+/// Stride of the fence arrays.
+pub const FENCE: usize = 64;
+
+/// The codes of entries 0, FENCE, 2*FENCE, ...: a small array searched first, so a lookup in a
+/// large run touches a few cache lines of the run instead of ~log2(n) scattered ones.
+///
+/// Perf note (KV cache, S = 64k, 8 heads, T_q = 1): the call cost ~100 us whatever the
+/// window, nearly all of it cache misses of the binary searches in the runs.
+pub fn fence_of(entries: &[u64]) -> Vec<u32> {
+    entries
+        .iter()
+        .step_by(FENCE)
+        .map(|&e| (e >> 32) as u32)
+        .collect()
 }
 
 impl<'a, T: Float> RunView<'a, T> {
@@ -106,7 +124,16 @@ impl<'a, T: Float> RunView<'a, T> {
     #[inline]
     pub fn window(&self, qcode: u32, q: &[T], window: usize, f: impl FnMut(u32, T)) {
         let key = (qcode as u64) << 32;
-        let s = self.entries.partition_point(|&e| e < key);
+        let s = if self.fence.is_empty() {
+            self.entries.partition_point(|&e| e < key)
+        } else {
+            // Entry j*FENCE has code fence[j]: the lower bound lies after the last fenced
+            // entry below the key and at or before the first fenced entry at/above it.
+            let j = self.fence.partition_point(|&c| c < qcode);
+            let lo = if j == 0 { 0 } else { (j - 1) * FENCE + 1 };
+            let hi = (j * FENCE).min(self.entries.len());
+            lo + self.entries[lo..hi].partition_point(|&e| e < key)
+        };
         let lo = s.saturating_sub(window);
         let hi = (s + window).min(self.entries.len());
         // d_k is tiny; a fixed-size loop lets the compiler unroll the distance.
@@ -175,6 +202,8 @@ pub fn merge_into(a: &[u64], b: &[u64], out: &mut [u64]) {
 pub struct CurveTree<T> {
     pub levels: Vec<Vec<u64>>,
     pub coords: Vec<Vec<T>>,
+    /// `fence_of(levels[l])`.
+    pub fences: Vec<Vec<u32>>,
 }
 
 /// The index of one (batch, kv-head) slice of keys.
@@ -211,9 +240,11 @@ impl<T: Float + Real> KeyIndex<T> {
                     };
                     let mut c = vec![T::zero(); e.len() * dk];
                     gather_coords(&e, k, dk, &mut c);
+                    let fences = vec![fence_of(&e)];
                     return CurveTree {
                         levels: vec![e],
                         coords: vec![c],
+                        fences,
                     };
                 }
                 let n_chunks = s / chunk;
@@ -251,7 +282,12 @@ impl<T: Float + Real> KeyIndex<T> {
                         coords.push(c);
                     }
                 }
-                CurveTree { levels, coords }
+                let fences = levels.iter().map(|l| fence_of(l)).collect();
+                CurveTree {
+                    levels,
+                    coords,
+                    fences,
+                }
             })
             .collect();
         Ok(KeyIndex {
@@ -275,6 +311,7 @@ impl<T: Float + Real> KeyIndex<T> {
                 RunView {
                     entries: &tree.levels[0],
                     coords: &tree.coords[0],
+                    fence: &tree.fences[0],
                 }
                 .window(qc, q, w, &mut f);
             }
@@ -293,9 +330,16 @@ impl<T: Float + Real> KeyIndex<T> {
                     if (c >> l) & 1 == 1 {
                         let a = start * chunk;
                         let b = (start + (1 << l)) * chunk;
+                        // The level's fence serves runs that start on a fence stride.
+                        let fence: &[u32] = if a % FENCE == 0 {
+                            &tree.fences[l][a / FENCE..b.div_ceil(FENCE)]
+                        } else {
+                            &[]
+                        };
                         let run = RunView {
                             entries: &tree.levels[l][a..b],
                             coords: &tree.coords[l][a * dk..b * dk],
+                            fence,
                         };
                         run.window(qc, q, w, &mut f);
                         start += 1 << l;
