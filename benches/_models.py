@@ -168,11 +168,27 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
 
 
 def set_threads(n: Optional[int]) -> int:
-    """Torch intra-op threads and ZETA_NUM_THREADS (when not set already); returns the count."""
+    """Torch intra-op threads and ZETA_NUM_THREADS (read when zeta's pool starts); returns n."""
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
-    os.environ.setdefault("ZETA_NUM_THREADS", str(n))
+    os.environ["ZETA_NUM_THREADS"] = str(n)
     return n
+
+
+def run_jobs(worker, jobs: List[tuple], n_procs: int) -> List:
+    """``[worker(*job) for job in jobs]``, in ``n_procs`` spawned processes when > 1.
+
+    Two single-threaded processes (one per attention) use 2 cores better than one process
+    with 2 threads; each worker rebuilds its (seeded, deterministic) data itself.
+    """
+    if n_procs <= 1 or len(jobs) <= 1:
+        return [worker(*job) for job in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=n_procs, mp_context=mp.get_context("spawn")) as ex:
+        futures = [ex.submit(worker, *job) for job in jobs]
+        return [f.result() for f in futures]
 
 
 # --------------------------------------------------------------------------- learned q/k

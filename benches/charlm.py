@@ -80,7 +80,21 @@ def zeta_kwargs_from(args) -> dict:
     return kw
 
 
-def train_one(attn: str, cfg: dict, args, data, vocab: int, device) -> Dict:
+def make_data():
+    text, corpus = load_corpus()
+    ids, chars = encode(text)
+    split = int(0.9 * len(ids))
+    return (ids[:split], ids[split:]), chars, corpus
+
+
+def worker(attn: str, cfg: dict, args, threads: int, position: int) -> Dict:
+    """One attention in its own process."""
+    M.set_threads(threads)
+    data, chars, _ = make_data()
+    return train_one(attn, cfg, args, data, len(chars), args.device, position)
+
+
+def train_one(attn: str, cfg: dict, args, data, vocab: int, device, position: int = 0) -> Dict:
     train, val = data
     M.seed_all(args.seed)
     zkw = zeta_kwargs_from(args)
@@ -91,7 +105,7 @@ def train_one(attn: str, cfg: dict, args, data, vocab: int, device) -> Dict:
     n, bs, steps = cfg["seq_len"], cfg["batch"], cfg["steps"]
     curve = []
     t0 = time.time()
-    bar = tqdm(range(steps), desc=f"charlm {attn:7s}", dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(range(steps), desc=f"charlm {attn:7s}", dynamic_ncols=True, mininterval=2.0, position=position)
     for step in bar:
         st = torch.randint(0, len(train) - n - 1, (bs,), generator=gen)
         x = torch.stack([train[i:i + n] for i in st]).to(device)
@@ -169,6 +183,8 @@ def main(argv=None) -> int:
     p.add_argument("--attn", choices=["both", "softmax", "zeta"], default="both")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch / ZETA threads (default: all cores)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes, one per attention (CPU; default: min(2, threads))")
     p.add_argument("--seed", type=int, default=0)
     for k in QUICK:
         p.add_argument("--" + k.replace("_", "-"), type=type(QUICK[k]), default=None,
@@ -191,19 +207,22 @@ def main(argv=None) -> int:
         v = getattr(args, k)
         if v is not None:
             cfg[k] = v
-    threads = M.set_threads(args.threads)
-    text, corpus = load_corpus()
-    ids, chars = encode(text)
-    split = int(0.9 * len(ids))
-    data = (ids[:split], ids[split:])
-    print(f"config: {cfg}  threads={threads}  device={args.device}")
-    print(f"corpus: {corpus}, vocab {len(chars)}")
     attns = ["softmax", "zeta"] if args.attn == "both" else [args.attn]
-    results = {}
+    threads = args.threads or os.cpu_count() or 1
+    procs = min(len(attns), threads, args.jobs or threads) if args.device == "cpu" else 1
+    per_job = max(1, threads // procs)
+    M.set_threads(per_job)
+    data, chars, corpus = make_data()
+    print(f"config: {cfg}  device={args.device}  {procs} process(es) x {per_job} thread(s)")
+    print(f"corpus: {corpus}, vocab {len(chars)}")
     t_all = time.time()
-    for a in attns:
-        results[a] = train_one(a, cfg, args, data, len(chars), args.device)
-        print(f"{a}: val bpc {results[a]['final_val_bpc']:.4f}  ({results[a]['train_seconds']:.0f}s)")
+    if procs > 1:
+        out = M.run_jobs(worker, [(a, cfg, args, per_job, i) for i, a in enumerate(attns)], procs)
+    else:
+        out = [train_one(a, cfg, args, data, len(chars), args.device) for a in attns]
+    results = dict(zip(attns, out))
+    for a, r in results.items():
+        print(f"{a}: val bpc {r['final_val_bpc']:.4f}  ({r['train_seconds']:.0f}s)")
     md = table(cfg, corpus, results)
     print()
     print(md)

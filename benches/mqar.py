@@ -102,7 +102,19 @@ def zeta_kwargs_from(args) -> dict:
     return kw
 
 
-def train_one(attn: str, cfg: dict, args, data, device) -> Dict:
+def make_data(cfg: dict, seed: int):
+    xtr, ytr = multiquery_ar(cfg["vocab"], cfg["n_train"], cfg["seq_len"], cfg["num_kv"], seed=seed)
+    xte, yte = multiquery_ar(cfg["vocab"], cfg["n_test"], cfg["seq_len"], cfg["num_kv"], seed=seed + 10_000)
+    return xtr, ytr, xte, yte
+
+
+def worker(attn: str, cfg: dict, args, threads: int, position: int) -> Dict:
+    """One attention in its own process: rebuild the seeded data, train, evaluate."""
+    M.set_threads(threads)
+    return train_one(attn, cfg, args, make_data(cfg, args.seed), args.device, position)
+
+
+def train_one(attn: str, cfg: dict, args, data, device, position: int = 0) -> Dict:
     xtr, ytr, xte, yte = data
     M.seed_all(args.seed)
     zkw = zeta_kwargs_from(args)
@@ -114,7 +126,7 @@ def train_one(attn: str, cfg: dict, args, data, device) -> Dict:
     perm = torch.randperm(len(xtr), generator=gen)
     curve = []
     t0 = time.time()
-    bar = tqdm(range(steps), desc=f"mqar {attn:7s}", dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(range(steps), desc=f"mqar {attn:7s}", dynamic_ncols=True, mininterval=2.0, position=position)
     pos = 0
     for step in bar:
         if pos + bs > len(perm):
@@ -212,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--attn", choices=["both", "softmax", "zeta"], default="both")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch / ZETA threads (default: all cores)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes, one per attention (CPU; default: min(2, threads))")
     p.add_argument("--seed", type=int, default=0)
     for k in QUICK:
         p.add_argument("--" + k.replace("_", "-"), type=type(QUICK[k]), default=None,
@@ -234,18 +248,23 @@ def main(argv=None) -> int:
         v = getattr(args, k)
         if v is not None:
             cfg[k] = v
-    threads = M.set_threads(args.threads)
-    print(f"config: {cfg}  threads={threads}  device={args.device}")
-    t = time.time()
-    xtr, ytr = multiquery_ar(cfg["vocab"], cfg["n_train"], cfg["seq_len"], cfg["num_kv"], seed=args.seed)
-    xte, yte = multiquery_ar(cfg["vocab"], cfg["n_test"], cfg["seq_len"], cfg["num_kv"], seed=args.seed + 10_000)
-    print(f"data: {len(xtr)} train / {len(xte)} test examples in {time.time() - t:.1f}s")
     attns = ["softmax", "zeta"] if args.attn == "both" else [args.attn]
-    results = {}
+    threads = args.threads or os.cpu_count() or 1
+    procs = min(len(attns), threads, args.jobs or threads) if args.device == "cpu" else 1
+    per_job = max(1, threads // procs)
+    M.set_threads(per_job)
+    print(f"config: {cfg}  device={args.device}  {procs} process(es) x {per_job} thread(s)")
     t_all = time.time()
-    for a in attns:
-        results[a] = train_one(a, cfg, args, (xtr, ytr, xte, yte), args.device)
-        print(f"{a}: test acc {100 * results[a]['final_test_acc']:.2f}%  ({results[a]['train_seconds']:.0f}s)")
+    if procs > 1:
+        out = M.run_jobs(worker, [(a, cfg, args, per_job, i) for i, a in enumerate(attns)], procs)
+    else:
+        t = time.time()
+        data = make_data(cfg, args.seed)
+        print(f"data: {len(data[0])} train / {len(data[2])} test examples in {time.time() - t:.1f}s")
+        out = [train_one(a, cfg, args, data, args.device) for a in attns]
+    results = dict(zip(attns, out))
+    for a, r in results.items():
+        print(f"{a}: test acc {100 * r['final_test_acc']:.2f}%  ({r['train_seconds']:.0f}s)")
     md = table(cfg, results)
     print()
     print(md)
@@ -254,7 +273,8 @@ def main(argv=None) -> int:
     stem = args.out or f"mqar-{M.device_tag(args.device)}-{M.today()}"
     payload = {"benchmark": "mqar", "config": cfg, "mode": "full" if args.full else "quick",
                "seed": args.seed, "device": args.device, "machine": M.device_tag(args.device),
-               "env": M.env_info(), "total_seconds": time.time() - t_all,
+               "env": {**M.env_info(), "processes": procs, "threads_per_process": per_job},
+               "total_seconds": time.time() - t_all,
                "argv": sys.argv[1:], "results": results}
     path = M.write_results(stem, payload, md)
     plot(path.with_suffix(".png"), results, md.splitlines()[0])
