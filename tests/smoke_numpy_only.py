@@ -42,4 +42,4 @@ cache = zeta.KVCache(1, 3, 8)
 cache.extend(k, v)
 np.testing.assert_allclose(cache.attend(q[:, :, -1:], topk=8, window=10_000), out[:, :, -1:], atol=1e-6)
 assert "torch" not in sys.modules, "zeta imported torch"
-print("numpy-only smoke test: 1 passed, 0 failed")
+print("smoke: 1 passed, 0 failed")  # numpy-only wheel check
