@@ -21,7 +21,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+
+from zeta.benchmarks import cpu_model, machine_tag  # one machine tag for every result file
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -276,29 +277,6 @@ def bench_zcurve(coords: np.ndarray, quick: bool) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # machine tag, report, plot
 # --------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        try:
-            return subprocess.run(
-                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
-            ).stdout.strip()
-        except OSError:
-            pass
-    return platform.processor() or "unknown-cpu"
-
-
-def machine_tag() -> str:
-    model = re.sub(r"[^A-Za-z0-9]+", "-", cpu_model()).strip("-").lower() or "cpu"
-    return f"{platform.machine().lower()}-{model}-{os.cpu_count()}c"
 
 
 def fmt_ratio(a: float, b: float) -> str:

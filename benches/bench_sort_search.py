@@ -28,7 +28,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
+
+from zeta.benchmarks import cpu_model, loadavg, machine_tag  # one machine tag for every result file
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -216,36 +217,6 @@ def run_worker(threads: int, quick: bool) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------
 # machine tag, report, plot
 # --------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    if sys.platform == "darwin":
-        try:
-            return subprocess.run(
-                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
-            ).stdout.strip()
-        except OSError:
-            pass
-    return platform.processor() or "unknown-cpu"
-
-
-def machine_tag() -> str:
-    model = re.sub(r"[^A-Za-z0-9]+", "-", cpu_model()).strip("-").lower() or "cpu"
-    return f"{platform.machine().lower()}-{model}-{os.cpu_count()}c"
-
-
-def loadavg() -> Optional[List[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
 
 
 def make_plot(report: Dict[str, Any], png: Path) -> None:
