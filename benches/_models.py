@@ -98,7 +98,8 @@ class Block(nn.Module):
 
 
 class TinyLM(nn.Module):
-    """Token + learned absolute position embeddings, ``n_layers`` blocks, final norm, head.
+    """Token + learned absolute position embeddings, ``n_layers`` blocks, final norm, head
+    (tied to the token embedding by default).
 
     forward(idx (B, N) int64, select=None) -> logits (B, N, vocab), or, with a boolean mask
     ``select`` (B, N), logits of the selected positions only (M, vocab): MQAR computes the
@@ -107,7 +108,7 @@ class TinyLM(nn.Module):
 
     def __init__(self, vocab: int, max_len: int, attn: str = "softmax", d_model: int = 128,
                  n_layers: int = 2, n_heads: int = 2, mlp_ratio: int = 4, conv_kernel: int = 0,
-                 zeta_kwargs: Optional[dict] = None):
+                 zeta_kwargs: Optional[dict] = None, tie_embeddings: bool = True):
         super().__init__()
         self.attn_kind = attn
         self.tok = nn.Embedding(vocab, d_model)
@@ -118,6 +119,8 @@ class TinyLM(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
         self.apply(_init)
+        if tie_embeddings:  # as in Zoology: copying a token is then easy to express
+            self.head.weight = self.tok.weight
 
     def forward(self, idx: Tensor, select: Optional[Tensor] = None) -> Tensor:
         n = idx.shape[1]
@@ -246,7 +249,8 @@ def learned_key_recall(model: nn.Module, batch_fn, zeta_kwargs: dict, topk: int)
         q, k = q.float().cpu(), k.float().cpu()
         row = {"layer": layer, "q_abs_max": float(q.abs().max()), "k_abs_max": float(k.abs().max())}
         variants = {"configured": idx_kw,
-                    "n_curves=4": {**idx_kw, "n_curves": q.shape[-1] + 1},
+                    "n_curves=1": {**idx_kw, "n_curves": 1},
+                    "n_curves=d+1": {**idx_kw, "n_curves": q.shape[-1] + 1},
                     "window=2*topk": {**idx_kw, "window": 2 * topk}}
         for name, kw in variants.items():
             ind, _ = zeta.knn(q, k, topk, causal=True, **kw)

@@ -1,14 +1,17 @@
 """Character-level language model: bits per character of softmax attention vs ZETA attention.
 
-    python benches/charlm.py --quick             # 2 CPU cores, ~10 min for both attentions
+    python benches/charlm.py --quick             # 2 CPU cores: ~10 min wall, both attentions
     python benches/charlm.py --full --device cuda
 
 Corpus: the Python documentation that ships with CPython itself, ``pydoc_data.topics``
 (the language reference / library topics that ``help()`` shows; ~465k characters of English
 prose and code samples in Python 3.11). The topics are joined in sorted key order, so the
 corpus is reproducible for a given Python version; its length and SHA-256 go into the JSON.
-The last 10% is held out. Same model, seed, batches and steps for both attentions; only the
-token mixer differs. Writes benches/results/charlm-<machine>-<date>.{json,md,png}.
+The last 10% is held out; validation bits/char are averaged over every position of
+``eval_windows`` disjoint windows. The model is ``_models.TinyLM`` (as in ``mqar.py``); same
+seed, batches and steps for both attentions; only the token mixer differs. On CPU the two
+attentions train in two single-threaded processes at once (``--jobs``). Writes
+benches/results/charlm-<machine>-<date>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import math
 import os
 import sys
+import textwrap
 import time
 from typing import Dict, Tuple
 
@@ -28,10 +32,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-QUICK = dict(seq_len=1024, d_model=64, n_layers=2, n_heads=2, batch=8, steps=500, lr=3e-3,
-             warmup=50, weight_decay=0.1, eval_every=100, eval_windows=32)
-FULL = dict(seq_len=2048, d_model=256, n_layers=4, n_heads=4, batch=32, steps=10_000, lr=1e-3,
-            warmup=500, weight_decay=0.1, eval_every=500, eval_windows=128)
+QUICK = dict(seq_len=1024, n_curves=2, d_model=64, n_layers=2, n_heads=2, conv=3, batch=8,
+             steps=1200, lr=3e-3, warmup=50, weight_decay=0.1, eval_every=200, eval_windows=32)
+FULL = dict(seq_len=2048, n_curves=2, d_model=256, n_layers=4, n_heads=4, conv=3, batch=32,
+            steps=10_000, lr=1e-3, warmup=500, weight_decay=0.1, eval_every=500, eval_windows=128)
 
 
 def load_corpus() -> Tuple[str, dict]:
@@ -72,9 +76,9 @@ def evaluate(model, val: torch.Tensor, cfg: dict, device, batch: int = 8) -> flo
     return nll / tokens / math.log(2)
 
 
-def zeta_kwargs_from(args) -> dict:
+def zeta_kwargs_from(args, cfg: dict) -> dict:
     kw = dict(key_dim=args.key_dim, topk=args.topk, gamma_init=args.gamma_init, n_sink=args.n_sink,
-              mean_token=args.mean_token, n_curves=args.n_curves, chunk=args.chunk)
+              mean_token=args.mean_token, n_curves=cfg["n_curves"], chunk=args.chunk)
     if args.window:
         kw["window"] = args.window
     return kw
@@ -97,9 +101,9 @@ def worker(attn: str, cfg: dict, args, threads: int, position: int) -> Dict:
 def train_one(attn: str, cfg: dict, args, data, vocab: int, device, position: int = 0) -> Dict:
     train, val = data
     M.seed_all(args.seed)
-    zkw = zeta_kwargs_from(args)
+    zkw = zeta_kwargs_from(args, cfg)
     model = M.TinyLM(vocab, cfg["seq_len"], attn, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
-                     conv_kernel=args.conv, zeta_kwargs=zkw if attn == "zeta" else None).to(device)
+                     conv_kernel=cfg["conv"], zeta_kwargs=zkw if attn == "zeta" else None).to(device)
     opt = M.make_optimizer(model, cfg["lr"], cfg["weight_decay"])
     gen = torch.Generator().manual_seed(args.seed)
     n, bs, steps = cfg["seq_len"], cfg["batch"], cfg["steps"]
@@ -137,7 +141,8 @@ def train_one(attn: str, cfg: dict, args, data, vocab: int, device, position: in
 def table(cfg: dict, corpus: dict, results: Dict[str, Dict]) -> str:
     lines = [f"char-LM on pydoc_data.topics (Python {corpus['python']}, {corpus['chars']:,} chars, "
              f"last 10% held out), seq len {cfg['seq_len']}, d_model {cfg['d_model']}, "
-             f"{cfg['n_layers']} layers, {cfg['n_heads']} heads, {cfg['steps']} steps x batch {cfg['batch']}",
+             f"{cfg['n_layers']} layers, {cfg['n_heads']} heads, short conv {cfg['conv']}, "
+             f"{cfg['steps']} steps x batch {cfg['batch']}",
              "",
              "| attention | params | val bits/char | vs softmax | train time (s) |",
              "|---|---:|---:|---:|---:|"]
@@ -149,9 +154,12 @@ def table(cfg: dict, corpus: dict, results: Dict[str, Dict]) -> str:
         lines.append(f"| {label} | {r['params']:,} | {r['final_val_bpc']:.4f} | {rel} | {r['train_seconds']:.0f} |")
     z = results.get("zeta")
     if z and "learned_key_recall" in z:
-        rec = ", ".join(f"layer {r['layer']} {100 * r['recall_configured']:.1f}%" for r in z["learned_key_recall"])
+        rec = ", ".join(f"layer {r['layer']} {100 * r['recall_configured']:.1f}% "
+                        f"(1 curve {100 * r['recall_n_curves=1']:.1f}%, {z['zeta_kwargs']['key_dim'] + 1} curves "
+                        f"{100 * r['recall_n_curves=d+1']:.1f}%)" for r in z["learned_key_recall"])
         lines.append("")
-        lines.append(f"ZETA index recall@top-{z['zeta_kwargs']['topk']} vs exact kNN on learned keys: {rec}")
+        lines.append(f"ZETA index recall@top-{z['zeta_kwargs']['topk']} vs exact kNN on the learned validation "
+                     f"keys/queries, as trained ({z['zeta_kwargs']['n_curves']} curves): {rec}")
     return "\n".join(lines)
 
 
@@ -161,13 +169,13 @@ def plot(path, results: Dict[str, Dict], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, r in results.items():
         ax.plot([c["step"] for c in r["curve"]], [c["val_bpc"] for c in r["curve"]], marker="o", ms=3,
                 label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation bits per character")
-    ax.set_title(title, fontsize=8, wrap=True)
+    ax.set_title(textwrap.fill(title, 90), fontsize=7)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -194,10 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--gamma-init", type=float, default=1.0)
     p.add_argument("--n-sink", type=int, default=0)
     p.add_argument("--mean-token", action="store_true")
-    p.add_argument("--n-curves", type=int, default=1)
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--window", type=int, default=0, help="index window (0: zeta's default, = topk)")
-    p.add_argument("--conv", type=int, default=0, help="short causal conv kernel in every block (0: none)")
     p.add_argument("--out", default=None, help="result file stem (default charlm-<machine>-<date>)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
