@@ -1,6 +1,6 @@
 """MQAR (multi-query associative recall, Zoology) with softmax attention vs ZETA attention.
 
-    python benches/mqar.py --quick             # 2 CPU cores: ~10 min wall, both attentions
+    python benches/mqar.py --quick             # 2 CPU cores: ~15 min wall, both attentions
     python benches/mqar.py --full --device cuda
 
 The data follow Zoology's ``multiquery_ar`` (Arora et al. 2023): keys from the lower half of
@@ -45,8 +45,8 @@ from tqdm import tqdm  # noqa: E402
 # pairs (where the lookup is learnt fast) with the target length; every batch comes from
 # one entry (no padding). The test set is the target (seq_len, num_kv).
 QUICK = dict(vocab=512, seq_len=256, num_kv=16, train_mix="64:4:0.4,128:8:0.2,256:16:0.4",
-             n_curves=2, d_model=64, n_layers=2, n_heads=2, conv=3, batch=32, steps=2000,
-             lr=3e-3, warmup=50, weight_decay=0.1, n_train=64_000, n_test=1_000, eval_every=100)
+             n_curves=2, d_model=64, n_layers=2, n_heads=2, conv=3, batch=32, steps=3000,
+             lr=3e-3, warmup=50, weight_decay=0.1, n_train=64_000, n_test=1_000, eval_every=150)
 FULL = dict(vocab=8192, seq_len=512, num_kv=64,
             train_mix="64:4:0.3,128:8:0.1,256:16:0.1,256:32:0.1,256:64:0.1,512:64:0.3",
             n_curves=2, d_model=256, n_layers=2, n_heads=4, conv=3, batch=64, steps=20_000,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-import socket
+import sys
 
 import pytest
 
@@ -197,20 +197,21 @@ def test_bad_forward_input():
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_worker(rank: int, world: int, store: str, q) -> None:
+    """One DDP replica. Reports (rank, same, moved, maxdiff) or (rank, error) on ``q``.
 
-
-def _ddp_worker(rank: int, world: int, port: int, q) -> None:
+    Teardown is made deterministic: a FileStore (no TCPStore server thread in rank 0), a
+    barrier so that no rank tears down gloo while the other still talks to it, and
+    ``os._exit`` so that no C++ static destructor races with torch's worker threads at
+    interpreter exit (an intermittent SIGABRT seen on loaded machines, not a zeta error).
+    """
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    code = 1
     try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world)
         torch.manual_seed(0)  # same init on every rank (DDP also broadcasts rank 0's)
         model = TinyLM(layers=1, topk=6, chunk=4, n_sink=1)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -226,21 +227,28 @@ def _ddp_worker(rank: int, world: int, port: int, q) -> None:
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         moved = any(not torch.equal(a, p) for a, p in zip(init, model.parameters()))
-        if rank == 0:
-            same = all(torch.equal(gathered[0], g) for g in gathered[1:])
-            q.put((same, moved, float((gathered[0] - gathered[1]).abs().max())))
-    finally:
+        same = all(torch.equal(gathered[0], g) for g in gathered[1:])
+        maxdiff = float((gathered[0] - gathered[1]).abs().max())
+        dist.barrier()
         dist.destroy_process_group()
+        q.put((rank, same, moved, maxdiff))
+        code = 0
+    except BaseException as e:  # report instead of dying silently
+        q.put((rank, f"{type(e).__name__}: {e}"))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_replicas_identical():
+def test_ddp_two_processes_replicas_identical(tmp_path):
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, q)) for r in range(2)]
+    store = str(tmp_path / "ddp_store")
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, store, q)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -248,8 +256,12 @@ def test_ddp_two_processes_replicas_identical():
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
-    assert not alive, "DDP workers hung"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    same, moved, maxdiff = q.get()
-    assert moved, "training did not change the parameters"
-    assert same, f"replicas differ after training (max abs diff {maxdiff})"
+    reports = []
+    while not q.empty():
+        reports.append(q.get())
+    assert not alive, f"DDP workers hung; reports: {reports}"
+    assert all(p.exitcode == 0 for p in procs), ([p.exitcode for p in procs], reports)
+    assert len(reports) == 2 and all(len(r) == 4 for r in reports), reports
+    for rank, same, moved, maxdiff in reports:
+        assert moved, f"rank {rank}: training did not change the parameters"
+        assert same, f"rank {rank}: replicas differ after training (max abs diff {maxdiff})"
