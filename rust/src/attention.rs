@@ -14,7 +14,7 @@
 //! (CSR of which query slots picked each key), so dK/dV are gathers, race-free and
 //! bit-reproducible whatever the thread count.
 use crate::error::{try_vec, Result, ZetaError};
-use crate::index::{select_topk, sq_dist, KeyIndex, Params, TopK};
+use crate::index::{prefetch, select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -317,6 +317,10 @@ pub fn forward<T: Float + Real>(
                         // SAFETY: `order` is a permutation: each row is written by one task.
                         let (o, io) = unsafe { (orows.row(qi), irows.row(qi)) };
                         let mut z = T::zero();
+                        // The rows are scattered: ask for all of them before the first use.
+                        for &(_, pos) in cands.iter() {
+                            prefetch(&vv[pos as usize * dv..(pos as usize + 1) * dv]);
+                        }
                         for (slot, &(d2, pos)) in cands.iter().enumerate() {
                             io[slot] = pos as i64;
                             let s = T::one() / (d2 + g2);

@@ -15,7 +15,8 @@
 //! builds the full merge-sort tree over its keys for that call (O(T log T)).
 use crate::error::{try_vec, Result, ZetaError};
 use crate::index::{
-    fence_of, gather_coords, merge_into, sorted_entries, sq_dist, KeyIndex, Params, RunView, TopK,
+    fence_of, gather_coords, merge_into, prefetch, sorted_entries, sq_dist, KeyIndex, Params,
+    Probe, ProbeList, RunView, TopK,
 };
 use crate::quantize::{first_non_finite, Grid};
 use half::{bf16, f16};
@@ -112,6 +113,15 @@ impl Values {
                     *a += s * x.to_f32();
                 }
             }
+        }
+    }
+    /// Hints the CPU to load row `pos` (see [`prefetch`]).
+    #[inline]
+    fn prefetch_row(&self, pos: usize, dv: usize) {
+        match self {
+            Values::F32(v) => prefetch(&v[pos * dv..(pos + 1) * dv]),
+            Values::F16(v) => prefetch(&v[pos * dv..(pos + 1) * dv]),
+            Values::BF16(v) => prefetch(&v[pos * dv..(pos + 1) * dv]),
         }
     }
     fn get_f64(&self, i: usize) -> f64 {
@@ -456,6 +466,10 @@ impl KvCache {
                         tk.drain_sorted(cands);
                         let g2 = (gamma[hq] * gamma[hq]) as f32;
                         let mut z = 0.0f32;
+                        // The rows are scattered: ask for all of them before the first use.
+                        for &(_, pos) in cands.iter() {
+                            g.values.prefetch_row(pos as usize, dv);
+                        }
                         for &(d2, pos) in cands.iter() {
                             let sc = 1.0 / (d2 + g2);
                             z += sc;
@@ -734,18 +748,20 @@ impl Group {
         mut f: impl FnMut(u32, f32),
     ) {
         let dk = q.len();
+        let mut probes = ProbeList::new();
         for (ci, g) in grids.iter().enumerate() {
-            let qc = g.code(q) as u32;
+            let qcode = g.code(q) as u32;
             for r in &self.runs {
                 let (e, c, fe) = &r.curves[ci];
-                RunView {
+                let run = RunView {
                     entries: e,
                     coords: c,
                     fence: fe,
-                }
-                .window(qc, q, prm.window, &mut f);
+                };
+                probes.push(Probe { run, qcode }, q, prm.window, &mut f);
             }
         }
+        probes.flush(q, prm.window, &mut f);
         for j in self.indexed_chunks * prm.chunk..=p {
             f(j as u32, sq_dist(q, &self.keys[j * dk..(j + 1) * dk]));
         }

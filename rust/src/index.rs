@@ -119,23 +119,102 @@ pub fn fence_of(entries: &[u64]) -> Vec<u32> {
         .collect()
 }
 
-impl<'a, T: Float> RunView<'a, T> {
-    /// Calls `f(position, d2)` for the `window` entries on each side of `qcode`.
-    #[inline]
-    pub fn window(&self, qcode: u32, q: &[T], window: usize, f: impl FnMut(u32, T)) {
-        let key = (qcode as u64) << 32;
-        let s = if self.fence.is_empty() {
-            self.entries.partition_point(|&e| e < key)
+/// Hints the CPU to load the cache lines of `s` (no effect on other architectures).
+#[inline(always)]
+pub fn prefetch<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let bytes = std::mem::size_of_val(s);
+        let p = s.as_ptr() as *const i8;
+        let mut off = 0;
+        while off < bytes {
+            // SAFETY: a prefetch is only a hint: it never faults and reads nothing into the
+            // program, and `p + off` stays inside `s` (off < size of s in bytes).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(p.add(off), std::arch::x86_64::_MM_HINT_T0);
+            }
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = s;
+}
+
+/// Branchless lower bound: the number of items of `a` that are `< key` (`a` sorted).
+#[inline(always)]
+fn lower_bound<K: Copy + PartialOrd>(a: &[K], key: K) -> usize {
+    if a.is_empty() {
+        return 0;
+    }
+    let (mut base, mut size) = (0usize, a.len());
+    while size > 1 {
+        let half = size / 2;
+        base = if a[base + half] < key {
+            base + half
         } else {
-            // Entry j*FENCE has code fence[j]: the lower bound lies after the last fenced
-            // entry below the key and at or before the first fenced entry at/above it.
-            let j = self.fence.partition_point(|&c| c < qcode);
-            let lo = if j == 0 { 0 } else { (j - 1) * FENCE + 1 };
-            let hi = (j * FENCE).min(self.entries.len());
-            lo + self.entries[lo..hi].partition_point(|&e| e < key)
+            base
         };
-        let lo = s.saturating_sub(window);
-        let hi = (s + window).min(self.entries.len());
+        size -= half;
+    }
+    base + usize::from(a[base] < key)
+}
+
+/// One run to search for one query: the run and the query's code on the run's curve.
+#[derive(Clone, Copy)]
+pub struct Probe<'a, T> {
+    pub run: RunView<'a, T>,
+    pub qcode: u32,
+}
+
+/// Most probes handled in lock step (a query has at most `n_curves * (log2(S/chunk) + 1)`).
+pub const PROBE_LANES: usize = 64;
+
+/// Calls `f(position, d2)` for the `window` entries on each side of each probe's code.
+///
+/// The probes' searches are independent, so they run in phases over all probes instead of
+/// one run after the other: every fence search, then every in-block search, then a prefetch
+/// of every window, then the distance scans. The cache misses of different runs then
+/// overlap instead of queueing (perf: nearly all the time of a query is memory latency).
+pub fn scan_probes<T: Float>(
+    probes: &[Probe<'_, T>],
+    q: &[T],
+    window: usize,
+    f: &mut impl FnMut(u32, T),
+) {
+    for batch in probes.chunks(PROBE_LANES) {
+        let mut lo = [0usize; PROBE_LANES];
+        let mut hi = [0usize; PROBE_LANES];
+        for (i, pr) in batch.iter().enumerate() {
+            let n = pr.run.entries.len();
+            if pr.run.fence.is_empty() {
+                hi[i] = n;
+            } else {
+                // Entry j*FENCE has code fence[j]: the lower bound lies after the last
+                // fenced entry below the key and at or before the first one at/above it.
+                let j = lower_bound(pr.run.fence, pr.qcode);
+                lo[i] = if j == 0 { 0 } else { (j - 1) * FENCE + 1 };
+                hi[i] = (j * FENCE).min(n);
+            }
+        }
+        for (i, pr) in batch.iter().enumerate() {
+            let e = pr.run.entries;
+            let s = lo[i] + lower_bound(&e[lo[i]..hi[i]], (pr.qcode as u64) << 32);
+            lo[i] = s.saturating_sub(window);
+            hi[i] = (s + window).min(e.len());
+            let dk = q.len();
+            prefetch(&e[lo[i]..hi[i]]);
+            prefetch(&pr.run.coords[lo[i] * dk..hi[i] * dk]);
+        }
+        for (i, pr) in batch.iter().enumerate() {
+            pr.run.scan_range(q, lo[i], hi[i], &mut *f);
+        }
+    }
+}
+
+impl<'a, T: Float> RunView<'a, T> {
+    /// Calls `f(position, d2)` for entries `lo..hi`.
+    #[inline]
+    fn scan_range(&self, q: &[T], lo: usize, hi: usize, f: impl FnMut(u32, T)) {
         // d_k is tiny; a fixed-size loop lets the compiler unroll the distance.
         match q.len() {
             2 => self.scan::<2>(q, lo, hi, f),
@@ -306,15 +385,24 @@ impl<T: Float + Real> KeyIndex<T> {
         let prm = &self.params;
         let w = prm.window;
         if !prm.causal {
+            let mut probes = ProbeList::new();
             for (g, tree) in self.grids.iter().zip(&self.curves) {
-                let qc = g.code(q) as u32;
-                RunView {
+                let run = RunView {
                     entries: &tree.levels[0],
                     coords: &tree.coords[0],
                     fence: &tree.fences[0],
-                }
-                .window(qc, q, w, &mut f);
+                };
+                probes.push(
+                    Probe {
+                        run,
+                        qcode: g.code(q) as u32,
+                    },
+                    q,
+                    w,
+                    &mut f,
+                );
             }
+            probes.flush(q, w, &mut f);
             for j in 0..prm.n_sink.min(self.s) {
                 f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
             }
@@ -323,6 +411,7 @@ impl<T: Float + Real> KeyIndex<T> {
         let chunk = prm.chunk;
         let c = p / chunk;
         if c > 0 {
+            let mut probes = ProbeList::new();
             for (g, tree) in self.grids.iter().zip(&self.curves) {
                 let qc = g.code(q) as u32;
                 let mut start = 0usize;
@@ -341,11 +430,12 @@ impl<T: Float + Real> KeyIndex<T> {
                             coords: &tree.coords[l][a * dk..b * dk],
                             fence,
                         };
-                        run.window(qc, q, w, &mut f);
+                        probes.push(Probe { run, qcode: qc }, q, w, &mut f);
                         start += 1 << l;
                     }
                 }
             }
+            probes.flush(q, w, &mut f);
         }
         for j in c * chunk..=p {
             f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
@@ -356,21 +446,48 @@ impl<T: Float + Real> KeyIndex<T> {
     }
 }
 
-/// (d2, position) ordered lexicographically; d2 is never NaN (inputs are checked finite).
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Item<T>(T, u32);
-impl<T: Float> Eq for Item<T> {}
-impl<T: Float> PartialOrd for Item<T> {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
+/// A fixed-capacity list of probes that scans itself when full (no allocation per query).
+pub struct ProbeList<'a, T> {
+    items: [Probe<'a, T>; PROBE_LANES],
+    n: usize,
+}
+
+impl<'a, T: Float> ProbeList<'a, T> {
+    pub fn new() -> Self {
+        let empty = Probe {
+            run: RunView {
+                entries: &[],
+                coords: &[],
+                fence: &[],
+            },
+            qcode: 0,
+        };
+        ProbeList {
+            items: [empty; PROBE_LANES],
+            n: 0,
+        }
+    }
+
+    /// Adds a probe; a full list is scanned first.
+    #[inline]
+    pub fn push(&mut self, p: Probe<'a, T>, q: &[T], window: usize, f: &mut impl FnMut(u32, T)) {
+        if self.n == PROBE_LANES {
+            self.flush(q, window, f);
+        }
+        self.items[self.n] = p;
+        self.n += 1;
+    }
+
+    /// Scans every probe held and empties the list.
+    pub fn flush(&mut self, q: &[T], window: usize, f: &mut impl FnMut(u32, T)) {
+        scan_probes(&self.items[..self.n], q, window, f);
+        self.n = 0;
     }
 }
-impl<T: Float> Ord for Item<T> {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.0
-            .partial_cmp(&o.0)
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then(self.1.cmp(&o.1))
+
+impl<T: Float> Default for ProbeList<'_, T> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -382,36 +499,38 @@ impl<T: Float> Ord for Item<T> {
 /// pop + push). Now a candidate is compared once against the k-th best known so far; the
 /// accepted ones are appended, and when the buffer holds `4k` of them it is cut back to the
 /// best k (a select; or sort + dedup when positions can repeat), which tightens the threshold.
-pub struct TopK<T> {
+/// Items are kept as one integer key (see [`Real::key`]): a float compare plus a tie-break
+/// on the position was a quarter of the forward time in the selects and sorts.
+pub struct TopK<T: Real> {
     k: usize,
     dedupe: bool,
-    buf: Vec<(T, u32)>,
-    /// Items >= this are rejected: k better distinct items are known.
-    thresh: Option<Item<T>>,
+    buf: Vec<T::Key>,
+    /// Keys >= this are rejected: k better distinct items are known.
+    thresh: T::Key,
 }
 
-impl<T: Float> TopK<T> {
+impl<T: Float + Real> TopK<T> {
     /// `dedupe`: a position may be offered more than once (several curves, sinks).
     pub fn new(k: usize, dedupe: bool) -> Self {
         TopK {
             k,
             dedupe,
             buf: Vec::with_capacity(4 * k.max(16)),
-            thresh: None,
+            thresh: T::KEY_MAX,
         }
     }
     pub fn clear(&mut self) {
         self.buf.clear();
-        self.thresh = None;
+        self.thresh = T::KEY_MAX;
     }
+    /// Offers a candidate; `d2` must be >= 0 (a squared distance).
     #[inline(always)]
     pub fn push(&mut self, pos: u32, d2: T) {
-        if let Some(t) = self.thresh {
-            if Item(d2, pos) >= t {
-                return;
-            }
+        let key = d2.key(pos);
+        if key >= self.thresh {
+            return;
         }
-        self.buf.push((d2, pos));
+        self.buf.push(key);
         if self.buf.len() >= 4 * self.k.max(16) {
             self.compact();
         }
@@ -420,28 +539,33 @@ impl<T: Float> TopK<T> {
     fn compact(&mut self) {
         let k = self.k;
         if self.dedupe {
-            self.buf.sort_unstable_by_key(|a| Item(a.0, a.1));
-            self.buf.dedup_by_key(|a| a.1);
+            // A repeated position has the same d2, so the same key: duplicates are equal.
+            self.buf.sort_unstable();
+            self.buf.dedup();
         } else if self.buf.len() > k {
-            self.buf
-                .select_nth_unstable_by_key(k - 1, |a| Item(a.0, a.1));
+            self.buf.select_nth_unstable(k - 1);
         }
         self.buf.truncate(k);
         if self.buf.len() == k {
-            let worst = self.buf.iter().map(|a| Item(a.0, a.1)).max();
-            self.thresh = worst;
+            self.thresh = *self.buf.iter().max().expect("k >= 1");
         }
     }
     /// The kept candidates, ascending by (d2, position), into `out` (cleared first).
     pub fn drain_sorted(&mut self, out: &mut Vec<(T, u32)>) {
-        self.buf.sort_unstable_by_key(|a| Item(a.0, a.1));
+        if !self.dedupe && self.buf.len() > self.k {
+            // Only the best k are kept: select them, then sort just those.
+            self.buf.select_nth_unstable(self.k - 1);
+            self.buf.truncate(self.k);
+        }
+        self.buf.sort_unstable();
         if self.dedupe {
-            self.buf.dedup_by_key(|a| a.1);
+            self.buf.dedup();
         }
         self.buf.truncate(self.k);
         out.clear();
-        out.append(&mut self.buf);
-        self.thresh = None;
+        out.extend(self.buf.iter().map(|&key| T::from_key(key)));
+        self.buf.clear();
+        self.thresh = T::KEY_MAX;
     }
 }
 
@@ -485,7 +609,7 @@ mod tests {
         for &dedupe in &[false, true] {
             for n in [0usize, 5, 31, 32, 33, 200, 1000] {
                 let mut items: Vec<(f32, u32)> = (0..n as u32)
-                    .map(|p| ((lcg(&mut s) * 8.0).round(), p))
+                    .map(|p| ((lcg(&mut s) * 8.0).round().abs(), p)) // d2 >= 0
                     .collect();
                 if dedupe {
                     let dup: Vec<_> = items.iter().step_by(3).cloned().collect();

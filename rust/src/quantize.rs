@@ -37,18 +37,48 @@ pub fn shift_denominator(d: usize) -> u64 {
 
 /// A float input type.
 pub trait Real: Copy + Send + Sync + 'static {
+    /// An integer that orders (d2, position) pairs like (d2, then position).
+    type Key: Copy + Ord + Send + Sync + std::fmt::Debug;
+    /// Larger than every key of a finite or infinite d2.
+    const KEY_MAX: Self::Key;
     fn to_f64(self) -> f64;
+    /// `self` must be >= 0 (+0.0, not -0.0) and not NaN: the bits of such floats order like
+    /// their values, so `(bits << 32) | pos` orders by d2 and then by position.
+    fn key(self, pos: u32) -> Self::Key;
+    fn from_key(key: Self::Key) -> (Self, u32);
 }
 impl Real for f32 {
+    type Key = u64;
+    const KEY_MAX: u64 = u64::MAX;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
+    fn key(self, pos: u32) -> u64 {
+        debug_assert!(self.is_sign_positive() && !self.is_nan());
+        ((self.to_bits() as u64) << 32) | pos as u64
+    }
+    #[inline(always)]
+    fn from_key(key: u64) -> (f32, u32) {
+        (f32::from_bits((key >> 32) as u32), key as u32)
+    }
 }
 impl Real for f64 {
+    type Key = u128;
+    const KEY_MAX: u128 = u128::MAX;
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self
+    }
+    #[inline(always)]
+    fn key(self, pos: u32) -> u128 {
+        debug_assert!(self.is_sign_positive() && !self.is_nan());
+        ((self.to_bits() as u128) << 32) | pos as u128
+    }
+    #[inline(always)]
+    fn from_key(key: u128) -> (f64, u32) {
+        (f64::from_bits((key >> 32) as u64), key as u32)
     }
 }
 
