@@ -501,6 +501,18 @@ def test_recall_equals_manual_count():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_backends_is_both_the_report_and_the_subpackage():
+    """zeta.backends() reports; the reference module stays importable by its dotted path."""
+    import importlib
+
+    ref = importlib.import_module("zeta.backends.torch_ref")
+    import zeta.backends.torch_ref as T2
+
+    assert T2 is ref is T
+    assert callable(zeta.backends) and zeta.backends.torch_ref is ref
+    assert zeta.backends() == zeta.backends.report()
+
+
 def test_backends_report_and_forcing():
     rep = zeta.backends()
     assert set(rep) >= {"rust", "torch", "cupy"}

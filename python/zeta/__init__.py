@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os as _os
 
-from . import _core
+from . import (
+    _core,
+    backends,  # a callable module: zeta.backends() reports, see backends/__init__
+)
 from .cache import KVCache
-from .ops import attention, backends, exact_knn, knn, recall
+from .ops import attention, exact_knn, knn, recall
 from .primitives import argsort, morton_decode, morton_encode, searchsorted, zorder
 
 __version__ = _core.__version__

@@ -14,7 +14,7 @@ import numpy as np
 from . import _core
 from ._arrays import is_torch
 from ._validate import check_qkv_shapes, gamma_array, index_params
-from .backends import CallInfo, report, select
+from .backends import CallInfo, select
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
@@ -307,8 +307,3 @@ def recall(q: Any, k: Any, indices: Any, *, causal: bool = True) -> float:
     hits = (valid & (gd2 <= kth * (1 + 1e-12))).sum(-1)
     denom = np.isfinite(d2).sum(-1)
     return float(np.minimum(hits, denom).sum() / max(denom.sum(), 1))
-
-
-def backends() -> dict:
-    """What is available here and why not the rest: {name: {available, reason, devices, dtypes}}."""
-    return report()

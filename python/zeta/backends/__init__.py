@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -122,3 +123,19 @@ def report() -> Dict[str, Dict[str, Any]]:
             "dtypes": list(b.dtypes),
         }
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """``zeta.backends`` is this package *and* the function of the public API.
+
+    ``zeta.backends()`` reports the backends; ``zeta.backends.torch_ref`` is the reference
+    module. (A plain function bound to ``zeta.backends`` would hide the subpackage, so that
+    ``import zeta.backends.torch_ref as T`` failed.)
+    """
+
+    def __call__(self) -> Dict[str, Dict[str, Any]]:
+        """What is available here and why not the rest: {name: {available, reason, devices, dtypes}}."""
+        return report()
+
+
+sys.modules[__name__].__class__ = _CallableModule
