@@ -305,3 +305,87 @@ def env_info() -> dict:
             "numpy": np.__version__, "zeta": getattr(zeta, "__version__", "?"),
             "torch_threads": torch.get_num_threads(),
             "zeta_threads": os.environ.get("ZETA_NUM_THREADS")}
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line shared by mqar.py and charlm.py
+# ---------------------------------------------------------------------------------------------
+
+
+def make_parser(doc: str, quick: dict, full: dict, name: str):
+    """The options both training scripts take; ``quick``/``full`` keys become overrides."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="small CPU configuration (default)")
+    g.add_argument("--full", action="store_true", help="larger configuration, meant for a GPU")
+    p.add_argument("--attn", choices=["both", "softmax", "zeta"], default="both")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch / ZETA threads (default: all cores)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="processes, one per attention (CPU; default: min(2, threads))")
+    p.add_argument("--seed", type=int, default=0)
+    for k in quick:
+        p.add_argument("--" + k.replace("_", "-"), type=type(quick[k]), default=None,
+                       help=f"override (quick {quick[k]}, full {full[k]})")
+    p.add_argument("--key-dim", type=int, default=3)
+    p.add_argument("--topk", type=int, default=32)
+    p.add_argument("--gamma-init", type=float, default=1.0)
+    p.add_argument("--n-sink", type=int, default=0)
+    p.add_argument("--mean-token", action="store_true")
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--window", type=int, default=0, help="index window (0: zeta's default, = topk)")
+    p.add_argument("--out", default=None, help=f"result file stem (default {name}-<machine>-<date>)")
+    p.add_argument("--no-save", action="store_true")
+    return p
+
+
+def plan(args, quick: dict, full: dict):
+    """(config with overrides, attentions to train, processes, threads per process)."""
+    cfg = dict(full if args.full else quick)
+    for k in quick:
+        v = getattr(args, k)
+        if v is not None:
+            cfg[k] = v
+    attns = ["softmax", "zeta"] if args.attn == "both" else [args.attn]
+    threads = args.threads or os.cpu_count() or 1
+    procs = min(len(attns), threads, args.jobs or threads) if args.device == "cpu" else 1
+    per_job = max(1, threads // procs)
+    set_threads(per_job)
+    return cfg, attns, procs, per_job
+
+
+def zeta_kwargs_from(args, cfg: dict) -> dict:
+    """ZetaAttention keyword arguments from the command line."""
+    kw = dict(key_dim=args.key_dim, topk=args.topk, gamma_init=args.gamma_init, n_sink=args.n_sink,
+              mean_token=args.mean_token, n_curves=cfg["n_curves"], chunk=args.chunk)
+    if args.window:
+        kw["window"] = args.window
+    return kw
+
+
+def plot_curves(path, results: Dict[str, Dict], title: str, key: str, ylabel: str,
+                scale: float = 1.0, ylim=None) -> None:
+    """One line per attention: ``scale * curve[key]`` against the training step."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, r in results.items():
+        ax.plot([c["step"] for c in r["curve"]], [scale * c[key] for c in r["curve"]], marker="o",
+                ms=3, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(textwrap.fill(title, 90), fontsize=7)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

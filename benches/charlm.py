@@ -16,12 +16,10 @@ benches/results/charlm-<machine>-<date>.{json,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import math
 import os
 import sys
-import textwrap
 import time
 from typing import Dict, Tuple
 
@@ -76,14 +74,6 @@ def evaluate(model, val: torch.Tensor, cfg: dict, device, batch: int = 8) -> flo
     return nll / tokens / math.log(2)
 
 
-def zeta_kwargs_from(args, cfg: dict) -> dict:
-    kw = dict(key_dim=args.key_dim, topk=args.topk, gamma_init=args.gamma_init, n_sink=args.n_sink,
-              mean_token=args.mean_token, n_curves=cfg["n_curves"], chunk=args.chunk)
-    if args.window:
-        kw["window"] = args.window
-    return kw
-
-
 def make_data():
     text, corpus = load_corpus()
     ids, chars = encode(text)
@@ -101,7 +91,7 @@ def worker(attn: str, cfg: dict, args, threads: int, position: int) -> Dict:
 def train_one(attn: str, cfg: dict, args, data, vocab: int, device, position: int = 0) -> Dict:
     train, val = data
     M.seed_all(args.seed)
-    zkw = zeta_kwargs_from(args, cfg)
+    zkw = M.zeta_kwargs_from(args, cfg)
     model = M.TinyLM(vocab, cfg["seq_len"], attn, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
                      conv_kernel=cfg["conv"], zeta_kwargs=zkw if attn == "zeta" else None).to(device)
     opt = M.make_optimizer(model, cfg["lr"], cfg["weight_decay"])
@@ -163,61 +153,11 @@ def table(cfg: dict, corpus: dict, results: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(path, results: Dict[str, Dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for name, r in results.items():
-        ax.plot([c["step"] for c in r["curve"]], [c["val_bpc"] for c in r["curve"]], marker="o", ms=3,
-                label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation bits per character")
-    ax.set_title(textwrap.fill(title, 90), fontsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="small CPU configuration (default)")
-    g.add_argument("--full", action="store_true", help="larger configuration, meant for a GPU")
-    p.add_argument("--attn", choices=["both", "softmax", "zeta"], default="both")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch / ZETA threads (default: all cores)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="processes, one per attention (CPU; default: min(2, threads))")
-    p.add_argument("--seed", type=int, default=0)
-    for k in QUICK:
-        p.add_argument("--" + k.replace("_", "-"), type=type(QUICK[k]), default=None,
-                       help=f"override (quick {QUICK[k]}, full {FULL[k]})")
-    p.add_argument("--key-dim", type=int, default=3)
-    p.add_argument("--topk", type=int, default=32)
-    p.add_argument("--gamma-init", type=float, default=1.0)
-    p.add_argument("--n-sink", type=int, default=0)
-    p.add_argument("--mean-token", action="store_true")
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--window", type=int, default=0, help="index window (0: zeta's default, = topk)")
-    p.add_argument("--out", default=None, help="result file stem (default charlm-<machine>-<date>)")
-    p.add_argument("--no-save", action="store_true")
+    p = M.make_parser(__doc__, QUICK, FULL, "charlm")
     args = p.parse_args(argv)
 
-    cfg = dict(FULL if args.full else QUICK)
-    for k in QUICK:
-        v = getattr(args, k)
-        if v is not None:
-            cfg[k] = v
-    attns = ["softmax", "zeta"] if args.attn == "both" else [args.attn]
-    threads = args.threads or os.cpu_count() or 1
-    procs = min(len(attns), threads, args.jobs or threads) if args.device == "cpu" else 1
-    per_job = max(1, threads // procs)
-    M.set_threads(per_job)
+    cfg, attns, procs, per_job = M.plan(args, QUICK, FULL)
     data, chars, corpus = make_data()
     print(f"config: {cfg}  device={args.device}  {procs} process(es) x {per_job} thread(s)")
     print(f"corpus: {corpus}, vocab {len(chars)}")
@@ -240,7 +180,8 @@ def main(argv=None) -> int:
                "corpus": {**corpus, "vocab": len(chars)}, "env": M.env_info(),
                "total_seconds": time.time() - t_all, "argv": sys.argv[1:], "results": results}
     path = M.write_results(stem, payload, md)
-    plot(path.with_suffix(".png"), results, md.splitlines()[0])
+    M.plot_curves(path.with_suffix(".png"), results, md.splitlines()[0], "val_bpc",
+                  "validation bits per character")
     print(f"wrote {path}, {path.with_suffix('.md').name}, {path.with_suffix('.png').name}")
     return 0
 

@@ -26,10 +26,8 @@ needs far more steps than ``--quick`` allows, hence vocab 512 there and 8192 in 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import textwrap
 import time
 from typing import Dict, Tuple
 
@@ -112,14 +110,6 @@ def evaluate(model, x, y, device, batch=250) -> Tuple[float, float]:
     return correct / total, loss_sum / total
 
 
-def zeta_kwargs_from(args, cfg: dict) -> dict:
-    kw = dict(key_dim=args.key_dim, topk=args.topk, gamma_init=args.gamma_init, n_sink=args.n_sink,
-              mean_token=args.mean_token, n_curves=cfg["n_curves"], chunk=args.chunk)
-    if args.window:
-        kw["window"] = args.window
-    return kw
-
-
 def parse_mix(spec: str):
     """'64:4:0.4,256:16:0.6' -> [(64, 4, 0.4), (256, 16, 0.6)] (shares normalised)."""
     out = []
@@ -152,7 +142,7 @@ def worker(attn: str, cfg: dict, args, threads: int, position: int) -> Dict:
 def train_one(attn: str, cfg: dict, args, data, device, position: int = 0) -> Dict:
     xte, yte = data["test"]
     M.seed_all(args.seed)
-    zkw = zeta_kwargs_from(args, cfg)
+    zkw = M.zeta_kwargs_from(args, cfg)
     max_len = max(cfg["seq_len"], max(x.shape[1] for x, _, _ in data["train"]))
     model = M.TinyLM(cfg["vocab"], max_len, attn, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
                      conv_kernel=cfg["conv"], zeta_kwargs=zkw if attn == "zeta" else None).to(device)
@@ -241,62 +231,11 @@ def table(cfg: dict, results: Dict[str, Dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(path, results: Dict[str, Dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for name, r in results.items():
-        ax.plot([c["step"] for c in r["curve"]], [100 * c["test_acc"] for c in r["curve"]], marker="o",
-                ms=3, label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(textwrap.fill(title, 90), fontsize=7)
-    ax.set_ylim(0, 101)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="small CPU configuration (default)")
-    g.add_argument("--full", action="store_true", help="larger configuration, meant for a GPU")
-    p.add_argument("--attn", choices=["both", "softmax", "zeta"], default="both")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch / ZETA threads (default: all cores)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="processes, one per attention (CPU; default: min(2, threads))")
-    p.add_argument("--seed", type=int, default=0)
-    for k in QUICK:
-        p.add_argument("--" + k.replace("_", "-"), type=type(QUICK[k]), default=None,
-                       help=f"override (quick {QUICK[k]}, full {FULL[k]})")
-    p.add_argument("--key-dim", type=int, default=3)
-    p.add_argument("--topk", type=int, default=32)
-    p.add_argument("--gamma-init", type=float, default=1.0)
-    p.add_argument("--n-sink", type=int, default=0)
-    p.add_argument("--mean-token", action="store_true")
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--window", type=int, default=0, help="index window (0: zeta's default, = topk)")
-    p.add_argument("--out", default=None, help="result file stem (default mqar-<machine>-<date>)")
-    p.add_argument("--no-save", action="store_true")
+    p = M.make_parser(__doc__, QUICK, FULL, "mqar")
     args = p.parse_args(argv)
 
-    cfg = dict(FULL if args.full else QUICK)
-    for k in QUICK:
-        v = getattr(args, k)
-        if v is not None:
-            cfg[k] = v
-    attns = ["softmax", "zeta"] if args.attn == "both" else [args.attn]
-    threads = args.threads or os.cpu_count() or 1
-    procs = min(len(attns), threads, args.jobs or threads) if args.device == "cpu" else 1
-    per_job = max(1, threads // procs)
-    M.set_threads(per_job)
+    cfg, attns, procs, per_job = M.plan(args, QUICK, FULL)
     print(f"config: {cfg}  device={args.device}  {procs} process(es) x {per_job} thread(s)")
     t_all = time.time()
     if procs > 1:
@@ -322,7 +261,8 @@ def main(argv=None) -> int:
                "total_seconds": time.time() - t_all,
                "argv": sys.argv[1:], "results": results}
     path = M.write_results(stem, payload, md)
-    plot(path.with_suffix(".png"), results, md.splitlines()[0])
+    M.plot_curves(path.with_suffix(".png"), results, md.splitlines()[0], "test_acc",
+                  "test accuracy (%)", scale=100, ylim=(0, 101))
     print(f"wrote {path}, {path.with_suffix('.md').name}, {path.with_suffix('.png').name}")
     return 0
 
