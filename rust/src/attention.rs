@@ -238,7 +238,7 @@ pub fn knn<T: Float + Real>(
             let order = query_order(&index, qg, sh.dk);
             let (irows, drows) = (Rows::new(idx_g, topk), Rows::new(dist_g, topk));
             order.par_chunks(QUERY_BLOCK).for_each_init(
-                || (TopK::new(topk, prm.multiplicity() > 1), Vec::new()),
+                || (TopK::new(topk, prm.multiplicity()), Vec::new()),
                 |(tk, cands), block| {
                     for &qi in block {
                         let qi = qi as usize;
@@ -298,7 +298,7 @@ pub fn forward<T: Float + Real>(
             order.par_chunks(QUERY_BLOCK).for_each_init(
                 || {
                     (
-                        TopK::new(topk, prm.multiplicity() > 1),
+                        TopK::new(topk, prm.multiplicity()),
                         Vec::new(),
                         vec![T::zero(); dk],
                         vec![T::zero(); dv],

@@ -449,7 +449,7 @@ impl KvCache {
                 } else {
                     (Vec::new(), Vec::new())
                 };
-                let init = || (TopK::new(topk, prm.multiplicity() > 1), Vec::new());
+                let init = || (TopK::new(topk, prm.multiplicity()), Vec::new());
                 out_g.par_chunks_mut(dv).enumerate().for_each_init(
                     init,
                     |(tk, cands): &mut (TopK<f32>, Vec<(f32, u32)>), (qi, o)| {

@@ -491,81 +491,100 @@ impl<T: Float> Default for ProbeList<'_, T> {
     }
 }
 
-/// Streaming top-k by (d2, position): a buffer with a rejection threshold.
+/// Top-k by (d2, position) of a stream of candidates.
 ///
-/// Perf notes (N = 32k, H = 8, one thread, perf): collecting every candidate and then
-/// `select_nth_unstable` cost about a third of a query; a `BinaryHeap` of the best k was no
-/// better (31% of the time in `push`: about k*ln(M/k) of M candidates are accepted, each a
-/// pop + push). Now a candidate is compared once against the k-th best known so far; the
-/// accepted ones are appended, and when the buffer holds `4k` of them it is cut back to the
-/// best k (a select; or sort + dedup when positions can repeat), which tightens the threshold.
-/// Items are kept as one integer key (see [`Real::key`]): a float compare plus a tie-break
-/// on the position was a quarter of the forward time in the selects and sorts.
+/// Perf notes (N = 32k, H = 8, top-32, one thread; a query offers ~350 candidates): a
+/// `BinaryHeap` of the best k spent 31% of the time in `push` (about k*ln(M/k) of M
+/// candidates are accepted, each a pop + push); appending every candidate and one select at
+/// the end was no faster than filtering. Now each candidate is one integer key (see
+/// [`Real::key`]: a float compare plus a position tie-break made the selects and sorts a
+/// quarter of the forward), written to the buffer and kept by a branchless compare with the
+/// k-th best known so far (an unpredictable accept/reject branch cost more than the store).
+/// When `cap` keys are kept the buffer is cut back to the best k, which sets the threshold.
 pub struct TopK<T: Real> {
     k: usize,
-    dedupe: bool,
+    mult: usize,
+    /// Keys are cut back to the best k when this many are kept.
+    cap: usize,
+    /// `cap + 1` slots; `buf[..n]` are kept (the slot at `n` takes the next offer).
     buf: Vec<T::Key>,
+    n: usize,
     /// Keys >= this are rejected: k better distinct items are known.
     thresh: T::Key,
 }
 
 impl<T: Float + Real> TopK<T> {
-    /// `dedupe`: a position may be offered more than once (several curves, sinks).
-    pub fn new(k: usize, dedupe: bool) -> Self {
+    /// `mult`: how many times one position may be offered at most (several curves, sinks);
+    /// 1 when positions never repeat.
+    pub fn new(k: usize, mult: usize) -> Self {
+        let k = k.max(1);
+        let mult = mult.max(1);
+        let cap = (4 * k * mult).max(64);
         TopK {
             k,
-            dedupe,
-            buf: Vec::with_capacity(4 * k.max(16)),
+            mult,
+            cap,
+            buf: vec![T::KEY_MAX; cap + 1],
+            n: 0,
             thresh: T::KEY_MAX,
         }
     }
     pub fn clear(&mut self) {
-        self.buf.clear();
+        self.n = 0;
         self.thresh = T::KEY_MAX;
     }
     /// Offers a candidate; `d2` must be >= 0 (a squared distance).
     #[inline(always)]
     pub fn push(&mut self, pos: u32, d2: T) {
         let key = d2.key(pos);
-        if key >= self.thresh {
-            return;
-        }
-        self.buf.push(key);
-        if self.buf.len() >= 4 * self.k.max(16) {
+        self.buf[self.n] = key;
+        self.n += usize::from(key < self.thresh);
+        if self.n == self.cap {
             self.compact();
         }
     }
     /// Cuts the buffer to the best k distinct items and tightens the threshold.
     fn compact(&mut self) {
-        let k = self.k;
-        if self.dedupe {
-            // A repeated position has the same d2, so the same key: duplicates are equal.
-            self.buf.sort_unstable();
-            self.buf.dedup();
-        } else if self.buf.len() > k {
-            self.buf.select_nth_unstable(k - 1);
-        }
-        self.buf.truncate(k);
-        if self.buf.len() == k {
-            self.thresh = *self.buf.iter().max().expect("k >= 1");
+        self.best_k();
+        if self.n == self.k {
+            self.thresh = self.buf[self.k - 1];
         }
     }
+
+    /// Leaves the best k distinct keys in `buf[..n]`, ascending. A key repeats at most `mult`
+    /// times, so the first k distinct keys are among the `k * mult` smallest: select those,
+    /// then sort and dedupe only them.
+    fn best_k(&mut self) {
+        let m = self.k * self.mult;
+        let v = &mut self.buf[..self.n];
+        let v = if v.len() > m {
+            v.select_nth_unstable(m - 1);
+            &mut v[..m]
+        } else {
+            v
+        };
+        v.sort_unstable();
+        let mut u = v.len().min(1);
+        if self.mult > 1 {
+            // A repeated position has the same d2, so the same key: duplicates are equal.
+            for i in 1..v.len() {
+                if v[i] != v[u - 1] {
+                    v[u] = v[i];
+                    u += 1;
+                }
+            }
+        } else {
+            u = v.len();
+        }
+        self.n = u.min(self.k);
+    }
+
     /// The kept candidates, ascending by (d2, position), into `out` (cleared first).
     pub fn drain_sorted(&mut self, out: &mut Vec<(T, u32)>) {
-        if !self.dedupe && self.buf.len() > self.k {
-            // Only the best k are kept: select them, then sort just those.
-            self.buf.select_nth_unstable(self.k - 1);
-            self.buf.truncate(self.k);
-        }
-        self.buf.sort_unstable();
-        if self.dedupe {
-            self.buf.dedup();
-        }
-        self.buf.truncate(self.k);
+        self.best_k();
         out.clear();
-        out.extend(self.buf.iter().map(|&key| T::from_key(key)));
-        self.buf.clear();
-        self.thresh = T::KEY_MAX;
+        out.extend(self.buf[..self.n].iter().map(|&key| T::from_key(key)));
+        self.clear();
     }
 }
 
@@ -615,7 +634,7 @@ mod tests {
                     let dup: Vec<_> = items.iter().step_by(3).cloned().collect();
                     items.extend(dup);
                 }
-                let mut tk = TopK::new(32, dedupe);
+                let mut tk = TopK::new(32, if dedupe { 2 } else { 1 });
                 for &(d, p) in &items {
                     tk.push(p, d);
                 }
