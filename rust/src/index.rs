@@ -545,6 +545,15 @@ impl<T: Float + Real> TopK<T> {
     }
     /// Cuts the buffer to the best k distinct items and tightens the threshold.
     fn compact(&mut self) {
+        if self.mult == 1 {
+            // No duplicates: the k-th smallest is the threshold, no sort needed.
+            let k = self.k;
+            let v = &mut self.buf[..self.n];
+            v.select_nth_unstable(k - 1);
+            self.thresh = v[k - 1];
+            self.n = k;
+            return;
+        }
         self.best_k();
         if self.n == self.k {
             self.thresh = self.buf[self.k - 1];
