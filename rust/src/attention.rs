@@ -443,6 +443,10 @@ pub fn backward<T: Float + Real>(
                         let gm = T::from(gamma[h]).unwrap();
                         let g2 = gm * gm;
                         let mut z = T::zero();
+                        // The rows are scattered: ask for all of them before the first use.
+                        for &j in ir.iter().filter(|&&j| j >= 0) {
+                            prefetch(&vv[j as usize * dv..(j as usize + 1) * dv]);
+                        }
                         for (slot, &j) in ir.iter().enumerate() {
                             if j < 0 {
                                 sc[slot] = T::zero();
@@ -534,7 +538,13 @@ pub fn backward<T: Float + Real>(
                 .enumerate()
                 .for_each(|(j, (dkr, dvr))| {
                     let kr = &kk[j * dk..(j + 1) * dk];
-                    for &e in &pairs[start[j] as usize..start[j + 1] as usize] {
+                    let mine = &pairs[start[j] as usize..start[j + 1] as usize];
+                    // The dO rows are scattered: ask for all of them before the first use.
+                    for &e in mine {
+                        let qi = e as usize / topk;
+                        prefetch(&do_g[qi * dv..(qi + 1) * dv]);
+                    }
+                    for &e in mine {
                         let e = e as usize;
                         let qi = e / topk;
                         let a = coef_a[e];
