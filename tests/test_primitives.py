@@ -567,3 +567,24 @@ _FORK = textwrap.dedent(
 def test_fork_safety():
     out = _run_py(_FORK, {"ZETA_NUM_THREADS": "2"}, timeout=150)
     assert out.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("value,warns", [("abc", True), ("0", True), ("-3", True), ("1", False),
+                                         ("", False)])
+def test_bad_thread_count_env_warns_and_still_works(value, warns):
+    code = ("import warnings, numpy as np\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import zeta\n"
+            "print(sum('ZETA_NUM_THREADS' in str(x.message) for x in w))\n"
+            "print(zeta.argsort(np.array([3, 1, 2], dtype=np.uint64)).tolist())\n")
+    out = _run_py(code, {"ZETA_NUM_THREADS": value}).split()
+    assert out[0] == ("1" if warns else "0")
+    assert out[1] == "[1,"
+
+
+def test_python_dash_m_zeta_info():
+    r = subprocess.run([sys.executable, "-m", "zeta", "info"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "zeta" in r.stdout and "threads" in r.stdout.lower()

@@ -19,6 +19,25 @@ from .primitives import argsort, morton_decode, morton_encode, searchsorted, zor
 
 __version__ = _core.__version__
 
+
+def _check_thread_env() -> None:
+    """Says so when ZETA_NUM_THREADS is set but unusable (the core then uses every CPU)."""
+    raw = _os.environ.get("ZETA_NUM_THREADS")
+    if raw is None or raw.strip() == "":
+        return
+    try:
+        ok = int(raw) >= 1
+    except ValueError:
+        ok = False
+    if not ok:
+        import warnings
+
+        warnings.warn(f"ZETA_NUM_THREADS={raw!r} is not a positive integer; zeta uses all "
+                      f"CPU threads ({_os.cpu_count()})", RuntimeWarning, stacklevel=2)
+
+
+_check_thread_env()
+
 # rayon's pool does not survive fork(): the child builds a fresh one on first use.
 if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_core._after_fork_in_child)

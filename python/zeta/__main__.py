@@ -1,0 +1,7 @@
+"""``python -m zeta ...`` is the ``zeta`` command (info, demo, bench)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
