@@ -1,4 +1,6 @@
-"""Backends: each declares what it supports and says why it cannot take a call.
+"""Backends. ``zeta.backends()`` reports what is available here and why not the rest.
+
+Each backend declares what it supports and says why it cannot take a call.
 
 One dispatcher (:func:`select`) walks them in priority order; when none fits, the error
 lists every backend's reasons. ``backend=`` forces one. No torch import happens here.
