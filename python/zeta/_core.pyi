@@ -56,7 +56,7 @@ def attention_forward(
     topk: int,
     mean_token: bool,
     params: _Params,
-) -> Tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+) -> Tuple[npt.NDArray[Any], npt.NDArray[np.int32]]:
     """-> out (B,H,N,dv), indices (B,H,N,topk)."""
 
 def attention_backward(
@@ -64,7 +64,7 @@ def attention_backward(
     k: npt.NDArray[Any],
     v: npt.NDArray[Any],
     gamma: npt.NDArray[np.float64],
-    indices: npt.NDArray[np.int64],
+    indices: npt.NDArray[np.int32],
     grad_out: npt.NDArray[Any],
     mean_token: bool,
     params: _Params,

@@ -48,7 +48,7 @@ def attention_fwd(
     bits: int,
     scale: float,
 ) -> Tuple[Tensor, Tensor]:
-    """q (B,H,N,dk), k (B,Hkv,S,dk), v (B,Hkv,S,dv), gamma (H,) -> out (B,H,N,dv), idx (B,H,N,topk) int64."""
+    """q (B,H,N,dk), k (B,Hkv,S,dk), v (B,Hkv,S,dv), gamma (H,) -> out (B,H,N,dv), idx (B,H,N,topk) int32."""
     out, idx = _core.attention_forward(
         _np(q),
         _np(k),
@@ -69,7 +69,7 @@ def _(q, k, v, gamma, topk, mean_token, chunk, window, n_curves, n_sink, causal,
     torch._check(gamma.dim() == 1 and gamma.shape[0] == q.shape[1], lambda: "gamma must be (H,)")
     b, h, n, _ = q.shape
     out = q.new_empty((b, h, n, v.shape[3]))
-    idx = q.new_empty((b, h, n, topk), dtype=torch.int64)
+    idx = q.new_empty((b, h, n, topk), dtype=torch.int32)
     return out, idx
 
 

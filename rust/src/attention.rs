@@ -265,7 +265,8 @@ pub fn knn<T: Float + Real>(
     Ok((idx, dist))
 }
 
-/// Forward. Returns (out (B, H, N, dv), indices (B, H, N, topk) int64 with -1 padding).
+/// Forward. Returns (out (B, H, N, dv), indices (B, H, N, topk) int32 with -1 padding: half
+/// the memory of int64 for what the backward keeps; S < 2^31 per head).
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Float + Real>(
     sh: &Shape,
@@ -275,13 +276,16 @@ pub fn forward<T: Float + Real>(
     k: &[T],
     v: &[T],
     gamma: &[f64],
-) -> Result<(Vec<T>, Vec<i64>)> {
+) -> Result<(Vec<T>, Vec<i32>)> {
     let topk = opts.topk;
     validate(sh, prm, q, k, Some(v), topk)?;
     check_gamma(gamma, sh.h)?;
     let (dk, dv) = (sh.dk, sh.dv);
     let mut out = try_vec(T::zero(), sh.b * sh.h * sh.n * dv, "attention output")?;
-    let mut idx = try_vec(-1i64, sh.b * sh.h * sh.n * topk, "attention indices")?;
+    if sh.s > i32::MAX as usize {
+        return Err(ZetaError::value("k", "more than 2^31 - 1 keys per head"));
+    }
+    let mut idx = try_vec(-1i32, sh.b * sh.h * sh.n * topk, "attention indices")?;
     let g = sh.group();
     out.par_chunks_mut(g * sh.n * dv)
         .zip(idx.par_chunks_mut(g * sh.n * topk))
@@ -326,7 +330,7 @@ pub fn forward<T: Float + Real>(
                             prefetch(&vv[pos as usize * dv..(pos as usize + 1) * dv]);
                         }
                         for (slot, &(d2, pos)) in cands.iter().enumerate() {
-                            io[slot] = pos as i64;
+                            io[slot] = pos as i32;
                             let s = T::one() / (d2 + g2);
                             z = z + s;
                             let vr = &vv[pos as usize * dv..(pos as usize + 1) * dv];
@@ -365,7 +369,7 @@ pub fn backward<T: Float + Real>(
     k: &[T],
     v: &[T],
     gamma: &[f64],
-    idx: &[i64],
+    idx: &[i32],
     dout: &[T],
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>, Vec<f64>)> {
     let topk = opts.topk;
@@ -378,7 +382,7 @@ pub fn backward<T: Float + Real>(
     check_len("indices", idx.len(), sh.b * sh.h * n * topk)?;
     check_len("grad_out", dout.len(), sh.b * sh.h * n * dv)?;
     check_finite("grad_out", dout)?;
-    if let Some(bad) = idx.iter().find(|&&j| j < -1 || j >= s as i64) {
+    if let Some(bad) = idx.iter().find(|&&j| j < -1 || j as i64 >= s as i64) {
         return Err(ZetaError::value(
             "indices",
             format!("index {bad} out of range for S={s}"),

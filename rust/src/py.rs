@@ -499,7 +499,7 @@ fn fwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     Ok((o, i).into_pyobject(py)?.into_any())
 }
 
-/// attention_forward(q, k, v, gamma (H,) float64, topk, mean_token, params) -> (out, indices)
+/// attention_forward(q, k, v, gamma (H,) float64, topk, mean_token, params) -> (out, indices int32)
 #[pyfunction]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward<'py>(
@@ -526,7 +526,7 @@ fn bwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     k: &Bound<'py, PyAny>,
     v: &Bound<'py, PyAny>,
     gamma: PyReadonlyArray1<'py, f64>,
-    indices: PyReadonlyArray4<'py, i64>,
+    indices: PyReadonlyArray4<'py, i32>,
     grad_out: &Bound<'py, PyAny>,
     mean_token: bool,
     prm: &PyParams,
@@ -572,7 +572,7 @@ fn attention_backward<'py>(
     k: &Bound<'py, PyAny>,
     v: &Bound<'py, PyAny>,
     gamma: PyReadonlyArray1<'py, f64>,
-    indices: PyReadonlyArray4<'py, i64>,
+    indices: PyReadonlyArray4<'py, i32>,
     grad_out: &Bound<'py, PyAny>,
     mean_token: bool,
     params: PyParams,
