@@ -15,7 +15,7 @@
 //! bit-reproducible whatever the thread count.
 use crate::error::{try_vec, Result, ZetaError};
 use crate::index::{prefetch, select_topk, sq_dist, KeyIndex, Params, TopK};
-use crate::quantize::{first_non_finite, Grid, Real};
+use crate::quantize::{first_non_finite, Real};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -199,15 +199,11 @@ impl<T> Rows<T> {
 /// Perf note: at N = 32k, H = 8 this made the forward ~1.6x faster than position order
 /// (value rows and run entries were the cache misses).
 fn query_order<T: Float + Real>(index: &KeyIndex<T>, qg: &[T], dk: usize) -> Vec<u32> {
-    code_order(&index.grids[0], qg, dk)
-}
-
-/// Row numbers of `x` (rows of `dk`) sorted by their code on `grid` (ties by row).
-fn code_order<T: Real>(grid: &Grid, x: &[T], dk: usize) -> Vec<u32> {
-    let mut keys: Vec<u64> = x
+    let g0 = &index.grids[0];
+    let mut keys: Vec<u64> = qg
         .par_chunks_exact(dk)
         .enumerate()
-        .map(|(i, r)| (grid.code(r) << 32) | i as u64)
+        .map(|(i, x)| (g0.code(x) << 32) | i as u64)
         .collect();
     keys.par_sort_unstable();
     keys.into_iter().map(|e| e as u32).collect()
@@ -424,38 +420,23 @@ pub fn backward<T: Float + Real>(
             let mut coef_g = try_vec(T::zero(), g * n * topk, "backward scratch")?;
             let mut mean_a = try_vec(T::zero(), g * n, "backward scratch")?;
             let mut mean_g = try_vec(T::zero(), g * n, "backward scratch")?;
-            // Queries in Z-order (as in the forward): neighbours gather the same rows.
-            let grid0 = Grid::new(dk, prm.bits, 0, prm.scale)?;
-            let order = code_order(&grid0, q_g, dk);
-            let rows_dq = Rows::new(dq_g, dk);
-            let rows_ca = Rows::new(&mut coef_a, topk);
-            let rows_cg = Rows::new(&mut coef_g, topk);
-            let rows_dgam = Rows::new(dgam_g, 1);
-            let rows_ma = Rows::new(&mut mean_a, 1);
-            let rows_mg = Rows::new(&mut mean_g, 1);
-            order.par_chunks(QUERY_BLOCK).for_each_init(
-                || {
-                    (
-                        vec![T::zero(); topk],
-                        vec![T::zero(); topk],
-                        vec![T::zero(); dk],
-                        vec![T::zero(); dv],
-                    )
-                },
-                |(sc, da, kbar, vbar), block| {
-                    for &qi in block {
-                        let qi = qi as usize;
-                        // SAFETY: `order` is a permutation: each row is written by one task.
-                        let (dqr, ca, cg, dgam, ma, mg) = unsafe {
-                            (
-                                rows_dq.row(qi),
-                                rows_ca.row(qi),
-                                rows_cg.row(qi),
-                                &mut rows_dgam.row(qi)[0],
-                                &mut rows_ma.row(qi)[0],
-                                &mut rows_mg.row(qi)[0],
-                            )
-                        };
+            dq_g.par_chunks_mut(dk)
+                .zip(coef_a.par_chunks_mut(topk))
+                .zip(coef_g.par_chunks_mut(topk))
+                .zip(dgam_g.par_iter_mut())
+                .zip(mean_a.par_iter_mut())
+                .zip(mean_g.par_iter_mut())
+                .enumerate()
+                .for_each_init(
+                    || {
+                        (
+                            vec![T::zero(); topk],
+                            vec![T::zero(); topk],
+                            vec![T::zero(); dk],
+                            vec![T::zero(); dv],
+                        )
+                    },
+                    |(sc, da, kbar, vbar), (qi, (((((dqr, ca), cg), dgam), ma), mg))| {
                         let hl = qi / n;
                         let i = qi % n;
                         let h = hkv * g + hl;
@@ -534,9 +515,8 @@ pub fn backward<T: Float + Real>(
                             }
                         }
                         *dgam = (dgs * two * gm).to_f64();
-                    }
-                },
-            );
+                    },
+                );
             // Inverse index: for each key, the (query, slot) pairs that selected it.
             let mut start = try_vec(0u32, s + 1, "backward inverse index")?;
             for &j in idx_g {
@@ -557,15 +537,10 @@ pub fn backward<T: Float + Real>(
                 }
             }
             // Pass 2, per key: dv_j = sum a dO, dk_j = sum -2 gd (q - k_j).
-            // Keys in Z-order: neighbouring keys were picked by the same queries, whose dO
-            // rows then stay in cache.
-            let korder = code_order(&grid0, kk, dk);
-            let (rows_dk, rows_dv) = (Rows::new(dk_g, dk), Rows::new(dv_g, dv));
-            korder.par_chunks(QUERY_BLOCK).for_each(|block| {
-                for &j in block {
-                    let j = j as usize;
-                    // SAFETY: `korder` is a permutation: each row is written by one task.
-                    let (dkr, dvr) = unsafe { (rows_dk.row(j), rows_dv.row(j)) };
+            dk_g.par_chunks_mut(dk)
+                .zip(dv_g.par_chunks_mut(dv))
+                .enumerate()
+                .for_each(|(j, (dkr, dvr))| {
                     let kr = &kk[j * dk..(j + 1) * dk];
                     let mine = &pairs[start[j] as usize..start[j + 1] as usize];
                     // The dO rows are scattered: ask for all of them before the first use.
@@ -587,8 +562,7 @@ pub fn backward<T: Float + Real>(
                             dkr[d] = dkr[d] - two * gd * (qr[d] - kr[d]);
                         }
                     }
-                }
-            });
+                });
             if opts.mean_token {
                 // d mean_p / d x_j = 1/(p+1) for j <= p (causal), 1/S for all (non-causal).
                 let mut acc_k = vec![0.0f64; dk];
