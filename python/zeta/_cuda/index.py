@@ -1,0 +1,79 @@
+"""Codes and the dyadic-run index on the device (kernels in ``kernels/zorder.cu``, ``index.cu``).
+
+Level ``l`` holds, for each (batch, kv head, curve) slice, the runs of ``2**l`` full chunks
+sorted by ``code << 32 | position``; slice width ``(n_full >> l << l) * chunk``. Level 0 sorts
+every chunk; level ``l + 1`` merges pairs of level-``l`` runs. Non-causal: one sorted run of all
+keys per slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import numpy as np
+
+from .runtime import Runtime, blocks
+
+THREADS = 256
+
+
+def curve_offsets(d: int, bits: int, n_curves: int) -> np.ndarray:
+    """Grid offset (cells) of curves 0..n_curves-1: ``(j * half) // m``, m the odd denominator."""
+    half = 1 << (bits - 1)
+    m = d + 1 if (d + 1) % 2 == 1 else d + 2
+    return np.array([(j * half) // m for j in range(n_curves)], dtype=np.uint64)
+
+
+def codes(rt: Runtime, x: Any, d: int, bits: int, inner: int, n_curves: int, scale: float,
+          wide: bool = False) -> Any:
+    """Codes of float32 points ``x`` (rows * d,) for curves 0..n_curves-1.
+
+    Row ``r = outer * inner + i`` lands at ``(outer, curve, i)``: (G, inner, d) -> (G, C, inner).
+    """
+    xp = rt.xp
+    rows = x.size // d
+    out = rt.empty((rows * n_curves,), np.uint64 if wide else np.uint32)
+    if rows == 0:
+        return out
+    offs = xp.asarray(curve_offsets(d, bits, n_curves))
+    name = "zeta::zorder_kernel<unsigned long long>" if wide else "zeta::zorder_kernel<unsigned int>"
+    rt.launch("zorder.cu", name, blocks(rows, THREADS), THREADS,
+              (x, out, np.int64(rows), np.int32(d), np.int32(bits), np.int64(inner),
+               np.int32(n_curves), np.float64(scale), offs))
+    return out
+
+
+def n_levels(s: int, chunk: int) -> int:
+    """Levels a causal search can probe: bit_length of the last chunk index."""
+    return ((s - 1) // chunk).bit_length() if s > 0 else 0
+
+
+def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool
+          ) -> Tuple[Any, Any, int]:
+    """The index of ``kcodes`` ((gc, s) uint32, flat): (levels u64, level offsets i64, n_full)."""
+    xp = rt.xp
+    if not causal:
+        keys = (kcodes.astype(np.uint64) << np.uint64(32)).reshape(gc, s)
+        keys |= xp.arange(s, dtype=np.uint64)[None, :]
+        levels = xp.sort(keys, axis=-1).reshape(-1)
+        return levels, xp.zeros((1,), dtype=np.int64), 0
+    n_full = s // chunk
+    widths: List[int] = [((n_full >> lv) << lv) * chunk for lv in range(n_levels(s, chunk))]
+    offs = np.zeros(max(1, len(widths)), dtype=np.int64)
+    for lv in range(1, len(widths)):
+        offs[lv] = offs[lv - 1] + gc * widths[lv - 1]
+    total = int(offs[-1] + gc * widths[-1]) if widths else 0
+    levels = rt.empty((max(total, 1),), np.uint64)
+    if widths and widths[0] > 0:
+        rt.launch("index.cu", "zeta::index_level0_kernel", blocks(gc * widths[0], THREADS), THREADS,
+                  (kcodes, levels, np.int64(gc), np.int64(s), np.int64(widths[0]), np.int32(chunk)))
+    for lv in range(len(widths) - 1):
+        w_in, w_out = widths[lv], widths[lv + 1]
+        if w_out == 0:
+            break
+        src = levels[int(offs[lv]):int(offs[lv]) + gc * w_in]
+        dst = levels[int(offs[lv + 1]):int(offs[lv + 1]) + gc * w_out]
+        rt.launch("index.cu", "zeta::index_merge_kernel", blocks(gc * w_out, THREADS), THREADS,
+                  (src, dst, np.int64(gc), np.int64(w_in), np.int64(w_out),
+                   np.int64(chunk << lv)))
+    return levels, xp.asarray(offs), n_full

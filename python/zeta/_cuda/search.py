@@ -1,0 +1,75 @@
+"""knn and the attention forward on the device (kernel ``kernels/search.cu``).
+
+One warp per query: probe every run of the index (and the own chunk, and the sinks), keep the
+``topk`` smallest ``(d2, position)`` keys, then (forward) the Cauchy-weighted sum of values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import numpy as np
+
+from . import index
+from .runtime import VALUE_TYPE, Runtime, blocks
+
+WARPS = 4  # warps (queries) per block
+MAX_TOPK = 256
+
+
+def kp_of(topk: int) -> int:
+    """Slots of the per-warp best list: a power of two >= max(topk, 32)."""
+    kp = 32
+    while kp < topk:
+        kp *= 2
+    return kp
+
+
+def _prepare(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: int):
+    """Codes + index + the scalar argument list shared by the knn and forward kernels."""
+    b, h, hkv, n, s, dk = shape
+    qcodes = index.codes(rt, q, dk, p.bits, n, p.n_curves, p.scale)
+    kcodes = index.codes(rt, k, dk, p.bits, s, p.n_curves, p.scale)
+    levels, level_off, n_full = index.build(rt, kcodes, b * hkv * p.n_curves, s, p.chunk, p.causal)
+    kp = kp_of(topk)
+    args = (q, k, qcodes, levels, level_off, np.int64(n), np.int64(s), np.int64(n_full),
+            np.int32(b), np.int32(h), np.int32(hkv), np.int32(dk), np.int32(p.chunk),
+            np.int32(min(p.window, 1 << 30)), np.int32(p.n_curves), np.int32(min(p.n_sink, 1 << 30)),
+            np.int32(bool(p.causal)), np.int32(index.n_levels(s, p.chunk)), np.int32(topk),
+            np.int32(kp))
+    return args, kp
+
+
+def knn(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: int) -> Tuple[Any, Any]:
+    """q (B,H,N,dk) f32, k (B,Hkv,S,dk) f32 -> idx (B,H,N,topk) int64, d2 float32."""
+    b, h, _hkv, n, _s, _dk = shape
+    idx = rt.empty((b, h, n, topk), np.int64)
+    d2 = rt.empty((b, h, n, topk), np.float32)
+    rows = b * h * n
+    if rows == 0:
+        return idx, d2
+    args, kp = _prepare(rt, q, k, shape, p, topk)
+    rt.launch("search.cu", "zeta::knn_kernel", blocks(rows, WARPS), 32 * WARPS,
+              args + (idx, d2), shared_mem=WARPS * 2 * kp * 8)
+    return idx, d2
+
+
+def forward(rt: Runtime, q: Any, k: Any, v: Any, vdtype: str, gamma2: Any, kbar: Any, vbar: Any,
+            shape: Tuple[int, ...], dv: int, p: Any, topk: int, mean_token: bool) -> Tuple[Any, Any]:
+    """Cauchy top-k attention forward.
+
+    q (B,H,N,dk) f32, k (B,Hkv,S,dk) f32, v (B,Hkv,S,dv) in ``vdtype`` (float16/bfloat16 as
+    16-bit raw arrays), gamma2 (H,) f32, kbar/vbar (B,Hkv,N,dk|dv) f32 (mean_token; else any
+    1-element array). Returns out (B,H,N,dv) in v's storage type and idx (B,H,N,topk) int32.
+    """
+    b, h, _hkv, n, _s, _dk = shape
+    out = rt.empty((b, h, n, dv), v.dtype)
+    idx = rt.empty((b, h, n, topk), np.int32)
+    rows = b * h * n
+    if rows == 0:
+        return out, idx
+    args, kp = _prepare(rt, q, k, shape, p, topk)
+    rt.launch("search.cu", f"zeta::forward_kernel<{VALUE_TYPE[vdtype]}>", blocks(rows, WARPS),
+              32 * WARPS, args + (v, np.int32(dv), gamma2, kbar, vbar, np.int32(bool(mean_token)),
+                                  out, idx), shared_mem=WARPS * 3 * kp * 8)
+    return out, idx

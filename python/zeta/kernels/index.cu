@@ -1,0 +1,48 @@
+// The dyadic-run Z-order index on the GPU: a merge-sort tree over chunks of keys.
+//
+// Entries are u64 keys `code << 32 | position`, unique within a (batch, kv head, curve) slice,
+// so a run sorted by entry is sorted by (code, position), as in the Rust index. Level 0 sorts
+// each full chunk (rank by counting: a chunk is small); level l+1 merges pairs of level-l runs
+// (every entry finds its place by one binary search in the sibling run: rank in own run +
+// number of sibling entries below it). Slice gc of level l is `width_l` entries long, width_l =
+// (n_full >> l << l) * chunk: only complete runs, the only ones a query ever searches.
+
+#include "common.cuh"
+
+namespace zeta {
+
+/// codes (GC, S) u32 -> level0 (GC, width0) u64 sorted within each chunk.
+__global__ void index_level0_kernel(const uint32_t* __restrict__ codes, uint64_t* __restrict__ level0,
+                                    long long gc_count, long long s, long long width0, int chunk) {
+    long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (t >= gc_count * width0) return;
+    long long gc = t / width0, p = t % width0;
+    const uint32_t* c = codes + gc * s;
+    const uint64_t key = (static_cast<uint64_t>(c[p]) << 32) | static_cast<uint64_t>(p);
+    const long long start = p - p % chunk;
+    uint32_t rank = 0;
+    for (long long j = start; j < start + chunk; ++j) {
+        const uint64_t other = (static_cast<uint64_t>(c[j]) << 32) | static_cast<uint64_t>(j);
+        rank += other < key ? 1u : 0u;
+    }
+    level0[gc * width0 + start + rank] = key;
+}
+
+/// Level l (runs of run_len entries, slices of width_in) -> level l+1 (runs of 2*run_len,
+/// slices of width_out = complete pairs only).
+__global__ void index_merge_kernel(const uint64_t* __restrict__ src, uint64_t* __restrict__ dst,
+                                   long long gc_count, long long width_in, long long width_out,
+                                   long long run_len) {
+    long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (t >= gc_count * width_out) return;
+    long long gc = t / width_out, r = t % width_out;
+    long long pair = r / (2 * run_len), o = r % (2 * run_len);
+    long long which = o / run_len, i = o % run_len;
+    const uint64_t* base = src + gc * width_in + pair * 2 * run_len;
+    const uint64_t e = base[o];
+    const uint64_t* sib = base + (1 - which) * run_len;
+    uint32_t rank = lower_bound_u64(sib, static_cast<uint32_t>(run_len), e);
+    dst[gc * width_out + pair * 2 * run_len + i + rank] = e;
+}
+
+}  // namespace zeta

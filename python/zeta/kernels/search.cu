@@ -1,0 +1,285 @@
+// Per-query search of the Z-order index, exact rerank to the top-k, and the Cauchy forward.
+//
+// One warp per query. Candidates (the rules of zeta/backends/torch_ref.py):
+//   causal: for every curve and every set bit l of the query's chunk c = p / chunk, the run
+//   (c >> l) - 1 of level l: the `window` entries on each side of the lower bound of the
+//   query's code; plus the own chunk [c*chunk, p]; non-causal: one run of all keys per curve.
+//   Sinks [0, min(n_sink, last visible + 1)) are always candidates.
+// Selection: key = bits(d2) << 32 | position, the topk smallest distinct keys. The warp keeps
+// its current best list sorted in shared memory and a queue of keys below the current k-th
+// best; a full queue is merged by a bitonic sort of (best ++ queue), then duplicates (a
+// position found by several curves, or also a sink) are dropped. The k-th best only falls,
+// so most candidates of a long scan are rejected by one compare.
+#include "common.cuh"
+
+namespace zeta {
+
+// The kernels take the search settings as plain scalars (what every launcher passes
+// easily) and gather them here.
+#define ZETA_SEARCH_PARAMS                                                                   \
+    const float *__restrict__ a_q, const float *__restrict__ a_k,                             \
+        const uint32_t *__restrict__ a_qcodes, const uint64_t *__restrict__ a_levels,         \
+        const long long *__restrict__ a_level_off, long long a_n, long long a_s,              \
+        long long a_n_full, int a_b, int a_h, int a_hkv, int a_dk, int a_chunk, int a_window, \
+        int a_n_curves, int a_n_sink, int a_causal, int a_n_levels, int a_topk, int a_kp
+#define ZETA_SEARCH_ARGS                                                                       \
+    SearchArgs{a_q,   a_k,     a_qcodes, a_levels, a_level_off, a_n, a_s, a_n_full,          \
+               a_b,   a_h,     a_hkv,    a_dk,     a_chunk,     a_window, a_n_curves,         \
+               a_n_sink, a_causal, a_n_levels, a_topk, a_kp}
+
+struct SearchArgs {
+    const float* q;            // (B, H, N, dk)
+    const float* k;            // (B, Hkv, S, dk)
+    const uint32_t* qcodes;    // (B, H, C, N)
+    const uint64_t* levels;    // level buffers, see level_off
+    const long long* level_off;  // (n_levels,) start of level l in `levels`
+    long long n, s, n_full;
+    int b, h, hkv, dk, chunk, window, n_curves, n_sink, causal, n_levels, topk, kp;
+};
+
+/// Shared memory of one warp: 2*kp u64 keys, then kp floats and kp ints (forward only).
+struct WarpSelect {
+    uint64_t* work;  // [0, kp): best (sorted, distinct, NONE-padded); [kp, 2kp): queue
+    int kp, topk, qn;
+    uint64_t kth;  // current k-th best key (NONE while fewer than topk)
+
+    __device__ void init(uint64_t* w, int kp_, int topk_) {
+        work = w;
+        kp = kp_;
+        topk = topk_;
+        qn = 0;
+        kth = ZETA_KEY_NONE;
+        for (int i = lane_id(); i < 2 * kp; i += 32) work[i] = ZETA_KEY_NONE;
+        __syncwarp();
+    }
+
+    /// Bitonic sort of work[0, 2kp) ascending, then keep the first kp distinct keys.
+    __device__ void flush() {
+        const int p = 2 * kp;
+        const unsigned lane = lane_id();
+        for (int i = kp + qn + lane; i < p; i += 32) work[i] = ZETA_KEY_NONE;
+        __syncwarp();
+        for (int size = 2; size <= p; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                for (int t = lane; t < p / 2; t += 32) {
+                    int i = (t / stride) * 2 * stride + (t % stride);
+                    int j = i + stride;
+                    uint64_t a = work[i], c = work[j];
+                    bool up = (i & size) == 0;
+                    if ((a > c) == up) {
+                        work[i] = c;
+                        work[j] = a;
+                    }
+                }
+                __syncwarp();
+            }
+        }
+        uint64_t vals[16];
+        bool keep[16];
+        const int rounds = p / 32;
+        for (int r = 0; r < rounds; ++r) {
+            int i = r * 32 + lane;
+            vals[r] = work[i];
+            keep[r] = vals[r] != ZETA_KEY_NONE && (i == 0 || work[i - 1] != vals[r]);
+        }
+        __syncwarp();
+        int base = 0;
+        for (int r = 0; r < rounds; ++r) {
+            unsigned m = __ballot_sync(ZETA_FULL_MASK, keep[r]);
+            int rank = base + __popc(m & ((1u << lane) - 1u));
+            if (keep[r] && rank < kp) work[rank] = vals[r];
+            base += __popc(m);
+        }
+        __syncwarp();
+        for (int i = base + lane; i < kp; i += 32) work[i] = ZETA_KEY_NONE;
+        qn = 0;
+        __syncwarp();
+        kth = work[topk - 1];
+    }
+
+    /// Offers one key per lane (valid = false: nothing). Every lane of the warp calls this.
+    __device__ void offer(uint64_t key, bool valid) {
+        bool pass = valid && key < kth;
+        unsigned m = __ballot_sync(ZETA_FULL_MASK, pass);
+        int cnt = __popc(m);
+        if (cnt == 0) return;
+        if (qn + cnt > kp) {
+            flush();
+            pass = valid && key < kth;
+            m = __ballot_sync(ZETA_FULL_MASK, pass);
+            cnt = __popc(m);
+        }
+        if (pass) work[kp + qn + __popc(m & ((1u << lane_id()) - 1u))] = key;
+        qn += cnt;
+        __syncwarp();
+    }
+};
+
+/// Runs the candidate search of query (b, h, i) and leaves its top-k in ws.work[0, topk).
+__device__ void search_query(const SearchArgs& a, long long w, const float* qv, WarpSelect& ws) {
+    const unsigned lane = lane_id();
+    const long long i = w % a.n;
+    const long long bh = w / a.n;  // b * H + h
+    const int h = static_cast<int>(bh % a.h);
+    const long long bb = bh / a.h;
+    const long long g = bb * a.hkv + h / (a.h / a.hkv);  // kv slice
+    const float* kg = a.k + g * a.s * a.dk;
+    const long long p = a.s - a.n + i;  // absolute position
+    const long long cq = a.causal ? p / a.chunk : 0;
+    const int bits_set = a.causal ? __popcll(static_cast<unsigned long long>(cq)) : 1;
+    const int n_probes = a.n_curves * bits_set;
+
+    auto scan = [&](long long pos) -> uint64_t {
+        float kr[ZETA_MAX_DK];
+        for (int j = 0; j < a.dk; ++j) kr[j] = kg[pos * a.dk + j];
+        return pack_key(sq_dist(qv, kr, a.dk), static_cast<uint32_t>(pos));
+    };
+
+    for (int base = 0; base < n_probes; base += 32) {
+        // Lane t finds the window of probe base + t.
+        long long lo = 0, hi = 0;
+        const uint64_t* run = a.levels;
+        int pr = base + static_cast<int>(lane);
+        if (pr < n_probes) {
+            int c = pr / bits_set, nth = pr % bits_set;
+            uint32_t qcode = a.qcodes[(bh * a.n_curves + c) * a.n + i];
+            long long run_len;
+            if (a.causal) {
+                int l = 0;
+                for (int seen = -1;; ++l) {  // the nth set bit of cq, lowest first
+                    if ((cq >> l) & 1) {
+                        if (++seen == nth) break;
+                    }
+                }
+                run_len = static_cast<long long>(a.chunk) << l;
+                long long width = ((a.n_full >> l) << l) * a.chunk;
+                long long m = (cq >> l) - 1;
+                run = a.levels + a.level_off[l] + (g * a.n_curves + c) * width + m * run_len;
+            } else {
+                run_len = a.s;
+                run = a.levels + (g * a.n_curves + c) * a.s;
+            }
+            long long sidx = lower_bound_u64(run, static_cast<uint32_t>(run_len),
+                                             static_cast<uint64_t>(qcode) << 32);
+            lo = sidx - a.window > 0 ? sidx - a.window : 0;
+            hi = sidx + a.window < run_len ? sidx + a.window : run_len;
+        }
+        int cnt = n_probes - base < 32 ? n_probes - base : 32;
+        for (int t = 0; t < cnt; ++t) {
+            long long tlo = __shfl_sync(ZETA_FULL_MASK, lo, t);
+            long long thi = __shfl_sync(ZETA_FULL_MASK, hi, t);
+            unsigned long long trun = __shfl_sync(ZETA_FULL_MASK, reinterpret_cast<unsigned long long>(run), t);
+            const uint64_t* r = reinterpret_cast<const uint64_t*>(trun);
+            for (long long x = tlo; x < thi; x += 32) {
+                long long e = x + lane;
+                bool valid = e < thi;
+                uint64_t key = valid ? scan(static_cast<long long>(r[e] & 0xffffffffull)) : 0;
+                ws.offer(key, valid);
+            }
+        }
+    }
+    if (a.causal) {  // own chunk [cq*chunk, p]
+        for (long long x = cq * a.chunk; x <= p; x += 32) {
+            long long pos = x + lane;
+            bool valid = pos <= p;
+            ws.offer(valid ? scan(pos) : 0, valid);
+        }
+    }
+    if (a.n_sink > 0) {  // sinks [0, min(n_sink, last + 1))
+        long long last = a.causal ? p : a.s - 1;
+        long long end = a.n_sink < last + 1 ? a.n_sink : last + 1;
+        for (long long x = 0; x < end; x += 32) {
+            long long pos = x + lane;
+            bool valid = pos < end;
+            ws.offer(valid ? scan(pos) : 0, valid);
+        }
+    }
+    ws.flush();
+}
+
+__device__ __forceinline__ void load_query(const SearchArgs& a, long long w, float* qv) {
+    for (int j = 0; j < ZETA_MAX_DK; ++j) qv[j] = j < a.dk ? a.q[w * a.dk + j] : 0.0f;
+}
+
+/// knn: indices (B, H, N, topk) int64 (-1 missing) and d2 (B, H, N, topk) float32 (+inf).
+__global__ void knn_kernel(ZETA_SEARCH_PARAMS, long long* __restrict__ out_idx, float* __restrict__ out_d2) {
+    const SearchArgs a = ZETA_SEARCH_ARGS;
+    ZETA_DYN_SMEM(uint64_t, smem);
+    const int warps = blockDim.x / 32;
+    const int wib = threadIdx.x / 32;
+    const long long w = static_cast<long long>(blockIdx.x) * warps + wib;
+    const long long total = static_cast<long long>(a.b) * a.h * a.n;
+    if (w >= total) return;
+    WarpSelect ws;
+    ws.init(smem + static_cast<long long>(wib) * 2 * a.kp, a.kp, a.topk);
+    float qv[ZETA_MAX_DK];
+    load_query(a, w, qv);
+    search_query(a, w, qv, ws);
+    for (int j = lane_id(); j < a.topk; j += 32) {
+        uint64_t key = ws.work[j];
+        bool ok = key != ZETA_KEY_NONE;
+        out_idx[w * a.topk + j] = ok ? static_cast<long long>(key & 0xffffffffull) : -1;
+        out_d2[w * a.topk + j] = ok ? __uint_as_float(static_cast<uint32_t>(key >> 32))
+                                    : __uint_as_float(0x7f800000u);
+    }
+}
+
+/// Forward: out (B, H, N, dv) and the selected positions (B, H, N, topk) int32 (-1 missing),
+/// which is all the backward keeps. kbar/vbar: (B, Hkv, N, dk|dv) float32 means of the visible
+/// keys/values (mean_token), else unused.
+template <class V>
+__global__ void forward_kernel(ZETA_SEARCH_PARAMS, const V* __restrict__ v, int dv,
+                               const float* __restrict__ gamma2, const float* __restrict__ kbar,
+                               const float* __restrict__ vbar, int mean_token, V* __restrict__ out,
+                               int* __restrict__ out_idx) {
+    const SearchArgs a = ZETA_SEARCH_ARGS;
+    ZETA_DYN_SMEM(uint64_t, smem);
+    const int warps = blockDim.x / 32;
+    const int wib = threadIdx.x / 32;
+    const long long w = static_cast<long long>(blockIdx.x) * warps + wib;
+    const long long total = static_cast<long long>(a.b) * a.h * a.n;
+    if (w >= total) return;
+    // Per warp: 2*kp keys, kp scores, kp positions.
+    uint64_t* mine = smem + static_cast<long long>(wib) * 3 * a.kp;
+    float* sc = reinterpret_cast<float*>(mine + 2 * a.kp);
+    int* ps = reinterpret_cast<int*>(sc + a.kp);
+    WarpSelect ws;
+    ws.init(mine, a.kp, a.topk);
+    float qv[ZETA_MAX_DK];
+    load_query(a, w, qv);
+    search_query(a, w, qv, ws);
+
+    const unsigned lane = lane_id();
+    const long long i = w % a.n, bh = w / a.n;
+    const int h = static_cast<int>(bh % a.h);
+    const long long g = (bh / a.h) * a.hkv + h / (a.h / a.hkv);
+    const float g2 = gamma2[h];
+    for (int j = lane; j < a.topk; j += 32) {
+        uint64_t key = ws.work[j];
+        bool ok = key != ZETA_KEY_NONE;
+        float d2 = __uint_as_float(static_cast<uint32_t>(key >> 32));
+        sc[j] = ok ? __fdiv_rn(1.0f, __fadd_rn(d2, g2)) : 0.0f;
+        ps[j] = ok ? static_cast<int>(key & 0xffffffffull) : -1;
+        out_idx[w * a.topk + j] = ps[j];
+    }
+    __syncwarp();
+    int count = 0;
+    float z = 0.0f;
+    for (int j = 0; j < a.topk && ps[j] >= 0; ++j, ++count) z = __fadd_rn(z, sc[j]);
+    float sm = 0.0f;
+    if (mean_token) {
+        sm = __fdiv_rn(1.0f, __fadd_rn(sq_dist(qv, kbar + (g * a.n + i) * a.dk, a.dk), g2));
+        z = __fadd_rn(z, sm);
+    }
+    const float inv = __fdiv_rn(1.0f, z);
+    const V* vg = v + g * a.s * dv;
+    for (int col = lane; col < dv; col += 32) {
+        float acc = 0.0f;
+        for (int j = 0; j < count; ++j)
+            acc = __fadd_rn(acc, __fmul_rn(sc[j], to_float(vg[static_cast<long long>(ps[j]) * dv + col])));
+        if (mean_token) acc = __fadd_rn(acc, __fmul_rn(sm, vbar[(g * a.n + i) * dv + col]));
+        out[w * dv + col] = from_float<V>(__fmul_rn(acc, inv));
+    }
+}
+
+}  // namespace zeta
