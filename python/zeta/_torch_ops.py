@@ -136,10 +136,33 @@ def _backward(ctx, grad_out, _grad_idx):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _index_params(chunk, window, n_curves, n_sink, causal, bits, scale):
+    from ._validate import IndexParams
+
+    return IndexParams(chunk, window, n_curves, n_sink, causal, bits, scale)
+
+
+@attention_fwd.register_kernel("cuda")
+def _(q, k, v, gamma, topk, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale):
+    from .backends import cupy_backend
+
+    p = _index_params(chunk, window, n_curves, n_sink, causal, bits, scale)
+    return cupy_backend.torch_attention_fwd(q, k, v, gamma, topk, mean_token, p)
+
+
+@attention_bwd.register_kernel("cuda")
+def _(q, k, v, gamma, idx, grad_out, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale):
+    from .backends import cupy_backend
+
+    p = _index_params(chunk, window, n_curves, n_sink, causal, bits, scale)
+    return cupy_backend.torch_attention_bwd(q, k, v, gamma, idx, grad_out, mean_token, p)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, topk: int, mean_token: bool, p) -> Tensor:
-    """Rust-backed attention on CPU tensors; half precisions computed in float32."""
+    """The custom op: Rust on CPU tensors (half precisions computed in float32), the CUDA
+    kernels on CUDA tensors (queries/keys in float32 inside, values read in their dtype)."""
     dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu":
         q, k, v = q.float(), k.float(), v.float()
     out, _ = attention_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), gamma, topk, mean_token,

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import is_torch
+from .backends.cupy_backend import is_cupy
 from ._validate import check_qkv_shapes, gamma_array, index_params
 from .backends import CallInfo, select
 
@@ -21,19 +22,20 @@ _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 def _kind(arrays, names) -> Tuple[str, str, str]:
     """(kind, device, dtype) shared by all inputs, or a TypeError naming the odd one."""
-    kinds = ["torch" if is_torch(a) else "numpy" if isinstance(a, np.ndarray) else None for a in arrays]
+    kinds = ["torch" if is_torch(a) else "numpy" if isinstance(a, np.ndarray)
+             else "cupy" if is_cupy(a) else None for a in arrays]
     for a, kd, nm in zip(arrays, kinds, names):
         if kd is None:
             raise TypeError(f"{nm}: expected a numpy array or torch tensor, got {type(a).__name__}")
     if len(set(kinds)) > 1:
         raise TypeError(f"{', '.join(names)}: mix numpy arrays and torch tensors; pass one kind")
     kind = kinds[0]
-    if kind == "torch":
+    if kind in ("torch", "cupy"):
         devs = [str(a.device) for a in arrays]
         if len(set(devs)) > 1:
             raise ValueError(f"{names[devs.index(devs[-1])]}: on {devs[-1]}, but {names[0]} is on {devs[0]}; put them on one device")
         dtypes = [str(a.dtype).replace("torch.", "") for a in arrays]
-        device = arrays[0].device.type
+        device = arrays[0].device.type if kind == "torch" else "cuda"
     else:
         dtypes = [str(a.dtype) for a in arrays]
         device = "cpu"
@@ -103,7 +105,11 @@ def knn(
     check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal, topk=_topk(topk))
     p = index_params(q.shape[-1], topk, causal=causal, chunk=chunk, window=window,
                      n_curves=n_curves, n_sink=n_sink, bits=bits, scale=scale)
-    be = select(CallInfo(kind, device, dtype, q.shape[-1]), backend)
+    be = select(CallInfo(kind, device, dtype, q.shape[-1], topk=_topk(topk)), backend)
+    if be.name == "cupy":
+        from .backends import cupy_backend
+
+        return cupy_backend.knn(q, k, topk, p)
     if be.name == "torch":
         import torch
 
@@ -185,7 +191,14 @@ def attention(
                      n_sink=n_sink, bits=bits, scale=scale)
     if not isinstance(mean_token, (bool, np.bool_)):
         raise TypeError(f"mean_token: expected a bool, got {type(mean_token).__name__}")
-    be = select(CallInfo(kind, device, dtype, dk), backend)
+    be = select(CallInfo(kind, device, dtype, dk, topk=topk), backend)
+    if kind == "cupy":
+        from .backends import cupy_backend
+
+        if not all(map(cupy_backend.is_cupy, (q, k, v))):
+            raise TypeError("q, k, v: pass cupy arrays together")
+        return cupy_backend.attention_cupy(q, k, v, gamma_array(_host(gamma), h), topk,
+                                           bool(mean_token), p)
     if kind == "numpy":
         g = gamma_array(gamma, h)
         if be.name == "torch":
@@ -216,7 +229,7 @@ def attention(
         gt = torch.as_tensor(gamma_array(gamma, h), dtype=torch.float64, device=q.device)
     # Value checks that read tensor data (NaN/inf, gamma > 0) would break torch.compile graphs;
     # the Rust kernels make them anyway, so only the reference path checks here.
-    if be.name == "torch" and not torch.compiler.is_compiling():
+    if be.name in ("torch", "cupy") and not torch.compiler.is_compiling():
         for t, nm in ((q, "q"), (k, "k"), (v, "v")):
             _check_finite_torch(t.detach(), nm)
         if is_torch(gamma):
@@ -233,6 +246,11 @@ def attention(
     from . import _torch_ops
 
     return _torch_ops.attention(q, k, v, gt, topk, bool(mean_token), p)
+
+
+def _host(x: Any) -> Any:
+    """A cupy array as numpy (gamma); anything else unchanged."""
+    return x.get() if is_cupy(x) else x
 
 
 def _ref_kwargs(p) -> dict:

@@ -11,7 +11,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._arrays import contiguous, like, to_numpy
+from ._arrays import contiguous, is_torch, like, to_numpy
+from .backends.cupy_backend import is_cupy
 
 MAX_DIMS = 8
 
@@ -53,6 +54,15 @@ def morton_encode(coords: Any, bits: Optional[int] = None) -> Any:
         coordinate ``j`` lands at bit ``b * d + j`` (coordinate 0 lowest), as in pymorton
         and libmorton.
     """
+    if _on_gpu(coords):
+        dt, shape = _dtype_of(coords), tuple(coords.shape)
+        if dt is None or dt.type not in _UINTS:
+            raise TypeError(f"coords: expected an unsigned integer dtype (uint8/16/32/64), got {coords.dtype}")
+        if len(shape) < 1:
+            raise ValueError("coords: must have at least one axis (..., d)")
+        _check_dims(shape[-1], "coords")
+        bits = 64 // shape[-1] if bits is None else _check_bits(bits, shape[-1])
+        return _gpu_call("morton_encode", lambda c: morton_encode(c, bits), (coords,), bits)
     a = to_numpy(coords, "coords")
     if a.dtype.type not in _UINTS:
         raise TypeError(
@@ -82,6 +92,17 @@ def morton_decode(codes: Any, dims: int, bits: Optional[int] = None) -> Any:
     Returns:
         coordinates, shape ``(..., dims)``, of the codes' dtype.
     """
+    if _on_gpu(codes):
+        dt = _dtype_of(codes)
+        if dt is None or dt.type not in (np.uint32, np.uint64):
+            raise TypeError(f"codes: expected uint32 or uint64, got {codes.dtype}")
+        if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
+            raise TypeError(f"dims: expected an int, got {type(dims).__name__}")
+        _check_dims(int(dims), "dims")
+        width = 32 if dt == np.uint32 else 64
+        bits = width // dims if bits is None else _check_bits(bits, dims, width)
+        return _gpu_call("morton_decode", lambda c: morton_decode(c, dims, bits), (codes,),
+                         int(dims), bits)
     a = to_numpy(codes, "codes")
     if a.dtype.type not in (np.uint32, np.uint64):
         raise TypeError(f"codes: expected uint32 or uint64, got {a.dtype}")
@@ -114,6 +135,20 @@ def zorder(x: Any, bits: Optional[int] = None, shift: int = 0, *, scale: float =
     Returns:
         codes, shape ``(...)``: uint32 when ``d * bits <= 32``, else uint64.
     """
+    if _on_gpu(x):
+        name = str(x.dtype).replace("torch.", "")
+        if name not in ("float16", "bfloat16", "float32", "float64"):
+            raise TypeError(f"x: expected a float array (float32/float64), got {x.dtype}")
+        if len(x.shape) < 1:
+            raise ValueError("x: must have at least one axis (..., d)")
+        d = x.shape[-1]
+        _check_dims(d, "x")
+        bits = default_zorder_bits(d) if bits is None else _check_bits(bits, d)
+        if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or not 0 <= shift <= d:
+            raise ValueError(f"shift: must be an int curve index in 0..{d}, got {shift!r}")
+        _check_finite_device(x, "x")
+        return _gpu_call("zorder", lambda c: zorder(c, bits, shift, scale=scale), (x,), d, bits,
+                         int(shift), float(scale))
     a = to_numpy(x, "x")
     if a.dtype == np.float16:
         a = a.astype(np.float32)
@@ -131,6 +166,44 @@ def zorder(x: Any, bits: Optional[int] = None, shift: int = 0, *, scale: float =
     lead = a.shape[:-1]
     out = _core.zorder(contiguous(a.reshape(-1, d)), bits, int(shift), scale, d * bits > 32)
     return like(out.reshape(lead), x)
+
+
+def _dtype_of(x: Any) -> Optional[np.dtype]:
+    """numpy dtype of a numpy/cupy array or torch tensor (None for torch-only dtypes)."""
+    try:
+        return np.dtype(str(x.dtype).replace("torch.", ""))
+    except TypeError:
+        return None
+
+
+def _check_finite_device(x: Any, name: str) -> None:
+    ok = bool(x.isfinite().all()) if is_torch(x) else bool(__import__("cupy").isfinite(x).all())
+    if not ok:
+        raise ValueError(f"{name}: contains NaN or inf")
+
+
+def _on_gpu(x: Any) -> bool:
+    return is_cupy(x) or (is_torch(x) and x.device.type != "cpu")
+
+
+def _gpu_call(fn_name: str, cpu_fn, arrays: tuple, *args):
+    """A primitive on device arrays: the CUDA kernels when the cupy backend is available, else
+    (torch tensors only) the CPU path on a host copy, moved back to the input's device.
+
+    The arguments are checked first by running ``cpu_fn`` on zero-length host stand-ins of the
+    same dtype and trailing shape, so both paths raise the same errors."""
+    from .backends import BACKENDS
+
+    why = BACKENDS["cupy"].unavailable_reason()
+    if why is None:
+        from .backends import cupy_backend
+
+        return getattr(cupy_backend, fn_name)(*arrays, *args)
+    if any(is_cupy(a) for a in arrays):
+        raise TypeError(f"cupy arrays need the cupy backend, which is unavailable: {why}")
+    dev = arrays[0].device
+    out = cpu_fn(*(a.cpu() for a in arrays))
+    return out.to(dev)
 
 
 def _check_nonempty(a: np.ndarray, name: str) -> None:
@@ -159,6 +232,13 @@ def argsort(codes: Any) -> Any:
         int64 indices, shape ``(..., n)``: ``take_along_axis(codes, idx, -1)`` is sorted and
         equal codes keep their order (as ``numpy.argsort(kind="stable")``).
     """
+    if _on_gpu(codes):
+        dt = _dtype_of(codes)
+        if dt is None or dt.kind != "u":
+            raise TypeError(f"codes: expected unsigned integer codes (uint32/uint64), got {codes.dtype}")
+        if len(codes.shape) < 1:
+            raise ValueError("codes: must have at least one axis")
+        return _gpu_call("argsort", argsort, (codes,))
     a = to_numpy(codes, "codes")
     flat = _codes_2d(a, "codes")
     out = _core.argsort(flat)
@@ -180,6 +260,22 @@ def searchsorted(sorted_codes: Any, queries: Any, side: str = "left") -> Any:
     """
     if side not in ("left", "right"):
         raise ValueError(f"side: must be 'left' or 'right', got {side!r}")
+    if _on_gpu(sorted_codes) or _on_gpu(queries):
+        for a, nm in ((sorted_codes, "sorted_codes"), (queries, "queries")):
+            if not _on_gpu(a):
+                raise TypeError(f"{nm}: on the CPU, but the other argument is on a GPU")
+            dt = _dtype_of(a)
+            if dt is None or dt.type not in (np.uint32, np.uint64):
+                raise TypeError(f"{nm}: expected uint32 or uint64 codes on a GPU, got {a.dtype}")
+            if len(a.shape) < 1:
+                raise ValueError("sorted_codes, queries: must have at least one axis")
+        if _dtype_of(sorted_codes) != _dtype_of(queries):
+            raise TypeError(f"queries: dtype {queries.dtype} does not match sorted_codes' {sorted_codes.dtype}")
+        if tuple(sorted_codes.shape[:-1]) != tuple(queries.shape[:-1]):
+            raise ValueError(f"queries: leading shape {tuple(queries.shape[:-1])} does not match "
+                             f"sorted_codes' {tuple(sorted_codes.shape[:-1])}")
+        return _gpu_call("searchsorted", lambda a, b: searchsorted(a, b, side),
+                         (sorted_codes, queries), side == "right")
     s = to_numpy(sorted_codes, "sorted_codes")
     q = to_numpy(queries, "queries")
     if s.ndim < 1 or q.ndim < 1:

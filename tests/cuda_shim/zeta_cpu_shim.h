@@ -61,6 +61,7 @@ struct Block {
     std::vector<unsigned char> dyn_smem;
     int current = 0;
     int nthreads = 0;
+    std::string error;  // an exception thrown inside a fiber, rethrown by the scheduler
 };
 
 inline Block*& block() {
@@ -176,7 +177,11 @@ struct KernelCall {
 inline void fiber_entry(unsigned lo, unsigned hi) {
     KernelCall* call = reinterpret_cast<KernelCall*>((static_cast<uintptr_t>(hi) << 32) | lo);
     Block* blk = block();
-    call->run();
+    try {
+        call->run();
+    } catch (const std::exception& e) {
+        blk->error = e.what();
+    }
     blk->fibers[blk->current].done = true;
     swapcontext(&blk->fibers[blk->current].ctx, &blk->scheduler);
 }
@@ -226,6 +231,10 @@ inline void launch(KernelCall* call, dim3 grid, dim3 blockd, size_t shmem) {
                         blk.current = t;
                         thread_idx() = f.tid;
                         swapcontext(&blk.scheduler, &f.ctx);
+                        if (!blk.error.empty()) {
+                            block() = nullptr;
+                            throw std::runtime_error(blk.error);
+                        }
                         progress = true;
                         if (f.done) --remaining;
                     }

@@ -19,11 +19,12 @@ from typing import Any, Dict, List, Optional, Tuple
 class CallInfo:
     """What a backend needs to know about a call."""
 
-    kind: str  # "numpy" or "torch"
+    kind: str  # "numpy", "torch" or "cupy"
     device: str  # "cpu", "cuda", ...
     dtype: str  # "float32", ...
     key_dim: int
     requires_grad: bool = False
+    topk: int = 0  # 0: not a top-k call
 
 
 class Backend:
@@ -66,6 +67,8 @@ class RustBackend(Backend):
         r = super().not_supported_reasons(info)
         if info.kind == "torch" and "torch" not in sys.modules:
             r.append("torch not imported")
+        if info.kind == "cupy":
+            r.append("cupy arrays live on a GPU")
         return r
 
 
@@ -80,15 +83,40 @@ class TorchBackend(Backend):
             return None
         return "torch is not installed (pip install zeta-attention[torch])"
 
+    def not_supported_reasons(self, info):
+        r = super().not_supported_reasons(info)
+        if info.kind == "cupy":
+            r.append("takes numpy arrays and torch tensors, not cupy arrays")
+        return r
+
 
 class CupyBackend(Backend):
-    """CUDA RawKernels through CuPy: not part of this release."""
+    """CUDA RawKernels through CuPy (``zeta/kernels/*.cu``): torch CUDA tensors and cupy arrays."""
 
     name = "cupy"
     devices = ("cuda",)
+    dtypes = ("float16", "bfloat16", "float32")
+    _why: Optional[str] = None
+    _checked = False
 
     def unavailable_reason(self):
-        return "CUDA kernels are not implemented in this version (CUDA tensors use the torch backend)"
+        if not CupyBackend._checked:
+            if importlib.util.find_spec("cupy") is None:
+                CupyBackend._why = "cupy is not installed (pip install zeta-attention[cuda12] or [cuda13])"
+            else:
+                from .cupy_backend import unavailable_reason
+
+                CupyBackend._why = unavailable_reason()
+            CupyBackend._checked = True
+        return CupyBackend._why
+
+    def not_supported_reasons(self, info):
+        r = super().not_supported_reasons(info)
+        if info.kind == "numpy":
+            r.append("takes torch CUDA tensors and cupy arrays, not numpy arrays")
+        if info.topk > 256:
+            r.append(f"topk {info.topk} > 256 (the kernels keep the top-k of a query in shared memory)")
+        return r
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (RustBackend(), CupyBackend(), TorchBackend())}

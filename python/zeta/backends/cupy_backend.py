@@ -1,0 +1,297 @@
+"""The CUDA backend: CuPy RawKernels (``zeta/kernels/*.cu``) on torch CUDA tensors and CuPy arrays.
+
+torch tensors cross to CuPy through DLPack without a copy, the kernels run on torch's current
+stream, and scratch memory comes from torch's caching allocator (so it shows in
+``torch.cuda.max_memory_allocated`` and is reused by torch). float16/bfloat16 values are read
+natively by the kernels (as raw 16-bit arrays); queries and keys are computed in float32.
+
+Autograd goes through the ``torch.library`` custom ops of :mod:`zeta._torch_ops`, whose CUDA
+kernels are registered here (:func:`register_torch_kernels`), so ``torch.compile`` and
+``opcheck`` see one op on every device.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+MIN_COMPUTE_CAPABILITY = (7, 0)
+MAX_TOPK = 256
+
+
+def is_cupy(x: Any) -> bool:
+    cp = sys.modules.get("cupy")
+    return cp is not None and isinstance(x, cp.ndarray)
+
+
+def unavailable_reason() -> Optional[str]:
+    try:
+        import cupy
+    except ImportError:
+        return "cupy is not installed (pip install zeta-attention[cuda12] or [cuda13])"
+    except Exception as e:  # a broken CUDA install raises other errors at import
+        return f"cupy does not import: {e}"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return f"no CUDA device usable by cupy ({type(e).__name__}: {e})"
+    if n < 1:
+        return "no CUDA device visible to cupy"
+    try:
+        cc = cupy.cuda.Device(0).compute_capability  # "90"
+        major, minor = int(cc[:-1]), int(cc[-1])
+    except Exception as e:
+        return f"cannot read the device's compute capability: {e}"
+    if (major, minor) < MIN_COMPUTE_CAPABILITY:
+        return f"compute capability {major}.{minor} < 7.0 (the kernels need Volta or newer)"
+    return None
+
+
+# ---- torch <-> cupy ---------------------------------------------------------------------------
+
+_SIGNED = {np.dtype(np.uint32): np.int32, np.dtype(np.uint64): np.int64}
+
+
+class TorchRuntime:
+    """A :class:`zeta._cuda.runtime.CupyRuntime` whose scratch arrays are torch allocations."""
+
+    def __new__(cls, device):
+        import torch
+
+        from .._cuda.runtime import CupyRuntime
+
+        def empty(shape, dtype):
+            dt = np.dtype(dtype)
+            signed = _SIGNED.get(dt, dt)
+            t = torch.empty(tuple(int(s) for s in shape), dtype=_torch_dtype(np.dtype(signed)),
+                            device=device)
+            a = _cupy_view(t)
+            return a.view(dt) if signed is not dt else a
+
+        def zeros(shape, dtype):
+            a = empty(shape, dtype)
+            a.fill(0)
+            return a
+
+        return CupyRuntime(empty=empty, zeros=zeros)
+
+
+def _torch_dtype(dt: np.dtype):
+    import torch
+
+    return {
+        np.dtype(np.float32): torch.float32,
+        np.dtype(np.float64): torch.float64,
+        np.dtype(np.float16): torch.float16,
+        np.dtype(np.int16): torch.int16,
+        np.dtype(np.int32): torch.int32,
+        np.dtype(np.int64): torch.int64,
+        np.dtype(np.uint8): torch.uint8,
+    }[dt]
+
+
+def _cupy_view(t):
+    """A contiguous torch CUDA tensor as a cupy array (no copy); 16-bit floats as int16."""
+    import cupy
+    import torch
+
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return cupy.from_dlpack(t.detach())
+
+
+def _torch_of(a, like_dtype=None):
+    """A cupy array as a torch tensor (no copy); int16 back to ``like_dtype`` if 16-bit float."""
+    import torch
+
+    t = torch.from_dlpack(a)
+    if like_dtype is not None and like_dtype in (torch.bfloat16, torch.float16):
+        t = t.view(like_dtype)
+    return t
+
+
+def _vdtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class _Stream:
+    """Runs cupy work on torch's current stream of ``device`` (and on that device)."""
+
+    def __init__(self, device):
+        import cupy
+        import torch
+
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        self.dev = cupy.cuda.Device(idx)
+        self.stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(idx).cuda_stream, idx)
+
+    def __enter__(self):
+        self.dev.__enter__()
+        self.stream.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.__exit__(*exc)
+        self.dev.__exit__(*exc)
+
+
+# ---- torch custom-op kernels (autograd lives in zeta._torch_ops) --------------------------------
+
+
+def torch_attention_fwd(q, k, v, gamma, topk, mean_token, p) -> Tuple[Any, Any]:
+    """CUDA kernel of ``zeta::attention_fwd``: -> out (B,H,N,dv) v.dtype, idx int32."""
+    from .._cuda import attention as A
+
+    b, h, n, dk = q.shape
+    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+    with _Stream(q.device):
+        rt = TorchRuntime(q.device)
+        qf, kf = (_cupy_view(x.detach().float().contiguous()) for x in (q, k))
+        vc = _cupy_view(v.detach().contiguous())
+        g = _cupy_view(gamma.detach().double().contiguous())
+        out, idx = A.forward(rt, qf, kf, vc, _vdtype_name(v.dtype), g, (b, h, hkv, n, s, dk), dv,
+                             p, topk, bool(mean_token))
+        return _torch_of(out, v.dtype), _torch_of(idx)
+
+
+def torch_attention_bwd(q, k, v, gamma, idx, grad_out, mean_token, p):
+    """CUDA kernel of ``zeta::attention_bwd``: -> dq, dk, dv, dgamma (the inputs' dtypes)."""
+    from .._cuda import attention as A
+
+    b, h, n, dk = q.shape
+    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+    with _Stream(q.device):
+        rt = TorchRuntime(q.device)
+        qf, kf = (_cupy_view(x.detach().float().contiguous()) for x in (q, k))
+        vc = _cupy_view(v.detach().contiguous())
+        go = _cupy_view(grad_out.detach().to(v.dtype).contiguous())
+        g = _cupy_view(gamma.detach().double().contiguous())
+        ic = _cupy_view(idx.contiguous())
+        dq, dkk, dvv, dg = A.backward(rt, qf, kf, vc, _vdtype_name(v.dtype), g, ic, go,
+                                      (b, h, hkv, n, s, dk), dv, p, bool(mean_token))
+        return (_torch_of(dq).to(q.dtype), _torch_of(dkk).to(k.dtype), _torch_of(dvv).to(v.dtype),
+                _torch_of(dg).to(gamma.dtype))
+
+
+# ---- calls without autograd (cupy arrays, and torch tensors for knn / primitives) -------------
+
+
+def _as_cupy(x):
+    """(cupy array, to_output): a cupy view of a torch CUDA tensor or cupy array, and the
+    function that turns a cupy result back into the input's kind."""
+    if is_cupy(x):
+        import cupy
+
+        return cupy.ascontiguousarray(x), (lambda a, like=None: a)
+    return _cupy_view(x.contiguous()), (lambda a, like=None: _torch_of(a, like))
+
+
+def _runtime_for(x):
+    if is_cupy(x):
+        from .._cuda.runtime import CupyRuntime
+
+        return CupyRuntime()
+    return TorchRuntime(x.device)
+
+
+class _On:
+    """The device/stream context of an input: torch's current stream, or cupy's current one."""
+
+    def __init__(self, x):
+        self.ctx = None if is_cupy(x) else _Stream(x.device)
+        if is_cupy(x):
+            import cupy
+
+            self.ctx = cupy.cuda.Device(x.device.id)
+
+    def __enter__(self):
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+
+def knn(q, k, topk: int, p) -> Tuple[Any, Any]:
+    """(B,H,N,topk) int64 indices and squared distances in q's dtype."""
+    from .._cuda import search
+
+    b, h, n, dk = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    with _On(q):
+        rt = _runtime_for(q)
+        q32 = q if is_cupy(q) else q.detach().float()
+        k32 = k if is_cupy(k) else k.detach().float()
+        qc, back = _as_cupy(q32)
+        kc, _ = _as_cupy(k32)
+        qc, kc = qc.astype(np.float32, copy=False), kc.astype(np.float32, copy=False)
+        idx, d2 = search.knn(rt, qc, kc, (b, h, hkv, n, s, dk), p, topk)
+        idx_o, d2_o = back(idx), back(d2)
+        if is_cupy(q):
+            return idx_o, d2_o.astype(q.dtype, copy=False)
+        return idx_o, d2_o.to(q.dtype)
+
+
+def attention_cupy(q, k, v, gamma: np.ndarray, topk: int, mean_token: bool, p):
+    """Forward only, on cupy arrays: (B,H,N,dv) in v's dtype."""
+    import cupy
+
+    from .._cuda import attention as A
+    from .._cuda.runtime import CupyRuntime
+
+    b, h, n, dk = q.shape
+    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+    with cupy.cuda.Device(q.device.id):
+        rt = CupyRuntime()
+        qf = cupy.ascontiguousarray(q, dtype=np.float32)
+        kf = cupy.ascontiguousarray(k, dtype=np.float32)
+        vname = str(v.dtype)
+        vc = cupy.ascontiguousarray(v)
+        if vname == "float16":
+            vc = vc.view(np.int16)
+        out, _ = A.forward(rt, qf, kf, vc, vname, cupy.asarray(gamma, dtype=np.float64),
+                           (b, h, hkv, n, s, dk), dv, p, topk, bool(mean_token))
+        return out.view(v.dtype)
+
+
+def zorder(x, d: int, bits: int, shift: int, scale: float):
+    from .._cuda import primitives as P
+
+    with _On(x):
+        xc, back = _as_cupy(x if is_cupy(x) else x.detach().float())
+        return back(P.zorder(_runtime_for(x), xc.astype(np.float32, copy=False), d, bits, shift,
+                             scale))
+
+
+def morton_encode(coords, bits: int):
+    from .._cuda import primitives as P
+
+    with _On(coords):
+        cc, back = _as_cupy(coords)
+        return back(P.morton_encode(_runtime_for(coords), cc, bits))
+
+
+def morton_decode(codes, dims: int, bits: int):
+    from .._cuda import primitives as P
+
+    with _On(codes):
+        cc, back = _as_cupy(codes)
+        return back(P.morton_decode(_runtime_for(codes), cc, dims, bits))
+
+
+def argsort(codes):
+    from .._cuda import primitives as P
+
+    with _On(codes):
+        cc, back = _as_cupy(codes)
+        return back(P.argsort(_runtime_for(codes), cc))
+
+
+def searchsorted(sorted_codes, queries, right: bool):
+    from .._cuda import primitives as P
+
+    with _On(queries):
+        sc, back = _as_cupy(sorted_codes)
+        qc, _ = _as_cupy(queries)
+        return back(P.searchsorted(_runtime_for(queries), sc, qc, right))
