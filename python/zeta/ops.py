@@ -13,9 +13,9 @@ import numpy as np
 
 from . import _core
 from ._arrays import is_torch
-from .backends.cupy_backend import is_cupy
 from ._validate import check_qkv_shapes, gamma_array, index_params
 from .backends import CallInfo, select
+from .backends.cupy_backend import is_cupy
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 

@@ -17,7 +17,6 @@ from .runtime import Runtime
 
 def values_f32(rt: Runtime, v: Any, vdtype: str) -> Any:
     """v as float32 (16-bit storage decoded)."""
-    xp = rt.xp
     if vdtype == "float32":
         return v
     if vdtype == "bfloat16":

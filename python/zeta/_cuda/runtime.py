@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
-import numpy as np
-
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
 
 #: Every kernel instantiation, per source file (cupy ``name_expressions``).
@@ -44,8 +42,8 @@ NAME_EXPRESSIONS: Dict[str, List[str]] = {
 }
 
 #: Options of every compile: no fused multiply-add (distances and quantization must match the
-#: CPU bit for bit), C++17, the kernel folder on the include path.
-NVRTC_OPTIONS: Tuple[str, ...] = ("--std=c++17", "--fmad=false")
+#: CPU bit for bit); NVRTC's default dialect (C++17); the kernel folder on the include path.
+NVRTC_OPTIONS: Tuple[str, ...] = ("--fmad=false",)
 
 #: The C++ type a kernel reads for each value dtype name.
 VALUE_TYPE = {"float32": "float", "float16": "zeta::f16", "bfloat16": "zeta::bf16"}
