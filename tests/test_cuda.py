@@ -55,8 +55,8 @@ def test_attention_forward_backward_match_cpu(kw, mean_token):
     grad = torch.randn(2, 4, 1500, 64)
     outs = {}
     for dev in ("cpu", "cuda"):
-        qq, kk, vv = (x.to(dev).requires_grad_() for x in (q, k, v))
-        gg = gamma.to(dev).requires_grad_()
+        qq, kk, vv = (x.detach().clone().to(dev).requires_grad_() for x in (q, k, v))
+        gg = gamma.detach().clone().to(dev).requires_grad_()
         o = zeta.attention(qq, kk, vv, topk=32, gamma=gg, mean_token=mean_token, **kw)
         o.backward(grad.to(dev))
         outs[dev] = [t.detach().cpu() for t in (o, qq.grad, kk.grad, vv.grad, gg.grad)]

@@ -66,6 +66,22 @@ def _check_finite_torch(t, name: str) -> None:
         raise ValueError(f"{name}: contains NaN or inf")
 
 
+def _check_values_torch(q, k, v, gamma, h: int) -> None:
+    """NaN/inf in q, k, v and gamma > 0, with one device sync for all of them."""
+    import torch
+
+    flags = [torch.isfinite(t.detach()).all() for t in (q, k, v)]
+    if gamma is not None:
+        g = gamma.detach()
+        flags.append((torch.isfinite(g) & (g > 0)).all())
+    ok = torch.stack(flags).tolist()
+    for good, nm in zip(ok, ("q", "k", "v")):
+        if not good:
+            raise ValueError(f"{nm}: contains NaN or inf")
+    if gamma is not None and not ok[3]:
+        gamma_array(gamma, h)  # raises with the values
+
+
 def knn(
     q: Any,
     k: Any,
@@ -230,10 +246,7 @@ def attention(
     # Value checks that read tensor data (NaN/inf, gamma > 0) would break torch.compile graphs;
     # the Rust kernels make them anyway, so only the reference path checks here.
     if be.name in ("torch", "cupy") and not torch.compiler.is_compiling():
-        for t, nm in ((q, "q"), (k, "k"), (v, "v")):
-            _check_finite_torch(t.detach(), nm)
-        if is_torch(gamma):
-            gamma_array(gt, h)
+        _check_values_torch(q, k, v, gt if is_torch(gamma) else None, h)
     if be.name == "torch":
         from .backends import torch_ref
 

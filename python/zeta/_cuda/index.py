@@ -17,29 +17,20 @@ from .runtime import Runtime, blocks
 THREADS = 256
 
 
-def curve_offsets(d: int, bits: int, n_curves: int) -> np.ndarray:
-    """Grid offset (cells) of curves 0..n_curves-1: ``(j * half) // m``, m the odd denominator."""
-    half = 1 << (bits - 1)
-    m = d + 1 if (d + 1) % 2 == 1 else d + 2
-    return np.array([(j * half) // m for j in range(n_curves)], dtype=np.uint64)
-
-
 def codes(rt: Runtime, x: Any, d: int, bits: int, inner: int, n_curves: int, scale: float,
           wide: bool = False) -> Any:
     """Codes of float32 points ``x`` (rows * d,) for curves 0..n_curves-1.
 
     Row ``r = outer * inner + i`` lands at ``(outer, curve, i)``: (G, inner, d) -> (G, C, inner).
     """
-    xp = rt.xp
     rows = x.size // d
     out = rt.empty((rows * n_curves,), np.uint64 if wide else np.uint32)
     if rows == 0:
         return out
-    offs = xp.asarray(curve_offsets(d, bits, n_curves))
     name = "zeta::zorder_kernel<unsigned long long>" if wide else "zeta::zorder_kernel<unsigned int>"
     rt.launch("zorder.cu", name, blocks(rows, THREADS), THREADS,
               (x, out, np.int64(rows), np.int32(d), np.int32(bits), np.int64(inner),
-               np.int32(n_curves), np.float64(scale), offs))
+               np.int32(n_curves), np.float64(scale), np.int32(0)))
     return out
 
 
@@ -49,14 +40,17 @@ def n_levels(s: int, chunk: int) -> int:
 
 
 def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool
-          ) -> Tuple[Any, Any, int]:
-    """The index of ``kcodes`` ((gc, s) uint32, flat): (levels u64, level offsets i64, n_full)."""
+          ) -> Tuple[Any, int]:
+    """The index of ``kcodes`` ((gc, s) uint32, flat): (levels u64, n_full).
+
+    ``levels`` holds level 0 of every slice, then level 1, ... (the kernels recompute where
+    each level starts from the widths)."""
     xp = rt.xp
     if not causal:
         keys = (kcodes.astype(np.uint64) << np.uint64(32)).reshape(gc, s)
         keys |= xp.arange(s, dtype=np.uint64)[None, :]
         levels = xp.sort(keys, axis=-1).reshape(-1)
-        return levels, xp.zeros((1,), dtype=np.int64), 0
+        return levels, 0
     n_full = s // chunk
     widths: List[int] = [((n_full >> lv) << lv) * chunk for lv in range(n_levels(s, chunk))]
     offs = np.zeros(max(1, len(widths)), dtype=np.int64)
@@ -76,4 +70,4 @@ def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool
         rt.launch("index.cu", "zeta::index_merge_kernel", blocks(gc * w_out, THREADS), THREADS,
                   (src, dst, np.int64(gc), np.int64(w_in), np.int64(w_out),
                    np.int64(chunk << lv)))
-    return levels, xp.asarray(offs), n_full
+    return levels, n_full

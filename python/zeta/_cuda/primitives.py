@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from . import index
 from .runtime import Runtime, blocks
 
 THREADS = 256
@@ -20,14 +19,13 @@ def zorder(rt: Runtime, x: Any, d: int, bits: int, shift: int, scale: float) -> 
     lead = x.shape[:-1]
     wide = d * bits > 32
     rows = x.size // d
-    offs = index.curve_offsets(d, bits, shift + 1)[shift:]
     out = rt.empty((rows,), np.uint64 if wide else np.uint32)
     if rows:
         name = "zeta::zorder_kernel<unsigned long long>" if wide else "zeta::zorder_kernel<unsigned int>"
         rt.launch("zorder.cu", name, blocks(rows, THREADS), THREADS,
                   (rt.xp.ascontiguousarray(x.reshape(-1)), out, np.int64(rows), np.int32(d),
                    np.int32(bits), np.int64(rows), np.int32(1), np.float64(scale),
-                   rt.xp.asarray(offs)))
+                   np.int32(shift)))
     return out.reshape(lead)
 
 

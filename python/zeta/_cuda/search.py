@@ -30,9 +30,9 @@ def _prepare(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: 
     b, h, hkv, n, s, dk = shape
     qcodes = index.codes(rt, q, dk, p.bits, n, p.n_curves, p.scale)
     kcodes = index.codes(rt, k, dk, p.bits, s, p.n_curves, p.scale)
-    levels, level_off, n_full = index.build(rt, kcodes, b * hkv * p.n_curves, s, p.chunk, p.causal)
+    levels, n_full = index.build(rt, kcodes, b * hkv * p.n_curves, s, p.chunk, p.causal)
     kp = kp_of(topk)
-    args = (q, k, qcodes, levels, level_off, np.int64(n), np.int64(s), np.int64(n_full),
+    args = (q, k, qcodes, levels, np.int64(n), np.int64(s), np.int64(n_full),
             np.int32(b), np.int32(h), np.int32(hkv), np.int32(dk), np.int32(p.chunk),
             np.int32(min(p.window, 1 << 30)), np.int32(p.n_curves), np.int32(min(p.n_sink, 1 << 30)),
             np.int32(bool(p.causal)), np.int32(index.n_levels(s, p.chunk)), np.int32(topk),

@@ -125,7 +125,11 @@ class _Stream:
 
         idx = device.index if device.index is not None else torch.cuda.current_device()
         self.dev = cupy.cuda.Device(idx)
-        self.stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(idx).cuda_stream, idx)
+        ts = torch.cuda.current_stream(idx)
+        try:  # cupy >= 14 and a torch whose streams speak the CUDA stream protocol
+            self.stream = cupy.cuda.Stream.from_external(ts)
+        except (AttributeError, TypeError, ValueError):
+            self.stream = cupy.cuda.ExternalStream(ts.cuda_stream, idx)
 
     def __enter__(self):
         self.dev.__enter__()

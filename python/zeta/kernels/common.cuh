@@ -96,12 +96,16 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 // ---- distances -----------------------------------------------------------------------------
 
-/// ((q0-k0)^2 + (q1-k1)^2) + ... in float32, no FMA: the Rust core's sum.
+/// ((q0-k0)^2 + (q1-k1)^2) + ... in float32, no FMA: the Rust core's sum. The loops run to
+/// the fixed ZETA_MAX_DK with a guard so that arrays stay in registers (static indices).
 __device__ __forceinline__ float sq_dist(const float* q, const float* k, int dk) {
     float s = 0.0f;
-    for (int j = 0; j < dk; ++j) {
-        float d = __fsub_rn(q[j], k[j]);
-        s = __fadd_rn(s, __fmul_rn(d, d));
+#pragma unroll
+    for (int j = 0; j < ZETA_MAX_DK; ++j) {
+        if (j < dk) {
+            float d = __fsub_rn(q[j], k[j]);
+            s = __fadd_rn(s, __fmul_rn(d, d));
+        }
     }
     return s;
 }
@@ -123,6 +127,12 @@ __device__ __forceinline__ uint64_t grid_cell(double x, double scale, double hal
     uint64_t g = (w >= 0.0) ? static_cast<uint64_t>(w) : 0ull;  // u >= 0: trunc == floor
     if (g > half_minus_one) g = half_minus_one;
     return g + offset;
+}
+
+/// Grid offset of curve c: (c * half) / m, m = d+1 when odd, else d+2 (Chan's shifts).
+__device__ __forceinline__ uint64_t curve_offset(int c, int d, int bits) {
+    const uint64_t m = ((d + 1) % 2 == 1) ? static_cast<uint64_t>(d + 1) : static_cast<uint64_t>(d + 2);
+    return (static_cast<uint64_t>(c) * (1ull << (bits - 1))) / m;
 }
 
 /// Bit b of coordinate j -> bit b*d + j of the code.

@@ -19,11 +19,11 @@ namespace zeta {
 #define ZETA_SEARCH_PARAMS                                                                   \
     const float *__restrict__ a_q, const float *__restrict__ a_k,                             \
         const uint32_t *__restrict__ a_qcodes, const uint64_t *__restrict__ a_levels,         \
-        const long long *__restrict__ a_level_off, long long a_n, long long a_s,              \
+        long long a_n, long long a_s,                                                          \
         long long a_n_full, int a_b, int a_h, int a_hkv, int a_dk, int a_chunk, int a_window, \
         int a_n_curves, int a_n_sink, int a_causal, int a_n_levels, int a_topk, int a_kp
 #define ZETA_SEARCH_ARGS                                                                       \
-    SearchArgs{a_q,   a_k,     a_qcodes, a_levels, a_level_off, a_n, a_s, a_n_full,          \
+    SearchArgs{a_q,   a_k,     a_qcodes, a_levels, a_n, a_s, a_n_full,          \
                a_b,   a_h,     a_hkv,    a_dk,     a_chunk,     a_window, a_n_curves,         \
                a_n_sink, a_causal, a_n_levels, a_topk, a_kp}
 
@@ -31,8 +31,7 @@ struct SearchArgs {
     const float* q;            // (B, H, N, dk)
     const float* k;            // (B, Hkv, S, dk)
     const uint32_t* qcodes;    // (B, H, C, N)
-    const uint64_t* levels;    // level buffers, see level_off
-    const long long* level_off;  // (n_levels,) start of level l in `levels`
+    const uint64_t* levels;    // level l of every slice, level after level (see index.cu)
     long long n, s, n_full;
     int b, h, hkv, dk, chunk, window, n_curves, n_sink, causal, n_levels, topk, kp;
 };
@@ -74,21 +73,28 @@ struct WarpSelect {
                 __syncwarp();
             }
         }
+        // Static indices (unrolled, guarded) keep vals/keep in registers.
         uint64_t vals[16];
         bool keep[16];
         const int rounds = p / 32;
-        for (int r = 0; r < rounds; ++r) {
-            int i = r * 32 + lane;
-            vals[r] = work[i];
-            keep[r] = vals[r] != ZETA_KEY_NONE && (i == 0 || work[i - 1] != vals[r]);
+#pragma unroll
+        for (int r = 0; r < 16; ++r) {
+            if (r < rounds) {
+                int i = r * 32 + lane;
+                vals[r] = work[i];
+                keep[r] = vals[r] != ZETA_KEY_NONE && (i == 0 || work[i - 1] != vals[r]);
+            }
         }
         __syncwarp();
         int base = 0;
-        for (int r = 0; r < rounds; ++r) {
-            unsigned m = __ballot_sync(ZETA_FULL_MASK, keep[r]);
-            int rank = base + __popc(m & ((1u << lane) - 1u));
-            if (keep[r] && rank < kp) work[rank] = vals[r];
-            base += __popc(m);
+#pragma unroll
+        for (int r = 0; r < 16; ++r) {
+            if (r < rounds) {
+                unsigned m = __ballot_sync(ZETA_FULL_MASK, keep[r]);
+                int rank = base + __popc(m & ((1u << lane) - 1u));
+                if (keep[r] && rank < kp) work[rank] = vals[r];
+                base += __popc(m);
+            }
         }
         __syncwarp();
         for (int i = base + lane; i < kp; i += 32) work[i] = ZETA_KEY_NONE;
@@ -115,7 +121,57 @@ struct WarpSelect {
     }
 };
 
-/// Runs the candidate search of query (b, h, i) and leaves its top-k in ws.work[0, topk).
+/// Key of the candidate at `pos` (k rows of the query's kv slice `kg`).
+__device__ __forceinline__ uint64_t cand_key(const float* kg, long long pos, const float* qv, int dk) {
+    float kr[ZETA_MAX_DK];
+#pragma unroll
+    for (int j = 0; j < ZETA_MAX_DK; ++j) kr[j] = j < dk ? kg[pos * dk + j] : 0.0f;
+    return pack_key(sq_dist(qv, kr, dk), static_cast<uint32_t>(pos));
+}
+
+/// Candidates per lane loaded before any is offered: the loads of UNROLL batches overlap
+/// instead of queueing behind each other (the scan is bound by memory latency).
+#define ZETA_UNROLL 4
+
+/// Offers the run entries r[lo, hi) (positions in the low 32 bits).
+__device__ __forceinline__ void scan_entries(const uint64_t* r, long long lo, long long hi,
+                                             const float* kg, const float* qv, int dk,
+                                             WarpSelect& ws) {
+    const unsigned lane = lane_id();
+    for (long long x = lo; x < hi; x += 32 * ZETA_UNROLL) {
+        long long pos[ZETA_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ZETA_UNROLL; ++u) {
+            long long e = x + u * 32 + lane;
+            pos[u] = e < hi ? static_cast<long long>(r[e] & 0xffffffffull) : -1;
+        }
+        uint64_t key[ZETA_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ZETA_UNROLL; ++u) key[u] = pos[u] >= 0 ? cand_key(kg, pos[u], qv, dk) : 0;
+#pragma unroll
+        for (int u = 0; u < ZETA_UNROLL; ++u)
+            if (x + u * 32 < hi) ws.offer(key[u], pos[u] >= 0);  // warp-uniform condition
+    }
+}
+
+/// Offers the positions [lo, hi).
+__device__ __forceinline__ void scan_range(long long lo, long long hi, const float* kg,
+                                           const float* qv, int dk, WarpSelect& ws) {
+    const unsigned lane = lane_id();
+    for (long long x = lo; x < hi; x += 32 * ZETA_UNROLL) {
+        uint64_t key[ZETA_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ZETA_UNROLL; ++u) {
+            long long pos = x + u * 32 + lane;
+            key[u] = pos < hi ? cand_key(kg, pos, qv, dk) : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < ZETA_UNROLL; ++u)
+            if (x + u * 32 < hi) ws.offer(key[u], x + u * 32 + lane < hi);
+    }
+}
+
+/// Runs the candidate search of query w = (b, h, i) and leaves its top-k in ws.work[0, topk).
 __device__ void search_query(const SearchArgs& a, long long w, const float* qv, WarpSelect& ws) {
     const unsigned lane = lane_id();
     const long long i = w % a.n;
@@ -128,15 +184,10 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
     const long long cq = a.causal ? p / a.chunk : 0;
     const int bits_set = a.causal ? __popcll(static_cast<unsigned long long>(cq)) : 1;
     const int n_probes = a.n_curves * bits_set;
-
-    auto scan = [&](long long pos) -> uint64_t {
-        float kr[ZETA_MAX_DK];
-        for (int j = 0; j < a.dk; ++j) kr[j] = kg[pos * a.dk + j];
-        return pack_key(sq_dist(qv, kr, a.dk), static_cast<uint32_t>(pos));
-    };
+    const long long slices = static_cast<long long>(a.b) * a.hkv * a.n_curves;
 
     for (int base = 0; base < n_probes; base += 32) {
-        // Lane t finds the window of probe base + t.
+        // Lane t finds the window of probe base + t (the searches run side by side).
         long long lo = 0, hi = 0;
         const uint64_t* run = a.levels;
         int pr = base + static_cast<int>(lane);
@@ -151,10 +202,12 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
                         if (++seen == nth) break;
                     }
                 }
+                long long off = 0;  // start of level l: the levels below it, all slices
+                for (int j = 0; j < l; ++j) off += slices * (((a.n_full >> j) << j) * a.chunk);
                 run_len = static_cast<long long>(a.chunk) << l;
                 long long width = ((a.n_full >> l) << l) * a.chunk;
                 long long m = (cq >> l) - 1;
-                run = a.levels + a.level_off[l] + (g * a.n_curves + c) * width + m * run_len;
+                run = a.levels + off + (g * a.n_curves + c) * width + m * run_len;
             } else {
                 run_len = a.s;
                 run = a.levels + (g * a.n_curves + c) * a.s;
@@ -168,36 +221,21 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
         for (int t = 0; t < cnt; ++t) {
             long long tlo = __shfl_sync(ZETA_FULL_MASK, lo, t);
             long long thi = __shfl_sync(ZETA_FULL_MASK, hi, t);
-            unsigned long long trun = __shfl_sync(ZETA_FULL_MASK, reinterpret_cast<unsigned long long>(run), t);
-            const uint64_t* r = reinterpret_cast<const uint64_t*>(trun);
-            for (long long x = tlo; x < thi; x += 32) {
-                long long e = x + lane;
-                bool valid = e < thi;
-                uint64_t key = valid ? scan(static_cast<long long>(r[e] & 0xffffffffull)) : 0;
-                ws.offer(key, valid);
-            }
+            unsigned long long trun =
+                __shfl_sync(ZETA_FULL_MASK, reinterpret_cast<unsigned long long>(run), t);
+            scan_entries(reinterpret_cast<const uint64_t*>(trun), tlo, thi, kg, qv, a.dk, ws);
         }
     }
-    if (a.causal) {  // own chunk [cq*chunk, p]
-        for (long long x = cq * a.chunk; x <= p; x += 32) {
-            long long pos = x + lane;
-            bool valid = pos <= p;
-            ws.offer(valid ? scan(pos) : 0, valid);
-        }
-    }
+    if (a.causal) scan_range(cq * a.chunk, p + 1, kg, qv, a.dk, ws);  // own chunk [c*chunk, p]
     if (a.n_sink > 0) {  // sinks [0, min(n_sink, last + 1))
         long long last = a.causal ? p : a.s - 1;
-        long long end = a.n_sink < last + 1 ? a.n_sink : last + 1;
-        for (long long x = 0; x < end; x += 32) {
-            long long pos = x + lane;
-            bool valid = pos < end;
-            ws.offer(valid ? scan(pos) : 0, valid);
-        }
+        scan_range(0, a.n_sink < last + 1 ? a.n_sink : last + 1, kg, qv, a.dk, ws);
     }
     ws.flush();
 }
 
 __device__ __forceinline__ void load_query(const SearchArgs& a, long long w, float* qv) {
+#pragma unroll
     for (int j = 0; j < ZETA_MAX_DK; ++j) qv[j] = j < a.dk ? a.q[w * a.dk + j] : 0.0f;
 }
 

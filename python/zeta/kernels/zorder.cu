@@ -8,11 +8,11 @@ namespace zeta {
 ///
 /// x: (rows, d). Row r = outer * inner + i writes out[(outer * n_curves + c) * inner + i], so
 /// keys (G, S, d) give codes (G, C, S) and a plain call (inner = rows, C = 1) gives (rows,).
-/// offsets[c]: the grid offset of curve c (the shift, in cells).
+/// Curve c is shifted by curve_offset(shift0 + c) cells.
 template <class Out>
 __global__ void zorder_kernel(const float* __restrict__ x, Out* __restrict__ out, long long rows,
                               int d, int bits, long long inner, int n_curves, double scale,
-                              const unsigned long long* __restrict__ offsets) {
+                              int shift0) {
     long long r = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (r >= rows) return;
     const double half = static_cast<double>(1ull << (bits - 1));
@@ -20,8 +20,9 @@ __global__ void zorder_kernel(const float* __restrict__ x, Out* __restrict__ out
     uint64_t cells[ZETA_MAX_DK];
     long long outer = r / inner, i = r % inner;
     for (int c = 0; c < n_curves; ++c) {
+        const uint64_t off = curve_offset(shift0 + c, d, bits);
         for (int j = 0; j < d; ++j)
-            cells[j] = grid_cell(static_cast<double>(x[r * d + j]), scale, half, hm1, offsets[c]);
+            cells[j] = grid_cell(static_cast<double>(x[r * d + j]), scale, half, hm1, off);
         out[(outer * n_curves + c) * inner + i] = static_cast<Out>(morton_interleave(cells, d, bits));
     }
 }
