@@ -35,6 +35,7 @@ struct dim3 {
 #define __restrict__
 #define __shared__ static
 #define __align__(n) alignas(n)
+#define __launch_bounds__(...)
 
 namespace zeta_shim {
 

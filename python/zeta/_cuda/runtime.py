@@ -49,6 +49,13 @@ NVRTC_OPTIONS: Tuple[str, ...] = ("--fmad=false",)
 VALUE_TYPE = {"float32": "float", "float16": "zeta::f16", "bfloat16": "zeta::bf16"}
 
 
+def extra_options() -> Tuple[str, ...]:
+    """``-D`` flags from ``ZETA_CUDA_DEFINES`` ("NAME=VALUE,..."): tuning knobs of the
+    kernels (e.g. ZETA_UNROLL, ZETA_MIN_BLOCKS in search.cu) for measurements."""
+    raw = os.environ.get("ZETA_CUDA_DEFINES", "")
+    return tuple("-D" + d.strip() for d in raw.split(",") if d.strip())
+
+
 def source(name: str) -> str:
     with open(os.path.join(KERNEL_DIR, name)) as f:
         return f.read()
@@ -98,7 +105,7 @@ class CupyRuntime(Runtime):
         if mod is None:
             mod = cupy.RawModule(
                 code=source(file),
-                options=NVRTC_OPTIONS + ("-I" + KERNEL_DIR,),
+                options=NVRTC_OPTIONS + ("-I" + KERNEL_DIR,) + extra_options(),
                 name_expressions=NAME_EXPRESSIONS[file],
             )
             mod.compile()

@@ -6,6 +6,7 @@ One warp per query: probe every run of the index (and the own chunk, and the sin
 
 from __future__ import annotations
 
+import os
 from typing import Any, Tuple
 
 import numpy as np
@@ -15,6 +16,8 @@ from .runtime import VALUE_TYPE, Runtime, blocks
 
 WARPS = 4  # warps (queries) per block
 MAX_TOPK = 256
+#: Walk queries in Z-order (ZETA_CUDA_QUERY_ORDER=0/1 overrides; the default is measured).
+QUERY_ORDER = os.environ.get("ZETA_CUDA_QUERY_ORDER", "0") == "1"
 
 
 def kp_of(topk: int) -> int:
@@ -32,12 +35,23 @@ def _prepare(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: 
     kcodes = index.codes(rt, k, dk, p.bits, s, p.n_curves, p.scale)
     levels, n_full = index.build(rt, kcodes, b * hkv * p.n_curves, s, p.chunk, p.causal)
     kp = kp_of(topk)
+    order = _query_order(rt, qcodes, b * h, p.n_curves, n) if QUERY_ORDER else None
     args = (q, k, qcodes, levels, np.int64(n), np.int64(s), np.int64(n_full),
             np.int32(b), np.int32(h), np.int32(hkv), np.int32(dk), np.int32(p.chunk),
             np.int32(min(p.window, 1 << 30)), np.int32(p.n_curves), np.int32(min(p.n_sink, 1 << 30)),
             np.int32(bool(p.causal)), np.int32(index.n_levels(s, p.chunk)), np.int32(topk),
-            np.int32(kp))
+            np.int32(kp), order if order is not None else rt.zeros((1,), np.int64),
+            np.int32(order is not None))
     return args, kp
+
+
+def _query_order(rt: Runtime, qcodes: Any, bh: int, n_curves: int, n: int) -> Any:
+    """Queries ordered by (batch*head, curve-0 code): neighbouring warps then search the same
+    parts of the runs (cache reuse)."""
+    xp = rt.xp
+    c0 = qcodes.reshape(bh, n_curves, n)[:, 0, :].astype(np.uint64)
+    keys = (xp.arange(bh, dtype=np.uint64)[:, None] << np.uint64(32)) | c0
+    return xp.ascontiguousarray(xp.argsort(keys.reshape(-1)).astype(np.int64))
 
 
 def knn(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: int) -> Tuple[Any, Any]:

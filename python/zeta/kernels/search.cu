@@ -12,6 +12,16 @@
 // so most candidates of a long scan are rejected by one compare.
 #include "common.cuh"
 
+// Blocks of 128 threads kept resident per SM: caps registers at 65536 / (128 * n).
+#ifndef ZETA_MIN_BLOCKS
+#define ZETA_MIN_BLOCKS 8
+#endif
+#if ZETA_MIN_BLOCKS > 0
+#define ZETA_SEARCH_BOUNDS __launch_bounds__(128, ZETA_MIN_BLOCKS)
+#else
+#define ZETA_SEARCH_BOUNDS
+#endif
+
 namespace zeta {
 
 // The kernels take the search settings as plain scalars (what every launcher passes
@@ -21,11 +31,12 @@ namespace zeta {
         const uint32_t *__restrict__ a_qcodes, const uint64_t *__restrict__ a_levels,         \
         long long a_n, long long a_s,                                                          \
         long long a_n_full, int a_b, int a_h, int a_hkv, int a_dk, int a_chunk, int a_window, \
-        int a_n_curves, int a_n_sink, int a_causal, int a_n_levels, int a_topk, int a_kp
+        int a_n_curves, int a_n_sink, int a_causal, int a_n_levels, int a_topk, int a_kp,     \
+        const long long *__restrict__ a_order, int a_use_order
 #define ZETA_SEARCH_ARGS                                                                       \
     SearchArgs{a_q,   a_k,     a_qcodes, a_levels, a_n, a_s, a_n_full,          \
                a_b,   a_h,     a_hkv,    a_dk,     a_chunk,     a_window, a_n_curves,         \
-               a_n_sink, a_causal, a_n_levels, a_topk, a_kp}
+               a_n_sink, a_causal, a_n_levels, a_topk, a_kp, a_order, a_use_order}
 
 struct SearchArgs {
     const float* q;            // (B, H, N, dk)
@@ -34,6 +45,8 @@ struct SearchArgs {
     const uint64_t* levels;    // level l of every slice, level after level (see index.cu)
     long long n, s, n_full;
     int b, h, hkv, dk, chunk, window, n_curves, n_sink, causal, n_levels, topk, kp;
+    const long long* order;  // use_order: warp j handles query order[j] (queries in Z-order)
+    int use_order;
 };
 
 /// Shared memory of one warp: 2*kp u64 keys, then kp floats and kp ints (forward only).
@@ -73,28 +86,20 @@ struct WarpSelect {
                 __syncwarp();
             }
         }
-        // Static indices (unrolled, guarded) keep vals/keep in registers.
-        uint64_t vals[16];
-        bool keep[16];
-        const int rounds = p / 32;
-#pragma unroll
-        for (int r = 0; r < 16; ++r) {
-            if (r < rounds) {
-                int i = r * 32 + lane;
-                vals[r] = work[i];
-                keep[r] = vals[r] != ZETA_KEY_NONE && (i == 0 || work[i - 1] != vals[r]);
-            }
-        }
-        __syncwarp();
+        // Compact the distinct keys in place, 32 at a time. Safe without a copy: an entry's
+        // new slot is <= its index, and within a round every lane reads (its key and the one
+        // before it) before the ballot and writes after it; the key before a round's first
+        // entry can only have been rewritten by itself (no drops so far), i.e. unchanged.
         int base = 0;
-#pragma unroll
-        for (int r = 0; r < 16; ++r) {
-            if (r < rounds) {
-                unsigned m = __ballot_sync(ZETA_FULL_MASK, keep[r]);
-                int rank = base + __popc(m & ((1u << lane) - 1u));
-                if (keep[r] && rank < kp) work[rank] = vals[r];
-                base += __popc(m);
-            }
+        for (int r = 0; r < p / 32; ++r) {
+            const int i = r * 32 + lane;
+            const uint64_t val = work[i];
+            const bool keep = val != ZETA_KEY_NONE && (i == 0 || work[i - 1] != val);
+            const unsigned m = __ballot_sync(ZETA_FULL_MASK, keep);
+            const int rank = base + __popc(m & ((1u << lane) - 1u));
+            if (keep && rank < kp) work[rank] = val;
+            base += __popc(m);
+            __syncwarp();
         }
         __syncwarp();
         for (int i = base + lane; i < kp; i += 32) work[i] = ZETA_KEY_NONE;
@@ -131,7 +136,9 @@ __device__ __forceinline__ uint64_t cand_key(const float* kg, long long pos, con
 
 /// Candidates per lane loaded before any is offered: the loads of UNROLL batches overlap
 /// instead of queueing behind each other (the scan is bound by memory latency).
+#ifndef ZETA_UNROLL
 #define ZETA_UNROLL 4
+#endif
 
 /// Offers the run entries r[lo, hi) (positions in the low 32 bits).
 __device__ __forceinline__ void scan_entries(const uint64_t* r, long long lo, long long hi,
@@ -240,14 +247,15 @@ __device__ __forceinline__ void load_query(const SearchArgs& a, long long w, flo
 }
 
 /// knn: indices (B, H, N, topk) int64 (-1 missing) and d2 (B, H, N, topk) float32 (+inf).
-__global__ void knn_kernel(ZETA_SEARCH_PARAMS, long long* __restrict__ out_idx, float* __restrict__ out_d2) {
+__global__ void ZETA_SEARCH_BOUNDS knn_kernel(ZETA_SEARCH_PARAMS, long long* __restrict__ out_idx, float* __restrict__ out_d2) {
     const SearchArgs a = ZETA_SEARCH_ARGS;
     ZETA_DYN_SMEM(uint64_t, smem);
     const int warps = blockDim.x / 32;
     const int wib = threadIdx.x / 32;
-    const long long w = static_cast<long long>(blockIdx.x) * warps + wib;
+    long long w = static_cast<long long>(blockIdx.x) * warps + wib;
     const long long total = static_cast<long long>(a.b) * a.h * a.n;
     if (w >= total) return;
+    if (a.use_order) w = a.order[w];
     WarpSelect ws;
     ws.init(smem + static_cast<long long>(wib) * 2 * a.kp, a.kp, a.topk);
     float qv[ZETA_MAX_DK];
@@ -266,7 +274,7 @@ __global__ void knn_kernel(ZETA_SEARCH_PARAMS, long long* __restrict__ out_idx, 
 /// which is all the backward keeps. kbar/vbar: (B, Hkv, N, dk|dv) float32 means of the visible
 /// keys/values (mean_token), else unused.
 template <class V>
-__global__ void forward_kernel(ZETA_SEARCH_PARAMS, const V* __restrict__ v, int dv,
+__global__ void ZETA_SEARCH_BOUNDS forward_kernel(ZETA_SEARCH_PARAMS, const V* __restrict__ v, int dv,
                                const float* __restrict__ gamma2, const float* __restrict__ kbar,
                                const float* __restrict__ vbar, int mean_token, V* __restrict__ out,
                                int* __restrict__ out_idx) {
@@ -274,9 +282,10 @@ __global__ void forward_kernel(ZETA_SEARCH_PARAMS, const V* __restrict__ v, int 
     ZETA_DYN_SMEM(uint64_t, smem);
     const int warps = blockDim.x / 32;
     const int wib = threadIdx.x / 32;
-    const long long w = static_cast<long long>(blockIdx.x) * warps + wib;
+    long long w = static_cast<long long>(blockIdx.x) * warps + wib;
     const long long total = static_cast<long long>(a.b) * a.h * a.n;
     if (w >= total) return;
+    if (a.use_order) w = a.order[w];
     // Per warp: 2*kp keys, kp scores, kp positions.
     uint64_t* mine = smem + static_cast<long long>(wib) * 3 * a.kp;
     float* sc = reinterpret_cast<float*>(mine + 2 * a.kp);
