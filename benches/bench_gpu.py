@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -152,7 +153,9 @@ def main(argv=None) -> int:
     alone = [1 << p for p in range(18, int(math.log2(args.max_n)) + 1)] if not args.quick else []
     res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "zeta": zeta.__version__, "date": dt.date.today().isoformat(),
-           "config": dict(B=B, H=H, d_k=DK, d_v=DV, topk=TOPK, causal=True), "rows": []}
+           "config": dict(B=B, H=H, d_k=DK, d_v=DV, topk=TOPK, causal=True),
+           "kernel_env": {k: os.environ[k] for k in ("ZETA_CUDA_DEFINES", "ZETA_CUDA_QUERY_ORDER")
+                          if k in os.environ}, "rows": []}
     try:
         import cupy
 

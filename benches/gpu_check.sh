@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, in one prepared script (about 5 minutes on an H200): install zeta from a
-# prebuilt abi3 wheel (no Rust toolchain needed), run the CUDA tests, compute-sanitizer
-# (memcheck, racecheck) on small inputs, and the benchmark against SDPA.
+# prebuilt abi3 wheel (no Rust toolchain needed), run the CUDA tests, time the kernel tuning
+# variants, the benchmark against SDPA (with the fastest variant), and compute-sanitizer
+# (memcheck, racecheck) on small inputs.
 #
 # Usage, from the repository root on the GPU machine:
 #   bash benches/gpu_check.sh [wheel dir, default .whl] [output dir, default $OUT or benches/results]
@@ -19,11 +20,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import zeta, json; print(json.dumps(zeta.backends()))"
 
 log "CUDA tests"
-timeout 170 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30 | tee "$RES/gpu-tests.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py > "$RES/gpu-tests.txt" 2>&1
+tail -3 "$RES/gpu-tests.txt"
+grep -q " passed" "$RES/gpu-tests.txt" && ! grep -qE "[0-9]+ (failed|error)" "$RES/gpu-tests.txt" || rc=1
+
+log "kernel variants (the fastest sets the benchmark's kernel settings)"
+timeout 150 python3 benches/gpu_variants.py --out "$RES" 2>&1 | tail -8
+[ -f "$RES/best-variant.env" ] && . "$RES/best-variant.env" && rm -f "$RES/best-variant.env"
 
 log "benchmark"
-timeout 200 python3 benches/bench_gpu.py --out "$RES" --budget-s 150 || rc=1
+timeout 200 python3 benches/bench_gpu.py --out "$RES" --budget-s 120 || rc=1
 
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do

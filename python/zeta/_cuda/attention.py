@@ -59,31 +59,26 @@ def _mean_grad(rt: Runtime, dbar: Any, hkv: int, s: int, causal: bool) -> Any:
 def forward(rt: Runtime, q, k, v, vdtype: str, gamma, shape, dv: int, p, topk: int,
             mean_token: bool):
     """-> out (B,H,N,dv) in v's storage, idx (B,H,N,topk) int32."""
-    xp = rt.xp
-    gamma2 = (gamma.astype(np.float64) ** 2).astype(np.float32)
     if mean_token:
         kbar, vbar = mean_kv(rt, k, values_f32(rt, v, vdtype), shape[3], p.causal)
     else:
-        kbar = vbar = xp.zeros((1,), np.float32)
-    return search.forward(rt, q, k, v, vdtype, gamma2, kbar, vbar, shape, dv, p, topk, mean_token)
+        kbar = vbar = rt.zeros((1,), np.float32)
+    return search.forward(rt, q, k, v, vdtype, gamma, kbar, vbar, shape, dv, p, topk, mean_token)
 
 
 def backward(rt: Runtime, q, k, v, vdtype: str, gamma, idx, dout, shape, dv: int, p,
              mean_token: bool):
     """-> dq (B,H,N,dk), dk (B,Hkv,S,dk), dv (B,Hkv,S,dv) float32, dgamma (H,) float64."""
-    xp = rt.xp
     b, h, hkv, n, s, dk = shape
     topk = idx.shape[-1]
-    g64 = gamma.astype(np.float64)
-    gamma2 = (g64 ** 2).astype(np.float32)
     if mean_token:
         kbar, vbar = mean_kv(rt, k, values_f32(rt, v, vdtype), n, p.causal)
     else:
-        kbar = vbar = xp.zeros((1,), np.float32)
+        kbar = vbar = rt.zeros((1,), np.float32)
     dq, dkk, dvv, dg2, dkbar, dvbar = _backward.backward(
-        rt, q, k, v, vdtype, gamma2, idx, dout, kbar, vbar, shape, dv, topk, mean_token)
+        rt, q, k, v, vdtype, gamma, idx, dout, kbar, vbar, shape, dv, topk, mean_token)
     if mean_token:
         dkk = (dkk + _mean_grad(rt, dkbar, hkv, s, p.causal)).astype(np.float32)
         dvv = (dvv + _mean_grad(rt, dvbar, hkv, s, p.causal)).astype(np.float32)
-    dgamma = 2.0 * g64 * dg2.astype(np.float64).sum(axis=(0, 2))
+    dgamma = 2.0 * gamma * dg2.astype(np.float64).sum(axis=(0, 2))
     return dq, dkk, dvv, dgamma

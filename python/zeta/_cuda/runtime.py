@@ -28,12 +28,9 @@ NAME_EXPRESSIONS: Dict[str, List[str]] = {
         "zeta::searchsorted_kernel<unsigned long long>",
     ],
     "index.cu": ["zeta::index_level0_kernel", "zeta::index_merge_kernel"],
-    "search.cu": [
-        "zeta::knn_kernel",
-        "zeta::forward_kernel<float>",
-        "zeta::forward_kernel<zeta::f16>",
-        "zeta::forward_kernel<zeta::bf16>",
-    ],
+    "search.cu": [f"zeta::knn_kernel<{d}>" for d in (0, 2, 3, 4)]
+    + [f"zeta::forward_kernel<{t}, {d}>" for t in ("float", "zeta::f16", "zeta::bf16")
+       for d in (0, 2, 3, 4)],
     "backward.cu": [
         "zeta::backward_kernel<float>",
         "zeta::backward_kernel<zeta::f16>",
@@ -54,6 +51,11 @@ def extra_options() -> Tuple[str, ...]:
     kernels (e.g. ZETA_UNROLL, ZETA_MIN_BLOCKS in search.cu) for measurements."""
     raw = os.environ.get("ZETA_CUDA_DEFINES", "")
     return tuple("-D" + d.strip() for d in raw.split(",") if d.strip())
+
+
+def dk_template(dk: int) -> int:
+    """The DK the search kernels were instantiated for (0: any d_k, read at run time)."""
+    return dk if dk in (2, 3, 4) else 0
 
 
 def source(name: str) -> str:
@@ -112,6 +114,13 @@ class CupyRuntime(Runtime):
             cls._modules[key] = mod
         return mod
 
+    _functions: Dict[Tuple[int, str], Any] = {}
+
     def launch(self, file, name, grid, block, args, shared_mem=0):
-        fn = self.module(file).get_function(name)
+        import cupy
+
+        key = (cupy.cuda.Device().id, name)
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = self._functions[key] = self.module(file).get_function(name)
         fn((int(grid),), (int(block),), tuple(args), shared_mem=int(shared_mem))

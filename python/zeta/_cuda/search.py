@@ -12,12 +12,12 @@ from typing import Any, Tuple
 import numpy as np
 
 from . import index
-from .runtime import VALUE_TYPE, Runtime, blocks
+from .runtime import VALUE_TYPE, Runtime, blocks, dk_template
 
 WARPS = 4  # warps (queries) per block
 MAX_TOPK = 256
 #: Walk queries in Z-order (ZETA_CUDA_QUERY_ORDER=0/1 overrides; the default is measured).
-QUERY_ORDER = os.environ.get("ZETA_CUDA_QUERY_ORDER", "0") == "1"
+QUERY_ORDER = os.environ.get("ZETA_CUDA_QUERY_ORDER", "1") == "1"
 
 
 def kp_of(topk: int) -> int:
@@ -63,17 +63,18 @@ def knn(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: int) 
     if rows == 0:
         return idx, d2
     args, kp = _prepare(rt, q, k, shape, p, topk)
-    rt.launch("search.cu", "zeta::knn_kernel", blocks(rows, WARPS), 32 * WARPS,
+    rt.launch("search.cu", f"zeta::knn_kernel<{dk_template(shape[5])}>", blocks(rows, WARPS),
+              32 * WARPS,
               args + (idx, d2), shared_mem=WARPS * 2 * kp * 8)
     return idx, d2
 
 
-def forward(rt: Runtime, q: Any, k: Any, v: Any, vdtype: str, gamma2: Any, kbar: Any, vbar: Any,
+def forward(rt: Runtime, q: Any, k: Any, v: Any, vdtype: str, gamma: Any, kbar: Any, vbar: Any,
             shape: Tuple[int, ...], dv: int, p: Any, topk: int, mean_token: bool) -> Tuple[Any, Any]:
     """Cauchy top-k attention forward.
 
     q (B,H,N,dk) f32, k (B,Hkv,S,dk) f32, v (B,Hkv,S,dv) in ``vdtype`` (float16/bfloat16 as
-    16-bit raw arrays), gamma2 (H,) f32, kbar/vbar (B,Hkv,N,dk|dv) f32 (mean_token; else any
+    16-bit raw arrays), gamma (H,) float64, kbar/vbar (B,Hkv,N,dk|dv) f32 (mean_token; else any
     1-element array). Returns out (B,H,N,dv) in v's storage type and idx (B,H,N,topk) int32.
     """
     b, h, _hkv, n, _s, _dk = shape
@@ -83,7 +84,8 @@ def forward(rt: Runtime, q: Any, k: Any, v: Any, vdtype: str, gamma2: Any, kbar:
     if rows == 0:
         return out, idx
     args, kp = _prepare(rt, q, k, shape, p, topk)
-    rt.launch("search.cu", f"zeta::forward_kernel<{VALUE_TYPE[vdtype]}>", blocks(rows, WARPS),
-              32 * WARPS, args + (v, np.int32(dv), gamma2, kbar, vbar, np.int32(bool(mean_token)),
+    name = f"zeta::forward_kernel<{VALUE_TYPE[vdtype]}, {dk_template(shape[5])}>"
+    rt.launch("search.cu", name, blocks(rows, WARPS),
+              32 * WARPS, args + (v, np.int32(dv), gamma, kbar, vbar, np.int32(bool(mean_token)),
                                   out, idx), shared_mem=WARPS * 3 * kp * 8)
     return out, idx

@@ -13,7 +13,7 @@ namespace zeta {
 
 template <class V>
 __global__ void backward_kernel(const float* __restrict__ q, const float* __restrict__ k,
-                                const V* __restrict__ v, const float* __restrict__ gamma2,
+                                const V* __restrict__ v, const double* __restrict__ gamma,
                                 const int* __restrict__ idx, const V* __restrict__ dout,
                                 const float* __restrict__ kbar, const float* __restrict__ vbar,
                                 int mean_token, long long n, long long s, int b, int h, int hkv,
@@ -38,7 +38,7 @@ __global__ void backward_kernel(const float* __restrict__ q, const float* __rest
     const long long g = (bh / h) * hkv + hh / (h / hkv);
     const float* kg = k + g * s * dk;
     const V* vg = v + g * s * dv;
-    const float g2 = gamma2[hh];
+    const float g2 = static_cast<float>(gamma[hh] * gamma[hh]);
     float qv[ZETA_MAX_DK];
     for (int j = 0; j < ZETA_MAX_DK; ++j) qv[j] = j < dk ? q[w * dk + j] : 0.0f;
 

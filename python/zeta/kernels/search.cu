@@ -49,11 +49,39 @@ struct SearchArgs {
     int use_order;
 };
 
-/// Shared memory of one warp: 2*kp u64 keys, then kp floats and kp ints (forward only).
+__device__ __forceinline__ uint64_t umin64(uint64_t a, uint64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ uint64_t umax64(uint64_t a, uint64_t b) { return a < b ? b : a; }
+
+/// Bitonic merge of a bitonic sequence held one key per lane -> ascending across lanes.
+__device__ __forceinline__ uint64_t warp_merge32(uint64_t x, unsigned lane) {
+#pragma unroll
+    for (int j = 16; j > 0; j >>= 1) {
+        uint64_t y = __shfl_xor_sync(ZETA_FULL_MASK, x, j);
+        x = (lane & j) == 0 ? umin64(x, y) : umax64(x, y);
+    }
+    return x;
+}
+
+/// Bitonic sort of one key per lane -> ascending across lanes (shuffles, no shared memory).
+__device__ __forceinline__ uint64_t warp_sort32(uint64_t x, unsigned lane) {
+#pragma unroll
+    for (int k = 2; k <= 32; k <<= 1) {
+#pragma unroll
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            uint64_t y = __shfl_xor_sync(ZETA_FULL_MASK, x, j);
+            bool keep_min = ((lane & j) == 0) == ((lane & k) == 0);
+            x = keep_min ? umin64(x, y) : umax64(x, y);
+        }
+    }
+    return x;
+}
+
+/// The running top-k of one warp's query. Shared memory per warp: 2*kp u64 keys.
 struct WarpSelect {
     uint64_t* work;  // [0, kp): best (sorted, distinct, NONE-padded); [kp, 2kp): queue
     int kp, topk, qn;
-    uint64_t kth;  // current k-th best key (NONE while fewer than topk)
+    uint64_t kth;   // current k-th best key (NONE while fewer than topk)
+    uint64_t best;  // kp == 32: this lane's entry of the best list (work[lane] after a flush)
 
     __device__ void init(uint64_t* w, int kp_, int topk_) {
         work = w;
@@ -61,12 +89,50 @@ struct WarpSelect {
         topk = topk_;
         qn = 0;
         kth = ZETA_KEY_NONE;
+        best = ZETA_KEY_NONE;
         for (int i = lane_id(); i < 2 * kp; i += 32) work[i] = ZETA_KEY_NONE;
         __syncwarp();
     }
 
-    /// Bitonic sort of work[0, 2kp) ascending, then keep the first kp distinct keys.
+    /// best ++ queue -> the kp smallest distinct keys, sorted, in work[0, kp).
     __device__ void flush() {
+        if (kp == 32)
+            flush32();
+        else
+            flush_shared();
+        qn = 0;
+        __syncwarp();
+        kth = work[topk - 1];
+    }
+
+    /// kp == 32 (topk <= 32): sort the queue in registers, merge it with the best list
+    /// (both 32 long), drop repeats, keep the first 32.
+    __device__ void flush32() {
+        const unsigned lane = lane_id();
+        uint64_t q = static_cast<int>(lane) < qn ? work[32 + lane] : ZETA_KEY_NONE;
+        q = warp_sort32(q, lane);
+        const uint64_t qr = __shfl_sync(ZETA_FULL_MASK, q, 31 - lane);
+        uint64_t lo = warp_merge32(umin64(best, qr), lane);  // the 32 smallest, sorted
+        uint64_t hi = warp_merge32(umax64(best, qr), lane);  // the 32 largest, sorted
+        const uint64_t lo_prev = __shfl_sync(ZETA_FULL_MASK, lo, (lane + 31) & 31);
+        const uint64_t hi_prev = __shfl_sync(ZETA_FULL_MASK, hi, (lane + 31) & 31);
+        const bool keep_lo = lo != ZETA_KEY_NONE && (lane == 0 || lo != lo_prev);
+        const bool keep_hi = hi != ZETA_KEY_NONE && hi != (lane == 0 ? lo_prev : hi_prev);
+        const unsigned mlo = __ballot_sync(ZETA_FULL_MASK, keep_lo);
+        const unsigned mhi = __ballot_sync(ZETA_FULL_MASK, keep_hi);
+        const unsigned lt = (1u << lane) - 1u;
+        const int rlo = __popc(mlo & lt), rhi = __popc(mlo) + __popc(mhi & lt);
+        const int kept = __popc(mlo) + __popc(mhi);
+        __syncwarp();
+        if (keep_lo) work[rlo] = lo;
+        if (keep_hi && rhi < 32) work[rhi] = hi;
+        if (static_cast<int>(lane) >= kept) work[lane] = ZETA_KEY_NONE;
+        __syncwarp();
+        best = work[lane];
+    }
+
+    /// Any kp: bitonic sort of work[0, 2kp) in shared memory, then in-place compaction.
+    __device__ void flush_shared() {
         const int p = 2 * kp;
         const unsigned lane = lane_id();
         for (int i = kp + qn + lane; i < p; i += 32) work[i] = ZETA_KEY_NONE;
@@ -74,7 +140,8 @@ struct WarpSelect {
         for (int size = 2; size <= p; size <<= 1) {
             for (int stride = size >> 1; stride > 0; stride >>= 1) {
                 for (int t = lane; t < p / 2; t += 32) {
-                    int i = (t / stride) * 2 * stride + (t % stride);
+                    // stride is a power of two: the pair of t without a division
+                    int i = ((t & ~(stride - 1)) << 1) | (t & (stride - 1));
                     int j = i + stride;
                     uint64_t a = work[i], c = work[j];
                     bool up = (i & size) == 0;
@@ -101,19 +168,15 @@ struct WarpSelect {
             base += __popc(m);
             __syncwarp();
         }
-        __syncwarp();
         for (int i = base + lane; i < kp; i += 32) work[i] = ZETA_KEY_NONE;
-        qn = 0;
-        __syncwarp();
-        kth = work[topk - 1];
     }
 
     /// Offers one key per lane (valid = false: nothing). Every lane of the warp calls this.
-    __device__ void offer(uint64_t key, bool valid) {
+    __device__ __forceinline__ void offer(uint64_t key, bool valid) {
         bool pass = valid && key < kth;
         unsigned m = __ballot_sync(ZETA_FULL_MASK, pass);
+        if (m == 0) return;
         int cnt = __popc(m);
-        if (cnt == 0) return;
         if (qn + cnt > kp) {
             flush();
             pass = valid && key < kth;
@@ -126,35 +189,47 @@ struct WarpSelect {
     }
 };
 
-/// Key of the candidate at `pos` (k rows of the query's kv slice `kg`).
-__device__ __forceinline__ uint64_t cand_key(const float* kg, long long pos, const float* qv, int dk) {
-    float kr[ZETA_MAX_DK];
+/// Key of the candidate at `pos`. DK > 0: d_k known at compile time; DK == 0: `dk` at run time.
+template <int DK>
+__device__ __forceinline__ uint64_t cand_key(const float* kg, int pos, const float* qv, int dk) {
+    const float* kr = kg + static_cast<long long>(pos) * (DK > 0 ? DK : dk);
+    float s = 0.0f;
+    if (DK > 0) {
 #pragma unroll
-    for (int j = 0; j < ZETA_MAX_DK; ++j) kr[j] = j < dk ? kg[pos * dk + j] : 0.0f;
-    return pack_key(sq_dist(qv, kr, dk), static_cast<uint32_t>(pos));
+        for (int j = 0; j < DK; ++j) {
+            float d = __fsub_rn(qv[j], kr[j]);
+            s = __fadd_rn(s, __fmul_rn(d, d));
+        }
+    } else {
+        for (int j = 0; j < dk; ++j) {
+            float d = __fsub_rn(qv[j], kr[j]);
+            s = __fadd_rn(s, __fmul_rn(d, d));
+        }
+    }
+    return pack_key(s, static_cast<uint32_t>(pos));
 }
 
 /// Candidates per lane loaded before any is offered: the loads of UNROLL batches overlap
-/// instead of queueing behind each other (the scan is bound by memory latency).
+/// instead of queueing behind each other.
 #ifndef ZETA_UNROLL
-#define ZETA_UNROLL 4
+#define ZETA_UNROLL 1
 #endif
 
-/// Offers the run entries r[lo, hi) (positions in the low 32 bits).
-__device__ __forceinline__ void scan_entries(const uint64_t* r, long long lo, long long hi,
-                                             const float* kg, const float* qv, int dk,
-                                             WarpSelect& ws) {
-    const unsigned lane = lane_id();
-    for (long long x = lo; x < hi; x += 32 * ZETA_UNROLL) {
-        long long pos[ZETA_UNROLL];
+/// Offers the run entries r[lo, hi) (positions in the low 32 bits; hi - lo < 2^31).
+template <int DK>
+__device__ __forceinline__ void scan_entries(const uint64_t* r, int lo, int hi, const float* kg,
+                                             const float* qv, int dk, WarpSelect& ws) {
+    const int lane = static_cast<int>(lane_id());
+    for (int x = lo; x < hi; x += 32 * ZETA_UNROLL) {
+        int pos[ZETA_UNROLL];
 #pragma unroll
         for (int u = 0; u < ZETA_UNROLL; ++u) {
-            long long e = x + u * 32 + lane;
-            pos[u] = e < hi ? static_cast<long long>(r[e] & 0xffffffffull) : -1;
+            int e = x + u * 32 + lane;
+            pos[u] = e < hi ? static_cast<int>(r[e] & 0xffffffffull) : -1;
         }
         uint64_t key[ZETA_UNROLL];
 #pragma unroll
-        for (int u = 0; u < ZETA_UNROLL; ++u) key[u] = pos[u] >= 0 ? cand_key(kg, pos[u], qv, dk) : 0;
+        for (int u = 0; u < ZETA_UNROLL; ++u) key[u] = pos[u] >= 0 ? cand_key<DK>(kg, pos[u], qv, dk) : 0;
 #pragma unroll
         for (int u = 0; u < ZETA_UNROLL; ++u)
             if (x + u * 32 < hi) ws.offer(key[u], pos[u] >= 0);  // warp-uniform condition
@@ -162,15 +237,16 @@ __device__ __forceinline__ void scan_entries(const uint64_t* r, long long lo, lo
 }
 
 /// Offers the positions [lo, hi).
-__device__ __forceinline__ void scan_range(long long lo, long long hi, const float* kg,
-                                           const float* qv, int dk, WarpSelect& ws) {
-    const unsigned lane = lane_id();
-    for (long long x = lo; x < hi; x += 32 * ZETA_UNROLL) {
+template <int DK>
+__device__ __forceinline__ void scan_range(int lo, int hi, const float* kg, const float* qv, int dk,
+                                           WarpSelect& ws) {
+    const int lane = static_cast<int>(lane_id());
+    for (int x = lo; x < hi; x += 32 * ZETA_UNROLL) {
         uint64_t key[ZETA_UNROLL];
 #pragma unroll
         for (int u = 0; u < ZETA_UNROLL; ++u) {
-            long long pos = x + u * 32 + lane;
-            key[u] = pos < hi ? cand_key(kg, pos, qv, dk) : 0;
+            int pos = x + u * 32 + lane;
+            key[u] = pos < hi ? cand_key<DK>(kg, pos, qv, dk) : 0;
         }
 #pragma unroll
         for (int u = 0; u < ZETA_UNROLL; ++u)
@@ -179,6 +255,7 @@ __device__ __forceinline__ void scan_range(long long lo, long long hi, const flo
 }
 
 /// Runs the candidate search of query w = (b, h, i) and leaves its top-k in ws.work[0, topk).
+template <int DK>
 __device__ void search_query(const SearchArgs& a, long long w, const float* qv, WarpSelect& ws) {
     const unsigned lane = lane_id();
     const long long i = w % a.n;
@@ -230,13 +307,15 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
             long long thi = __shfl_sync(ZETA_FULL_MASK, hi, t);
             unsigned long long trun =
                 __shfl_sync(ZETA_FULL_MASK, reinterpret_cast<unsigned long long>(run), t);
-            scan_entries(reinterpret_cast<const uint64_t*>(trun), tlo, thi, kg, qv, a.dk, ws);
+            scan_entries<DK>(reinterpret_cast<const uint64_t*>(trun), static_cast<int>(tlo),
+                             static_cast<int>(thi), kg, qv, a.dk, ws);
         }
     }
-    if (a.causal) scan_range(cq * a.chunk, p + 1, kg, qv, a.dk, ws);  // own chunk [c*chunk, p]
+    if (a.causal)  // own chunk [c*chunk, p]
+        scan_range<DK>(static_cast<int>(cq * a.chunk), static_cast<int>(p + 1), kg, qv, a.dk, ws);
     if (a.n_sink > 0) {  // sinks [0, min(n_sink, last + 1))
         long long last = a.causal ? p : a.s - 1;
-        scan_range(0, a.n_sink < last + 1 ? a.n_sink : last + 1, kg, qv, a.dk, ws);
+        scan_range<DK>(0, static_cast<int>(a.n_sink < last + 1 ? a.n_sink : last + 1), kg, qv, a.dk, ws);
     }
     ws.flush();
 }
@@ -247,6 +326,8 @@ __device__ __forceinline__ void load_query(const SearchArgs& a, long long w, flo
 }
 
 /// knn: indices (B, H, N, topk) int64 (-1 missing) and d2 (B, H, N, topk) float32 (+inf).
+/// DK: d_k at compile time (2, 3, 4), or 0 for any d_k.
+template <int DK>
 __global__ void ZETA_SEARCH_BOUNDS knn_kernel(ZETA_SEARCH_PARAMS, long long* __restrict__ out_idx, float* __restrict__ out_d2) {
     const SearchArgs a = ZETA_SEARCH_ARGS;
     ZETA_DYN_SMEM(uint64_t, smem);
@@ -260,7 +341,7 @@ __global__ void ZETA_SEARCH_BOUNDS knn_kernel(ZETA_SEARCH_PARAMS, long long* __r
     ws.init(smem + static_cast<long long>(wib) * 2 * a.kp, a.kp, a.topk);
     float qv[ZETA_MAX_DK];
     load_query(a, w, qv);
-    search_query(a, w, qv, ws);
+    search_query<DK>(a, w, qv, ws);
     for (int j = lane_id(); j < a.topk; j += 32) {
         uint64_t key = ws.work[j];
         bool ok = key != ZETA_KEY_NONE;
@@ -273,9 +354,9 @@ __global__ void ZETA_SEARCH_BOUNDS knn_kernel(ZETA_SEARCH_PARAMS, long long* __r
 /// Forward: out (B, H, N, dv) and the selected positions (B, H, N, topk) int32 (-1 missing),
 /// which is all the backward keeps. kbar/vbar: (B, Hkv, N, dk|dv) float32 means of the visible
 /// keys/values (mean_token), else unused.
-template <class V>
+template <class V, int DK>
 __global__ void ZETA_SEARCH_BOUNDS forward_kernel(ZETA_SEARCH_PARAMS, const V* __restrict__ v, int dv,
-                               const float* __restrict__ gamma2, const float* __restrict__ kbar,
+                               const double* __restrict__ gamma, const float* __restrict__ kbar,
                                const float* __restrict__ vbar, int mean_token, V* __restrict__ out,
                                int* __restrict__ out_idx) {
     const SearchArgs a = ZETA_SEARCH_ARGS;
@@ -294,13 +375,13 @@ __global__ void ZETA_SEARCH_BOUNDS forward_kernel(ZETA_SEARCH_PARAMS, const V* _
     ws.init(mine, a.kp, a.topk);
     float qv[ZETA_MAX_DK];
     load_query(a, w, qv);
-    search_query(a, w, qv, ws);
+    search_query<DK>(a, w, qv, ws);
 
     const unsigned lane = lane_id();
     const long long i = w % a.n, bh = w / a.n;
     const int h = static_cast<int>(bh % a.h);
     const long long g = (bh / a.h) * a.hkv + h / (a.h / a.hkv);
-    const float g2 = gamma2[h];
+    const float g2 = static_cast<float>(gamma[h] * gamma[h]);  // as the Rust core: f64 square, f32
     for (int j = lane; j < a.topk; j += 32) {
         uint64_t key = ws.work[j];
         bool ok = key != ZETA_KEY_NONE;
