@@ -14,6 +14,8 @@ from zeta.backends import BACKENDS
 _why = BACKENDS["cupy"].unavailable_reason()
 pytestmark = [
     pytest.mark.cuda,
+    # torch's own compile/opcheck internals use deprecated torch.jit APIs
+    pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning"),
     pytest.mark.skipif(not torch.cuda.is_available() or _why is not None,
                        reason=f"needs a CUDA device and cupy: {_why or 'torch sees no CUDA device'}"),
 ]
