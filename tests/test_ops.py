@@ -123,8 +123,9 @@ def setup_case(c):
         gamma = 0.7
     else:
         gamma = torch.linspace(0.5, 1.5, h, dtype=c["dtype"])
-    idx_kw = dict(causal=c["causal"], chunk=c["chunk"], window=window, n_curves=n_curves,
-                  n_sink=c["n_sink"])
+    idx_kw = dict(
+        causal=c["causal"], chunk=c["chunk"], window=window, n_curves=n_curves, n_sink=c["n_sink"]
+    )
     return q, k, v, topk, gamma, idx_kw
 
 
@@ -154,8 +155,16 @@ def test_rust_matches_torch_reference(c):
             xs = leaf(*ins)
 
             def fn(qq, kk, vv, *g):
-                return zeta.attention(qq, kk, vv, topk=topk, gamma=g[0] if g else gamma,
-                                      mean_token=mt, backend=backend, **kw)
+                return zeta.attention(
+                    qq,
+                    kk,
+                    vv,
+                    topk=topk,
+                    gamma=g[0] if g else gamma,
+                    mean_token=mt,
+                    backend=backend,
+                    **kw,
+                )
 
             return grads_of(fn, xs)
 
@@ -171,9 +180,15 @@ def test_rust_matches_torch_reference(c):
         torch.testing.assert_close(o_r, o_t, **tol)
 
     # numpy input gives the same numbers
-    o_np = zeta.attention(q.numpy(), k.numpy(), v.numpy(), topk=topk,
-                          gamma=gamma.numpy() if torch.is_tensor(gamma) else gamma,
-                          mean_token=mt, **kw)
+    o_np = zeta.attention(
+        q.numpy(),
+        k.numpy(),
+        v.numpy(),
+        topk=topk,
+        gamma=gamma.numpy() if torch.is_tensor(gamma) else gamma,
+        mean_token=mt,
+        **kw,
+    )
     assert isinstance(o_np, np.ndarray) and o_np.dtype == q.numpy().dtype
     np.testing.assert_allclose(o_np, o_r.detach().numpy(), rtol=1e-12 if f64 else 1e-6, atol=0)
 
@@ -216,8 +231,8 @@ def test_causality(c):
     base_idx, _ = zeta.knn(q, k, topk, **kw)
     for p in sorted({s - n, s - n + int(rng.integers(0, n - 1)), s - 2}):
         k2, v2 = k.clone(), v.clone()
-        k2[:, :, p + 1:] = torch.randn_like(k2[:, :, p + 1:]) * 3
-        v2[:, :, p + 1:] = torch.randn_like(v2[:, :, p + 1:]) * 3
+        k2[:, :, p + 1 :] = torch.randn_like(k2[:, :, p + 1 :]) * 3
+        v2[:, :, p + 1 :] = torch.randn_like(v2[:, :, p + 1 :]) * 3
         out = zeta.attention(q, k2, v2, topk=topk, gamma=gamma, mean_token=c["mean_token"], **kw)
         idx, _ = zeta.knn(q, k2, topk, **kw)
         upto = p - (s - n) + 1  # queries at positions <= p
@@ -238,11 +253,17 @@ EDGE = {
     "chunk>S": (dict(shape=(2, 1, 9, 9, 3)), dict(topk=3, chunk=1000)),
     "window-huge": (dict(shape=(2, 1, 9, 9, 3)), dict(topk=3, window=10**9)),
     "bits1": (dict(shape=(2, 1, 30, 30, 3)), dict(topk=3, bits=1, chunk=2, window=1)),
-    "noncausal-S<N": (dict(shape=(2, 1, 30, 10, 3)), dict(topk=3, causal=False, window=1, mean_token=True)),
+    "noncausal-S<N": (
+        dict(shape=(2, 1, 30, 10, 3)),
+        dict(topk=3, causal=False, window=1, mean_token=True),
+    ),
     "dk8-9curves": (dict(shape=(2, 1, 30, 40, 8)), dict(topk=3, n_curves=9, chunk=2, window=1)),
     "equal-keys": (dict(shape=(2, 1, 30, 30, 3), zero_k=True), dict(topk=4, chunk=4, window=1)),
     "q==k-tiny-gamma": (dict(shape=(1, 1, 20, 20, 3), k_is_q=True), dict(topk=3, gamma=1e-6)),
-    "scalar-tensor-gamma": (dict(shape=(2, 2, 12, 12, 3), tensor_gamma=True), dict(topk=3, chunk=4)),
+    "scalar-tensor-gamma": (
+        dict(shape=(2, 2, 12, 12, 3), tensor_gamma=True),
+        dict(topk=3, chunk=4),
+    ),
 }
 
 
@@ -261,7 +282,9 @@ def test_edge_cases_match_reference(name):
         xs = leaf(q, k, v, *extra)
 
         def fn(qq, kk, vv, *g):
-            return zeta.attention(qq, kk, vv, backend=backend, **({"gamma": g[0]} if g else {}), **kw)
+            return zeta.attention(
+                qq, kk, vv, backend=backend, **({"gamma": g[0]} if g else {}), **kw
+            )
 
         return grads_of(fn, xs)
 
@@ -302,8 +325,9 @@ def test_full_window_is_exact(causal, chunk, n_curves, n_sink, mean_token, heads
         return zeta.attention(qq, kk, vv, topk=topk, gamma=gg, mean_token=mean_token, **kw)
 
     def dense(qq, kk, vv, gg):
-        return T.dense_topk_attention(qq, kk, vv, topk=topk, gamma=gg, causal=causal,
-                                      mean_token=mean_token)
+        return T.dense_topk_attention(
+            qq, kk, vv, topk=topk, gamma=gg, causal=causal, mean_token=mean_token
+        )
 
     o1, g1 = grads_of(ours, leaf(q, k, v, gamma))
     o2, g2 = grads_of(dense, leaf(q, k, v, gamma))
@@ -380,8 +404,9 @@ def test_gqa_equals_repeated_kv(hkv, mean_token):
     o1 = zeta.attention(q1, k1, v1, gamma=gamma, **kw)
     q2, k2, v2 = leaf(q, k, v)
     rep = h // hkv
-    o2 = zeta.attention(q2, k2.repeat_interleave(rep, 1), v2.repeat_interleave(rep, 1),
-                        gamma=gamma, **kw)
+    o2 = zeta.attention(
+        q2, k2.repeat_interleave(rep, 1), v2.repeat_interleave(rep, 1), gamma=gamma, **kw
+    )
     torch.testing.assert_close(o1, o2, rtol=1e-12, atol=1e-13)
     w = torch.randn_like(o1)
     (o1 * w).sum().backward()
@@ -492,8 +517,9 @@ def test_recall_equals_manual_count():
     want = hits / total
     assert 0 < want < 1
     assert zeta.recall(q, k, guess) == pytest.approx(want, abs=1e-12)
-    assert zeta.recall(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(guess)) == \
-        pytest.approx(want, abs=1e-12)
+    assert zeta.recall(
+        torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(guess)
+    ) == pytest.approx(want, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,8 +565,9 @@ def test_backends_report_and_forcing():
 
 
 def _np_qkv(**kw):
-    q, k, v = make_qkv(**{"b": 1, "h": 2, "hkv": 1, "n": 8, "s": 8, "dk": 3, "dv": 2,
-                          "dtype": torch.float32, **kw})
+    q, k, v = make_qkv(
+        **{"b": 1, "h": 2, "hkv": 1, "n": 8, "s": 8, "dk": 3, "dv": 2, "dtype": torch.float32, **kw}
+    )
     return q.numpy(), k.numpy(), v.numpy()
 
 
@@ -558,12 +585,24 @@ def _bad_cases():
         "q-3d": (lambda: A(q[0], k, v, topk=2), ValueError, "q"),
         "k-3d": (lambda: A(q, k[0], v, topk=2), ValueError, "k"),
         "v-3d": (lambda: A(q, k, v[0], topk=2), ValueError, "v"),
-        "k-batch": (lambda: A(q, np.concatenate([k, k]), np.concatenate([v, v]), topk=2), ValueError, "k"),
+        "k-batch": (
+            lambda: A(q, np.concatenate([k, k]), np.concatenate([v, v]), topk=2),
+            ValueError,
+            "k",
+        ),
         "k-dim": (lambda: A(q, k[..., :2].copy(), v, topk=2), ValueError, "k"),
         "v-len": (lambda: A(q, k, v[:, :, :5].copy(), topk=2), ValueError, "v"),
         "v-dim0": (lambda: A(q, k, v[..., :0].copy(), topk=2), ValueError, "v"),
-        "gqa": (lambda: A(np.concatenate([q, q[:, :1]], 1), np.concatenate([k, k], 1),
-                          np.concatenate([v, v], 1), topk=2), ValueError, "k"),
+        "gqa": (
+            lambda: A(
+                np.concatenate([q, q[:, :1]], 1),
+                np.concatenate([k, k], 1),
+                np.concatenate([v, v], 1),
+                topk=2,
+            ),
+            ValueError,
+            "k",
+        ),
         "topk0": (lambda: A(q, k, v, topk=0), ValueError, "topk"),
         "topk-neg": (lambda: zeta.knn(q, k, -1), ValueError, "topk"),
         "topk>S": (lambda: A(q, k, v, topk=9), ValueError, "topk"),
@@ -577,40 +616,86 @@ def _bad_cases():
         "nan-v": (lambda: A(q, k, _with(v, (0, 0, 7, 1), np.nan), topk=2), ValueError, "v"),
         "knn-nan-q": (lambda: zeta.knn(_with(q, (0, 1, 2, 2), np.nan), k, 2), ValueError, "q"),
         "knn-inf-k": (lambda: zeta.knn(q, _with(k, (0, 0, 0, 0), -np.inf), 2), ValueError, "k"),
-        "t-nan-q": (lambda: A(_with(tq, (0, 0, 0, 0), float("nan")), tk, tv, topk=2), ValueError, "q"),
-        "t-inf-k": (lambda: A(tq, _with(tk, (0, 0, 3, 1), float("inf")), tv, topk=2), ValueError, "k"),
-        "t-nan-v": (lambda: A(tq, tk, _with(tv, (0, 0, 7, 1), float("nan")), topk=2), ValueError, "v"),
-        "t-nan-q-torchbe": (lambda: A(_with(tq, (0, 0, 0, 0), float("nan")), tk, tv, topk=2,
-                                      backend="torch"), ValueError, "q"),
-        "t-knn-nan-k": (lambda: zeta.knn(tq, _with(tk, (0, 0, 1, 1), float("nan")), 2), ValueError, "k"),
+        "t-nan-q": (
+            lambda: A(_with(tq, (0, 0, 0, 0), float("nan")), tk, tv, topk=2),
+            ValueError,
+            "q",
+        ),
+        "t-inf-k": (
+            lambda: A(tq, _with(tk, (0, 0, 3, 1), float("inf")), tv, topk=2),
+            ValueError,
+            "k",
+        ),
+        "t-nan-v": (
+            lambda: A(tq, tk, _with(tv, (0, 0, 7, 1), float("nan")), topk=2),
+            ValueError,
+            "v",
+        ),
+        "t-nan-q-torchbe": (
+            lambda: A(_with(tq, (0, 0, 0, 0), float("nan")), tk, tv, topk=2, backend="torch"),
+            ValueError,
+            "q",
+        ),
+        "t-knn-nan-k": (
+            lambda: zeta.knn(tq, _with(tk, (0, 0, 1, 1), float("nan")), 2),
+            ValueError,
+            "k",
+        ),
         "gamma0": (lambda: A(q, k, v, topk=2, gamma=0.0), ValueError, "gamma"),
         "gamma-neg": (lambda: A(q, k, v, topk=2, gamma=-1.0), ValueError, "gamma"),
         "gamma-nan": (lambda: A(q, k, v, topk=2, gamma=float("nan")), ValueError, "gamma"),
         "gamma-shape": (lambda: A(q, k, v, topk=2, gamma=np.ones(3)), ValueError, "gamma"),
         "t-gamma0": (lambda: A(tq, tk, tv, topk=2, gamma=0.0), ValueError, "gamma"),
-        "t-gamma-tensor-neg": (lambda: A(tq, tk, tv, topk=2, gamma=torch.tensor([1.0, -1.0])),
-                               ValueError, "gamma"),
-        "t-gamma-tensor-nan": (lambda: A(tq, tk, tv, topk=2, gamma=torch.tensor([1.0, float("nan")])),
-                               ValueError, "gamma"),
-        "t-gamma-tensor-shape": (lambda: A(tq, tk, tv, topk=2, gamma=torch.ones(3)), ValueError, "gamma"),
-        "t-gamma-tensor-neg-torchbe": (lambda: A(tq, tk, tv, topk=2, gamma=torch.tensor([1.0, 0.0]),
-                                                 backend="torch"), ValueError, "gamma"),
+        "t-gamma-tensor-neg": (
+            lambda: A(tq, tk, tv, topk=2, gamma=torch.tensor([1.0, -1.0])),
+            ValueError,
+            "gamma",
+        ),
+        "t-gamma-tensor-nan": (
+            lambda: A(tq, tk, tv, topk=2, gamma=torch.tensor([1.0, float("nan")])),
+            ValueError,
+            "gamma",
+        ),
+        "t-gamma-tensor-shape": (
+            lambda: A(tq, tk, tv, topk=2, gamma=torch.ones(3)),
+            ValueError,
+            "gamma",
+        ),
+        "t-gamma-tensor-neg-torchbe": (
+            lambda: A(tq, tk, tv, topk=2, gamma=torch.tensor([1.0, 0.0]), backend="torch"),
+            ValueError,
+            "gamma",
+        ),
         "dk9": (lambda: A(*_np_qkv(dk=9), topk=2), ValueError, "q"),
         "dk0": (lambda: A(*_np_qkv(dk=0), topk=2), ValueError, "q"),
         "knn-dk9": (lambda: zeta.knn(*_np_qkv(dk=9)[:2], 2), ValueError, "q"),
-        "t-dk9": (lambda: A(*(torch.from_numpy(a) for a in _np_qkv(dk=9)), topk=2), ValueError, "q"),
+        "t-dk9": (
+            lambda: A(*(torch.from_numpy(a) for a in _np_qkv(dk=9)), topk=2),
+            ValueError,
+            "q",
+        ),
         "mixed-kinds": (lambda: A(q, tk, v, topk=2), TypeError, "q"),
         "mixed-kinds-knn": (lambda: zeta.knn(tq, k, 2), TypeError, "q"),
         "mixed-dtypes": (lambda: A(q, k.astype(np.float64), v, topk=2), TypeError, "k"),
         "mixed-dtypes-t": (lambda: A(tq, tk, tv.double(), topk=2), TypeError, "v"),
-        "int-dtype": (lambda: A(q.astype(np.int32), k.astype(np.int32), v.astype(np.int32), topk=2),
-                      TypeError, "q"),
+        "int-dtype": (
+            lambda: A(q.astype(np.int32), k.astype(np.int32), v.astype(np.int32), topk=2),
+            TypeError,
+            "q",
+        ),
         "N0": (lambda: A(q[:, :, :0].copy(), k, v, topk=2, causal=False), ValueError, "q"),
-        "S0": (lambda: A(q, k[:, :, :0].copy(), v[:, :, :0].copy(), topk=1, causal=False),
-               ValueError, "k"),
+        "S0": (
+            lambda: A(q, k[:, :, :0].copy(), v[:, :, :0].copy(), topk=1, causal=False),
+            ValueError,
+            "k",
+        ),
         "knn-S0": (lambda: zeta.knn(q, k[:, :, :0].copy(), 1, causal=False), ValueError, "k"),
         "B0": (lambda: A(q[:0].copy(), k[:0].copy(), v[:0].copy(), topk=2), ValueError, "q"),
-        "causal-S<N": (lambda: A(q, k[:, :, :5].copy(), v[:, :, :5].copy(), topk=2), ValueError, "k"),
+        "causal-S<N": (
+            lambda: A(q, k[:, :, :5].copy(), v[:, :, :5].copy(), topk=2),
+            ValueError,
+            "k",
+        ),
         "knn-causal-S<N": (lambda: zeta.knn(q, k[:, :, :5].copy(), 2), ValueError, "k"),
         "curves>dk+1": (lambda: A(q, k, v, topk=2, n_curves=5), ValueError, "n_curves"),
         "curves0": (lambda: A(q, k, v, topk=2, n_curves=0), ValueError, "n_curves"),
@@ -625,9 +710,17 @@ def _bad_cases():
         "k-str": (lambda: A(q, "k", v, topk=2), TypeError, "k"),
         "v-none": (lambda: A(q, k, None, topk=2), TypeError, "v"),
         "knn-list": (lambda: zeta.knn(q, k.tolist(), 2), TypeError, "k"),
-        "exact-nan": (lambda: zeta.exact_knn(_with(q, (0, 0, 1, 1), np.nan), k, 2), ValueError, "q"),
+        "exact-nan": (
+            lambda: zeta.exact_knn(_with(q, (0, 0, 1, 1), np.nan), k, 2),
+            ValueError,
+            "q",
+        ),
         "exact-topk0": (lambda: zeta.exact_knn(q, k, 0), ValueError, "topk"),
-        "recall-shape": (lambda: zeta.recall(q, k, np.zeros((1, 2, 8), np.int64)), ValueError, "indices"),
+        "recall-shape": (
+            lambda: zeta.recall(q, k, np.zeros((1, 2, 8), np.int64)),
+            ValueError,
+            "indices",
+        ),
         "recall-float": (lambda: zeta.recall(q, k, np.zeros((1, 2, 8, 2))), TypeError, "indices"),
         "recall-big": (lambda: zeta.recall(q, k, np.full((1, 2, 8, 2), 8)), ValueError, "indices"),
     }

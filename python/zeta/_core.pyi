@@ -33,19 +33,27 @@ def morton_encode(coords: npt.NDArray[Any], bits: int, out64: bool) -> npt.NDArr
 def morton_decode(codes: npt.NDArray[Any], dims: int, bits: int) -> npt.NDArray[Any]:
     """(n,) uint32/uint64 -> (n, dims) of the codes' dtype."""
 
-def zorder(x: npt.NDArray[Any], bits: int, shift: int, scale: float, out64: bool) -> npt.NDArray[Any]:
+def zorder(
+    x: npt.NDArray[Any], bits: int, shift: int, scale: float, out64: bool
+) -> npt.NDArray[Any]:
     """(n, d) float32/float64 -> (n,) uint32/uint64 codes."""
 
 def argsort(codes: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
     """(rows, n) uint32/uint64 -> (rows, n) int64, stable."""
 
-def searchsorted(sorted: npt.NDArray[Any], queries: npt.NDArray[Any], right: bool) -> npt.NDArray[np.int64]:
+def searchsorted(
+    sorted: npt.NDArray[Any], queries: npt.NDArray[Any], right: bool
+) -> npt.NDArray[np.int64]:
     """(rows, n), (rows, m) -> (rows, m) int64."""
 
-def knn(q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, params: _Params) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
+def knn(
+    q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, params: _Params
+) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
     """(B,H,N,dk), (B,Hkv,S,dk) -> indices (B,H,N,topk), sq_dists (B,H,N,topk)."""
 
-def exact_knn(q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, causal: bool) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
+def exact_knn(
+    q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, causal: bool
+) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
     """Brute force; same layout as knn."""
 
 def attention_forward(
@@ -78,7 +86,9 @@ def _after_fork_in_child() -> None: ...
 
 @final
 class KVCacheCore:
-    def __new__(cls, batch: int, kv_heads: int, key_dim: int, value_dim: int, params: _Params, dtype: str) -> KVCacheCore: ...
+    def __new__(
+        cls, batch: int, kv_heads: int, key_dim: int, value_dim: int, params: _Params, dtype: str
+    ) -> KVCacheCore: ...
     def extend(self, k: npt.NDArray[np.float32], v: npt.NDArray[np.float32]) -> None: ...
     def attend(
         self,

@@ -110,11 +110,23 @@ def attention_bwd(
 
 
 @attention_bwd.register_fake
-def _(q, k, v, gamma, idx, grad_out, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale):
+def _(
+    q, k, v, gamma, idx, grad_out, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gamma)
 
 
-_SCALARS = ("topk", "mean_token", "chunk", "window", "n_curves", "n_sink", "causal", "bits", "scale")
+_SCALARS = (
+    "topk",
+    "mean_token",
+    "chunk",
+    "window",
+    "n_curves",
+    "n_sink",
+    "causal",
+    "bits",
+    "scale",
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -127,8 +139,20 @@ def _backward(ctx, grad_out, _grad_idx):
     q, k, v, gamma, idx = ctx.saved_tensors
     s = ctx.scalars
     dq, dk, dv, dg = attention_bwd(
-        q, k, v, gamma, idx, grad_out.contiguous(), s["mean_token"], s["chunk"], s["window"],
-        s["n_curves"], s["n_sink"], s["causal"], s["bits"], s["scale"],
+        q,
+        k,
+        v,
+        gamma,
+        idx,
+        grad_out.contiguous(),
+        s["mean_token"],
+        s["chunk"],
+        s["window"],
+        s["n_curves"],
+        s["n_sink"],
+        s["causal"],
+        s["bits"],
+        s["scale"],
     )
     return (dq, dk, dv, dg) + (None,) * len(_SCALARS)
 
@@ -136,13 +160,26 @@ def _backward(ctx, grad_out, _grad_idx):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, topk: int, mean_token: bool, p) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, topk: int, mean_token: bool, p
+) -> Tensor:
     """Rust-backed attention on CPU tensors; half precisions computed in float32."""
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
     out, _ = attention_fwd(
-        q.contiguous(), k.contiguous(), v.contiguous(), gamma, topk, mean_token,
-        p.chunk, p.window, p.n_curves, p.n_sink, p.causal, p.bits, p.scale,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        gamma,
+        topk,
+        mean_token,
+        p.chunk,
+        p.window,
+        p.n_curves,
+        p.n_sink,
+        p.causal,
+        p.bits,
+        p.scale,
     )
     return out.to(dtype)

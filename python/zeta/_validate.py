@@ -104,7 +104,9 @@ def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool, topk: int)
     if not 1 <= dk <= MAX_KEY_DIM:
         raise ValueError(f"q: key_dim must be 1..{MAX_KEY_DIM}, got {dk}")
     if b == 0 or h == 0 or hkv == 0:
-        raise ValueError(f"q: batch and head counts must be >= 1 (q {tuple(q_shape)}, k {tuple(k_shape)})")
+        raise ValueError(
+            f"q: batch and head counts must be >= 1 (q {tuple(q_shape)}, k {tuple(k_shape)})"
+        )
     if n == 0:
         raise ValueError("q: empty sequence (N = 0)")
     if s == 0:
@@ -112,15 +114,21 @@ def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool, topk: int)
     if h % hkv != 0:
         raise ValueError(f"k: query heads ({h}) must be a multiple of kv heads ({hkv}) (GQA)")
     if causal and s < n:
-        raise ValueError(f"k: causal attention needs S >= N (queries are the last N positions), got S={s}, N={n}")
+        raise ValueError(
+            f"k: causal attention needs S >= N (queries are the last N positions), got S={s}, N={n}"
+        )
     if topk > s:
         raise ValueError(f"topk: {topk} is larger than the number of keys S={s}")
     dv = None
     if v_shape is not None:
         if len(v_shape) != 4:
-            raise ValueError(f"v: expected 4 axes (B, H_kv, S, value_dim), got shape {tuple(v_shape)}")
+            raise ValueError(
+                f"v: expected 4 axes (B, H_kv, S, value_dim), got shape {tuple(v_shape)}"
+            )
         if tuple(v_shape[:3]) != (b, hkv, s):
-            raise ValueError(f"v: shape {tuple(v_shape)} does not match k's (B, H_kv, S) = {(b, hkv, s)}")
+            raise ValueError(
+                f"v: shape {tuple(v_shape)} does not match k's (B, H_kv, S) = {(b, hkv, s)}"
+            )
         dv = v_shape[3]
         if dv == 0:
             raise ValueError("v: value_dim is 0")
@@ -139,7 +147,9 @@ def gamma_array(gamma: Any, h: int) -> np.ndarray:
     if g.ndim == 0:
         g = np.full(h, float(g))
     if g.shape != (h,):
-        raise ValueError(f"gamma: expected a float or shape ({h},) (one per query head), got shape {g.shape}")
+        raise ValueError(
+            f"gamma: expected a float or shape ({h},) (one per query head), got shape {g.shape}"
+        )
     if not np.all(np.isfinite(g)) or np.any(g <= 0):
         raise ValueError(f"gamma: must be finite and > 0, got {g.tolist()}")
     return np.ascontiguousarray(g)

@@ -92,8 +92,9 @@ def cpu_model() -> str:
         pass
     if sys.platform == "darwin":
         try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
-                                  capture_output=True, text=True).stdout.strip()
+            return subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True
+            ).stdout.strip()
         except OSError:
             pass
     return platform.processor() or "unknown-cpu"
@@ -136,7 +137,10 @@ def _optional(name: str) -> Tuple[Any, Optional[str]]:
     try:
         return __import__(name), None
     except ImportError as e:
-        return None, f"{name} is not installed ({e}); pip install {name if name != 'faiss' else 'faiss-cpu'}"
+        return (
+            None,
+            f"{name} is not installed ({e}); pip install {name if name != 'faiss' else 'faiss-cpu'}",
+        )
 
 
 def _time(fn: Callable[[], Any], reps: int, budget_s: float = float("inf")) -> List[float]:
@@ -197,8 +201,9 @@ def _gauss(n: int, seed: int = SEED) -> Tuple[np.ndarray, np.ndarray]:
     return q, k
 
 
-def recall_from_exact(q: np.ndarray, k: np.ndarray, idx: np.ndarray, exact_d2: np.ndarray,
-                      causal: bool) -> float:
+def recall_from_exact(
+    q: np.ndarray, k: np.ndarray, idx: np.ndarray, exact_d2: np.ndarray, causal: bool
+) -> float:
     """:func:`zeta.recall` with the exact top-k distances given (computed once, reused).
 
     The same rule: a retrieved valid (and, causal, past) index counts when its true squared
@@ -257,8 +262,12 @@ def _base_report(suite: str, quick: bool, config: Dict[str, Any]) -> Dict[str, A
 
     from . import _core
 
-    versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "zeta": zeta.__version__, "zeta_core_sha256": _core_hash()}
+    versions = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "zeta": zeta.__version__,
+        "zeta_core_sha256": _core_hash(),
+    }
     for name in ("torch", "faiss", "hnswlib", "matplotlib"):
         mod, _ = _optional(name)
         versions[name] = getattr(mod, "__version__", "installed") if mod is not None else None
@@ -266,9 +275,15 @@ def _base_report(suite: str, quick: bool, config: Dict[str, Any]) -> Dict[str, A
         "suite": suite,
         "date": _dt.date.today().isoformat(),
         "quick": quick,
-        "machine": {"tag": machine_tag(), "machine": platform.machine(), "cpu": cpu_model(),
-                    "cpus": os.cpu_count(), "zeta_threads": _core.num_threads(),
-                    "simd_path": _core.simd_path(), "versions": versions},
+        "machine": {
+            "tag": machine_tag(),
+            "machine": platform.machine(),
+            "cpu": cpu_model(),
+            "cpus": os.cpu_count(),
+            "zeta_threads": _core.num_threads(),
+            "simd_path": _core.simd_path(),
+            "versions": versions,
+        },
         "load_avg": {"start": loadavg()},
         "config": config,
     }
@@ -337,9 +352,15 @@ def _attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str, An
         times.append(time.perf_counter() - t0)
         if r == 0:
             peak = _maxrss_mb() - rss0
-    return {"status": "ok", "median_s": _med(times), "times_s": times, "reps": len(times),
-            "peak_rss_increase_mb": peak, "inputs": "torch" if torch is not None else "numpy",
-            "torch_threads": torch.get_num_threads() if torch is not None else None}
+    return {
+        "status": "ok",
+        "median_s": _med(times),
+        "times_s": times,
+        "reps": len(times),
+        "peak_rss_increase_mb": peak,
+        "inputs": "torch" if torch is not None else "numpy",
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+    }
 
 
 def _run_attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str, Any]:
@@ -371,16 +392,30 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
     ns = ATTN_N_QUICK if quick else ATTN_N
     sdpa_max = SDPA_MAX_N_QUICK if quick else SDPA_MAX_N
     torch, why = _optional("torch")
-    rep = _base_report("attention", quick, {
-        "B": 1, "H": ATTN_H, "d_k": DK, "d_v": ATTN_DV, "topk": TOPK, "dtype": "float32",
-        "causal": True, "N": ns, "sdpa_head_dim": ATTN_DV, "sdpa_max_n": sdpa_max,
-        "timing": "median of repeats, each config in a fresh subprocess after a warm-up call at "
-                  "N=1024; SDPA 1 repeat above N=8192",
-        "memory": "peak RSS increase (ru_maxrss after the first call minus before it, inputs "
-                  "already allocated), MB",
-    })
-    print(f"\n== attention: B=1 H={ATTN_H} d_k={DK} d_v={ATTN_DV} topk={TOPK} float32 causal, "
-          f"zeta vs SDPA (head dim {ATTN_DV}); N = {', '.join(_kib(n) for n in ns)}")
+    rep = _base_report(
+        "attention",
+        quick,
+        {
+            "B": 1,
+            "H": ATTN_H,
+            "d_k": DK,
+            "d_v": ATTN_DV,
+            "topk": TOPK,
+            "dtype": "float32",
+            "causal": True,
+            "N": ns,
+            "sdpa_head_dim": ATTN_DV,
+            "sdpa_max_n": sdpa_max,
+            "timing": "median of repeats, each config in a fresh subprocess after a warm-up call at "
+            "N=1024; SDPA 1 repeat above N=8192",
+            "memory": "peak RSS increase (ru_maxrss after the first call minus before it, inputs "
+            "already allocated), MB",
+        },
+    )
+    print(
+        f"\n== attention: B=1 H={ATTN_H} d_k={DK} d_v={ATTN_DV} topk={TOPK} float32 causal, "
+        f"zeta vs SDPA (head dim {ATTN_DV}); N = {', '.join(_kib(n) for n in ns)}"
+    )
     if torch is None:
         print(f"  SDPA and forward+backward skipped: {why}")
     res: Dict[str, Any] = {m: {"fwd": {}, "fwdbwd": {}} for m in ("zeta", "sdpa")}
@@ -393,11 +428,14 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
             else:
                 res["sdpa"][mode][str(n)] = {
                     "status": f"not run: SDPA {'forward' if mode == 'fwd' else 'forward+backward'} "
-                              f"is measured up to N={sdpa_max[mode]} (too slow on this machine)",
-                    "median_s": None}
+                    f"is measured up to N={sdpa_max[mode]} (too slow on this machine)",
+                    "median_s": None,
+                }
     with progress(len(jobs), "attention", "cfg") as bar:
         for method, mode, n in jobs:
-            res[method][mode][str(n)] = _run_attention_worker(method, mode, n, _attn_reps(method, n, quick))
+            res[method][mode][str(n)] = _run_attention_worker(
+                method, mode, n, _attn_reps(method, n, quick)
+            )
             bar.update(1)
 
     def t(m, mode, n):
@@ -406,17 +444,24 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
     def mb(m, mode, n):
         return res[m][mode].get(str(n), {}).get("peak_rss_increase_mb")
 
-    hdr = (f"  {'N':>6s} | {'zeta fwd':>9s} {'SDPA fwd':>9s} {'ratio':>7s} | {'zeta f+b':>9s} "
-           f"{'SDPA f+b':>9s} {'ratio':>7s} | peak RSS +MB fwd zeta/SDPA, f+b zeta/SDPA")
+    hdr = (
+        f"  {'N':>6s} | {'zeta fwd':>9s} {'SDPA fwd':>9s} {'ratio':>7s} | {'zeta f+b':>9s} "
+        f"{'SDPA f+b':>9s} {'ratio':>7s} | peak RSS +MB fwd zeta/SDPA, f+b zeta/SDPA"
+    )
     print(hdr)
     print("  " + "-" * (len(hdr) - 2))
     for n in ns:
-        mems = "  ".join(f"{mb(m, mode, n):.0f}" if mb(m, mode, n) is not None else "-"
-                         for mode in ("fwd", "fwdbwd") for m in ("zeta", "sdpa"))
-        print(f"  {_kib(n):>6s} | {_fmt_s(t('zeta', 'fwd', n)):>9s} {_fmt_s(t('sdpa', 'fwd', n)):>9s} "
-              f"{_fmt_x(_ratio(t('sdpa', 'fwd', n), t('zeta', 'fwd', n))):>7s} | "
-              f"{_fmt_s(t('zeta', 'fwdbwd', n)):>9s} {_fmt_s(t('sdpa', 'fwdbwd', n)):>9s} "
-              f"{_fmt_x(_ratio(t('sdpa', 'fwdbwd', n), t('zeta', 'fwdbwd', n))):>7s} | {mems}")
+        mems = "  ".join(
+            f"{mb(m, mode, n):.0f}" if mb(m, mode, n) is not None else "-"
+            for mode in ("fwd", "fwdbwd")
+            for m in ("zeta", "sdpa")
+        )
+        print(
+            f"  {_kib(n):>6s} | {_fmt_s(t('zeta', 'fwd', n)):>9s} {_fmt_s(t('sdpa', 'fwd', n)):>9s} "
+            f"{_fmt_x(_ratio(t('sdpa', 'fwd', n), t('zeta', 'fwd', n))):>7s} | "
+            f"{_fmt_s(t('zeta', 'fwdbwd', n)):>9s} {_fmt_s(t('sdpa', 'fwdbwd', n)):>9s} "
+            f"{_fmt_x(_ratio(t('sdpa', 'fwdbwd', n), t('zeta', 'fwdbwd', n))):>7s} | {mems}"
+        )
     for m in ("zeta", "sdpa"):
         for mode in ("fwd", "fwdbwd"):
             for n, r in res[m][mode].items():
@@ -427,29 +472,41 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
     n32 = GOAL_FWD_X_SDPA_N
     r = _ratio(t("sdpa", "fwd", n32), t("zeta", "fwd", n32))
     goals["fwd_x_sdpa_32k"] = _goal(
-        f">= {GOAL_FWD_X_SDPA:.0f}x faster forward than SDPA at N={_kib(n32)}", r,
+        f">= {GOAL_FWD_X_SDPA:.0f}x faster forward than SDPA at N={_kib(n32)}",
+        r,
         None if r is None else r >= GOAL_FWD_X_SDPA,
         f"{_fmt_x(r)}: zeta {_fmt_s(t('zeta', 'fwd', n32))}, SDPA {_fmt_s(t('sdpa', 'fwd', n32))}"
-        if r is not None else f"N={_kib(n32)} not run")
+        if r is not None
+        else f"N={_kib(n32)} not run",
+    )
     both = [n for n in ns if t("zeta", "fwdbwd", n) and t("sdpa", "fwdbwd", n)]
     if both:
         nb = max(both)
         r = _ratio(t("sdpa", "fwdbwd", nb), t("zeta", "fwdbwd", nb))
         goals["fwdbwd_x_sdpa"] = _goal(
             f">= {GOAL_FWDBWD_X_SDPA:.0f}x faster forward+backward than SDPA at the largest N "
-            "where both ran", r, r >= GOAL_FWDBWD_X_SDPA,
+            "where both ran",
+            r,
+            r >= GOAL_FWDBWD_X_SDPA,
             f"{_fmt_x(r)} at N={_kib(nb)}: zeta {_fmt_s(t('zeta', 'fwdbwd', nb))}, "
-            f"SDPA {_fmt_s(t('sdpa', 'fwdbwd', nb))}")
+            f"SDPA {_fmt_s(t('sdpa', 'fwdbwd', nb))}",
+        )
         goals["fwdbwd_x_sdpa"]["n"] = nb
     else:
-        goals["fwdbwd_x_sdpa"] = _goal(f">= {GOAL_FWDBWD_X_SDPA:.0f}x faster forward+backward "
-                                       "than SDPA", None, None, "no N where both ran")
+        goals["fwdbwd_x_sdpa"] = _goal(
+            f">= {GOAL_FWDBWD_X_SDPA:.0f}x faster forward+backward than SDPA",
+            None,
+            None,
+            "no N where both ran",
+        )
     t128, t16 = t("zeta", "fwd", 131072), t("zeta", "fwd", 16384)
     r = _ratio(t128, t16)
     goals["zeta_fwd_scaling_128k_16k"] = _goal(
-        f"zeta forward t(128k)/t(16k) <= {GOAL_SCALING:.0f} (8x the tokens)", r,
+        f"zeta forward t(128k)/t(16k) <= {GOAL_SCALING:.0f} (8x the tokens)",
+        r,
         None if r is None else r <= GOAL_SCALING,
-        f"{r:.1f} ({_fmt_s(t128)} / {_fmt_s(t16)})" if r is not None else "N=128k not run")
+        f"{r:.1f} ({_fmt_s(t128)} / {_fmt_s(t16)})" if r is not None else "N=128k not run",
+    )
     _print_goals(goals)
     rep["results"] = res
     rep["goals"] = goals
@@ -464,19 +521,31 @@ def _plot_attention(rep: Dict[str, Any], png: Path) -> bool:
     res = rep["results"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     style = {"zeta": dict(color="tab:blue", marker="o"), "sdpa": dict(color="tab:red", marker="s")}
-    label = {"zeta": f"zeta top-{TOPK} (d_k={DK})", "sdpa": f"torch SDPA causal (head dim {ATTN_DV})"}
+    label = {
+        "zeta": f"zeta top-{TOPK} (d_k={DK})",
+        "sdpa": f"torch SDPA causal (head dim {ATTN_DV})",
+    }
     for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward + backward")):
         for m in ("zeta", "sdpa"):
-            pts = [(n, res[m][mode][str(n)]["median_s"]) for n in ns
-                   if res[m][mode].get(str(n), {}).get("median_s")]
+            pts = [
+                (n, res[m][mode][str(n)]["median_s"])
+                for n in ns
+                if res[m][mode].get(str(n), {}).get("median_s")
+            ]
             if pts:
                 ax.plot(*zip(*pts), label=label[m], **style[m])
         for n in ns:
             a, b = res["zeta"][mode].get(str(n), {}), res["sdpa"][mode].get(str(n), {})
             if a.get("median_s") and b.get("median_s"):
-                ax.annotate(_fmt_x(b["median_s"] / a["median_s"]), (n, b["median_s"]),
-                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8,
-                            color="tab:red")
+                ax.annotate(
+                    _fmt_x(b["median_s"] / a["median_s"]),
+                    (n, b["median_s"]),
+                    textcoords="offset points",
+                    xytext=(0, 6),
+                    ha="center",
+                    fontsize=8,
+                    color="tab:red",
+                )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         lo, hi = ax.get_ylim()
@@ -491,11 +560,19 @@ def _plot_attention(rep: Dict[str, Any], png: Path) -> bool:
     ax = axes[2]
     for m, ls in (("zeta", "-"), ("sdpa", "--")):
         for mode, mk in (("fwd", "o"), ("fwdbwd", "^")):
-            pts = [(n, res[m][mode][str(n)]["peak_rss_increase_mb"]) for n in ns
-                   if (res[m][mode].get(str(n), {}).get("peak_rss_increase_mb") or 0) > 0]
+            pts = [
+                (n, res[m][mode][str(n)]["peak_rss_increase_mb"])
+                for n in ns
+                if (res[m][mode].get(str(n), {}).get("peak_rss_increase_mb") or 0) > 0
+            ]
             if pts:
-                ax.plot(*zip(*pts), ls=ls, marker=mk, color=style[m]["color"],
-                        label=f"{m} {'fwd' if mode == 'fwd' else 'fwd+bwd'}")
+                ax.plot(
+                    *zip(*pts),
+                    ls=ls,
+                    marker=mk,
+                    color=style[m]["color"],
+                    label=f"{m} {'fwd' if mode == 'fwd' else 'fwd+bwd'}",
+                )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(ns)
@@ -506,9 +583,12 @@ def _plot_attention(rep: Dict[str, Any], png: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     la = rep["load_avg"]
-    fig.suptitle(f"zeta attention vs SDPA, B=1 H={ATTN_H} d_v={ATTN_DV} float32 causal "
-                 f"({rep['machine']['tag']}, {rep['date']}, load avg {la['start']} -> {la.get('end')}); "
-                 "missing points: not run", fontsize=9)
+    fig.suptitle(
+        f"zeta attention vs SDPA, B=1 H={ATTN_H} d_v={ATTN_DV} float32 causal "
+        f"({rep['machine']['tag']}, {rep['date']}, load avg {la['start']} -> {la.get('end')}); "
+        "missing points: not run",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -525,14 +605,29 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
 
     n = RECALL_N_QUICK if quick else RECALL_N
     reps = 2 if quick else 3
-    rep = _base_report("recall", quick, {
-        "B": 1, "H": 1, "d_k": DK, "topk": TOPK, "causal": True, "N": n, "data": "Gaussian q, k",
-        "windows": WINDOWS, "n_curves": CURVES, "chunk": 64,
-        "timing": f"median of up to {reps} calls of zeta.knn per setting",
-        "recall": "exact neighbours computed once (zeta.exact_knn, float64); recall computed as "
-                  "zeta.recall does"})
-    print(f"\n== recall: zeta.knn causal, Gaussian 3-D q, k, N={_kib(n)}, topk={TOPK}; "
-          f"window x n_curves")
+    rep = _base_report(
+        "recall",
+        quick,
+        {
+            "B": 1,
+            "H": 1,
+            "d_k": DK,
+            "topk": TOPK,
+            "causal": True,
+            "N": n,
+            "data": "Gaussian q, k",
+            "windows": WINDOWS,
+            "n_curves": CURVES,
+            "chunk": 64,
+            "timing": f"median of up to {reps} calls of zeta.knn per setting",
+            "recall": "exact neighbours computed once (zeta.exact_knn, float64); recall computed as "
+            "zeta.recall does",
+        },
+    )
+    print(
+        f"\n== recall: zeta.knn causal, Gaussian 3-D q, k, N={_kib(n)}, topk={TOPK}; "
+        f"window x n_curves"
+    )
     q, k = _gauss(n)
     settings = [(w, c) for c in CURVES for w in WINDOWS]
     rows = []
@@ -551,18 +646,33 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
 
             times = _time(call, reps, budget_s=30)
             rec = recall_from_exact(q, k, idx, ex_d2, causal=True)
-            rows.append({"window": w, "n_curves": c, "median_s": _med(times), "times_s": times,
-                         "us_per_query": _med(times) * 1e6 / n, "recall": rec,
-                         "load_avg": loadavg()})
+            rows.append(
+                {
+                    "window": w,
+                    "n_curves": c,
+                    "median_s": _med(times),
+                    "times_s": times,
+                    "us_per_query": _med(times) * 1e6 / n,
+                    "recall": rec,
+                    "load_avg": loadavg(),
+                }
+            )
             if w == TOPK and c == 1:  # the default setting: check against zeta.recall
                 ref = zeta.recall(q, k, idx, causal=True)
-                check = {"window": w, "n_curves": c, "ours": rec, "zeta.recall": ref,
-                         "equal": abs(rec - ref) < 1e-12}
+                check = {
+                    "window": w,
+                    "n_curves": c,
+                    "ours": rec,
+                    "zeta.recall": ref,
+                    "equal": abs(rec - ref) < 1e-12,
+                }
             bar.update(1)
         bar.update(1)
-    print(f"  exact_knn (once, float64): {t_exact:.1f} s; check vs zeta.recall at window={TOPK}, "
-          f"n_curves=1: {check['ours']:.6f} vs {check['zeta.recall']:.6f} "
-          f"({'equal' if check['equal'] else 'DIFFERENT'})")
+    print(
+        f"  exact_knn (once, float64): {t_exact:.1f} s; check vs zeta.recall at window={TOPK}, "
+        f"n_curves=1: {check['ours']:.6f} vs {check['zeta.recall']:.6f} "
+        f"({'equal' if check['equal'] else 'DIFFERENT'})"
+    )
     print(f"  {'':>8s}" + "".join(f"{'n_curves=' + str(c):>22s}" for c in CURVES))
     print(f"  {'window':>8s}" + "".join(f"{'recall':>10s} {'time':>11s}" for _ in CURVES))
     for w in WINDOWS:
@@ -573,14 +683,20 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
         print(f"  {w:>8d}" + "".join(cells))
     ok = [r for r in rows if r["recall"] >= GOAL_RECALL]
     best = min(ok, key=lambda r: r["median_s"]) if ok else max(rows, key=lambda r: r["recall"])
-    note = (f"{len(ok)} of {len(rows)} settings reach it: "
-            + ", ".join(f"w={r['window']}/c={r['n_curves']}" for r in ok)
-            + f"; fastest: window={best['window']}, n_curves={best['n_curves']} "
-              f"(recall {best['recall']:.4f}, {_fmt_s(best['median_s'])})"
-            if ok else f"none; best recall {best['recall']:.4f} at window={best['window']}, "
-                       f"n_curves={best['n_curves']}")
-    goals = {"recall_0.95": _goal(f"recall@{TOPK} >= {GOAL_RECALL} (causal, N={_kib(n)})",
-                                  best["recall"], bool(ok), note)}
+    note = (
+        f"{len(ok)} of {len(rows)} settings reach it: "
+        + ", ".join(f"w={r['window']}/c={r['n_curves']}" for r in ok)
+        + f"; fastest: window={best['window']}, n_curves={best['n_curves']} "
+        f"(recall {best['recall']:.4f}, {_fmt_s(best['median_s'])})"
+        if ok
+        else f"none; best recall {best['recall']:.4f} at window={best['window']}, "
+        f"n_curves={best['n_curves']}"
+    )
+    goals = {
+        "recall_0.95": _goal(
+            f"recall@{TOPK} >= {GOAL_RECALL} (causal, N={_kib(n)})", best["recall"], bool(ok), note
+        )
+    }
     _print_goals(goals)
     rep["results"] = {"exact_knn_s": t_exact, "check_vs_zeta_recall": check, "settings": rows}
     rep["goals"] = goals
@@ -595,11 +711,22 @@ def _plot_recall(rep: Dict[str, Any], png: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
     for c, color in zip(CURVES, ("tab:blue", "tab:orange", "tab:green")):
         rr = sorted((r for r in rows if r["n_curves"] == c), key=lambda r: r["window"])
-        ax.plot([r["median_s"] for r in rr], [r["recall"] for r in rr], marker="o", color=color,
-                label=f"n_curves={c}")
+        ax.plot(
+            [r["median_s"] for r in rr],
+            [r["recall"] for r in rr],
+            marker="o",
+            color=color,
+            label=f"n_curves={c}",
+        )
         for r in rr:
-            ax.annotate(f"w{r['window']}", (r["median_s"], r["recall"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7, color=color)
+            ax.annotate(
+                f"w{r['window']}",
+                (r["median_s"], r["recall"]),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=7,
+                color=color,
+            )
     ax.axhline(GOAL_RECALL, color="green", ls="--", lw=1, label=f"goal {GOAL_RECALL}")
     ax.set_xscale("log")
     ax.set_xlabel("seconds per zeta.knn call (median)")
@@ -607,9 +734,12 @@ def _plot_recall(rep: Dict[str, Any], png: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     cfg = rep["config"]
-    ax.set_title(f"zeta.knn causal recall vs time, Gaussian 3-D, N={cfg['N']:,}, topk={TOPK}\n"
-                 f"({rep['machine']['tag']}, {rep['date']}, load avg {rep['load_avg']['start']}); "
-                 "labels: window", fontsize=9)
+    ax.set_title(
+        f"zeta.knn causal recall vs time, Gaussian 3-D, N={cfg['N']:,}, topk={TOPK}\n"
+        f"({rep['machine']['tag']}, {rep['date']}, load avg {rep['load_avg']['start']}); "
+        "labels: window",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -629,16 +759,31 @@ def bench_knn(quick: bool) -> Dict[str, Any]:
     faiss, why_f = _optional("faiss")
     hnswlib, why_h = _optional("hnswlib")
     threads = os.cpu_count() or 1
-    rep = _base_report("knn", quick, {
-        "queries": n, "keys": n, "d": DK, "k": TOPK, "causal": False, "data": "Gaussian q, k",
-        "zeta_windows": WINDOWS, "zeta_n_curves": CURVES, "hnsw_builds": HNSW_BUILDS,
-        "hnsw_efs": HNSW_EFS, "threads": threads,
-        "timing": "zeta: median of calls (index build included); faiss: add + search; hnswlib: "
-                  "build (once) + query (median)",
-        "recall": "vs faiss IndexFlatL2 (exact): a returned key counts when its float64 distance "
-                  "is <= the exact k-th one (as zeta.recall)"})
-    print(f"\n== knn: {_kib(n)} queries x {_kib(n)} keys, 3-D Gaussian, k={TOPK}, non-causal; "
-          f"zeta.knn vs faiss IndexFlatL2 vs hnswlib ({threads} threads)")
+    rep = _base_report(
+        "knn",
+        quick,
+        {
+            "queries": n,
+            "keys": n,
+            "d": DK,
+            "k": TOPK,
+            "causal": False,
+            "data": "Gaussian q, k",
+            "zeta_windows": WINDOWS,
+            "zeta_n_curves": CURVES,
+            "hnsw_builds": HNSW_BUILDS,
+            "hnsw_efs": HNSW_EFS,
+            "threads": threads,
+            "timing": "zeta: median of calls (index build included); faiss: add + search; hnswlib: "
+            "build (once) + query (median)",
+            "recall": "vs faiss IndexFlatL2 (exact): a returned key counts when its float64 distance "
+            "is <= the exact k-th one (as zeta.recall)",
+        },
+    )
+    print(
+        f"\n== knn: {_kib(n)} queries x {_kib(n)} keys, 3-D Gaussian, k={TOPK}, non-causal; "
+        f"zeta.knn vs faiss IndexFlatL2 vs hnswlib ({threads} threads)"
+    )
     q, k = _gauss(n)
     q2, k2 = q[0, 0], k[0, 0]
     res: Dict[str, Any] = {"faiss_flat": None, "hnsw": [], "zeta": []}
@@ -658,14 +803,22 @@ def bench_knn(quick: bool) -> Dict[str, Any]:
             fI = out["I"].astype(np.int64)
             ex_d2 = _true_d2(q2, k2, fI)[None, None]
             m = min(n, 2000)  # sanity: faiss vs zeta.exact_knn on a subsample
-            _, sub_d2 = zeta.exact_knn(q[:, :, :m].astype(np.float64), k.astype(np.float64), TOPK,
-                                       causal=False)
+            _, sub_d2 = zeta.exact_knn(
+                q[:, :, :m].astype(np.float64), k.astype(np.float64), TOPK, causal=False
+            )
             chk = recall_from_exact(q[:, :, :m], k, fI[None, None, :m], sub_d2, causal=False)
-            res["faiss_flat"] = {"median_s": _med(ft), "times_s": ft, "recall": 1.0,
-                                 "recall_vs_zeta_exact_knn_first_2000": chk, "load_avg": loadavg()}
+            res["faiss_flat"] = {
+                "median_s": _med(ft),
+                "times_s": ft,
+                "recall": 1.0,
+                "recall_vs_zeta_exact_knn_first_2000": chk,
+                "load_avg": loadavg(),
+            }
         else:
             print(f"  faiss skipped: {why_f}; recall oracle: zeta.exact_knn")
-            _, ex_d2 = zeta.exact_knn(q.astype(np.float64), k.astype(np.float64), TOPK, causal=False)
+            _, ex_d2 = zeta.exact_knn(
+                q.astype(np.float64), k.astype(np.float64), TOPK, causal=False
+            )
         bar.update(1)
         time.sleep(0.5)  # let faiss's OpenMP threads stop spinning before timing zeta
         for c in CURVES:
@@ -677,10 +830,16 @@ def bench_knn(quick: bool) -> Dict[str, Any]:
                     idx, _ = zeta.knn(q, k, TOPK, causal=False, window=w, n_curves=c)
 
                 times = _time(call, reps, budget_s=20)
-                res["zeta"].append({"window": w, "n_curves": c, "median_s": _med(times),
-                                    "times_s": times,
-                                    "recall": recall_from_exact(q, k, idx, ex_d2, causal=False),
-                                    "load_avg": loadavg()})
+                res["zeta"].append(
+                    {
+                        "window": w,
+                        "n_curves": c,
+                        "median_s": _med(times),
+                        "times_s": times,
+                        "recall": recall_from_exact(q, k, idx, ex_d2, causal=False),
+                        "load_avg": loadavg(),
+                    }
+                )
                 bar.update(1)
         if hnswlib is not None:
             for M, efc in HNSW_BUILDS:
@@ -697,12 +856,22 @@ def bench_knn(quick: bool) -> Dict[str, Any]:
                         got["L"] = ix.knn_query(q2, k=TOPK, num_threads=threads)[0]
 
                     tq = _time(hq, 1 if quick else 2)
-                    rec = recall_from_exact(q, k, got["L"].astype(np.int64)[None, None], ex_d2,
-                                            causal=False)
-                    res["hnsw"].append({"M": M, "ef_construction": efc, "ef": ef, "build_s": tb,
-                                        "query_s": _med(tq), "total_s": tb + _med(tq),
-                                        "recall": rec, "default": (M, efc, ef) == (16, 200, 10),
-                                        "load_avg": loadavg()})
+                    rec = recall_from_exact(
+                        q, k, got["L"].astype(np.int64)[None, None], ex_d2, causal=False
+                    )
+                    res["hnsw"].append(
+                        {
+                            "M": M,
+                            "ef_construction": efc,
+                            "ef": ef,
+                            "build_s": tb,
+                            "query_s": _med(tq),
+                            "total_s": tb + _med(tq),
+                            "recall": rec,
+                            "default": (M, efc, ef) == (16, 200, 10),
+                            "load_avg": loadavg(),
+                        }
+                    )
                 del ix
                 bar.update(1)
         else:
@@ -712,64 +881,95 @@ def bench_knn(quick: bool) -> Dict[str, Any]:
     ft = res["faiss_flat"]["median_s"] if res["faiss_flat"] else None
     print(f"  {'method':40s} {'recall':>8s} {'time':>10s} {'vs faiss':>9s}")
     if ft is not None:
-        print(f"  {'faiss IndexFlatL2 (add+search)':40s} {1.0:>8.4f} {_fmt_s(ft):>10s} {'1.00x':>9s}"
-              f"   (vs zeta.exact_knn on 2000 queries: "
-              f"{res['faiss_flat']['recall_vs_zeta_exact_knn_first_2000']:.4f})")
+        print(
+            f"  {'faiss IndexFlatL2 (add+search)':40s} {1.0:>8.4f} {_fmt_s(ft):>10s} {'1.00x':>9s}"
+            f"   (vs zeta.exact_knn on 2000 queries: "
+            f"{res['faiss_flat']['recall_vs_zeta_exact_knn_first_2000']:.4f})"
+        )
     for h in res["hnsw"]:
         name = f"hnswlib M={h['M']} efc={h['ef_construction']} ef={h['ef']}" + (
-            " (default)" if h["default"] else "")
-        print(f"  {name:40s} {h['recall']:>8.4f} {_fmt_s(h['total_s']):>10s} "
-              f"{_fmt_x(_ratio(ft, h['total_s'])):>9s}   (build {_fmt_s(h['build_s'])} + query "
-              f"{_fmt_s(h['query_s'])})")
+            " (default)" if h["default"] else ""
+        )
+        print(
+            f"  {name:40s} {h['recall']:>8.4f} {_fmt_s(h['total_s']):>10s} "
+            f"{_fmt_x(_ratio(ft, h['total_s'])):>9s}   (build {_fmt_s(h['build_s'])} + query "
+            f"{_fmt_s(h['query_s'])})"
+        )
     for z in res["zeta"]:
         name = f"zeta.knn window={z['window']} n_curves={z['n_curves']}"
-        print(f"  {name:40s} {z['recall']:>8.4f} {_fmt_s(z['median_s']):>10s} "
-              f"{_fmt_x(_ratio(ft, z['median_s'])):>9s}")
+        print(
+            f"  {name:40s} {z['recall']:>8.4f} {_fmt_s(z['median_s']):>10s} "
+            f"{_fmt_x(_ratio(ft, z['median_s'])):>9s}"
+        )
 
     goals: Dict[str, Any] = {}
     ok = [z for z in res["zeta"] if z["recall"] >= GOAL_RECALL]
-    best = min(ok, key=lambda z: z["median_s"]) if ok else max(res["zeta"], key=lambda z: z["recall"])
-    res["zeta_best"] = {"window": best["window"], "n_curves": best["n_curves"],
-                        "reaches_goal_recall": bool(ok)}
-    bdesc = (f"window={best['window']}, n_curves={best['n_curves']}, recall {best['recall']:.4f}, "
-             f"{_fmt_s(best['median_s'])}")
+    best = (
+        min(ok, key=lambda z: z["median_s"]) if ok else max(res["zeta"], key=lambda z: z["recall"])
+    )
+    res["zeta_best"] = {
+        "window": best["window"],
+        "n_curves": best["n_curves"],
+        "reaches_goal_recall": bool(ok),
+    }
+    bdesc = (
+        f"window={best['window']}, n_curves={best['n_curves']}, recall {best['recall']:.4f}, "
+        f"{_fmt_s(best['median_s'])}"
+    )
     if ft is None:
-        goals["x_faiss_flat"] = _goal(f">= {GOAL_KNN_X_FAISS:.0f}x faster than faiss flat at "
-                                      f"recall >= {GOAL_RECALL}", None, None, f"faiss: {why_f}")
+        goals["x_faiss_flat"] = _goal(
+            f">= {GOAL_KNN_X_FAISS:.0f}x faster than faiss flat at recall >= {GOAL_RECALL}",
+            None,
+            None,
+            f"faiss: {why_f}",
+        )
     elif ok:
         r = ft / best["median_s"]
         goals["x_faiss_flat"] = _goal(
-            f">= {GOAL_KNN_X_FAISS:.0f}x faster than faiss flat at recall >= {GOAL_RECALL}", r,
-            r >= GOAL_KNN_X_FAISS, f"{_fmt_x(r)}: fastest zeta setting reaching it: {bdesc}; "
-                                   f"faiss {_fmt_s(ft)}")
+            f">= {GOAL_KNN_X_FAISS:.0f}x faster than faiss flat at recall >= {GOAL_RECALL}",
+            r,
+            r >= GOAL_KNN_X_FAISS,
+            f"{_fmt_x(r)}: fastest zeta setting reaching it: {bdesc}; faiss {_fmt_s(ft)}",
+        )
     else:
         goals["x_faiss_flat"] = _goal(
-            f">= {GOAL_KNN_X_FAISS:.0f}x faster than faiss flat at recall >= {GOAL_RECALL}", None,
-            False, f"no zeta setting reaches recall {GOAL_RECALL} (best {bdesc})")
+            f">= {GOAL_KNN_X_FAISS:.0f}x faster than faiss flat at recall >= {GOAL_RECALL}",
+            None,
+            False,
+            f"no zeta setting reaches recall {GOAL_RECALL} (best {bdesc})",
+        )
     if res["hnsw"]:
         match = [h for h in res["hnsw"] if h["recall"] >= best["recall"]]
         if match:
             hb = min(match, key=lambda h: h["total_s"])
             r = hb["total_s"] / best["median_s"]
-            note = (f"{_fmt_x(r)}: zeta ({bdesc}) vs the cheapest hnswlib with recall >= zeta's: "
-                    f"M={hb['M']} efc={hb['ef_construction']} ef={hb['ef']}, recall "
-                    f"{hb['recall']:.4f}, {_fmt_s(hb['total_s'])} (build + query)")
+            note = (
+                f"{_fmt_x(r)}: zeta ({bdesc}) vs the cheapest hnswlib with recall >= zeta's: "
+                f"M={hb['M']} efc={hb['ef_construction']} ef={hb['ef']}, recall "
+                f"{hb['recall']:.4f}, {_fmt_s(hb['total_s'])} (build + query)"
+            )
         else:
             hb = max(res["hnsw"], key=lambda h: h["recall"])
             r = hb["total_s"] / best["median_s"]
-            note = (f"no hnswlib setting reaches zeta's recall; vs its best ({hb['recall']:.4f}, "
-                    f"{_fmt_s(hb['total_s'])}): {_fmt_x(r)}")
-        goals["faster_than_hnsw"] = _goal("faster than hnswlib (build + query) at equal recall", r,
-                                          r > 1.0, note)
+            note = (
+                f"no hnswlib setting reaches zeta's recall; vs its best ({hb['recall']:.4f}, "
+                f"{_fmt_s(hb['total_s'])}): {_fmt_x(r)}"
+            )
+        goals["faster_than_hnsw"] = _goal(
+            "faster than hnswlib (build + query) at equal recall", r, r > 1.0, note
+        )
         dflt = next((h for h in res["hnsw"] if h["default"]), None)
         if dflt:
             res["hnsw_default"] = dflt
-            print(f"  hnswlib at its defaults (M=16, efc=200, ef=10 -> k): recall {dflt['recall']:.4f}, "
-                  f"{_fmt_s(dflt['total_s'])}; zeta ({bdesc}) is {_fmt_x(dflt['total_s'] / best['median_s'])} "
-                  "faster")
+            print(
+                f"  hnswlib at its defaults (M=16, efc=200, ef=10 -> k): recall {dflt['recall']:.4f}, "
+                f"{_fmt_s(dflt['total_s'])}; zeta ({bdesc}) is {_fmt_x(dflt['total_s'] / best['median_s'])} "
+                "faster"
+            )
     else:
-        goals["faster_than_hnsw"] = _goal("faster than hnswlib at equal recall", None, None,
-                                          f"hnswlib: {why_h}")
+        goals["faster_than_hnsw"] = _goal(
+            "faster than hnswlib at equal recall", None, None, f"hnswlib: {why_h}"
+        )
     _print_goals(goals)
     rep["results"] = res
     rep["goals"] = goals
@@ -784,22 +984,52 @@ def _plot_knn(rep: Dict[str, Any], png: Path) -> bool:
     fig, ax = plt.subplots(figsize=(9, 5.8))
     for c, color in zip(CURVES, ("tab:blue", "tab:cyan", "tab:purple")):
         zz = sorted((z for z in res["zeta"] if z["n_curves"] == c), key=lambda z: z["window"])
-        ax.plot([z["median_s"] for z in zz], [z["recall"] for z in zz], marker="o", color=color,
-                label=f"zeta.knn n_curves={c} (labels: window)")
+        ax.plot(
+            [z["median_s"] for z in zz],
+            [z["recall"] for z in zz],
+            marker="o",
+            color=color,
+            label=f"zeta.knn n_curves={c} (labels: window)",
+        )
         for z in zz:
-            ax.annotate(f"w{z['window']}", (z["median_s"], z["recall"]), textcoords="offset points",
-                        xytext=(3, -10), fontsize=7, color=color)
+            ax.annotate(
+                f"w{z['window']}",
+                (z["median_s"], z["recall"]),
+                textcoords="offset points",
+                xytext=(3, -10),
+                fontsize=7,
+                color=color,
+            )
     for (M, efc), color in zip(HNSW_BUILDS, ("tab:orange", "tab:olive", "tab:brown")):
         hh = [h for h in res["hnsw"] if (h["M"], h["ef_construction"]) == (M, efc)]
         if hh:
-            ax.plot([h["total_s"] for h in hh], [h["recall"] for h in hh], marker="^", ls="--",
-                    color=color, label=f"hnswlib M={M} efc={efc} (labels: ef), build+query")
+            ax.plot(
+                [h["total_s"] for h in hh],
+                [h["recall"] for h in hh],
+                marker="^",
+                ls="--",
+                color=color,
+                label=f"hnswlib M={M} efc={efc} (labels: ef), build+query",
+            )
             for h in hh:
-                ax.annotate(f"ef{h['ef']}", (h["total_s"], h["recall"]), textcoords="offset points",
-                            xytext=(3, 4), fontsize=7, color=color)
+                ax.annotate(
+                    f"ef{h['ef']}",
+                    (h["total_s"], h["recall"]),
+                    textcoords="offset points",
+                    xytext=(3, 4),
+                    fontsize=7,
+                    color=color,
+                )
     if res["faiss_flat"]:
-        ax.scatter([res["faiss_flat"]["median_s"]], [1.0], marker="*", s=160, color="tab:red",
-                   label="faiss IndexFlatL2 (exact), add+search", zorder=5)
+        ax.scatter(
+            [res["faiss_flat"]["median_s"]],
+            [1.0],
+            marker="*",
+            s=160,
+            color="tab:red",
+            label="faiss IndexFlatL2 (exact), add+search",
+            zorder=5,
+        )
     ax.axhline(GOAL_RECALL, color="green", ls=":", lw=1, label=f"recall {GOAL_RECALL}")
     ax.set_xscale("log")
     ax.set_xlabel("seconds (log): zeta per call incl. index build; hnswlib build + query")
@@ -807,9 +1037,12 @@ def _plot_knn(rep: Dict[str, Any], png: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     cfg = rep["config"]
-    ax.set_title(f"k-NN, {cfg['queries']:,} queries x {cfg['keys']:,} keys, 3-D Gaussian, "
-                 f"k={TOPK}, non-causal\n({rep['machine']['tag']}, {rep['date']}, "
-                 f"load avg {rep['load_avg']['start']})", fontsize=9)
+    ax.set_title(
+        f"k-NN, {cfg['queries']:,} queries x {cfg['keys']:,} keys, 3-D Gaussian, "
+        f"k={TOPK}, non-causal\n({rep['machine']['tag']}, {rep['date']}, "
+        f"load avg {rep['load_avg']['start']})",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -896,20 +1129,37 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
     if avail is not None and avail < 1.3 * (val_bytes + cache_est) + (1 << 30):
         room = avail - 1.3 * cache_est - (1 << 30)
         dense_heads = int(max(1, min(H, room // (1.3 * val_bytes / H))))
-        mem_note = (f"only {avail / 2**30:.1f} GiB available: the dense baselines run on "
-                    f"{dense_heads} of {H} heads and are scaled per head x{H / dense_heads:g}")
-    rep = _base_report("decode", quick, {
-        "H_kv": H, "H": H, "d_k": DK, "d_v": dv, "topk": TOPK, "gamma": 1.0,
-        "cache": "zeta.KVCache defaults (chunk 64, window = topk, n_curves 1)", "S": sizes,
-        "decode_steps": steps, "values": "float32 (float16 cache also at the largest S)",
-        "dense": "all S keys: q.k scores + softmax + weighted sum of values, all heads, numpy and "
-                 "torch (no_grad), on the same arrays as the cache",
-        "dense_heads": dense_heads, "memory_note": mem_note,
-        "timing": "median per token over the decode steps (each step extends one token first); "
-                  f"zeta steps run first, then dense on the same {H} heads (as many steps as fit "
-                  f"in {dense_budget:g} s per method and S, at least 3, at most {steps})"})
-    print(f"\n== decode: zeta.KVCache H={H} d_k={DK} d_v={dv} topk={TOPK}, S = "
-          f"{', '.join(_kib(s) for s in sizes)}; vs dense decode (numpy, torch)")
+        mem_note = (
+            f"only {avail / 2**30:.1f} GiB available: the dense baselines run on "
+            f"{dense_heads} of {H} heads and are scaled per head x{H / dense_heads:g}"
+        )
+    rep = _base_report(
+        "decode",
+        quick,
+        {
+            "H_kv": H,
+            "H": H,
+            "d_k": DK,
+            "d_v": dv,
+            "topk": TOPK,
+            "gamma": 1.0,
+            "cache": "zeta.KVCache defaults (chunk 64, window = topk, n_curves 1)",
+            "S": sizes,
+            "decode_steps": steps,
+            "values": "float32 (float16 cache also at the largest S)",
+            "dense": "all S keys: q.k scores + softmax + weighted sum of values, all heads, numpy and "
+            "torch (no_grad), on the same arrays as the cache",
+            "dense_heads": dense_heads,
+            "memory_note": mem_note,
+            "timing": "median per token over the decode steps (each step extends one token first); "
+            f"zeta steps run first, then dense on the same {H} heads (as many steps as fit "
+            f"in {dense_budget:g} s per method and S, at least 3, at most {steps})",
+        },
+    )
+    print(
+        f"\n== decode: zeta.KVCache H={H} d_k={DK} d_v={dv} topk={TOPK}, S = "
+        f"{', '.join(_kib(s) for s in sizes)}; vs dense decode (numpy, torch)"
+    )
     print(f"  memory: {mem_note}")
     if torch is None:
         print(f"  torch dense skipped: {why_t}")
@@ -937,16 +1187,19 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
                 cache.extend(kb, vb)
                 tb += time.perf_counter() - t1
             t_build += tb
-            row: Dict[str, Any] = {"S": S, "extend_tokens": S - a0,
-                                   "extend_tokens_per_s": (S - a0) / tb if tb else None,
-                                   "bytes_per_token": cache.nbytes / len(cache)}
+            row: Dict[str, Any] = {
+                "S": S,
+                "extend_tokens": S - a0,
+                "extend_tokens_per_s": (S - a0) / tb if tb else None,
+                "bytes_per_token": cache.nbytes / len(cache),
+            }
             # zeta first, in a loop of its own: the dense baselines' BLAS/OpenMP threads keep
             # spinning for a while after each call and would steal the 2 cores from zeta's pool
             time.sleep(0.5)
             lz, le, ln, lt, diff = [], [], [], [], 0.0
             for _ in range(steps):
                 p = len(cache)
-                kb, vb = keys[:, :, p:p + 1], vals.get(p, p + 1)
+                kb, vb = keys[:, :, p : p + 1], vals.get(p, p + 1)
                 t1 = time.perf_counter()
                 cache.extend(kb, vb)
                 le.append(time.perf_counter() - t1)
@@ -967,17 +1220,25 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
                     o_t = _dense_torch(torch, kd_t, vd_t, q_t, n, dense_heads)
                     lt.append(time.perf_counter() - t1)
                     diff = max(diff, float(np.abs(o_t.numpy() - o_np).max()))
-            row.update({
-                "cache_len_at_end": len(cache),
-                "zeta_us_per_token": _med(lz) * 1e6, "zeta_us_per_token_per_head": _med(lz) * 1e6 / H,
-                "zeta_steps": len(lz), "extend_one_us": _med(le) * 1e6,
-                "dense_numpy_us_per_token": _med(ln) * 1e6 * scale, "dense_numpy_steps": len(ln),
-                "dense_torch_us_per_token": _med(lt) * 1e6 * scale if lt else None,
-                "dense_torch_steps": len(lt),
-                "dense_scaled_from_heads": dense_heads if dense_heads < H else None,
-                "dense_numpy_vs_torch_max_abs_diff": diff if lt else None,
-                "load_avg": loadavg()})
-            best_dense = min(x for x in (row["dense_numpy_us_per_token"], row["dense_torch_us_per_token"]) if x)
+            row.update(
+                {
+                    "cache_len_at_end": len(cache),
+                    "zeta_us_per_token": _med(lz) * 1e6,
+                    "zeta_us_per_token_per_head": _med(lz) * 1e6 / H,
+                    "zeta_steps": len(lz),
+                    "extend_one_us": _med(le) * 1e6,
+                    "dense_numpy_us_per_token": _med(ln) * 1e6 * scale,
+                    "dense_numpy_steps": len(ln),
+                    "dense_torch_us_per_token": _med(lt) * 1e6 * scale if lt else None,
+                    "dense_torch_steps": len(lt),
+                    "dense_scaled_from_heads": dense_heads if dense_heads < H else None,
+                    "dense_numpy_vs_torch_max_abs_diff": diff if lt else None,
+                    "load_avg": loadavg(),
+                }
+            )
+            best_dense = min(
+                x for x in (row["dense_numpy_us_per_token"], row["dense_torch_us_per_token"]) if x
+            )
             row["dense_best_x"] = best_dense / row["zeta_us_per_token"]
             rows.append(row)
             bar.update(1)
@@ -995,10 +1256,16 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
         _, ex_d2 = zeta.exact_knn(qT.astype(np.float64), kf.astype(np.float64), TOPK, causal=True)
         t_ex = time.perf_counter() - t1
         rec = recall_from_exact(qT, kf, idx, ex_d2, causal=True)
-        extra["recall"] = {"S": L, "queries": T, "heads": H, "recall": rec, "knn_s": t_knn,
-                           "exact_knn_s": t_ex,
-                           "how": "zeta.knn(q (1,H,T,3), keys (1,H,S,3), causal; cache settings) "
-                                  "vs zeta.exact_knn on the same queries (the last T positions)"}
+        extra["recall"] = {
+            "S": L,
+            "queries": T,
+            "heads": H,
+            "recall": rec,
+            "knn_s": t_knn,
+            "exact_knn_s": t_ex,
+            "how": "zeta.knn(q (1,H,T,3), keys (1,H,S,3), causal; cache settings) "
+            "vs zeta.exact_knn on the same queries (the last T positions)",
+        }
         del kf
         bar.update(1)
 
@@ -1010,8 +1277,11 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
         need16 = total * (H * dv * 2 + H * 40)
         avail = _mem_available()
         if avail is not None and avail < 1.3 * need16 + (1 << 29):
-            extra["float16"] = {"S": S, "status": f"not run: {avail / 2**30:.1f} GiB available, "
-                                                  f"needs ~{need16 / 2**30:.1f} GiB"}
+            extra["float16"] = {
+                "S": S,
+                "status": f"not run: {avail / 2**30:.1f} GiB available, "
+                f"needs ~{need16 / 2**30:.1f} GiB",
+            }
         else:
             c16 = zeta.KVCache(H, DK, dv, dtype="float16")
             tb = 0.0
@@ -1024,62 +1294,82 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
             lz = []
             for _ in range(steps):
                 p = len(c16)
-                c16.extend(keys[:, :, p:p + 1], vals.get(p, p + 1))
+                c16.extend(keys[:, :, p : p + 1], vals.get(p, p + 1))
                 q = qrng.standard_normal((1, H, 1, DK), dtype=np.float32)
                 t1 = time.perf_counter()
                 c16.attend(q, topk=TOPK)
                 lz.append(time.perf_counter() - t1)
-            extra["float16"] = {"S": S, "status": "ok", "extend_tokens_per_s": S / tb,
-                                "bytes_per_token": c16.nbytes / len(c16),
-                                "nbytes": c16.nbytes, "float32_nbytes": f32_bytes,
-                                "zeta_us_per_token": _med(lz) * 1e6,
-                                "zeta_us_per_token_per_head": _med(lz) * 1e6 / H,
-                                "load_avg": loadavg()}
+            extra["float16"] = {
+                "S": S,
+                "status": "ok",
+                "extend_tokens_per_s": S / tb,
+                "bytes_per_token": c16.nbytes / len(c16),
+                "nbytes": c16.nbytes,
+                "float32_nbytes": f32_bytes,
+                "zeta_us_per_token": _med(lz) * 1e6,
+                "zeta_us_per_token_per_head": _med(lz) * 1e6 / H,
+                "load_avg": loadavg(),
+            }
             del c16
         bar.update(1)
     extra["extend_total_s"] = t_build
 
-    print(f"  {'S':>6s} {'extend tok/s':>13s} {'B/token':>8s} | {'zeta/token':>11s} {'per head':>9s} | "
-          f"{'numpy dense':>12s} {'x':>7s} | {'torch dense':>12s} {'x':>7s}")
+    print(
+        f"  {'S':>6s} {'extend tok/s':>13s} {'B/token':>8s} | {'zeta/token':>11s} {'per head':>9s} | "
+        f"{'numpy dense':>12s} {'x':>7s} | {'torch dense':>12s} {'x':>7s}"
+    )
     for r in rows:
-        print(f"  {_kib(r['S']):>6s} {r['extend_tokens_per_s']:>13,.0f} {r['bytes_per_token']:>8,.0f} | "
-              f"{_fmt_s(r['zeta_us_per_token'] * 1e-6):>11s} {r['zeta_us_per_token_per_head']:>6.1f} us | "
-              f"{_fmt_s(r['dense_numpy_us_per_token'] * 1e-6):>12s} "
-              f"{_fmt_x(r['dense_numpy_us_per_token'] / r['zeta_us_per_token']):>7s} | "
-              f"{_fmt_s(r['dense_torch_us_per_token'] * 1e-6 if r['dense_torch_us_per_token'] else None):>12s} "
-              f"{_fmt_x(_ratio(r['dense_torch_us_per_token'], r['zeta_us_per_token'])):>7s}")
+        print(
+            f"  {_kib(r['S']):>6s} {r['extend_tokens_per_s']:>13,.0f} {r['bytes_per_token']:>8,.0f} | "
+            f"{_fmt_s(r['zeta_us_per_token'] * 1e-6):>11s} {r['zeta_us_per_token_per_head']:>6.1f} us | "
+            f"{_fmt_s(r['dense_numpy_us_per_token'] * 1e-6):>12s} "
+            f"{_fmt_x(r['dense_numpy_us_per_token'] / r['zeta_us_per_token']):>7s} | "
+            f"{_fmt_s(r['dense_torch_us_per_token'] * 1e-6 if r['dense_torch_us_per_token'] else None):>12s} "
+            f"{_fmt_x(_ratio(r['dense_torch_us_per_token'], r['zeta_us_per_token'])):>7s}"
+        )
     f16 = extra["float16"]
     if f16["status"] == "ok":
-        print(f"  float16 values, S={_kib(f16['S'])}: {f16['extend_tokens_per_s']:,.0f} tok/s, "
-              f"{f16['bytes_per_token']:,.0f} B/token, {f16['zeta_us_per_token']:.1f} us/token "
-              f"({f16['zeta_us_per_token_per_head']:.1f} us per head)")
+        print(
+            f"  float16 values, S={_kib(f16['S'])}: {f16['extend_tokens_per_s']:,.0f} tok/s, "
+            f"{f16['bytes_per_token']:,.0f} B/token, {f16['zeta_us_per_token']:.1f} us/token "
+            f"({f16['zeta_us_per_token_per_head']:.1f} us per head)"
+        )
     else:
         print(f"  float16: {f16['status']}")
     rc = extra["recall"]
-    print(f"  recall@{TOPK} of the decode path at S={rc['S']:,} ({rc['queries']} query positions x "
-          f"{H} heads): {rc['recall']:.4f}")
+    print(
+        f"  recall@{TOPK} of the decode path at S={rc['S']:,} ({rc['queries']} query positions x "
+        f"{H} heads): {rc['recall']:.4f}"
+    )
     if dense_heads < H:
         print(f"  note: {mem_note}")
 
     big = next((r for r in rows if r["S"] == GOAL_DEC_S), None)
     goals: Dict[str, Any] = {}
     if big is None:
-        goals["us_per_head_1M"] = _goal(f"<= {GOAL_US_PER_HEAD:.0f} us per token per head at S=1M",
-                                        None, None, "S=1M not run")
-        goals["x_dense_1M"] = _goal(f">= {GOAL_DENSE_X:.0f}x faster than dense at S=1M", None, None,
-                                    "S=1M not run")
+        goals["us_per_head_1M"] = _goal(
+            f"<= {GOAL_US_PER_HEAD:.0f} us per token per head at S=1M", None, None, "S=1M not run"
+        )
+        goals["x_dense_1M"] = _goal(
+            f">= {GOAL_DENSE_X:.0f}x faster than dense at S=1M", None, None, "S=1M not run"
+        )
     else:
         v = big["zeta_us_per_token_per_head"]
         goals["us_per_head_1M"] = _goal(
-            f"<= {GOAL_US_PER_HEAD:.0f} us per token per head at S=1M", v, v <= GOAL_US_PER_HEAD,
-            f"{v:.1f} us per head ({big['zeta_us_per_token']:.0f} us per token, {H} heads)")
+            f"<= {GOAL_US_PER_HEAD:.0f} us per token per head at S=1M",
+            v,
+            v <= GOAL_US_PER_HEAD,
+            f"{v:.1f} us per head ({big['zeta_us_per_token']:.0f} us per token, {H} heads)",
+        )
         r = big["dense_best_x"]
         goals["x_dense_1M"] = _goal(
             f">= {GOAL_DENSE_X:.0f}x faster than dense decode at S=1M (the faster of numpy/torch)",
-            r, r >= GOAL_DENSE_X,
+            r,
+            r >= GOAL_DENSE_X,
             f"{_fmt_x(r)}: numpy {_fmt_s(big['dense_numpy_us_per_token'] * 1e-6)}, torch "
             f"{_fmt_s(big['dense_torch_us_per_token'] * 1e-6 if big['dense_torch_us_per_token'] else None)}, "
-            f"zeta {_fmt_s(big['zeta_us_per_token'] * 1e-6)} per token")
+            f"zeta {_fmt_s(big['zeta_us_per_token'] * 1e-6)} per token",
+        )
     _print_goals(goals)
     rep["results"] = {"sizes": rows, **extra}
     rep["goals"] = goals
@@ -1095,23 +1385,50 @@ def _plot_decode(rep: Dict[str, Any], png: Path) -> bool:
     S = [r["S"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.4))
     ax = axes[0]
-    ax.plot(S, [r["zeta_us_per_token"] for r in rows], "o-", color="tab:blue",
-            label="zeta KVCache.attend (float32 values)")
-    ax.plot(S, [r["dense_numpy_us_per_token"] for r in rows], "s--", color="tab:orange",
-            label="dense decode, numpy")
+    ax.plot(
+        S,
+        [r["zeta_us_per_token"] for r in rows],
+        "o-",
+        color="tab:blue",
+        label="zeta KVCache.attend (float32 values)",
+    )
+    ax.plot(
+        S,
+        [r["dense_numpy_us_per_token"] for r in rows],
+        "s--",
+        color="tab:orange",
+        label="dense decode, numpy",
+    )
     tt = [(r["S"], r["dense_torch_us_per_token"]) for r in rows if r["dense_torch_us_per_token"]]
     if tt:
         ax.plot(*zip(*tt), "^--", color="tab:red", label="dense decode, torch")
     f16 = res.get("float16", {})
     if f16.get("status") == "ok":
-        ax.scatter([f16["S"]], [f16["zeta_us_per_token"]], marker="D", color="tab:cyan", zorder=5,
-                   label="zeta, float16 values")
+        ax.scatter(
+            [f16["S"]],
+            [f16["zeta_us_per_token"]],
+            marker="D",
+            color="tab:cyan",
+            zorder=5,
+            label="zeta, float16 values",
+        )
     for r in rows:
-        ax.annotate(_fmt_x(r["dense_best_x"]), (r["S"], r["zeta_us_per_token"]),
-                    textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8,
-                    color="tab:blue")
-    ax.axhline(GOAL_US_PER_HEAD * rep["config"]["H"], color="green", ls=":", lw=1,
-               label=f"goal: {GOAL_US_PER_HEAD:.0f} us per head ({rep['config']['H']} heads)")
+        ax.annotate(
+            _fmt_x(r["dense_best_x"]),
+            (r["S"], r["zeta_us_per_token"]),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+            fontsize=8,
+            color="tab:blue",
+        )
+    ax.axhline(
+        GOAL_US_PER_HEAD * rep["config"]["H"],
+        color="green",
+        ls=":",
+        lw=1,
+        label=f"goal: {GOAL_US_PER_HEAD:.0f} us per head ({rep['config']['H']} heads)",
+    )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(S)
@@ -1124,10 +1441,22 @@ def _plot_decode(rep: Dict[str, Any], png: Path) -> bool:
     ax.set_ylim(lo / 2, hi * 2)
     ax.legend(fontsize=8, loc="center right", bbox_to_anchor=(1.0, 0.45), framealpha=0.9)
     ax = axes[1]
-    ax.plot(S, [r["bytes_per_token"] for r in rows], "o-", color="tab:blue", label="zeta, float32 values")
+    ax.plot(
+        S,
+        [r["bytes_per_token"] for r in rows],
+        "o-",
+        color="tab:blue",
+        label="zeta, float32 values",
+    )
     if f16.get("status") == "ok":
-        ax.scatter([f16["S"]], [f16["bytes_per_token"]], marker="D", color="tab:cyan", zorder=5,
-                   label="zeta, float16 values")
+        ax.scatter(
+            [f16["S"]],
+            [f16["bytes_per_token"]],
+            marker="D",
+            color="tab:cyan",
+            zorder=5,
+            label="zeta, float16 values",
+        )
     cfg = rep["config"]
     raw = cfg["H"] * (cfg["d_k"] + cfg["d_v"]) * 4
     ax.axhline(raw, color="gray", ls="--", lw=1, label=f"raw float32 keys + values ({raw:,} B)")
@@ -1141,9 +1470,11 @@ def _plot_decode(rep: Dict[str, Any], png: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     note = f"; dense on {cfg['dense_heads']} heads, scaled" if cfg["dense_heads"] < cfg["H"] else ""
-    fig.suptitle(f"zeta KVCache decode, H={cfg['H']} d_k={cfg['d_k']} d_v={cfg['d_v']} topk={TOPK} "
-                 f"({rep['machine']['tag']}, {rep['date']}, load avg {rep['load_avg']['start']}{note})",
-                 fontsize=9)
+    fig.suptitle(
+        f"zeta KVCache decode, H={cfg['H']} d_k={cfg['d_k']} d_v={cfg['d_v']} topk={TOPK} "
+        f"({rep['machine']['tag']}, {rep['date']}, load avg {rep['load_avg']['start']}{note})",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
@@ -1154,8 +1485,12 @@ def _plot_decode(rep: Dict[str, Any], png: Path) -> bool:
 # CLI
 # --------------------------------------------------------------------------------------
 
-_RUN = {"attention": (bench_attention, _plot_attention), "recall": (bench_recall, _plot_recall),
-        "knn": (bench_knn, _plot_knn), "decode": (bench_decode, _plot_decode)}
+_RUN = {
+    "attention": (bench_attention, _plot_attention),
+    "recall": (bench_recall, _plot_recall),
+    "knn": (bench_knn, _plot_knn),
+    "decode": (bench_decode, _plot_decode),
+}
 
 
 def default_out() -> Path:
@@ -1166,10 +1501,13 @@ def default_out() -> Path:
 def main(argv=None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(prog="zeta bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (~3 min)")
-    ap.add_argument("--out", help="output folder (default benches/results if it exists, else "
-                                  "./zeta-bench-results)")
-    ap.add_argument("--only", action="append", choices=SUITES,
-                    help="run only this suite (repeatable)")
+    ap.add_argument(
+        "--out",
+        help="output folder (default benches/results if it exists, else ./zeta-bench-results)",
+    )
+    ap.add_argument(
+        "--only", action="append", choices=SUITES, help="run only this suite (repeatable)"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -1179,8 +1517,10 @@ def main(argv=None) -> Dict[str, Any]:
     suites = [s for s in SUITES if s in a.only] if a.only else list(SUITES)
     import zeta
 
-    print(f"zeta bench {zeta.__version__}: {', '.join(suites)}{' (quick)' if a.quick else ''} | "
-          f"machine {machine_tag()} | load avg {loadavg()} | out {os.path.relpath(out)}")
+    print(
+        f"zeta bench {zeta.__version__}: {', '.join(suites)}{' (quick)' if a.quick else ''} | "
+        f"machine {machine_tag()} | load avg {loadavg()} | out {os.path.relpath(out)}"
+    )
     for name in ("torch", "faiss", "hnswlib", "matplotlib"):
         if _optional(name)[0] is None:
             print(f"  {name} missing: its comparisons/plots are skipped")

@@ -78,7 +78,12 @@ class KVCache:
             self._c = _core_cache
             self._window = self._c.config()[4]["window"]  # 0: unset
             return
-        for nm, val in (("num_kv_heads", num_kv_heads), ("key_dim", key_dim), ("value_dim", value_dim), ("batch", batch)):
+        for nm, val in (
+            ("num_kv_heads", num_kv_heads),
+            ("key_dim", key_dim),
+            ("value_dim", value_dim),
+            ("batch", batch),
+        ):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
                 raise TypeError(f"{nm}: expected an int, got {type(val).__name__}")
             if val < 1:
@@ -88,12 +93,23 @@ class KVCache:
         dtype = str(dtype).replace("torch.", "")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: must be one of {_DTYPES}, got {dtype!r}")
-        p = index_params(int(key_dim), 32, causal=True, chunk=chunk, window=window,
-                         n_curves=n_curves, n_sink=n_sink, bits=bits, scale=scale)
+        p = index_params(
+            int(key_dim),
+            32,
+            causal=True,
+            chunk=chunk,
+            window=window,
+            n_curves=n_curves,
+            n_sink=n_sink,
+            bits=bits,
+            scale=scale,
+        )
         # window=None: resolved per attend() from topk, as zeta.attention does (the sorted
         # runs do not depend on the window). 0 marks "unset" in the stored settings.
         p = p.__class__(**{**p.as_dict(), "window": 0 if window is None else p.window})
-        self._c = _core.KVCacheCore(int(batch), int(num_kv_heads), int(key_dim), int(value_dim), p.as_dict(), dtype)
+        self._c = _core.KVCacheCore(
+            int(batch), int(num_kv_heads), int(key_dim), int(value_dim), p.as_dict(), dtype
+        )
         self._window = p.window
 
     # -- shape facts -------------------------------------------------------------------
@@ -136,8 +152,10 @@ class KVCache:
 
     def __repr__(self) -> str:
         b, hkv, dk, dv, _ = self._c.config()
-        return (f"KVCache(len={len(self)}, batch={b}, num_kv_heads={hkv}, key_dim={dk}, value_dim={dv}, "
-                f"dtype={self.dtype!r}, nbytes={self.nbytes})")
+        return (
+            f"KVCache(len={len(self)}, batch={b}, num_kv_heads={hkv}, key_dim={dk}, value_dim={dv}, "
+            f"dtype={self.dtype!r}, nbytes={self.nbytes})"
+        )
 
     # -- the work ----------------------------------------------------------------------
     def extend(self, k: Any, v: Any) -> None:
@@ -145,8 +163,15 @@ class KVCache:
         kn, vn = _f32(k, "k"), _f32(v, "v")
         self._c.extend(kn, vn)
 
-    def attend(self, q: Any, *, topk: int = 32, gamma: Any = 1.0, mean_token: bool = False,
-               window: Optional[int] = None) -> Any:
+    def attend(
+        self,
+        q: Any,
+        *,
+        topk: int = 32,
+        gamma: Any = 1.0,
+        mean_token: bool = False,
+        window: Optional[int] = None,
+    ) -> Any:
         """Top-k Cauchy attention of the last T_q positions' queries over the cache.
 
         Args:

@@ -15,8 +15,10 @@ def info() -> None:
 
     print(f"zeta {zeta.__version__} (python {platform.python_version()}, {platform.machine()})")
     feats = _core.cpu_features()
-    print(f"cpu: avx2={feats['avx2']} bmi2={feats['bmi2']} slow_pdep={feats['slow_pdep']}; "
-          f"paths {', '.join(feats['paths'])}; in use: {_core.simd_path()} (ZETA_SIMD overrides)")
+    print(
+        f"cpu: avx2={feats['avx2']} bmi2={feats['bmi2']} slow_pdep={feats['slow_pdep']}; "
+        f"paths {', '.join(feats['paths'])}; in use: {_core.simd_path()} (ZETA_SIMD overrides)"
+    )
     print(f"threads: {_core.num_threads()} (ZETA_NUM_THREADS overrides)")
     gpu = "none"
     try:
@@ -39,7 +41,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="zeta", description="ZETA Z-order top-k attention")
     sub = ap.add_subparsers(dest="cmd")
     sub.add_parser("info", help="version, backends, CPU features, threads, GPU")
-    sub.add_parser("demo", help="long-context CPU decode on a synthetic needle task", add_help=False)
+    sub.add_parser(
+        "demo", help="long-context CPU decode on a synthetic needle task", add_help=False
+    )
     sub.add_parser("bench", help="benchmark suite (JSON + PNG)", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         ap.print_help()

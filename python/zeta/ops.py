@@ -21,7 +21,9 @@ _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 def _kind(arrays, names) -> Tuple[str, str, str]:
     """(kind, device, dtype) shared by all inputs, or a TypeError naming the odd one."""
-    kinds = ["torch" if is_torch(a) else "numpy" if isinstance(a, np.ndarray) else None for a in arrays]
+    kinds = [
+        "torch" if is_torch(a) else "numpy" if isinstance(a, np.ndarray) else None for a in arrays
+    ]
     for a, kd, nm in zip(arrays, kinds, names):
         if kd is None:
             raise TypeError(f"{nm}: expected a numpy array or torch tensor, got {type(a).__name__}")
@@ -31,7 +33,9 @@ def _kind(arrays, names) -> Tuple[str, str, str]:
     if kind == "torch":
         devs = [str(a.device) for a in arrays]
         if len(set(devs)) > 1:
-            raise ValueError(f"{names[devs.index(devs[-1])]}: on {devs[-1]}, but {names[0]} is on {devs[0]}; put them on one device")
+            raise ValueError(
+                f"{names[devs.index(devs[-1])]}: on {devs[-1]}, but {names[0]} is on {devs[0]}; put them on one device"
+            )
         dtypes = [str(a.dtype).replace("torch.", "") for a in arrays]
         device = arrays[0].device.type
     else:
@@ -39,10 +43,14 @@ def _kind(arrays, names) -> Tuple[str, str, str]:
         device = "cpu"
     for d, nm in zip(dtypes, names):
         if d not in _FLOATS:
-            raise TypeError(f"{nm}: expected a float dtype (float16/bfloat16/float32/float64), got {d}")
+            raise TypeError(
+                f"{nm}: expected a float dtype (float16/bfloat16/float32/float64), got {d}"
+            )
     if len(set(dtypes)) > 1:
         odd = next(nm for d, nm in zip(dtypes, names) if d != dtypes[0])
-        raise TypeError(f"{odd}: dtype {dtypes[names.index(odd)]} differs from {names[0]}'s {dtypes[0]}; use one dtype")
+        raise TypeError(
+            f"{odd}: dtype {dtypes[names.index(odd)]} differs from {names[0]}'s {dtypes[0]}; use one dtype"
+        )
     return kind, device, dtypes[0]
 
 
@@ -101,8 +109,17 @@ def knn(
     """
     kind, device, dtype = _kind([q, k], ["q", "k"])
     check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal, topk=_topk(topk))
-    p = index_params(q.shape[-1], topk, causal=causal, chunk=chunk, window=window,
-                     n_curves=n_curves, n_sink=n_sink, bits=bits, scale=scale)
+    p = index_params(
+        q.shape[-1],
+        topk,
+        causal=causal,
+        chunk=chunk,
+        window=window,
+        n_curves=n_curves,
+        n_sink=n_sink,
+        bits=bits,
+        scale=scale,
+    )
     be = select(CallInfo(kind, device, dtype, q.shape[-1]), backend)
     if be.name == "torch":
         import torch
@@ -115,8 +132,18 @@ def knn(
             qt, kt = qt.float(), kt.float()
         _check_finite_torch(qt, "q")
         _check_finite_torch(kt, "k")
-        idx, d2 = torch_ref.knn(qt, kt, topk, causal=p.causal, chunk=p.chunk, window=p.window,
-                                n_curves=p.n_curves, n_sink=p.n_sink, bits=p.bits, scale=p.scale)
+        idx, d2 = torch_ref.knn(
+            qt,
+            kt,
+            topk,
+            causal=p.causal,
+            chunk=p.chunk,
+            window=p.window,
+            n_curves=p.n_curves,
+            n_sink=p.n_sink,
+            bits=p.bits,
+            scale=p.scale,
+        )
         if kind == "numpy":
             return idx.numpy(), d2.numpy()
         return idx, d2
@@ -179,10 +206,20 @@ def attention(
     """
     kind, device, dtype = _kind([q, k, v], ["q", "k", "v"])
     topk = _topk(topk)
-    b, h, hkv, n, s, dk, dv = check_qkv_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape),
-                                               causal=causal, topk=topk)
-    p = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=n_curves,
-                     n_sink=n_sink, bits=bits, scale=scale)
+    b, h, hkv, n, s, dk, dv = check_qkv_shapes(
+        tuple(q.shape), tuple(k.shape), tuple(v.shape), causal=causal, topk=topk
+    )
+    p = index_params(
+        dk,
+        topk,
+        causal=causal,
+        chunk=chunk,
+        window=window,
+        n_curves=n_curves,
+        n_sink=n_sink,
+        bits=bits,
+        scale=scale,
+    )
     if not isinstance(mean_token, (bool, np.bool_)):
         raise TypeError(f"mean_token: expected a bool, got {type(mean_token).__name__}")
     be = select(CallInfo(kind, device, dtype, dk), backend)
@@ -193,9 +230,15 @@ def attention(
 
             from .backends import torch_ref
 
-            out = torch_ref.attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
-                                      topk=topk, gamma=torch.from_numpy(g), mean_token=bool(mean_token),
-                                      **_ref_kwargs(p))
+            out = torch_ref.attention(
+                torch.from_numpy(q),
+                torch.from_numpy(k),
+                torch.from_numpy(v),
+                topk=topk,
+                gamma=torch.from_numpy(g),
+                mean_token=bool(mean_token),
+                **_ref_kwargs(p),
+            )
             return out.numpy()
         qn, kn, vn = _np_float(q), _np_float(k), _np_float(v)
         out, _ = _core.attention_forward(qn, kn, vn, g, topk, bool(mean_token), p.as_dict())
@@ -211,7 +254,9 @@ def attention(
         elif tuple(gamma.shape) == (h,):
             gt = gamma
         else:
-            raise ValueError(f"gamma: expected a float or shape ({h},) (one per query head), got shape {tuple(gamma.shape)}")
+            raise ValueError(
+                f"gamma: expected a float or shape ({h},) (one per query head), got shape {tuple(gamma.shape)}"
+            )
     else:
         gt = torch.as_tensor(gamma_array(gamma, h), dtype=torch.float64, device=q.device)
     # Value checks that read tensor data (NaN/inf, gamma > 0) would break torch.compile graphs;
@@ -227,8 +272,9 @@ def attention(
         qq, kk, vv = q, k, v
         if dtype in ("float16", "bfloat16"):
             qq, kk, vv = q.float(), k.float(), v.float()
-        out = torch_ref.attention(qq, kk, vv, topk=topk, gamma=gt, mean_token=bool(mean_token),
-                                  **_ref_kwargs(p))
+        out = torch_ref.attention(
+            qq, kk, vv, topk=topk, gamma=gt, mean_token=bool(mean_token), **_ref_kwargs(p)
+        )
         return out.to(q.dtype)
     from . import _torch_ops
 
@@ -236,8 +282,15 @@ def attention(
 
 
 def _ref_kwargs(p) -> dict:
-    return dict(causal=p.causal, chunk=p.chunk, window=p.window, n_curves=p.n_curves,
-                n_sink=p.n_sink, bits=p.bits, scale=p.scale)
+    return dict(
+        causal=p.causal,
+        chunk=p.chunk,
+        window=p.window,
+        n_curves=p.n_curves,
+        n_sink=p.n_sink,
+        bits=p.bits,
+        scale=p.scale,
+    )
 
 
 def exact_knn(q: Any, k: Any, topk: int, *, causal: bool = True):
@@ -256,7 +309,9 @@ def exact_knn(q: Any, k: Any, topk: int, *, causal: bool = True):
         kn = k.detach().cpu().to(want).numpy()
     else:
         qn, kn = _np_float(q), _np_float(k)
-    idx, d2 = _core.exact_knn(np.ascontiguousarray(qn), np.ascontiguousarray(kn), topk, bool(causal))
+    idx, d2 = _core.exact_knn(
+        np.ascontiguousarray(qn), np.ascontiguousarray(kn), topk, bool(causal)
+    )
     if kind == "torch":
         import torch
 
@@ -280,7 +335,9 @@ def recall(q: Any, k: Any, indices: Any, *, causal: bool = True) -> float:
     kind, _, _ = _kind([q, k], ["q", "k"])
     ind = indices.detach().cpu().numpy() if is_torch(indices) else np.asarray(indices)
     if ind.ndim != 4 or ind.shape[:3] != tuple(q.shape[:3]):
-        raise ValueError(f"indices: expected shape (B, H, N, topk) = {tuple(q.shape[:3])} + (topk,), got {ind.shape}")
+        raise ValueError(
+            f"indices: expected shape (B, H, N, topk) = {tuple(q.shape[:3])} + (topk,), got {ind.shape}"
+        )
     if ind.dtype.kind not in "iu":
         raise TypeError(f"indices: expected integers, got {ind.dtype}")
     topk = ind.shape[-1]

@@ -29,7 +29,9 @@ def _check_bits(bits: Any, d: int, limit: int = 64) -> int:
     bits = int(bits)
     top = limit // d
     if not 1 <= bits <= top:
-        raise ValueError(f"bits: must be 1..{top} for {d} dimensions (d*bits <= {limit}), got {bits}")
+        raise ValueError(
+            f"bits: must be 1..{top} for {d} dimensions (d*bits <= {limit}), got {bits}"
+        )
     return bits
 
 

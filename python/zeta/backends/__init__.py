@@ -88,7 +88,9 @@ class CupyBackend(Backend):
     devices = ("cuda",)
 
     def unavailable_reason(self):
-        return "CUDA kernels are not implemented in this version (CUDA tensors use the torch backend)"
+        return (
+            "CUDA kernels are not implemented in this version (CUDA tensors use the torch backend)"
+        )
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (RustBackend(), CupyBackend(), TorchBackend())}
@@ -98,7 +100,9 @@ def select(info: CallInfo, backend: str = "auto") -> Backend:
     """The first backend (priority order) that supports ``info``, or the forced one."""
     if backend != "auto":
         if backend not in BACKENDS:
-            raise ValueError(f"backend: unknown {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}")
+            raise ValueError(
+                f"backend: unknown {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}"
+            )
         b = BACKENDS[backend]
         reasons = b.not_supported_reasons(info)
         if reasons:
