@@ -425,3 +425,16 @@ def test_attend_empty_and_bad_constructor():
         with pytest.raises((ValueError, TypeError)) as e:
             zeta.KVCache(*args)
         assert str(e.value).startswith(arg), (args, str(e.value))
+
+
+def test_attend_with_no_queries_is_empty():
+    c = zeta.KVCache(2, 3, 4)
+    for cache_len in (0, 5):
+        if cache_len:
+            c.extend(np.ones((1, 2, cache_len, 3), np.float32), np.ones((1, 2, 5, 4), np.float32))
+        out = c.attend(np.zeros((1, 4, 0, 3), np.float32))
+        assert out.shape == (1, 4, 0, 4) and out.dtype == np.float32
+    with pytest.raises(ValueError, match="^q"):
+        c.attend(np.zeros((1, 3, 0, 3), np.float32))  # 3 heads: not a multiple of 2
+    with pytest.raises(ValueError, match="^q"):
+        c.attend(np.zeros((1, 2, 0, 2), np.float32))  # key_dim 2 != 3

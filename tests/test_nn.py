@@ -273,3 +273,16 @@ def test_ddp_two_processes_replicas_identical(tmp_path):
     for rank, same, moved, maxdiff in reports:
         assert moved, f"rank {rank}: training did not change the parameters"
         assert same, f"rank {rank}: replicas differ after training (max abs diff {maxdiff})"
+
+
+def test_empty_and_one_token_sequences():
+    """N = 0 gives an empty output that backward runs through; N = 1 (topk 32 > 1 key) is
+    exact attention to that one key: out_proj(v_proj(x))."""
+    m = ZetaAttention(16, 2)
+    x = torch.zeros(2, 0, 16, requires_grad=True)
+    out = m(x)
+    assert out.shape == (2, 0, 16)
+    out.sum().backward()
+    assert m.q_proj.weight.grad is not None and not m.q_proj.weight.grad.any()
+    x1 = _x(2, 1, 16)
+    torch.testing.assert_close(m(x1), m.out_proj(m.v_proj(x1)))

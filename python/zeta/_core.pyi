@@ -1,7 +1,7 @@
 """Typed stubs for the Rust extension ``zeta._core`` (private: use the ``zeta`` API)."""
 
 from os import PathLike
-from typing import Any, Dict, List, Optional, Tuple, Union, final
+from typing import Any, Dict, List, Optional, Tuple, TypedDict, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,16 @@ __all__ = [
     "zorder",
 ]
 
-_Params = Dict[str, Any]  # chunk, window, n_curves, n_sink, causal, bits, scale
+class _Params(TypedDict):
+    """Index settings, built by ``zeta._validate.IndexParams.as_dict`` (checked there)."""
+
+    chunk: int  # tokens per chunk, >= 1
+    window: int  # candidates on each side in every run, >= 1 (KVCacheCore: 0 = unset)
+    n_curves: int  # shifted curves, 1..key_dim + 1
+    n_sink: int  # first positions always candidates, >= 0
+    causal: bool
+    bits: int  # grid bits per coordinate, 1..32 // key_dim
+    scale: float  # the squash's scale, finite and > 0
 
 def morton_encode(coords: npt.NDArray[Any], bits: int, out64: bool) -> npt.NDArray[Any]:
     """(n, d) uint8/16/32/64 -> (n,) uint32 (out64=False) or uint64."""

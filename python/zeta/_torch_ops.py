@@ -14,18 +14,12 @@ import torch
 from torch import Tensor
 
 from . import _core
+from ._validate import IndexParams
 
 
-def _params(chunk, window, n_curves, n_sink, causal, bits, scale) -> dict:
-    return {
-        "chunk": chunk,
-        "window": window,
-        "n_curves": n_curves,
-        "n_sink": n_sink,
-        "causal": causal,
-        "bits": bits,
-        "scale": scale,
-    }
+def _params(chunk, window, n_curves, n_sink, causal, bits, scale):
+    """The custom ops take the settings as scalars (a schema has no dicts); back to ``_Params``."""
+    return IndexParams(chunk, window, n_curves, n_sink, causal, bits, scale).as_dict()
 
 
 def _np(t: Tensor):

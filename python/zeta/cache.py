@@ -8,6 +8,7 @@ output as one parallel :func:`zeta.attention` call with the same settings.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import is_torch
-from ._validate import default_window, gamma_array, index_params
+from ._validate import check_dims, default_window, gamma_array, index_params
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -88,8 +89,7 @@ class KVCache:
                 raise TypeError(f"{nm}: expected an int, got {type(val).__name__}")
             if val < 1:
                 raise ValueError(f"{nm}: must be >= 1, got {val}")
-        if not 1 <= key_dim <= 8:
-            raise ValueError(f"key_dim: must be 1..8, got {key_dim}")
+        check_dims("key_dim", key_dim)
         dtype = str(dtype).replace("torch.", "")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: must be one of {_DTYPES}, got {dtype!r}")
@@ -106,7 +106,7 @@ class KVCache:
         )
         # window=None: resolved per attend() from topk, as zeta.attention does (the sorted
         # runs do not depend on the window). 0 marks "unset" in the stored settings.
-        p = p.__class__(**{**p.as_dict(), "window": 0 if window is None else p.window})
+        p = dataclasses.replace(p, window=0 if window is None else p.window)
         self._c = _core.KVCacheCore(
             int(batch), int(num_kv_heads), int(key_dim), int(value_dim), p.as_dict(), dtype
         )
@@ -189,15 +189,28 @@ class KVCache:
             raise TypeError(f"topk: expected an int, got {type(topk).__name__}")
         if topk < 1:
             raise ValueError(f"topk: must be >= 1, got {topk}")
-        if len(self) == 0:
-            raise ValueError("q: the cache is empty: extend it before attend")
-        qn = _f32(q, "q")
-        g = gamma_array(gamma, qn.shape[1])
         if window is None:
             window = self._window if self._window > 0 else default_window(int(topk))
         elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
             raise ValueError(f"window: must be an int >= 1, got {window!r}")
+        qn = _f32(q, "q")
+        g = gamma_array(gamma, qn.shape[1])
+        b, h, tq, dk = qn.shape
+        if h * tq == 0:  # empty in, empty out (as zeta.attention)
+            if b != self.batch or dk != self.key_dim or h % self.num_kv_heads:
+                raise ValueError(
+                    f"q: shape {qn.shape} does not fit the cache (batch {self.batch}, a multiple "
+                    f"of {self.num_kv_heads} heads, key_dim {self.key_dim})"
+                )
+            out = np.zeros((b, h, tq, self.value_dim), np.float32)
+            return self._like_q(out, q)
+        if len(self) == 0:
+            raise ValueError("q: the cache is empty: extend it before attend")
         out = self._c.attend(qn, int(topk), g, bool(mean_token), int(window))
+        return self._like_q(out, q)
+
+    @staticmethod
+    def _like_q(out: np.ndarray, q: Any) -> Any:
         if is_torch(q):
             import torch
 

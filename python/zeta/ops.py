@@ -60,9 +60,26 @@ def _np_float(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _check_finite_np(a: np.ndarray, name: str) -> None:
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name}: contains NaN or inf")
+def _no_neighbours(q: Any, shape: Tuple[int, ...]):
+    """knn's answer when there is nothing to search: every slot missing (-1 / +inf)."""
+    if is_torch(q):
+        import torch
+
+        idx = torch.full(shape, -1, dtype=torch.int64, device=q.device)
+        return idx, torch.full(shape, float("inf"), dtype=q.dtype, device=q.device)
+    return np.full(shape, -1, np.int64), np.full(shape, np.inf, q.dtype)
+
+
+def _empty_attention(q: Any, k: Any, v: Any, gamma: Any, shape: Tuple[int, ...]):
+    """An empty (B, H, N, d_v) output, as SDPA gives; for torch, part of the autograd graph
+    (zero gradients) when an input requires grad, so ``out.sum().backward()`` still runs."""
+    if not is_torch(q):
+        return np.zeros(shape, q.dtype)
+    out = q.new_zeros(shape)
+    for t in (q, k, v, gamma):
+        if is_torch(t) and t.requires_grad:
+            out = out + 0 * t.sum().to(out.dtype)
+    return out
 
 
 def _check_finite_torch(t, name: str) -> None:
@@ -92,7 +109,8 @@ def knn(
         q: queries, (B, H, N, d_k), d_k in 1..8.
         k: keys, (B, H_kv, S, d_k); H % H_kv == 0. Causal: query i sits at position S - N + i
             and sees keys at positions <= its own.
-        topk: neighbours per query (<= S).
+        topk: neighbours per query (>= 1); more than there are keys: the extra slots are
+            missing (-1 / +inf).
         causal: restrict to past keys (exact at token level).
         chunk: tokens per chunk of the dyadic-run index.
         window: candidates taken on each side of the query's code in every run (default
@@ -105,10 +123,12 @@ def knn(
 
     Returns:
         (indices int64 (B, H, N, topk), sq_dists (B, H, N, topk)) sorted by (distance,
-        position); missing slots (fewer causal keys than topk) are -1 / +inf.
+        position); missing slots (fewer causal keys than topk) are -1 / +inf. Empty
+        inputs (B, H or N = 0) give empty outputs; no keys (S = 0) gives only missing slots.
     """
     kind, device, dtype = _kind([q, k], ["q", "k"])
-    check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal, topk=_topk(topk))
+    topk = _topk(topk)
+    b, h, _, n, s, _, _ = check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal)
     p = index_params(
         q.shape[-1],
         topk,
@@ -121,6 +141,8 @@ def knn(
         scale=scale,
     )
     be = select(CallInfo(kind, device, dtype, q.shape[-1]), backend)
+    if b * h * n == 0 or s == 0:  # empty in, empty out; no keys: every slot missing
+        return _no_neighbours(q, (b, h, n, topk))
     if be.name == "torch":
         import torch
 
@@ -132,18 +154,7 @@ def knn(
             qt, kt = qt.float(), kt.float()
         _check_finite_torch(qt, "q")
         _check_finite_torch(kt, "k")
-        idx, d2 = torch_ref.knn(
-            qt,
-            kt,
-            topk,
-            causal=p.causal,
-            chunk=p.chunk,
-            window=p.window,
-            n_curves=p.n_curves,
-            n_sink=p.n_sink,
-            bits=p.bits,
-            scale=p.scale,
-        )
+        idx, d2 = torch_ref.knn(qt, kt, topk, **p.as_dict())
         if kind == "numpy":
             return idx.numpy(), d2.numpy()
         return idx, d2
@@ -192,7 +203,7 @@ def attention(
         q: (B, H, N, d_k) queries; d_k in 1..8 (typically 3).
         k: (B, H_kv, S, d_k) keys; H % H_kv == 0 (GQA).
         v: (B, H_kv, S, d_v) values.
-        topk: keys attended per query (<= S).
+        topk: keys attended per query (>= 1; fewer keys than topk: all of them).
         gamma: float, or a per-head (H,) tensor/array; > 0. Differentiable when a tensor
             that requires grad.
         mean_token: add one attended item per query made of the running means of k and v
@@ -202,13 +213,17 @@ def attention(
 
     Returns:
         (B, H, N, d_v), the inputs' kind, dtype and device. float16/bfloat16 are computed in
-        float32. Differentiable in q, k, v and gamma (torch tensors).
+        float32. Differentiable in q, k, v and gamma (torch tensors). B, H, N or d_v = 0
+        gives an empty output (as SDPA); S = 0 with N > 0 is an error (nothing to attend to).
     """
     kind, device, dtype = _kind([q, k, v], ["q", "k", "v"])
     topk = _topk(topk)
     b, h, hkv, n, s, dk, dv = check_qkv_shapes(
-        tuple(q.shape), tuple(k.shape), tuple(v.shape), causal=causal, topk=topk
+        tuple(q.shape), tuple(k.shape), tuple(v.shape), causal=causal
     )
+    # Fewer keys than topk is ordinary input (a short prompt): attend to those there are, as
+    # ZetaAttention and KVCache.attend do.
+    topk = min(topk, max(s, 1))
     p = index_params(
         dk,
         topk,
@@ -225,6 +240,8 @@ def attention(
     be = select(CallInfo(kind, device, dtype, dk), backend)
     if kind == "numpy":
         g = gamma_array(gamma, h)
+        if b * h * n * dv == 0:
+            return _empty_attention(q, k, v, gamma, (b, h, n, dv))
         if be.name == "torch":
             import torch
 
@@ -237,7 +254,7 @@ def attention(
                 topk=topk,
                 gamma=torch.from_numpy(g),
                 mean_token=bool(mean_token),
-                **_ref_kwargs(p),
+                **p.as_dict(),
             )
             return out.numpy()
         qn, kn, vn = _np_float(q), _np_float(k), _np_float(v)
@@ -259,6 +276,8 @@ def attention(
             )
     else:
         gt = torch.as_tensor(gamma_array(gamma, h), dtype=torch.float64, device=q.device)
+    if b * h * n * dv == 0:
+        return _empty_attention(q, k, v, gamma, (b, h, n, dv))
     # Value checks that read tensor data (NaN/inf, gamma > 0) would break torch.compile graphs;
     # the Rust kernels make them anyway, so only the reference path checks here.
     if be.name == "torch" and not torch.compiler.is_compiling():
@@ -273,24 +292,12 @@ def attention(
         if dtype in ("float16", "bfloat16"):
             qq, kk, vv = q.float(), k.float(), v.float()
         out = torch_ref.attention(
-            qq, kk, vv, topk=topk, gamma=gt, mean_token=bool(mean_token), **_ref_kwargs(p)
+            qq, kk, vv, topk=topk, gamma=gt, mean_token=bool(mean_token), **p.as_dict()
         )
         return out.to(q.dtype)
     from . import _torch_ops
 
     return _torch_ops.attention(q, k, v, gt, topk, bool(mean_token), p)
-
-
-def _ref_kwargs(p) -> dict:
-    return dict(
-        causal=p.causal,
-        chunk=p.chunk,
-        window=p.window,
-        n_curves=p.n_curves,
-        n_sink=p.n_sink,
-        bits=p.bits,
-        scale=p.scale,
-    )
 
 
 def exact_knn(q: Any, k: Any, topk: int, *, causal: bool = True):
@@ -300,7 +307,9 @@ def exact_knn(q: Any, k: Any, topk: int, *, causal: bool = True):
     """
     kind, _device, _dtype = _kind([q, k], ["q", "k"])
     topk = _topk(topk)
-    check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal, topk=topk)
+    b, h, _, n, s, _, _ = check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal)
+    if b * h * n == 0 or s == 0:
+        return _no_neighbours(q, (b, h, n, topk))
     if kind == "torch":
         import torch
 

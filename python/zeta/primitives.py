@@ -12,33 +12,9 @@ import numpy as np
 
 from . import _core
 from ._arrays import contiguous, like, to_numpy
-
-MAX_DIMS = 8
+from ._validate import check_bits, check_dims, default_zorder_bits
 
 _UINTS = (np.uint8, np.uint16, np.uint32, np.uint64)
-
-
-def _check_dims(d: int, name: str) -> None:
-    if not 1 <= d <= MAX_DIMS:
-        raise ValueError(f"{name}: the last axis (dimensions) must be 1..{MAX_DIMS}, got {d}")
-
-
-def _check_bits(bits: Any, d: int, limit: int = 64) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"bits: expected an int, got {type(bits).__name__}")
-    bits = int(bits)
-    top = limit // d
-    if not 1 <= bits <= top:
-        raise ValueError(
-            f"bits: must be 1..{top} for {d} dimensions (d*bits <= {limit}), got {bits}"
-        )
-    return bits
-
-
-def default_zorder_bits(d: int) -> int:
-    """Default grid bits per coordinate for :func:`zorder`: u32 codes for d <= 4, else u64."""
-    b32 = 32 // d
-    return b32 if b32 >= 8 else 64 // d
 
 
 def morton_encode(coords: Any, bits: Optional[int] = None) -> Any:
@@ -64,9 +40,8 @@ def morton_encode(coords: Any, bits: Optional[int] = None) -> Any:
     if a.ndim < 1:
         raise ValueError("coords: must have at least one axis (..., d)")
     d = a.shape[-1]
-    _check_dims(d, "coords")
-    _check_nonempty(a, "coords")
-    bits = 64 // d if bits is None else _check_bits(bits, d)
+    check_dims("coords", d)
+    bits = 64 // d if bits is None else check_bits(bits, d)
     lead = a.shape[:-1]
     flat = contiguous(a.reshape(-1, d))
     out = _core.morton_encode(flat, bits, d * bits > 32)
@@ -89,10 +64,9 @@ def morton_decode(codes: Any, dims: int, bits: Optional[int] = None) -> Any:
         raise TypeError(f"codes: expected uint32 or uint64, got {a.dtype}")
     if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
         raise TypeError(f"dims: expected an int, got {type(dims).__name__}")
-    _check_dims(int(dims), "dims")
-    _check_nonempty(a, "codes")
+    check_dims("dims", int(dims))
     width = 32 if a.dtype == np.uint32 else 64
-    bits = width // dims if bits is None else _check_bits(bits, dims, width)
+    bits = width // dims if bits is None else check_bits(bits, dims, width)
     out = _core.morton_decode(contiguous(a.reshape(-1)), int(dims), bits)
     return like(out.reshape(a.shape + (int(dims),)), codes)
 
@@ -124,20 +98,14 @@ def zorder(x: Any, bits: Optional[int] = None, shift: int = 0, *, scale: float =
     if a.ndim < 1:
         raise ValueError("x: must have at least one axis (..., d)")
     d = a.shape[-1]
-    _check_dims(d, "x")
-    _check_nonempty(a, "x")
-    bits = default_zorder_bits(d) if bits is None else _check_bits(bits, d)
+    check_dims("x", d)
+    bits = default_zorder_bits(d) if bits is None else check_bits(bits, d)
     if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or not 0 <= shift <= d:
         raise ValueError(f"shift: must be an int curve index in 0..{d}, got {shift!r}")
     scale = float(scale)
     lead = a.shape[:-1]
     out = _core.zorder(contiguous(a.reshape(-1, d)), bits, int(shift), scale, d * bits > 32)
     return like(out.reshape(lead), x)
-
-
-def _check_nonempty(a: np.ndarray, name: str) -> None:
-    if a.size == 0:
-        raise ValueError(f"{name}: is empty (shape {a.shape})")
 
 
 def _codes_2d(a: np.ndarray, name: str) -> np.ndarray:
@@ -147,8 +115,8 @@ def _codes_2d(a: np.ndarray, name: str) -> np.ndarray:
         raise TypeError(f"{name}: expected unsigned integer codes (uint32/uint64), got {a.dtype}")
     if a.ndim < 1:
         raise ValueError(f"{name}: must have at least one axis")
-    _check_nonempty(a, name)
-    return contiguous(a.reshape(-1, a.shape[-1]))
+    rows = int(np.prod(a.shape[:-1], dtype=np.int64))  # not -1: ambiguous when n == 0
+    return contiguous(a.reshape(rows, a.shape[-1]))
 
 
 def argsort(codes: Any) -> Any:

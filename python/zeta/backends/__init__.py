@@ -14,6 +14,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._validate import MAX_KEY_DIM
+
 
 @dataclass
 class CallInfo:
@@ -30,7 +32,7 @@ class Backend:
     name = "?"
     devices: Tuple[str, ...] = ()
     dtypes: Tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
-    max_key_dim = 8
+    max_key_dim = MAX_KEY_DIM
 
     def unavailable_reason(self) -> Optional[str]:
         return None
