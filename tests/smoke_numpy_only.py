@@ -45,5 +45,10 @@ cache.extend(k, v)
 np.testing.assert_allclose(
     cache.attend(q[:, :, -1:], topk=8, window=10_000), out[:, :, -1:], atol=1e-6
 )
+# a one-token prefill with the default topk=32 attends to the one key; empty in, empty out
+one = zeta.attention(q[:, :, :1], k[:, :, :1], v[:, :, :1])
+np.testing.assert_allclose(one, np.broadcast_to(v[:, :, :1], one.shape), rtol=1e-6)
+assert zeta.morton_encode(np.zeros((0, 3), np.uint32)).shape == (0,)
+assert zeta.attention(q[:, :, :0], k, v).shape == (1, 2, 0, 8)
 assert "torch" not in sys.modules, "zeta imported torch"
 print("smoke: 1 passed, 0 failed")  # numpy-only wheel check
