@@ -51,7 +51,9 @@ class SoftmaxAttention(nn.Module):
         return self.out_proj(o.transpose(1, 2).reshape(b, n, e))
 
 
-def make_mixer(attn: str, embed_dim: int, num_heads: int, zeta_kwargs: Optional[dict] = None) -> nn.Module:
+def make_mixer(
+    attn: str, embed_dim: int, num_heads: int, zeta_kwargs: Optional[dict] = None
+) -> nn.Module:
     if attn == "softmax":
         return SoftmaxAttention(embed_dim, num_heads)
     if attn == "zeta":
@@ -77,8 +79,15 @@ class ShortConv(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: [x + conv(norm(x))], x + mixer(norm(x)), x + mlp(norm(x))."""
 
-    def __init__(self, attn: str, embed_dim: int, num_heads: int, mlp_ratio: int = 4,
-                 conv_kernel: int = 0, zeta_kwargs: Optional[dict] = None):
+    def __init__(
+        self,
+        attn: str,
+        embed_dim: int,
+        num_heads: int,
+        mlp_ratio: int = 4,
+        conv_kernel: int = 0,
+        zeta_kwargs: Optional[dict] = None,
+    ):
         super().__init__()
         self.conv = None
         if conv_kernel > 0:
@@ -87,8 +96,11 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(embed_dim)
         self.attn = make_mixer(attn, embed_dim, num_heads, zeta_kwargs)
         self.norm2 = nn.LayerNorm(embed_dim)
-        self.mlp = nn.Sequential(nn.Linear(embed_dim, mlp_ratio * embed_dim), nn.GELU(),
-                                 nn.Linear(mlp_ratio * embed_dim, embed_dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, mlp_ratio * embed_dim),
+            nn.GELU(),
+            nn.Linear(mlp_ratio * embed_dim, embed_dim),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if self.conv is not None:
@@ -106,15 +118,26 @@ class TinyLM(nn.Module):
     head only where there is a label.
     """
 
-    def __init__(self, vocab: int, max_len: int, attn: str = "softmax", d_model: int = 128,
-                 n_layers: int = 2, n_heads: int = 2, mlp_ratio: int = 4, conv_kernel: int = 0,
-                 zeta_kwargs: Optional[dict] = None, tie_embeddings: bool = True):
+    def __init__(
+        self,
+        vocab: int,
+        max_len: int,
+        attn: str = "softmax",
+        d_model: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 2,
+        mlp_ratio: int = 4,
+        conv_kernel: int = 0,
+        zeta_kwargs: Optional[dict] = None,
+        tie_embeddings: bool = True,
+    ):
         super().__init__()
         self.attn_kind = attn
         self.tok = nn.Embedding(vocab, d_model)
         self.pos = nn.Embedding(max_len, d_model)
         self.blocks = nn.ModuleList(
-            Block(attn, d_model, n_heads, mlp_ratio, conv_kernel, zeta_kwargs) for _ in range(n_layers)
+            Block(attn, d_model, n_heads, mlp_ratio, conv_kernel, zeta_kwargs)
+            for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
@@ -158,8 +181,14 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and "pos." not in name else no_decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
@@ -212,8 +241,10 @@ class QKRecorder:
         for i, layer in enumerate(self.layers):
             self.raw[i] = {}
             for name in ("q_proj", "k_proj"):
+
                 def hook(_mod, _inp, out, i=i, name=name):
                     self.raw[i][name] = out.detach()
+
                 self.handles.append(getattr(layer, name).register_forward_hook(hook))
         return self
 
@@ -228,8 +259,10 @@ class QKRecorder:
         for i, layer in enumerate(self.layers):
             q, k = self.raw[i]["q_proj"], self.raw[i]["k_proj"]
             b, n, _ = q.shape
-            out[i] = (q.view(b, n, layer.num_heads, layer.key_dim).transpose(1, 2).contiguous(),
-                      k.view(b, n, layer.num_kv_heads, layer.key_dim).transpose(1, 2).contiguous())
+            out[i] = (
+                q.view(b, n, layer.num_heads, layer.key_dim).transpose(1, 2).contiguous(),
+                k.view(b, n, layer.num_kv_heads, layer.key_dim).transpose(1, 2).contiguous(),
+            )
         return out
 
 
@@ -243,15 +276,21 @@ def learned_key_recall(model: nn.Module, batch_fn, zeta_kwargs: dict, topk: int)
 
     with QKRecorder(model) as rec, torch.no_grad():
         batch_fn()
-    idx_kw = {k: v for k, v in zeta_kwargs.items() if k in ("chunk", "window", "n_curves", "n_sink", "bits", "scale")}
+    idx_kw = {
+        k: v
+        for k, v in zeta_kwargs.items()
+        if k in ("chunk", "window", "n_curves", "n_sink", "bits", "scale")
+    }
     rows = []
     for layer, (q, k) in rec.qk.items():
         q, k = q.float().cpu(), k.float().cpu()
         row = {"layer": layer, "q_abs_max": float(q.abs().max()), "k_abs_max": float(k.abs().max())}
-        variants = {"configured": idx_kw,
-                    "n_curves=1": {**idx_kw, "n_curves": 1},
-                    "n_curves=d+1": {**idx_kw, "n_curves": q.shape[-1] + 1},
-                    "window=2*topk": {**idx_kw, "window": 2 * topk}}
+        variants = {
+            "configured": idx_kw,
+            "n_curves=1": {**idx_kw, "n_curves": 1},
+            "n_curves=d+1": {**idx_kw, "n_curves": q.shape[-1] + 1},
+            "window=2*topk": {**idx_kw, "window": 2 * topk},
+        }
         for name, kw in variants.items():
             ind, _ = zeta.knn(q, k, topk, causal=True, **kw)
             row[f"recall_{name}"] = zeta.recall(q, k, ind, causal=True)
@@ -301,10 +340,14 @@ def write_results(stem: str, payload: dict, table: str) -> Path:
 def env_info() -> dict:
     import zeta
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "zeta": getattr(zeta, "__version__", "?"),
-            "torch_threads": torch.get_num_threads(),
-            "zeta_threads": os.environ.get("ZETA_NUM_THREADS")}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "zeta": getattr(zeta, "__version__", "?"),
+        "torch_threads": torch.get_num_threads(),
+        "zeta_threads": os.environ.get("ZETA_NUM_THREADS"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,19 +359,31 @@ def make_parser(doc: str, quick: dict, full: dict, name: str):
     """The options both training scripts take; ``quick``/``full`` keys become overrides."""
     import argparse
 
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="small CPU configuration (default)")
     g.add_argument("--full", action="store_true", help="larger configuration, meant for a GPU")
     p.add_argument("--attn", choices=["both", "softmax", "zeta"], default="both")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch / ZETA threads (default: all cores)")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="processes, one per attention (CPU; default: min(2, threads))")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch / ZETA threads (default: all cores)"
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="processes, one per attention (CPU; default: min(2, threads))",
+    )
     p.add_argument("--seed", type=int, default=0)
     for k in quick:
-        p.add_argument("--" + k.replace("_", "-"), type=type(quick[k]), default=None,
-                       help=f"override (quick {quick[k]}, full {full[k]})")
+        p.add_argument(
+            "--" + k.replace("_", "-"),
+            type=type(quick[k]),
+            default=None,
+            help=f"override (quick {quick[k]}, full {full[k]})",
+        )
     p.add_argument("--key-dim", type=int, default=3)
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--gamma-init", type=float, default=1.0)
@@ -336,7 +391,9 @@ def make_parser(doc: str, quick: dict, full: dict, name: str):
     p.add_argument("--mean-token", action="store_true")
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--window", type=int, default=0, help="index window (0: zeta's default, = topk)")
-    p.add_argument("--out", default=None, help=f"result file stem (default {name}-<machine>-<date>)")
+    p.add_argument(
+        "--out", default=None, help=f"result file stem (default {name}-<machine>-<date>)"
+    )
     p.add_argument("--no-save", action="store_true")
     return p
 
@@ -358,15 +415,23 @@ def plan(args, quick: dict, full: dict):
 
 def zeta_kwargs_from(args, cfg: dict) -> dict:
     """ZetaAttention keyword arguments from the command line."""
-    kw = dict(key_dim=args.key_dim, topk=args.topk, gamma_init=args.gamma_init, n_sink=args.n_sink,
-              mean_token=args.mean_token, n_curves=cfg["n_curves"], chunk=args.chunk)
+    kw = dict(
+        key_dim=args.key_dim,
+        topk=args.topk,
+        gamma_init=args.gamma_init,
+        n_sink=args.n_sink,
+        mean_token=args.mean_token,
+        n_curves=cfg["n_curves"],
+        chunk=args.chunk,
+    )
     if args.window:
         kw["window"] = args.window
     return kw
 
 
-def plot_curves(path, results: Dict[str, Dict], title: str, key: str, ylabel: str,
-                scale: float = 1.0, ylim=None) -> None:
+def plot_curves(
+    path, results: Dict[str, Dict], title: str, key: str, ylabel: str, scale: float = 1.0, ylim=None
+) -> None:
     """One line per attention: ``scale * curve[key]`` against the training step."""
     import textwrap
 
@@ -377,8 +442,13 @@ def plot_curves(path, results: Dict[str, Dict], title: str, key: str, ylabel: st
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for name, r in results.items():
-        ax.plot([c["step"] for c in r["curve"]], [scale * c[key] for c in r["curve"]], marker="o",
-                ms=3, label=name)
+        ax.plot(
+            [c["step"] for c in r["curve"]],
+            [scale * c[key] for c in r["curve"]],
+            marker="o",
+            ms=3,
+            label=name,
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(textwrap.fill(title, 90), fontsize=7)

@@ -62,8 +62,13 @@ def peak_mb(fn: Callable[[], object]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(fwd: Callable[[], torch.Tensor], grad: torch.Tensor, params: List[torch.Tensor],
-            reps: int, backward: bool) -> Dict[str, float]:
+def measure(
+    fwd: Callable[[], torch.Tensor],
+    grad: torch.Tensor,
+    params: List[torch.Tensor],
+    reps: int,
+    backward: bool,
+) -> Dict[str, float]:
     def f():
         with torch.no_grad():
             return fwd()
@@ -93,8 +98,10 @@ def sdpa_case(n: int, backend, reps: int, backward: bool) -> Optional[Dict[str, 
     from torch.nn.attention import sdpa_kernel
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, DV, device="cuda", generator=g, dtype=torch.bfloat16)
-               .requires_grad_() for _ in range(3))
+    q, k, v = (
+        torch.randn(B, H, n, DV, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+        for _ in range(3)
+    )
     grad = torch.randn(B, H, n, DV, device="cuda", dtype=torch.bfloat16)
 
     def fwd():
@@ -114,13 +121,23 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    series = [("zeta bf16", "zeta_bf16"), ("zeta fp32", "zeta_fp32"), ("SDPA flash bf16", "sdpa_flash"),
-              ("SDPA cuDNN bf16", "sdpa_cudnn")]
-    for ax, key, title in ((axes[0], "fwd_ms", "forward"), (axes[1], "fwdbwd_ms", "forward + backward"),
-                           (axes[2], "fwd_peak_mb", "forward peak memory (MB)")):
+    series = [
+        ("zeta bf16", "zeta_bf16"),
+        ("zeta fp32", "zeta_fp32"),
+        ("SDPA flash bf16", "sdpa_flash"),
+        ("SDPA cuDNN bf16", "sdpa_cudnn"),
+    ]
+    for ax, key, title in (
+        (axes[0], "fwd_ms", "forward"),
+        (axes[1], "fwdbwd_ms", "forward + backward"),
+        (axes[2], "fwd_peak_mb", "forward peak memory (MB)"),
+    ):
         for label, name in series:
-            pts = [(r["n"], r[name][key]) for r in res["rows"]
-                   if isinstance(r.get(name), dict) and key in r[name]]
+            pts = [
+                (r["n"], r[name][key])
+                for r in res["rows"]
+                if isinstance(r.get(name), dict) and key in r[name]
+            ]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=label)
         ax.set_xscale("log", base=2)
@@ -129,8 +146,10 @@ def plot(res: dict, path: Path) -> None:
         ax.set_title(title + (" (ms)" if "ms" in key else ""))
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"zeta (cupy backend) vs SDPA on {res['gpu']}: B={B} H={H} d_k={DK} d_v={DV} "
-                 f"top-{TOPK}, causal")
+    fig.suptitle(
+        f"zeta (cupy backend) vs SDPA on {res['gpu']}: B={B} H={H} d_k={DK} d_v={DV} "
+        f"top-{TOPK}, causal"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -140,8 +159,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="N = 4k..32k only, fewer repeats")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--max-n", type=int, default=1 << 20, help="largest N for zeta alone")
-    ap.add_argument("--budget-s", type=float, default=0.0,
-                    help="stop starting new sizes after this many seconds (0: no limit)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="stop starting new sizes after this many seconds (0: no limit)",
+    )
     args = ap.parse_args(argv)
     from torch.nn.attention import SDPBackend
 
@@ -151,11 +174,19 @@ def main(argv=None) -> int:
         return 1
     both = [1 << p for p in range(12, 15 if args.quick else 18)]
     alone = [1 << p for p in range(18, int(math.log2(args.max_n)) + 1)] if not args.quick else []
-    res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "zeta": zeta.__version__, "date": dt.date.today().isoformat(),
-           "config": dict(B=B, H=H, d_k=DK, d_v=DV, topk=TOPK, causal=True),
-           "kernel_env": {k: os.environ[k] for k in ("ZETA_CUDA_DEFINES", "ZETA_CUDA_QUERY_ORDER")
-                          if k in os.environ}, "rows": []}
+    res = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "zeta": zeta.__version__,
+        "date": dt.date.today().isoformat(),
+        "config": dict(B=B, H=H, d_k=DK, d_v=DV, topk=TOPK, causal=True),
+        "kernel_env": {
+            k: os.environ[k]
+            for k in ("ZETA_CUDA_DEFINES", "ZETA_CUDA_QUERY_ORDER")
+            if k in os.environ
+        },
+        "rows": [],
+    }
     try:
         import cupy
 
@@ -178,7 +209,9 @@ def main(argv=None) -> int:
                 s = row[name]
                 if s and "fwd_ms" in s:
                     row[f"speedup_fwd_vs_{name}"] = s["fwd_ms"] / row["zeta_bf16"]["fwd_ms"]
-                    row[f"speedup_fwdbwd_vs_{name}"] = s["fwdbwd_ms"] / row["zeta_bf16"]["fwdbwd_ms"]
+                    row[f"speedup_fwdbwd_vs_{name}"] = (
+                        s["fwdbwd_ms"] / row["zeta_bf16"]["fwdbwd_ms"]
+                    )
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()

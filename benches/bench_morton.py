@@ -1,6 +1,6 @@
 """Morton / Z-order throughput: zeta's SIMD paths against pymorton, numpy and zCurve.
 
-Usage: python benches/bench_morton.py [--quick]
+Usage: python benches/bench_morton.py [--quick] [--out DIR]
 
 Measures, in ns per code:
   - ``zeta.zorder(x, bits=21)``: 3-D float32 -> uint64 (quantize + interleave, fused);
@@ -29,11 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-
-from zeta.benchmarks import cpu_model, machine_tag  # one machine tag for every result file
+from _common import RESULTS, cpu_model, machine_tag  # one machine tag for every result file
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 D = 3
 BITS = 21
 SEED = 1234
@@ -339,6 +337,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (default %(default)s)")
     ap.add_argument("--sizes", default=None, help="comma-separated n (default per mode)")
     args = ap.parse_args()
 
@@ -504,16 +503,16 @@ def main() -> None:
         "zcurve": zc,
         "goals": goals,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"morton-{machine_tag()}-{date}"
-    js = RESULTS / f"{stem}.json"
-    png = RESULTS / f"{stem}.png"
+    js = args.out / f"{stem}.json"
+    png = args.out / f"{stem}.png"
     js.write_text(json.dumps(report, indent=2) + "\n")
     try:
         make_plot(report, png)
-        print(f"\nwrote {js.relative_to(HERE.parent)} and {png.relative_to(HERE.parent)}")
+        print(f"\nwrote {os.path.relpath(js)} and {os.path.relpath(png)}")
     except ImportError:
-        print(f"\nwrote {js.relative_to(HERE.parent)} (matplotlib missing: no plot)")
+        print(f"\nwrote {os.path.relpath(js)} (matplotlib missing: no plot)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Argsort and searchsorted of Morton codes: zeta's radix sort / merge search against numpy and torch.
 
-Usage: python benches/bench_sort_search.py [--quick]
+Usage: python benches/bench_sort_search.py [--quick] [--out DIR]
 
 Measures (best wall time of several calls, ms):
   argsort   - 1M random uint64 codes (63-bit, as 3-D Morton codes of 21 bits),
@@ -36,11 +36,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
-
-from zeta.benchmarks import cpu_model, loadavg, machine_tag  # one machine tag for every result file
+from _common import (
+    RESULTS,
+    cpu_model,
+    loadavg,
+    machine_tag,
+)  # one machine tag for every result file
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 SEED = 1234
 N = 1 << 20
 BATCH = (1024, 1024)
@@ -264,6 +267,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (default %(default)s)")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.quick)))
@@ -381,8 +385,8 @@ def main() -> None:
         },
         "goals": goals,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"sort_search-{machine_tag()}-{date}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"sort_search-{machine_tag()}-{date}"
     with open(stem.with_suffix(".json"), "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")

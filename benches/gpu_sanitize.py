@@ -8,8 +8,11 @@ import torch
 import zeta
 
 torch.manual_seed(0)
-for causal, dtype, mean_token in ((True, torch.float32, True), (False, torch.bfloat16, False),
-                                  (True, torch.float16, False)):
+for causal, dtype, mean_token in (
+    (True, torch.float32, True),
+    (False, torch.bfloat16, False),
+    (True, torch.float16, False),
+):
     q = torch.randn(2, 4, 300, 3, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(2, 2, 300, 3, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(2, 2, 300, 40, device="cuda", dtype=dtype, requires_grad=True)

@@ -16,7 +16,9 @@ from pathlib import Path
 
 VARIANTS = {
     f"unroll{u}-bounds{b}-{'zorder' if o else 'posorder'}": {
-        "ZETA_CUDA_DEFINES": f"ZETA_UNROLL={u},ZETA_MIN_BLOCKS={b}", "ZETA_CUDA_QUERY_ORDER": str(o)}
+        "ZETA_CUDA_DEFINES": f"ZETA_UNROLL={u},ZETA_MIN_BLOCKS={b}",
+        "ZETA_CUDA_QUERY_ORDER": str(o),
+    }
     for u, b, o in ((1, 8, 1), (1, 8, 0), (2, 8, 1), (2, 8, 0), (1, 6, 1))
 }
 
@@ -48,9 +50,18 @@ def main():
     args = ap.parse_args()
     res = {"date": dt.date.today().isoformat(), "variants": {}}
     for name, env in VARIANTS.items():
-        r = subprocess.run([sys.executable, "-c", CHILD], env={**os.environ, **env},
-                           capture_output=True, text=True, timeout=120)
-        row = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"error": r.stderr[-800:]}
+        r = subprocess.run(
+            [sys.executable, "-c", CHILD],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        row = (
+            json.loads(r.stdout.strip().splitlines()[-1])
+            if r.returncode == 0
+            else {"error": r.stderr[-800:]}
+        )
         res["variants"][name] = {"env": env, **row}
         print(name, json.dumps(row), flush=True)
     out = Path(args.out)

@@ -42,18 +42,56 @@ from tqdm import tqdm  # noqa: E402
 # train_mix: "seq_len:num_kv:share,...": like Zoology, training mixes short sequences with few
 # pairs (where the lookup is learnt fast) with the target length; every batch comes from
 # one entry (no padding). The test set is the target (seq_len, num_kv).
-QUICK = dict(vocab=512, seq_len=256, num_kv=16, train_mix="64:4:0.4,128:8:0.2,256:16:0.4",
-             n_curves=2, d_model=64, n_layers=2, n_heads=2, conv=3, batch=32, steps=3000,
-             lr=3e-3, warmup=50, weight_decay=0.1, n_train=64_000, n_test=1_000, eval_every=150)
-FULL = dict(vocab=8192, seq_len=512, num_kv=64,
-            train_mix="64:4:0.3,128:8:0.1,256:16:0.1,256:32:0.1,256:64:0.1,512:64:0.3",
-            n_curves=2, d_model=256, n_layers=2, n_heads=4, conv=3, batch=64, steps=20_000,
-            lr=1e-3, warmup=1000, weight_decay=0.1, n_train=256_000, n_test=3_000, eval_every=500)
+QUICK = dict(
+    vocab=512,
+    seq_len=256,
+    num_kv=16,
+    train_mix="64:4:0.4,128:8:0.2,256:16:0.4",
+    n_curves=2,
+    d_model=64,
+    n_layers=2,
+    n_heads=2,
+    conv=3,
+    batch=32,
+    steps=3000,
+    lr=3e-3,
+    warmup=50,
+    weight_decay=0.1,
+    n_train=64_000,
+    n_test=1_000,
+    eval_every=150,
+)
+FULL = dict(
+    vocab=8192,
+    seq_len=512,
+    num_kv=64,
+    train_mix="64:4:0.3,128:8:0.1,256:16:0.1,256:32:0.1,256:64:0.1,512:64:0.3",
+    n_curves=2,
+    d_model=256,
+    n_layers=2,
+    n_heads=4,
+    conv=3,
+    batch=64,
+    steps=20_000,
+    lr=1e-3,
+    warmup=1000,
+    weight_decay=0.1,
+    n_train=256_000,
+    n_test=3_000,
+    eval_every=500,
+)
 
 
 # --------------------------------------------------------------------------- data
-def multiquery_ar(vocab: int, num_examples: int, seq_len: int, num_kv: int, seed: int,
-                  power_a: float = 0.01, random_non_queries: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+def multiquery_ar(
+    vocab: int,
+    num_examples: int,
+    seq_len: int,
+    num_kv: int,
+    seed: int,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Zoology's MQAR: (inputs (n, seq_len) int64, labels (n, seq_len) int64, -100 = no loss).
 
     Vectorised and seeded (numpy Generator); sampling without replacement (keys, values,
@@ -74,7 +112,10 @@ def multiquery_ar(vocab: int, num_examples: int, seq_len: int, num_kv: int, seed
         n = min(2048, num_examples - s)
         r = rows[:n]
         keys = np.argpartition(rng.random((n, key_vocab - 1)), num_kv, axis=1)[:, :num_kv] + 1
-        values = np.argpartition(rng.random((n, vocab - key_vocab)), num_kv, axis=1)[:, :num_kv] + key_vocab
+        values = (
+            np.argpartition(rng.random((n, vocab - key_vocab)), num_kv, axis=1)[:, :num_kv]
+            + key_vocab
+        )
         gumbel = logp[None, :] - np.log(-np.log(rng.random((n, space))))
         gaps = np.argsort(-gumbel, axis=1)[:, :num_kv]
         ex = np.zeros((n, seq_len + 1), dtype=np.int64)
@@ -87,8 +128,8 @@ def multiquery_ar(vocab: int, num_examples: int, seq_len: int, num_kv: int, seed
         if random_non_queries:
             noise = rng.integers(0, vocab, size=x.shape)
             x = np.where(x == 0, noise, x)
-        inputs[s:s + n] = x
-        labels[s:s + n] = lab[:, 1:]
+        inputs[s : s + n] = x
+        labels[s : s + n] = lab[:, 1:]
     return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
@@ -99,7 +140,7 @@ def evaluate(model, x, y, device, batch=250) -> Tuple[float, float]:
     loss_sum = 0.0
     with torch.no_grad():
         for s in range(0, len(x), batch):
-            xb, yb = x[s:s + batch].to(device), y[s:s + batch].to(device)
+            xb, yb = x[s : s + batch].to(device), y[s : s + batch].to(device)
             sel = yb != -100
             logits = model(xb, select=sel)
             tgt = yb[sel]
@@ -125,11 +166,18 @@ def make_data(cfg: dict, seed: int):
     mix = parse_mix(cfg["train_mix"])
     train = []
     for i, (n, kv, w) in enumerate(mix):
-        x, y = multiquery_ar(cfg["vocab"], max(cfg["batch"], int(cfg["n_train"] * w)), n, kv, seed=seed + i)
+        x, y = multiquery_ar(
+            cfg["vocab"], max(cfg["batch"], int(cfg["n_train"] * w)), n, kv, seed=seed + i
+        )
         train.append((x, y, w))
-    test = multiquery_ar(cfg["vocab"], cfg["n_test"], cfg["seq_len"], cfg["num_kv"], seed=seed + 10_000)
-    test_mix = {f"{n}/{kv}": multiquery_ar(cfg["vocab"], cfg["n_test"], n, kv, seed=seed + 10_001 + i)
-                for i, (n, kv, _) in enumerate(mix) if (n, kv) != (cfg["seq_len"], cfg["num_kv"])}
+    test = multiquery_ar(
+        cfg["vocab"], cfg["n_test"], cfg["seq_len"], cfg["num_kv"], seed=seed + 10_000
+    )
+    test_mix = {
+        f"{n}/{kv}": multiquery_ar(cfg["vocab"], cfg["n_test"], n, kv, seed=seed + 10_001 + i)
+        for i, (n, kv, _) in enumerate(mix)
+        if (n, kv) != (cfg["seq_len"], cfg["num_kv"])
+    }
     return {"train": train, "test": test, "test_mix": test_mix}
 
 
@@ -144,8 +192,16 @@ def train_one(attn: str, cfg: dict, args, data, device, position: int = 0) -> Di
     M.seed_all(args.seed)
     zkw = M.zeta_kwargs_from(args, cfg)
     max_len = max(cfg["seq_len"], max(x.shape[1] for x, _, _ in data["train"]))
-    model = M.TinyLM(cfg["vocab"], max_len, attn, cfg["d_model"], cfg["n_layers"], cfg["n_heads"],
-                     conv_kernel=cfg["conv"], zeta_kwargs=zkw if attn == "zeta" else None).to(device)
+    model = M.TinyLM(
+        cfg["vocab"],
+        max_len,
+        attn,
+        cfg["d_model"],
+        cfg["n_layers"],
+        cfg["n_heads"],
+        conv_kernel=cfg["conv"],
+        zeta_kwargs=zkw if attn == "zeta" else None,
+    ).to(device)
     opt = M.make_optimizer(model, cfg["lr"], cfg["weight_decay"])
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -155,13 +211,15 @@ def train_one(attn: str, cfg: dict, args, data, device, position: int = 0) -> Di
     ptr = [0] * len(perms)
     curve = []
     t0 = time.time()
-    bar = tqdm(range(steps), desc=f"mqar {attn:7s}", dynamic_ncols=True, mininterval=2.0, position=position)
+    bar = tqdm(
+        range(steps), desc=f"mqar {attn:7s}", dynamic_ncols=True, mininterval=2.0, position=position
+    )
     for step in bar:
         j = int(rng.choice(len(shares), p=shares))
         xtr, ytr, _ = data["train"][j]
         if ptr[j] + bs > len(perms[j]):
             perms[j], ptr[j] = torch.randperm(len(xtr), generator=gen), 0
-        ib = perms[j][ptr[j]:ptr[j] + bs]
+        ib = perms[j][ptr[j] : ptr[j] + bs]
         ptr[j] += bs
         xb, yb = xtr[ib].to(device), ytr[ib].to(device)
         for g in opt.param_groups:
@@ -174,21 +232,39 @@ def train_one(attn: str, cfg: dict, args, data, device, position: int = 0) -> Di
         opt.step()
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
             acc, tl = evaluate(model, xte, yte, device)
-            curve.append({"step": step + 1, "train_loss": float(loss.detach()), "test_loss": tl, "test_acc": acc,
-                          "seconds": time.time() - t0})
+            curve.append(
+                {
+                    "step": step + 1,
+                    "train_loss": float(loss.detach()),
+                    "test_loss": tl,
+                    "test_acc": acc,
+                    "seconds": time.time() - t0,
+                }
+            )
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.4f}")
     train_s = time.time() - t0
-    res = {"attn": attn, "params": M.n_params(model), "train_seconds": train_s, "curve": curve,
-           "final_test_acc": curve[-1]["test_acc"], "best_test_acc": max(c["test_acc"] for c in curve),
-           "final_test_loss": curve[-1]["test_loss"],
-           "test_acc_other": {k: evaluate(model, x, y, device)[0] for k, (x, y) in data["test_mix"].items()}}
+    res = {
+        "attn": attn,
+        "params": M.n_params(model),
+        "train_seconds": train_s,
+        "curve": curve,
+        "final_test_acc": curve[-1]["test_acc"],
+        "best_test_acc": max(c["test_acc"] for c in curve),
+        "final_test_loss": curve[-1]["test_loss"],
+        "test_acc_other": {
+            k: evaluate(model, x, y, device)[0] for k, (x, y) in data["test_mix"].items()
+        },
+    }
     if attn == "zeta":
         res["zeta_kwargs"] = zkw
-        res["gamma"] = [[round(float(g), 4) for g in blk.attn.gamma.detach()] for blk in model.blocks]
+        res["gamma"] = [
+            [round(float(g), 4) for g in blk.attn.gamma.detach()] for blk in model.blocks
+        ]
         idx_kw = {k: v for k, v in zkw.items() if k not in ("key_dim", "topk", "gamma_init")}
         nb = min(64, len(xte))
         res["learned_key_recall"] = M.learned_key_recall(
-            model, lambda: model(xte[:nb].to(device)), idx_kw, args.topk)
+            model, lambda: model(xte[:nb].to(device)), idx_kw, args.topk
+        )
         # Would a perfect index help? Evaluate the same weights with an exact top-k search.
         for blk in model.blocks:
             blk.attn.zeta_kwargs = {**blk.attn.zeta_kwargs, "window": cfg["seq_len"]}
@@ -201,33 +277,48 @@ def train_one(attn: str, cfg: dict, args, data, device, position: int = 0) -> Di
 
 
 def table(cfg: dict, results: Dict[str, Dict]) -> str:
-    lines = [f"MQAR (Zoology), vocab {cfg['vocab']}, test: seq len {cfg['seq_len']}, {cfg['num_kv']} KV pairs; "
-             f"train mix (len:pairs:share) {cfg['train_mix']}; d_model {cfg['d_model']}, {cfg['n_layers']} layers, "
-             f"{cfg['n_heads']} heads, short conv {cfg['conv']}, {cfg['steps']} steps x batch {cfg['batch']}",
-             "",
-             "| attention | params | test accuracy | best accuracy | test loss | other lengths (len/pairs: acc) | train time (s) |",
-             "|---|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        f"MQAR (Zoology), vocab {cfg['vocab']}, test: seq len {cfg['seq_len']}, {cfg['num_kv']} KV pairs; "
+        f"train mix (len:pairs:share) {cfg['train_mix']}; d_model {cfg['d_model']}, {cfg['n_layers']} layers, "
+        f"{cfg['n_heads']} heads, short conv {cfg['conv']}, {cfg['steps']} steps x batch {cfg['batch']}",
+        "",
+        "| attention | params | test accuracy | best accuracy | test loss | other lengths (len/pairs: acc) | train time (s) |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
     for name, r in results.items():
-        label = "softmax (SDPA)" if name == "softmax" else (
-            f"ZETA (key_dim {r['zeta_kwargs']['key_dim']}, top-{r['zeta_kwargs']['topk']})")
-        other = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in r.get("test_acc_other", {}).items()) or "-"
-        lines.append(f"| {label} | {r['params']:,} | {100 * r['final_test_acc']:.2f}% | "
-                     f"{100 * r['best_test_acc']:.2f}% | {r['final_test_loss']:.4f} | {other} | "
-                     f"{r['train_seconds']:.0f} |")
+        label = (
+            "softmax (SDPA)"
+            if name == "softmax"
+            else (f"ZETA (key_dim {r['zeta_kwargs']['key_dim']}, top-{r['zeta_kwargs']['topk']})")
+        )
+        other = (
+            ", ".join(f"{k}: {100 * v:.1f}%" for k, v in r.get("test_acc_other", {}).items()) or "-"
+        )
+        lines.append(
+            f"| {label} | {r['params']:,} | {100 * r['final_test_acc']:.2f}% | "
+            f"{100 * r['best_test_acc']:.2f}% | {r['final_test_loss']:.4f} | {other} | "
+            f"{r['train_seconds']:.0f} |"
+        )
     z = results.get("zeta")
     if z and "learned_key_recall" in z:
         lines.append("")
         nc = z["zeta_kwargs"]["n_curves"]
-        lines.append(f"| ZETA layer | index recall@top-{z['zeta_kwargs']['topk']} as trained ({nc} curve(s)) | "
-                     f"1 curve | {z['zeta_kwargs']['key_dim'] + 1} curves | window 2k |")
+        lines.append(
+            f"| ZETA layer | index recall@top-{z['zeta_kwargs']['topk']} as trained ({nc} curve(s)) | "
+            f"1 curve | {z['zeta_kwargs']['key_dim'] + 1} curves | window 2k |"
+        )
         lines.append("|---|---:|---:|---:|---:|")
         for row in z["learned_key_recall"]:
-            lines.append(f"| {row['layer']} | {100 * row['recall_configured']:.2f}% | "
-                         f"{100 * row['recall_n_curves=1']:.2f}% | {100 * row['recall_n_curves=d+1']:.2f}% | "
-                         f"{100 * row['recall_window=2*topk']:.2f}% |")
+            lines.append(
+                f"| {row['layer']} | {100 * row['recall_configured']:.2f}% | "
+                f"{100 * row['recall_n_curves=1']:.2f}% | {100 * row['recall_n_curves=d+1']:.2f}% | "
+                f"{100 * row['recall_window=2*topk']:.2f}% |"
+            )
         lines.append("")
-        lines.append(f"ZETA accuracy with the same weights and an exact top-k search: "
-                     f"{100 * z['test_acc_exact_topk']:.2f}%")
+        lines.append(
+            f"ZETA accuracy with the same weights and an exact top-k search: "
+            f"{100 * z['test_acc_exact_topk']:.2f}%"
+        )
     return "\n".join(lines)
 
 
@@ -243,8 +334,10 @@ def main(argv=None) -> int:
     else:
         t = time.time()
         data = make_data(cfg, args.seed)
-        print(f"data: {sum(len(x) for x, _, _ in data['train'])} train / {len(data['test'][0])} test "
-              f"examples in {time.time() - t:.1f}s")
+        print(
+            f"data: {sum(len(x) for x, _, _ in data['train'])} train / {len(data['test'][0])} test "
+            f"examples in {time.time() - t:.1f}s"
+        )
         out = [train_one(a, cfg, args, data, args.device) for a in attns]
     results = dict(zip(attns, out))
     for a, r in results.items():
@@ -255,14 +348,28 @@ def main(argv=None) -> int:
     if args.no_save:
         return 0
     stem = args.out or f"mqar-{M.device_tag(args.device)}-{M.today()}"
-    payload = {"benchmark": "mqar", "config": cfg, "mode": "full" if args.full else "quick",
-               "seed": args.seed, "device": args.device, "machine": M.device_tag(args.device),
-               "env": {**M.env_info(), "processes": procs, "threads_per_process": per_job},
-               "total_seconds": time.time() - t_all,
-               "argv": sys.argv[1:], "results": results}
+    payload = {
+        "benchmark": "mqar",
+        "config": cfg,
+        "mode": "full" if args.full else "quick",
+        "seed": args.seed,
+        "device": args.device,
+        "machine": M.device_tag(args.device),
+        "env": {**M.env_info(), "processes": procs, "threads_per_process": per_job},
+        "total_seconds": time.time() - t_all,
+        "argv": sys.argv[1:],
+        "results": results,
+    }
     path = M.write_results(stem, payload, md)
-    M.plot_curves(path.with_suffix(".png"), results, md.splitlines()[0], "test_acc",
-                  "test accuracy (%)", scale=100, ylim=(0, 101))
+    M.plot_curves(
+        path.with_suffix(".png"),
+        results,
+        md.splitlines()[0],
+        "test_acc",
+        "test accuracy (%)",
+        scale=100,
+        ylim=(0, 101),
+    )
     print(f"wrote {path}, {path.with_suffix('.md').name}, {path.with_suffix('.png').name}")
     return 0
 

@@ -36,10 +36,19 @@ for h in range(2):
         d2 = ((k[0, 0, : i + 1] - q[0, h, i]) ** 2).sum(-1)
         sel = np.lexsort((np.arange(i + 1), d2))[:8]
         w = 1.0 / (d2[sel] + 1.0)
-        np.testing.assert_allclose(out[0, h, i], (w[:, None] * v[0, 0, sel]).sum(0) / w.sum(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            out[0, h, i], (w[:, None] * v[0, 0, sel]).sum(0) / w.sum(), rtol=1e-4, atol=1e-5
+        )
 
 cache = zeta.KVCache(1, 3, 8)
 cache.extend(k, v)
-np.testing.assert_allclose(cache.attend(q[:, :, -1:], topk=8, window=10_000), out[:, :, -1:], atol=1e-6)
+np.testing.assert_allclose(
+    cache.attend(q[:, :, -1:], topk=8, window=10_000), out[:, :, -1:], atol=1e-6
+)
+# a one-token prefill with the default topk=32 attends to the one key; empty in, empty out
+one = zeta.attention(q[:, :, :1], k[:, :, :1], v[:, :, :1])
+np.testing.assert_allclose(one, np.broadcast_to(v[:, :, :1], one.shape), rtol=1e-6)
+assert zeta.morton_encode(np.zeros((0, 3), np.uint32)).shape == (0,)
+assert zeta.attention(q[:, :, :0], k, v).shape == (1, 2, 0, 8)
 assert "torch" not in sys.modules, "zeta imported torch"
 print("smoke: 1 passed, 0 failed")  # numpy-only wheel check

@@ -40,7 +40,10 @@ SETTINGS = [
 
 def _id(s):
     kw, heads, b, t, topk, mt, gh = s
-    return "-".join(f"{a}{v}" for a, v in kw.items()) + f"-h{heads[0]}x{heads[1]}-b{b}-t{t}-k{topk}-m{int(mt)}-g{int(gh)}"
+    return (
+        "-".join(f"{a}{v}" for a, v in kw.items())
+        + f"-h{heads[0]}x{heads[1]}-b{b}-t{t}-k{topk}-m{int(mt)}-g{int(gh)}"
+    )
 
 
 def _parallel(q, k, v, kw, topk, gamma, mt):
@@ -58,9 +61,9 @@ def test_decode_equals_parallel(s):
     assert len(cache) == 0
     worst = 0.0
     for i in range(t):
-        cache.extend(k[:, :, i:i + 1], v[:, :, i:i + 1])
+        cache.extend(k[:, :, i : i + 1], v[:, :, i : i + 1])
         assert len(cache) == i + 1
-        out = cache.attend(q[:, :, i:i + 1], topk=topk, gamma=gamma, mean_token=mt)
+        out = cache.attend(q[:, :, i : i + 1], topk=topk, gamma=gamma, mean_token=mt)
         assert out.shape == (b, h, 1, 5) and out.dtype == np.float32
         worst = max(worst, float(np.abs(out[:, :, 0] - full[:, :, i]).max()))
     assert worst <= TOL
@@ -75,8 +78,8 @@ def test_prefill_equals_parallel(s):
     cache.extend(k, v)
     assert len(cache) == t
     for tq in (t, 7, 1):
-        out = cache.attend(q[:, :, t - tq:], topk=topk, gamma=gamma, mean_token=mt)
-        want = _parallel(q[:, :, t - tq:], k, v, kw, topk, gamma, mt)
+        out = cache.attend(q[:, :, t - tq :], topk=topk, gamma=gamma, mean_token=mt)
+        want = _parallel(q[:, :, t - tq :], k, v, kw, topk, gamma, mt)
         assert out.shape == want.shape
         assert np.abs(out - want).max() <= TOL, tq
 
@@ -92,11 +95,11 @@ def test_random_sized_extends(s):
     i = 0
     while i < t:
         n = int(min(t - i, rng.integers(1, 20)))
-        cache.extend(k[:, :, i:i + n], v[:, :, i:i + n])
+        cache.extend(k[:, :, i : i + n], v[:, :, i : i + n])
         i += n
         assert len(cache) == i
-        out = cache.attend(q[:, :, i - n:i], topk=topk, gamma=gamma, mean_token=mt)
-        assert np.abs(out - full[:, :, i - n:i]).max() <= TOL, i
+        out = cache.attend(q[:, :, i - n : i], topk=topk, gamma=gamma, mean_token=mt)
+        assert np.abs(out - full[:, :, i - n : i]).max() <= TOL, i
     # an empty extend is a no-op
     before = cache.nbytes
     cache.extend(k[:, :, :0], v[:, :, :0])
@@ -120,15 +123,15 @@ def test_decode_deep_levels_and_key_dims(dk, kw, t, topk, mt):
     c = zeta.KVCache(1, dk, 3, **kw)
     worst = 0.0
     for i in range(t):
-        c.extend(k[:, :, i:i + 1], v[:, :, i:i + 1])
-        o = c.attend(q[:, :, i:i + 1], topk=topk, gamma=0.9, mean_token=mt)
+        c.extend(k[:, :, i : i + 1], v[:, :, i : i + 1])
+        o = c.attend(q[:, :, i : i + 1], topk=topk, gamma=0.9, mean_token=mt)
         worst = max(worst, float(np.abs(o[:, :, 0] - full[:, :, i]).max()))
     assert worst <= TOL
     once = zeta.KVCache(1, dk, 3, **kw)
     once.extend(np.repeat(k, 2, axis=2)[:, :, ::2], v)  # a non-contiguous view
     assert once.same_contents(c)
-    out = once.attend(q[:, :, t - 50:], topk=topk, gamma=0.9, mean_token=mt)
-    assert np.abs(out - full[:, :, t - 50:]).max() <= TOL
+    out = once.attend(q[:, :, t - 50 :], topk=topk, gamma=0.9, mean_token=mt)
+    assert np.abs(out - full[:, :, t - 50 :]).max() <= TOL
 
 
 def _round(v, dtype):
@@ -136,8 +139,6 @@ def _round(v, dtype):
 
     t = torch.from_numpy(v)
     return (t.half() if dtype == "float16" else t.bfloat16()).float().numpy()
-
-
 
 
 def _half_caches(dtype, mean_token):
@@ -149,10 +150,10 @@ def _half_caches(dtype, mean_token):
     assert c16.dtype == dtype and c32.dtype == "float32"
     outs = []
     for i in range(0, 50, 5):
-        c32.extend(k[:, :, i:i + 5], v[:, :, i:i + 5])
-        c16.extend(k[:, :, i:i + 5], v[:, :, i:i + 5])
-        c32r.extend(k[:, :, i:i + 5], _round(v[:, :, i:i + 5], dtype))
-        qi = q[:, :, i + 4:i + 5]
+        c32.extend(k[:, :, i : i + 5], v[:, :, i : i + 5])
+        c16.extend(k[:, :, i : i + 5], v[:, :, i : i + 5])
+        c32r.extend(k[:, :, i : i + 5], _round(v[:, :, i : i + 5], dtype))
+        qi = q[:, :, i + 4 : i + 5]
         outs.append(tuple(c.attend(qi, topk=6, mean_token=mean_token) for c in (c32, c16, c32r)))
     return c32, c16, outs
 
@@ -184,7 +185,7 @@ def test_len_and_nbytes_grow():
     c = zeta.KVCache(2, 3, 8, chunk=16)
     sizes = [c.nbytes]
     for stop in (10, 100, 300):
-        c.extend(k[:, :, len(c):stop], v[:, :, len(c):stop])
+        c.extend(k[:, :, len(c) : stop], v[:, :, len(c) : stop])
         assert len(c) == stop
         sizes.append(c.nbytes)
         # at least the raw keys and values
@@ -238,9 +239,11 @@ def test_save_load_round_trip(tmp_path, dtype):
     # keep decoding both identically
     q2, k2, v2 = data(2, 4, 2, 9, 3, 5, seed=99)
     for i in range(9):
-        c.extend(k2[:, :, i:i + 1], v2[:, :, i:i + 1])
-        d.extend(k2[:, :, i:i + 1], v2[:, :, i:i + 1])
-        assert np.array_equal(c.attend(q2[:, :, i:i + 1], topk=4), d.attend(q2[:, :, i:i + 1], topk=4))
+        c.extend(k2[:, :, i : i + 1], v2[:, :, i : i + 1])
+        d.extend(k2[:, :, i : i + 1], v2[:, :, i : i + 1])
+        assert np.array_equal(
+            c.attend(q2[:, :, i : i + 1], topk=4), d.attend(q2[:, :, i : i + 1], topk=4)
+        )
     assert d.same_contents(c)
     # and a cache that differs is not "the same"
     d.extend(k2[:, :, :1], v2[:, :, :1])
@@ -374,7 +377,11 @@ def test_bad_input_leaves_cache_unchanged(tmp_path):
         ("topk0", lambda: c.attend(q[:, :, -1:], topk=0), "topk"),
         ("topk-float", lambda: c.attend(q[:, :, -1:], topk=2.5), "topk"),
         ("gamma0", lambda: c.attend(q[:, :, -1:], topk=4, gamma=0.0), "gamma"),
-        ("gamma-neg", lambda: c.attend(q[:, :, -1:], topk=4, gamma=np.array([1, 1, -1, 1.0])), "gamma"),
+        (
+            "gamma-neg",
+            lambda: c.attend(q[:, :, -1:], topk=4, gamma=np.array([1, 1, -1, 1.0])),
+            "gamma",
+        ),
         ("gamma-nan", lambda: c.attend(q[:, :, -1:], topk=4, gamma=float("nan")), "gamma"),
         ("gamma-shape", lambda: c.attend(q[:, :, -1:], topk=4, gamma=np.ones(3)), "gamma"),
     ]
@@ -408,8 +415,26 @@ def test_attend_empty_and_bad_constructor():
         with pytest.raises((ValueError, TypeError)) as e:
             zeta.KVCache(2, 3, 4, **kw)
         assert str(e.value).startswith(arg), (kw, str(e.value))
-    for args, arg in [((0, 3, 4), "num_kv_heads"), ((2, 9, 4), "key_dim"), ((2, 0, 4), "key_dim"),
-                      ((2, 3, 0), "value_dim"), ((2.0, 3, 4), "num_kv_heads")]:
+    for args, arg in [
+        ((0, 3, 4), "num_kv_heads"),
+        ((2, 9, 4), "key_dim"),
+        ((2, 0, 4), "key_dim"),
+        ((2, 3, 0), "value_dim"),
+        ((2.0, 3, 4), "num_kv_heads"),
+    ]:
         with pytest.raises((ValueError, TypeError)) as e:
             zeta.KVCache(*args)
         assert str(e.value).startswith(arg), (args, str(e.value))
+
+
+def test_attend_with_no_queries_is_empty():
+    c = zeta.KVCache(2, 3, 4)
+    for cache_len in (0, 5):
+        if cache_len:
+            c.extend(np.ones((1, 2, cache_len, 3), np.float32), np.ones((1, 2, 5, 4), np.float32))
+        out = c.attend(np.zeros((1, 4, 0, 3), np.float32))
+        assert out.shape == (1, 4, 0, 4) and out.dtype == np.float32
+    with pytest.raises(ValueError, match="^q"):
+        c.attend(np.zeros((1, 3, 0, 3), np.float32))  # 3 heads: not a multiple of 2
+    with pytest.raises(ValueError, match="^q"):
+        c.attend(np.zeros((1, 2, 0, 2), np.float32))  # key_dim 2 != 3

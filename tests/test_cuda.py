@@ -16,8 +16,10 @@ pytestmark = [
     pytest.mark.cuda,
     # torch's own compile/opcheck internals use deprecated torch.jit APIs
     pytest.mark.filterwarnings("ignore:.*torch.jit.*:DeprecationWarning"),
-    pytest.mark.skipif(not torch.cuda.is_available() or _why is not None,
-                       reason=f"needs a CUDA device and cupy: {_why or 'torch sees no CUDA device'}"),
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or _why is not None,
+        reason=f"needs a CUDA device and cupy: {_why or 'torch sees no CUDA device'}",
+    ),
 ]
 
 CONFIGS = [
@@ -36,7 +38,9 @@ def _qkv(b, h, hkv, n, s, dk, dv, seed=0, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("kw", CONFIGS)
-@pytest.mark.parametrize("shape", [(1, 4, 2, 3000, 3000, 3), (2, 2, 2, 700, 1000, 2), (1, 2, 1, 500, 500, 8)])
+@pytest.mark.parametrize(
+    "shape", [(1, 4, 2, 3000, 3000, 3), (2, 2, 2, 700, 1000, 2), (1, 2, 1, 500, 500, 8)]
+)
 def test_knn_matches_cpu_bit_for_bit(kw, shape):
     b, h, hkv, n, s, dk = shape
     if not kw["causal"] and n != s:
@@ -183,7 +187,8 @@ def test_bad_input_on_cuda():
         zeta.attention(q.cuda(), k.cuda(), v.cuda(), topk=4)
     q, k, v = _qkv(1, 2, 1, 64, 64, 3, 8)
     with pytest.raises(ValueError, match="backend"):
-        zeta.attention(q.cuda().double(), k.cuda().double(), v.cuda().double(), topk=4,
-                       backend="cupy")
+        zeta.attention(
+            q.cuda().double(), k.cuda().double(), v.cuda().double(), topk=4, backend="cupy"
+        )
     out = zeta.attention(q.cuda().double(), k.cuda().double(), v.cuda().double(), topk=4)
     assert out.dtype == torch.float64  # float64 falls back to the torch reference

@@ -37,7 +37,9 @@ def test_nvrtc_reports_a_broken_kernel(nvrtc, monkeypatch):
     """The check can fail: a source with an error does not compile."""
     import nvrtc_compile
 
-    monkeypatch.setattr(nvrtc_compile, "source", lambda f: "__global__ void k() { undefined_fn(); }")
+    monkeypatch.setattr(
+        nvrtc_compile, "source", lambda f: "__global__ void k() { undefined_fn(); }"
+    )
     monkeypatch.setitem(NAME_EXPRESSIONS, "broken.cu", ["k"])
     ok, log, _ = nvrtc_compile.compile_file(nvrtc, "broken.cu", "sm_90")
     assert not ok and "undefined_fn" in log

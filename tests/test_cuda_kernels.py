@@ -50,7 +50,7 @@ CASES = [
     # b, h, hkv, n, s, dk, topk, chunk, window, n_curves, n_sink, causal, kind
     (1, 2, 1, 50, 70, 3, 8, 8, 4, 1, 0, True, "normal"),
     (2, 2, 2, 40, 40, 3, 5, 4, 3, 2, 3, True, "normal"),
-    (1, 1, 1, 33, 33, 2, 30, 4, 2, 3, 2, True, "normal"),  # early rows: padding
+    (1, 1, 1, 33, 33, 2, 40, 4, 2, 3, 2, True, "normal"),  # topk > S: padding
     (1, 2, 1, 30, 45, 3, 6, 8, 4, 2, 2, False, "normal"),
     (1, 4, 2, 64, 64, 3, 16, 4, 2, 4, 0, True, "duplicates"),
     (1, 1, 1, 40, 40, 3, 7, 8, 8, 1, 0, True, "equal"),
@@ -68,13 +68,30 @@ def test_knn_matches_rust_bit_for_bit(rt, case):
     q, k = _qk(rng, b, h, hkv, n, s, dk, kind)
     p = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=ns)
     idx, d2 = search.knn(rt, q, k, (b, h, hkv, n, s, dk), p, topk)
-    ridx, rd2 = zeta.knn(q, k, topk, causal=causal, chunk=chunk, window=window, n_curves=nc,
-                         n_sink=ns, backend="rust")
+    ridx, rd2 = zeta.knn(
+        q,
+        k,
+        topk,
+        causal=causal,
+        chunk=chunk,
+        window=window,
+        n_curves=nc,
+        n_sink=ns,
+        backend="rust",
+    )
     np.testing.assert_array_equal(idx, ridx)
     np.testing.assert_array_equal(d2, rd2)
     # and the torch reference, the readable oracle
-    tidx, _ = torch_ref.knn(torch.from_numpy(q), torch.from_numpy(k), topk, causal=causal,
-                            chunk=chunk, window=window, n_curves=nc, n_sink=ns)
+    tidx, _ = torch_ref.knn(
+        torch.from_numpy(q),
+        torch.from_numpy(k),
+        topk,
+        causal=causal,
+        chunk=chunk,
+        window=window,
+        n_curves=nc,
+        n_sink=ns,
+    )
     np.testing.assert_array_equal(idx, tidx.numpy())
 
 
@@ -106,7 +123,9 @@ def test_forward_and_backward_match_the_reference(rt, case, mean_token):
     shape = (b, h, hkv, n, s, dk)
     out, idx = cuda_attention.forward(rt, q, k, v, "float32", gamma, shape, dv, p, topk, mean_token)
     kw = dict(causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=ns)
-    rust = zeta.attention(q, k, v, topk=topk, gamma=gamma, mean_token=mean_token, backend="rust", **kw)
+    rust = zeta.attention(
+        q, k, v, topk=topk, gamma=gamma, mean_token=mean_token, backend="rust", **kw
+    )
     np.testing.assert_allclose(out, rust, rtol=2e-6, atol=2e-6)
     ridx, _ = zeta.knn(q, k, topk, **kw)
     np.testing.assert_array_equal(idx, ridx.astype(np.int32))
@@ -116,8 +135,9 @@ def test_forward_and_backward_match_the_reference(rt, case, mean_token):
     np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
     grad = rng.standard_normal(out.shape).astype(np.float32)
     ref.backward(torch.from_numpy(grad).double())
-    dq, dk_, dv_, dg = cuda_attention.backward(rt, q, k, v, "float32", gamma, idx, grad, shape, dv,
-                                               p, mean_token)
+    dq, dk_, dv_, dg = cuda_attention.backward(
+        rt, q, k, v, "float32", gamma, idx, grad, shape, dv, p, mean_token
+    )
     for got, want in ((dq, qt.grad), (dk_, kt.grad), (dv_, vt.grad), (dg, gt.grad)):
         want = want.numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want).max()))
@@ -132,17 +152,29 @@ def test_half_values_are_read_natively(rt, vdtype):
     raw = vt.view(torch.int16).numpy()
     gamma = np.array([0.7, 1.3])
     p = index_params(dk, topk, chunk=4, window=3)
-    out, idx = cuda_attention.forward(rt, q, k, raw, vdtype, gamma, (b, h, h, n, s, dk), dv, p,
-                                      topk, False)
+    out, idx = cuda_attention.forward(
+        rt, q, k, raw, vdtype, gamma, (b, h, h, n, s, dk), dv, p, topk, False
+    )
     got = torch.from_numpy(out).view(getattr(torch, vdtype)).float().numpy()
     want = zeta.attention(q, k, vt.float().numpy(), topk=topk, gamma=gamma, chunk=4, window=3)
     # computed in float32 like the float32 path, rounded once to the value dtype
     want_rounded = torch.from_numpy(want).to(getattr(torch, vdtype)).float().numpy()
     np.testing.assert_array_equal(got, want_rounded)
     grad = torch.randn(b, h, n, dv, dtype=getattr(torch, vdtype))
-    dq, dk_, dv_, dg = cuda_attention.backward(rt, q, k, raw, vdtype, gamma, idx,
-                                               grad.view(torch.int16).numpy(), (b, h, h, n, s, dk),
-                                               dv, p, False)
+    dq, dk_, dv_, dg = cuda_attention.backward(
+        rt,
+        q,
+        k,
+        raw,
+        vdtype,
+        gamma,
+        idx,
+        grad.view(torch.int16).numpy(),
+        (b, h, h, n, s, dk),
+        dv,
+        p,
+        False,
+    )
     qt, kt, v64, gt = _torch64(q, k, vt.float().numpy(), gamma)
     ref = torch_ref.attention(qt, kt, v64, topk=topk, gamma=gt, chunk=4, window=3)
     ref.backward(grad.double())
@@ -150,11 +182,15 @@ def test_half_values_are_read_natively(rt, vdtype):
     np.testing.assert_allclose(dq, qt.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("d,bits,shift", [(3, 10, 0), (3, 10, 2), (2, 16, 1), (1, 32, 1), (3, 21, 3),
-                                          (8, 8, 5), (1, 64, 0), (4, 16, 4)])
+@pytest.mark.parametrize(
+    "d,bits,shift",
+    [(3, 10, 0), (3, 10, 2), (2, 16, 1), (1, 32, 1), (3, 21, 3), (8, 8, 5), (1, 64, 0), (4, 16, 4)],
+)
 def test_zorder_matches_cpu(rt, d, bits, shift):
     rng = np.random.default_rng(d * 100 + bits)
-    x = (rng.standard_normal((7, 13, d)) * rng.choice([1e-3, 1, 1e3], (7, 13, 1))).astype(np.float32)
+    x = (rng.standard_normal((7, 13, d)) * rng.choice([1e-3, 1, 1e3], (7, 13, 1))).astype(
+        np.float32
+    )
     x[0, 0] = 0.0
     x[0, 1] = -0.0
     got = cuda_prim.zorder(rt, x, d, bits, shift, 1.0)

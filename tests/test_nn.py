@@ -19,8 +19,15 @@ def _x(b=2, n=24, e=16, seed=0, dtype=torch.float32):
     return torch.randn(b, n, e, generator=g, dtype=dtype)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(num_kv_heads=2), dict(num_kv_heads=1, key_dim=2),
-                                dict(topk=100, mean_token=True, n_sink=2, chunk=4)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(num_kv_heads=2),
+        dict(num_kv_heads=1, key_dim=2),
+        dict(topk=100, mean_token=True, n_sink=2, chunk=4),
+    ],
+)
 def test_shapes(kw):
     torch.manual_seed(0)
     m = ZetaAttention(16, 4, topk=8, **kw) if "topk" not in kw else ZetaAttention(16, 4, **kw)
@@ -98,7 +105,9 @@ class TinyLM(torch.nn.Module):
     def __init__(self, vocab=11, e=16, heads=2, layers=2, **kw):
         super().__init__()
         self.emb = torch.nn.Embedding(vocab, e)
-        self.blocks = torch.nn.ModuleList([ZetaBlock(e, heads, mlp_ratio=2, **kw) for _ in range(layers)])
+        self.blocks = torch.nn.ModuleList(
+            [ZetaBlock(e, heads, mlp_ratio=2, **kw) for _ in range(layers)]
+        )
         self.head = torch.nn.Linear(e, vocab)
 
     def forward(self, tok):
@@ -210,8 +219,7 @@ def _ddp_worker(rank: int, world: int, store: str, q) -> None:
     code = 1
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
-                                world_size=world)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
         torch.manual_seed(0)  # same init on every rank (DDP also broadcasts rank 0's)
         model = TinyLM(layers=1, topk=6, chunk=4, n_sink=1)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -265,3 +273,16 @@ def test_ddp_two_processes_replicas_identical(tmp_path):
     for rank, same, moved, maxdiff in reports:
         assert moved, f"rank {rank}: training did not change the parameters"
         assert same, f"rank {rank}: replicas differ after training (max abs diff {maxdiff})"
+
+
+def test_empty_and_one_token_sequences():
+    """N = 0 gives an empty output that backward runs through; N = 1 (topk 32 > 1 key) is
+    exact attention to that one key: out_proj(v_proj(x))."""
+    m = ZetaAttention(16, 2)
+    x = torch.zeros(2, 0, 16, requires_grad=True)
+    out = m(x)
+    assert out.shape == (2, 0, 16)
+    out.sum().backward()
+    assert m.q_proj.weight.grad is not None and not m.q_proj.weight.grad.any()
+    x1 = _x(2, 1, 16)
+    torch.testing.assert_close(m(x1), m.out_proj(m.v_proj(x1)))

@@ -126,9 +126,13 @@ def test_hypothesis_encode_decode_round_trip(data):
     bits = data.draw(st.integers(1, 64 // d), label="bits")
     n = data.draw(st.integers(1, 40), label="n")
     hi = (1 << bits) - 1
-    rows = data.draw(st.lists(st.lists(st.integers(0, hi), min_size=d, max_size=d),
-                              min_size=n, max_size=n), label="rows")
-    dtype = data.draw(st.sampled_from([t for t in UINTS if np.iinfo(t).bits >= bits]), label="dtype")
+    rows = data.draw(
+        st.lists(st.lists(st.integers(0, hi), min_size=d, max_size=d), min_size=n, max_size=n),
+        label="rows",
+    )
+    dtype = data.draw(
+        st.sampled_from([t for t in UINTS if np.iinfo(t).bits >= bits]), label="dtype"
+    )
     c = np.array(rows, dtype=dtype)
     codes = zeta.morton_encode(c, bits=bits)
     assert [int(x) for x in codes] == [py_morton(r, bits) for r in rows]
@@ -174,11 +178,13 @@ def test_leading_axes_and_kinds():
     big = rand_coords(rng, 100, 6, 10, np.uint32)
     view = big[::3, ::2]  # (34, 3), strided
     assert not view.flags["C_CONTIGUOUS"]
-    np.testing.assert_array_equal(zeta.morton_encode(view, bits=10),
-                                  zeta.morton_encode(view.copy(), bits=10))
+    np.testing.assert_array_equal(
+        zeta.morton_encode(view, bits=10), zeta.morton_encode(view.copy(), bits=10)
+    )
     tview = torch.from_numpy(big)[::3, ::2]
-    np.testing.assert_array_equal(zeta.morton_encode(tview, bits=10).numpy(),
-                                  zeta.morton_encode(view.copy(), bits=10))
+    np.testing.assert_array_equal(
+        zeta.morton_encode(tview, bits=10).numpy(), zeta.morton_encode(view.copy(), bits=10)
+    )
     cview = zeta.morton_encode(big.copy(), bits=10)[::2]
     np.testing.assert_array_equal(zeta.morton_decode(cview, 6, bits=10), big[::2])
 
@@ -208,10 +214,14 @@ def test_zorder_equals_torch_reference(d):
                     got = zeta.zorder(xx, bits, shift, scale=scale)
                     assert got.dtype == (np.uint32 if d * bits <= 32 else np.uint64)
                     want = T.zorder(torch.from_numpy(xx), bits, shift=shift, scale=scale)
-                    np.testing.assert_array_equal(_as_i64(got), want.numpy(), err_msg=f"{bits} {shift}")
+                    np.testing.assert_array_equal(
+                        _as_i64(got), want.numpy(), err_msg=f"{bits} {shift}"
+                    )
     # default bits as documented
     assert zeta.zorder(x).dtype == (np.uint32 if d <= 4 else np.uint64)
-    np.testing.assert_array_equal(_as_i64(zeta.zorder(x)), T.zorder(torch.from_numpy(x), T.default_bits(d)).numpy())
+    np.testing.assert_array_equal(
+        _as_i64(zeta.zorder(x)), T.zorder(torch.from_numpy(x), T.default_bits(d)).numpy()
+    )
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 5, 8])
@@ -225,7 +235,9 @@ def test_zorder_monotone_per_coordinate_and_shift_range(d):
         pts[:, j] = line
         for shift in range(d + 1):
             codes = zeta.zorder(pts, bits, shift).astype(np.uint64)
-            assert (np.diff(codes.astype(np.float64)) >= 0).all() and (codes[1:] >= codes[:-1]).all()
+            assert (np.diff(codes.astype(np.float64)) >= 0).all() and (
+                codes[1:] >= codes[:-1]
+            ).all()
             assert codes[-1] > codes[0]
             # every coordinate of a shifted code still fits `bits` bits
             grid = zeta.morton_decode(codes, d, bits=bits)
@@ -260,8 +272,9 @@ def test_zorder_kinds_and_layouts():
     wide = rng.standard_normal((40, 7))
     view = wide[::2, 1:4]
     np.testing.assert_array_equal(zeta.zorder(view), zeta.zorder(view.copy()))
-    np.testing.assert_array_equal(zeta.zorder(torch.from_numpy(wide)[::2, 1:4]).numpy(),
-                                  zeta.zorder(view.copy()))
+    np.testing.assert_array_equal(
+        zeta.zorder(torch.from_numpy(wide)[::2, 1:4]).numpy(), zeta.zorder(view.copy())
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +314,9 @@ def test_argsort_small_dtypes_kinds_and_views():
     got = zeta.argsort(t)
     assert torch.is_tensor(got) and got.dtype == torch.int64
     np.testing.assert_array_equal(got.numpy(), np.argsort(a, axis=-1, kind="stable"))
-    np.testing.assert_array_equal(zeta.argsort(t[::2, ::3]).numpy(),
-                                  np.argsort(view, axis=-1, kind="stable"))
+    np.testing.assert_array_equal(
+        zeta.argsort(t[::2, ::3]).numpy(), np.argsort(view, axis=-1, kind="stable")
+    )
     # sorting zorder codes of points
     pts = rng.standard_normal((2000, 3))
     codes = zeta.zorder(pts)
@@ -325,13 +339,15 @@ def test_searchsorted_matches_numpy(dtype, side):
     s = np.sort(rng.integers(0, 20, size=(3, 4, 64), dtype=dtype), axis=-1)
     q = rng.integers(0, 21, size=(3, 4, 10), dtype=dtype)
     got = zeta.searchsorted(s, q, side=side)
-    want = np.stack([np.searchsorted(s[i, j], q[i, j], side=side)
-                     for i in range(3) for j in range(4)]).reshape(3, 4, 10)
+    want = np.stack(
+        [np.searchsorted(s[i, j], q[i, j], side=side) for i in range(3) for j in range(4)]
+    ).reshape(3, 4, 10)
     np.testing.assert_array_equal(got, want)
     # non-contiguous rows
     sv, qv = s[:, ::2], q[:, ::2, ::3]
-    np.testing.assert_array_equal(zeta.searchsorted(sv, qv, side=side),
-                                  zeta.searchsorted(sv.copy(), qv.copy(), side=side))
+    np.testing.assert_array_equal(
+        zeta.searchsorted(sv, qv, side=side), zeta.searchsorted(sv.copy(), qv.copy(), side=side)
+    )
 
 
 def test_searchsorted_torch_and_mixed_widths():
@@ -364,14 +380,27 @@ BAD = {
     "enc-d0": (lambda: zeta.morton_encode(np.zeros((2, 0), np.uint32)), ValueError, "coords"),
     "enc-d9": (lambda: zeta.morton_encode(np.zeros((2, 9), np.uint32)), ValueError, "coords"),
     "enc-0d": (lambda: zeta.morton_encode(np.uint32(3)), ValueError, "coords"),
-    "enc-empty": (lambda: zeta.morton_encode(np.zeros((0, 3), np.uint32)), ValueError, "coords"),
+    "enc-empty-d0": (lambda: zeta.morton_encode(np.zeros((0, 0), np.uint32)), ValueError, "coords"),
+    "enc-empty-bits": (
+        lambda: zeta.morton_encode(np.zeros((0, 3), np.uint32), 22),
+        ValueError,
+        "bits",
+    ),
     "enc-bits-big": (lambda: zeta.morton_encode(_u32, bits=22), ValueError, "bits"),
     "enc-bits0": (lambda: zeta.morton_encode(_u32, bits=0), ValueError, "bits"),
     "enc-bits-float": (lambda: zeta.morton_encode(_u32, bits=3.0), TypeError, "bits"),
-    "enc-too-big": (lambda: zeta.morton_encode(np.array([[1, 8, 2]], np.uint32), bits=3), ValueError, "coords"),
-    "enc-too-big-late": (lambda: zeta.morton_encode(np.r_[np.zeros((5000, 2), np.uint64),
-                                                          [[0, 1 << 40]]].astype(np.uint64), bits=32),
-                         ValueError, "coords"),
+    "enc-too-big": (
+        lambda: zeta.morton_encode(np.array([[1, 8, 2]], np.uint32), bits=3),
+        ValueError,
+        "coords",
+    ),
+    "enc-too-big-late": (
+        lambda: zeta.morton_encode(
+            np.r_[np.zeros((5000, 2), np.uint64), [[0, 1 << 40]]].astype(np.uint64), bits=32
+        ),
+        ValueError,
+        "coords",
+    ),
     "dec-signed": (lambda: zeta.morton_decode(np.zeros(3, np.int64), 2), TypeError, "codes"),
     "dec-float": (lambda: zeta.morton_decode(np.zeros(3), 2), TypeError, "codes"),
     "dec-str": (lambda: zeta.morton_decode("abc", 2), TypeError, "codes"),
@@ -379,15 +408,17 @@ BAD = {
     "dec-d9": (lambda: zeta.morton_decode(_codes, 9), ValueError, "dims"),
     "dec-dims-float": (lambda: zeta.morton_decode(_codes, 2.0), TypeError, "dims"),
     "dec-bits-big": (lambda: zeta.morton_decode(_codes, 2, bits=17), ValueError, "bits"),
-    "dec-empty": (lambda: zeta.morton_decode(np.zeros(0, np.uint32), 2), ValueError, "codes"),
     "z-nan": (lambda: zeta.zorder(np.array([[0.0, np.nan]])), ValueError, "x"),
     "z-inf": (lambda: zeta.zorder(np.array([[np.inf, 0.0]], np.float32)), ValueError, "x"),
-    "z-nan-late": (lambda: zeta.zorder(np.r_[np.zeros((9999, 3)), [[0, 0, np.nan]]]), ValueError, "x"),
+    "z-nan-late": (
+        lambda: zeta.zorder(np.r_[np.zeros((9999, 3)), [[0, 0, np.nan]]]),
+        ValueError,
+        "x",
+    ),
     "z-int": (lambda: zeta.zorder(np.zeros((2, 3), np.int32)), TypeError, "x"),
     "z-str": (lambda: zeta.zorder("abc"), TypeError, "x"),
     "z-d0": (lambda: zeta.zorder(np.zeros((2, 0))), ValueError, "x"),
     "z-d9": (lambda: zeta.zorder(np.zeros((2, 9))), ValueError, "x"),
-    "z-empty": (lambda: zeta.zorder(np.zeros((0, 3))), ValueError, "x"),
     "z-bits-big": (lambda: zeta.zorder(np.zeros((2, 3)), 22), ValueError, "bits"),
     "z-bits0": (lambda: zeta.zorder(np.zeros((2, 3)), 0), ValueError, "bits"),
     "z-scale0": (lambda: zeta.zorder(np.zeros((2, 3)), scale=0.0), ValueError, "scale"),
@@ -396,17 +427,20 @@ BAD = {
     "arg-float": (lambda: zeta.argsort(np.zeros(5)), TypeError, "codes"),
     "arg-signed": (lambda: zeta.argsort(np.zeros(5, np.int32)), TypeError, "codes"),
     "arg-str": (lambda: zeta.argsort("abc"), TypeError, "codes"),
-    "arg-empty": (lambda: zeta.argsort(np.zeros(0, np.uint32)), ValueError, "codes"),
     "arg-0d": (lambda: zeta.argsort(np.uint32(1)), ValueError, "codes"),
-    "ss-lead": (lambda: zeta.searchsorted(np.zeros((2, 5), np.uint32), np.zeros((3, 5), np.uint32)),
-                ValueError, "queries"),
-    "ss-lead-1d": (lambda: zeta.searchsorted(np.zeros((2, 5), np.uint32), np.zeros(5, np.uint32)),
-                   ValueError, "queries"),
+    "ss-lead": (
+        lambda: zeta.searchsorted(np.zeros((2, 5), np.uint32), np.zeros((3, 5), np.uint32)),
+        ValueError,
+        "queries",
+    ),
+    "ss-lead-1d": (
+        lambda: zeta.searchsorted(np.zeros((2, 5), np.uint32), np.zeros(5, np.uint32)),
+        ValueError,
+        "queries",
+    ),
     "ss-side": (lambda: zeta.searchsorted(_codes, _codes, side="middle"), ValueError, "side"),
     "ss-float": (lambda: zeta.searchsorted(_codes, np.zeros(3)), TypeError, "queries"),
     "ss-sorted-float": (lambda: zeta.searchsorted(np.zeros(3), _codes), TypeError, "sorted_codes"),
-    "ss-empty-sorted": (lambda: zeta.searchsorted(np.zeros(0, np.uint32), _codes), ValueError, "sorted_codes"),
-    "ss-empty-q": (lambda: zeta.searchsorted(_codes, np.zeros(0, np.uint32)), ValueError, "queries"),
     "ss-str": (lambda: zeta.searchsorted("abc", _codes), TypeError, "sorted_codes"),
 }
 
@@ -463,8 +497,9 @@ _PROBE = textwrap.dedent(
 def _run_py(code, env_extra, timeout=120):
     env = dict(os.environ)
     env.update(env_extra)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout
 
@@ -569,22 +604,86 @@ def test_fork_safety():
     assert out.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("value,warns", [("abc", True), ("0", True), ("-3", True), ("1", False),
-                                         ("", False)])
+@pytest.mark.parametrize(
+    "value,warns", [("abc", True), ("0", True), ("-3", True), ("1", False), ("", False)]
+)
 def test_bad_thread_count_env_warns_and_still_works(value, warns):
-    code = ("import warnings, numpy as np\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import zeta\n"
-            "print(sum('ZETA_NUM_THREADS' in str(x.message) for x in w))\n"
-            "print(zeta.argsort(np.array([3, 1, 2], dtype=np.uint64)).tolist())\n")
+    code = (
+        "import warnings, numpy as np\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import zeta\n"
+        "print(sum('ZETA_NUM_THREADS' in str(x.message) for x in w))\n"
+        "print(zeta.argsort(np.array([3, 1, 2], dtype=np.uint64)).tolist())\n"
+    )
     out = _run_py(code, {"ZETA_NUM_THREADS": value}).split()
     assert out[0] == ("1" if warns else "0")
     assert out[1] == "[1,"
 
 
 def test_python_dash_m_zeta_info():
-    r = subprocess.run([sys.executable, "-m", "zeta", "info"], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "zeta", "info"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "zeta" in r.stdout and "threads" in r.stdout.lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# empty inputs follow numpy: an empty result of the shape and dtype a non-empty input gets
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0), (0, 2)])
+@pytest.mark.parametrize("d", [1, 3, 6])
+def test_empty_encode_decode_zorder(lead, d):
+    c = np.zeros(lead + (d,), np.uint32)
+    for bits in (None, 32 // d, 64 // d):
+        full = zeta.morton_encode(np.ones((2, d), np.uint32), bits)
+        got = zeta.morton_encode(c, bits)
+        assert got.shape == lead and got.dtype == full.dtype, (bits, got.shape, got.dtype)
+    for dt in (np.uint32, np.uint64):
+        got = zeta.morton_decode(np.zeros(lead, dt), d)
+        assert got.shape == lead + (d,) and got.dtype == dt
+    for dt in (np.float32, np.float64):
+        full = zeta.zorder(np.zeros((2, d), dt))
+        got = zeta.zorder(np.zeros(lead + (d,), dt))
+        assert got.shape == lead and got.dtype == full.dtype
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 5), (2, 0, 4)])
+@pytest.mark.parametrize("dt", [np.uint32, np.uint64])
+def test_empty_argsort_matches_numpy(shape, dt):
+    a = np.zeros(shape, dt)
+    ref = np.argsort(a, axis=-1, kind="stable")
+    got = zeta.argsort(a)
+    assert got.shape == ref.shape and got.dtype == np.int64
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_empty_searchsorted_matches_numpy(side):
+    rng = np.random.default_rng(0)
+    q = np.sort(rng.integers(0, 100, 7).astype(np.uint32))
+    cases = [
+        (np.zeros(0, np.uint32), q),  # nothing to search: every insertion point is 0
+        (q, np.zeros(0, np.uint32)),  # no queries
+        (np.zeros(0, np.uint32), np.zeros(0, np.uint32)),
+    ]
+    for s, qq in cases:
+        got = zeta.searchsorted(s, qq, side=side)
+        ref = np.searchsorted(s, qq, side=side)
+        assert got.dtype == np.int64 and got.shape == ref.shape
+        np.testing.assert_array_equal(got, ref)
+    rows = np.zeros((3, 0), np.uint32)
+    got = zeta.searchsorted(rows, np.ones((3, 4), np.uint32), side=side)
+    np.testing.assert_array_equal(got, np.zeros((3, 4), np.int64))
+    got = zeta.searchsorted(np.zeros((0, 5), np.uint32), np.zeros((0, 2), np.uint32), side=side)
+    assert got.shape == (0, 2) and got.dtype == np.int64
+
+
+def test_empty_torch_inputs_stay_torch():
+    torch = pytest.importorskip("torch")
+    got = zeta.argsort(torch.zeros((3, 0), dtype=torch.int32).to(torch.uint32))
+    assert isinstance(got, torch.Tensor) and got.shape == (3, 0) and got.dtype == torch.int64
+    got = zeta.zorder(torch.zeros((0, 3)))
+    assert isinstance(got, torch.Tensor) and got.shape == (0,)

@@ -32,8 +32,12 @@ def _check_thread_env() -> None:
     if not ok:
         import warnings
 
-        warnings.warn(f"ZETA_NUM_THREADS={raw!r} is not a positive integer; zeta uses all "
-                      f"CPU threads ({_os.cpu_count()})", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"ZETA_NUM_THREADS={raw!r} is not a positive integer; zeta uses all "
+            f"CPU threads ({_os.cpu_count()})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 _check_thread_env()

@@ -1,7 +1,7 @@
 """Typed stubs for the Rust extension ``zeta._core`` (private: use the ``zeta`` API)."""
 
 from os import PathLike
-from typing import Any, Dict, List, Optional, Tuple, Union, final
+from typing import Any, Dict, List, Optional, Tuple, TypedDict, Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,16 @@ __all__ = [
     "zorder",
 ]
 
-_Params = Dict[str, Any]  # chunk, window, n_curves, n_sink, causal, bits, scale
+class _Params(TypedDict):
+    """Index settings, built by ``zeta._validate.IndexParams.as_dict`` (checked there)."""
+
+    chunk: int  # tokens per chunk, >= 1
+    window: int  # candidates on each side in every run, >= 1 (KVCacheCore: 0 = unset)
+    n_curves: int  # shifted curves, 1..key_dim + 1
+    n_sink: int  # first positions always candidates, >= 0
+    causal: bool
+    bits: int  # grid bits per coordinate, 1..32 // key_dim
+    scale: float  # the squash's scale, finite and > 0
 
 def morton_encode(coords: npt.NDArray[Any], bits: int, out64: bool) -> npt.NDArray[Any]:
     """(n, d) uint8/16/32/64 -> (n,) uint32 (out64=False) or uint64."""
@@ -33,19 +42,27 @@ def morton_encode(coords: npt.NDArray[Any], bits: int, out64: bool) -> npt.NDArr
 def morton_decode(codes: npt.NDArray[Any], dims: int, bits: int) -> npt.NDArray[Any]:
     """(n,) uint32/uint64 -> (n, dims) of the codes' dtype."""
 
-def zorder(x: npt.NDArray[Any], bits: int, shift: int, scale: float, out64: bool) -> npt.NDArray[Any]:
+def zorder(
+    x: npt.NDArray[Any], bits: int, shift: int, scale: float, out64: bool
+) -> npt.NDArray[Any]:
     """(n, d) float32/float64 -> (n,) uint32/uint64 codes."""
 
 def argsort(codes: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
     """(rows, n) uint32/uint64 -> (rows, n) int64, stable."""
 
-def searchsorted(sorted: npt.NDArray[Any], queries: npt.NDArray[Any], right: bool) -> npt.NDArray[np.int64]:
+def searchsorted(
+    sorted: npt.NDArray[Any], queries: npt.NDArray[Any], right: bool
+) -> npt.NDArray[np.int64]:
     """(rows, n), (rows, m) -> (rows, m) int64."""
 
-def knn(q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, params: _Params) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
+def knn(
+    q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, params: _Params
+) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
     """(B,H,N,dk), (B,Hkv,S,dk) -> indices (B,H,N,topk), sq_dists (B,H,N,topk)."""
 
-def exact_knn(q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, causal: bool) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
+def exact_knn(
+    q: npt.NDArray[Any], k: npt.NDArray[Any], topk: int, causal: bool
+) -> Tuple[npt.NDArray[np.int64], npt.NDArray[Any]]:
     """Brute force; same layout as knn."""
 
 def attention_forward(
@@ -78,7 +95,9 @@ def _after_fork_in_child() -> None: ...
 
 @final
 class KVCacheCore:
-    def __new__(cls, batch: int, kv_heads: int, key_dim: int, value_dim: int, params: _Params, dtype: str) -> KVCacheCore: ...
+    def __new__(
+        cls, batch: int, kv_heads: int, key_dim: int, value_dim: int, params: _Params, dtype: str
+    ) -> KVCacheCore: ...
     def extend(self, k: npt.NDArray[np.float32], v: npt.NDArray[np.float32]) -> None: ...
     def attend(
         self,

@@ -22,7 +22,9 @@ class _Bar:
         frac = self.n / max(self.total, 1)
         rate = self.n / max(now - self.t0, 1e-9)
         bar = "#" * int(30 * frac)
-        sys.stderr.write(f"\r{self.desc}: [{bar:<30}] {self.n}/{self.total} {self.unit} ({rate:,.0f} {self.unit}/s)")
+        sys.stderr.write(
+            f"\r{self.desc}: [{bar:<30}] {self.n}/{self.total} {self.unit} ({rate:,.0f} {self.unit}/s)"
+        )
         sys.stderr.flush()
 
     def close(self) -> None:

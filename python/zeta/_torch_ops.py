@@ -14,18 +14,12 @@ import torch
 from torch import Tensor
 
 from . import _core
+from ._validate import IndexParams
 
 
-def _params(chunk, window, n_curves, n_sink, causal, bits, scale) -> dict:
-    return {
-        "chunk": chunk,
-        "window": window,
-        "n_curves": n_curves,
-        "n_sink": n_sink,
-        "causal": causal,
-        "bits": bits,
-        "scale": scale,
-    }
+def _params(chunk, window, n_curves, n_sink, causal, bits, scale):
+    """The custom ops take the settings as scalars (a schema has no dicts); back to ``_Params``."""
+    return IndexParams(chunk, window, n_curves, n_sink, causal, bits, scale).as_dict()
 
 
 def _np(t: Tensor):
@@ -110,11 +104,23 @@ def attention_bwd(
 
 
 @attention_bwd.register_fake
-def _(q, k, v, gamma, idx, grad_out, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale):
+def _(
+    q, k, v, gamma, idx, grad_out, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale
+):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gamma)
 
 
-_SCALARS = ("topk", "mean_token", "chunk", "window", "n_curves", "n_sink", "causal", "bits", "scale")
+_SCALARS = (
+    "topk",
+    "mean_token",
+    "chunk",
+    "window",
+    "n_curves",
+    "n_sink",
+    "causal",
+    "bits",
+    "scale",
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -127,8 +133,20 @@ def _backward(ctx, grad_out, _grad_idx):
     q, k, v, gamma, idx = ctx.saved_tensors
     s = ctx.scalars
     dq, dk, dv, dg = attention_bwd(
-        q, k, v, gamma, idx, grad_out.contiguous(), s["mean_token"], s["chunk"], s["window"],
-        s["n_curves"], s["n_sink"], s["causal"], s["bits"], s["scale"],
+        q,
+        k,
+        v,
+        gamma,
+        idx,
+        grad_out.contiguous(),
+        s["mean_token"],
+        s["chunk"],
+        s["window"],
+        s["n_curves"],
+        s["n_sink"],
+        s["causal"],
+        s["bits"],
+        s["scale"],
     )
     return (dq, dk, dv, dg) + (None,) * len(_SCALARS)
 
@@ -151,21 +169,36 @@ def _(q, k, v, gamma, topk, mean_token, chunk, window, n_curves, n_sink, causal,
 
 
 @attention_bwd.register_kernel("cuda")
-def _(q, k, v, gamma, idx, grad_out, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale):
+def _(
+    q, k, v, gamma, idx, grad_out, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale
+):
     from .backends import cupy_backend
 
     p = _index_params(chunk, window, n_curves, n_sink, causal, bits, scale)
     return cupy_backend.torch_attention_bwd(q, k, v, gamma, idx, grad_out, mean_token, p)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, topk: int, mean_token: bool, p) -> Tensor:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, topk: int, mean_token: bool, p
+) -> Tensor:
     """The custom op: Rust on CPU tensors (half precisions computed in float32), the CUDA
     kernels on CUDA tensors (queries/keys in float32 inside, values read in their dtype)."""
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu":
         q, k, v = q.float(), k.float(), v.float()
     out, _ = attention_fwd(
-        q.contiguous(), k.contiguous(), v.contiguous(), gamma, topk, mean_token,
-        p.chunk, p.window, p.n_curves, p.n_sink, p.causal, p.bits, p.scale,
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        gamma,
+        topk,
+        mean_token,
+        p.chunk,
+        p.window,
+        p.n_curves,
+        p.n_sink,
+        p.causal,
+        p.bits,
+        p.scale,
     )
     return out.to(dtype)

@@ -7,11 +7,49 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from ._core import _Params
+
+#: Dimensions of a key / Morton point: 1..MAX_KEY_DIM (rust/src/morton.rs ``MAX_DIMS``).
 MAX_KEY_DIM = 8
+#: The causal index sorts codes of at most this many bits (``key_dim * bits <= 32``).
+INDEX_CODE_BITS = 32
+
+
+def check_dims(name: str, d: int) -> int:
+    """``d`` (a key_dim or a point's last axis) in 1..MAX_KEY_DIM, else ValueError naming ``name``."""
+    if not 1 <= d <= MAX_KEY_DIM:
+        raise ValueError(f"{name}: the dimensions (last axis) must be 1..{MAX_KEY_DIM}, got {d}")
+    return int(d)
+
+
+def check_bits(bits: Any, d: int, code_bits: int = 64) -> int:
+    """``bits`` per coordinate as an int in 1..code_bits // d, else TypeError/ValueError."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise TypeError(f"bits: expected an int, got {type(bits).__name__}")
+    bits = int(bits)
+    top = code_bits // d
+    if not 1 <= bits <= top:
+        raise ValueError(
+            f"bits: must be 1..{top} for {d} dimensions (d*bits <= {code_bits}), got {bits}"
+        )
+    return bits
+
+
+def default_zorder_bits(d: int) -> int:
+    """Default grid bits per coordinate for ``zorder``: ``32 // d`` (uint32 codes) when that is
+    at least 8 (d <= 4), else ``64 // d`` (uint64 codes)."""
+    b32 = 32 // d
+    return b32 if b32 >= 8 else 64 // d
+
+
+def default_index_bits(d: int) -> int:
+    """Default grid bits of the causal index (knn, attention, KVCache): the most it accepts."""
+    return INDEX_CODE_BITS // d
 
 
 def default_window(topk: int) -> int:
@@ -36,7 +74,8 @@ def _int(name: str, x: Any, lo: int, hi: Optional[int] = None) -> int:
 
 @dataclass(frozen=True)
 class IndexParams:
-    """Resolved index settings (what ``_core`` receives as a dict)."""
+    """Resolved index settings; :meth:`as_dict` is what ``_core`` receives (``_core._Params``)
+    and also the keyword arguments of the torch reference (``torch_ref.knn``/``attention``)."""
 
     chunk: int
     window: int
@@ -46,7 +85,7 @@ class IndexParams:
     bits: int
     scale: float
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> _Params:
         return {
             "chunk": self.chunk,
             "window": self.window,
@@ -70,14 +109,15 @@ def index_params(
     bits: Optional[int] = None,
     scale: float = 1.0,
 ) -> IndexParams:
-    _int("key_dim", key_dim, 1, MAX_KEY_DIM)
+    key_dim = _int("key_dim", key_dim, 1, MAX_KEY_DIM)
     topk = _int("topk", topk, 1)
     chunk = _int("chunk", chunk, 1, 1 << 30)
     window = default_window(topk) if window is None else _int("window", window, 1)
     n_curves = _int("n_curves", n_curves, 1, key_dim + 1)
     n_sink = _int("n_sink", n_sink, 0)
-    maxb = 32 // key_dim
-    bits = maxb if bits is None else _int("bits", bits, 1, maxb)
+    bits = (
+        default_index_bits(key_dim) if bits is None else check_bits(bits, key_dim, INDEX_CODE_BITS)
+    )
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     try:
@@ -89,8 +129,13 @@ def index_params(
     return IndexParams(chunk, window, n_curves, n_sink, bool(causal), bits, scale)
 
 
-def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool, topk: int):
-    """Checks SDPA-layout shapes; returns (B, H, H_kv, N, S, dk, dv)."""
+def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool):
+    """Checks SDPA-layout shapes; returns (B, H, H_kv, N, S, dk, dv).
+
+    Empty axes are valid input (B, H, N or d_v = 0: an empty output, as SDPA), and so is
+    ``topk > S`` (callers attend to the keys there are). Non-empty queries with no keys at
+    all (S = 0, N > 0) are an error for attention (``v_shape`` given): nothing to attend to.
+    """
     if len(q_shape) != 4:
         raise ValueError(f"q: expected 4 axes (B, H, N, key_dim), got shape {tuple(q_shape)}")
     if len(k_shape) != 4:
@@ -101,29 +146,28 @@ def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool, topk: int)
         raise ValueError(f"k: batch {bk} does not match q's {b}")
     if dkk != dk:
         raise ValueError(f"k: key_dim {dkk} does not match q's {dk}")
-    if not 1 <= dk <= MAX_KEY_DIM:
-        raise ValueError(f"q: key_dim must be 1..{MAX_KEY_DIM}, got {dk}")
-    if b == 0 or h == 0 or hkv == 0:
-        raise ValueError(f"q: batch and head counts must be >= 1 (q {tuple(q_shape)}, k {tuple(k_shape)})")
-    if n == 0:
-        raise ValueError("q: empty sequence (N = 0)")
-    if s == 0:
-        raise ValueError("k: empty sequence (S = 0)")
-    if h % hkv != 0:
+    check_dims("q", dk)
+    if hkv == 0 and h != 0:
+        raise ValueError(f"k: no kv heads (H_kv = 0) for {h} query heads")
+    if hkv != 0 and h % hkv != 0:
         raise ValueError(f"k: query heads ({h}) must be a multiple of kv heads ({hkv}) (GQA)")
     if causal and s < n:
-        raise ValueError(f"k: causal attention needs S >= N (queries are the last N positions), got S={s}, N={n}")
-    if topk > s:
-        raise ValueError(f"topk: {topk} is larger than the number of keys S={s}")
+        raise ValueError(
+            f"k: causal attention needs S >= N (queries are the last N positions), got S={s}, N={n}"
+        )
     dv = None
     if v_shape is not None:
         if len(v_shape) != 4:
-            raise ValueError(f"v: expected 4 axes (B, H_kv, S, value_dim), got shape {tuple(v_shape)}")
+            raise ValueError(
+                f"v: expected 4 axes (B, H_kv, S, value_dim), got shape {tuple(v_shape)}"
+            )
         if tuple(v_shape[:3]) != (b, hkv, s):
-            raise ValueError(f"v: shape {tuple(v_shape)} does not match k's (B, H_kv, S) = {(b, hkv, s)}")
+            raise ValueError(
+                f"v: shape {tuple(v_shape)} does not match k's (B, H_kv, S) = {(b, hkv, s)}"
+            )
         dv = v_shape[3]
-        if dv == 0:
-            raise ValueError("v: value_dim is 0")
+        if s == 0 and b * h * n > 0:
+            raise ValueError(f"k: no keys (S = 0) for the N = {n} queries to attend to")
     return b, h, hkv, n, s, dk, dv
 
 
@@ -139,7 +183,9 @@ def gamma_array(gamma: Any, h: int) -> np.ndarray:
     if g.ndim == 0:
         g = np.full(h, float(g))
     if g.shape != (h,):
-        raise ValueError(f"gamma: expected a float or shape ({h},) (one per query head), got shape {g.shape}")
+        raise ValueError(
+            f"gamma: expected a float or shape ({h},) (one per query head), got shape {g.shape}"
+        )
     if not np.all(np.isfinite(g)) or np.any(g <= 0):
         raise ValueError(f"gamma: must be finite and > 0, got {g.tolist()}")
     return np.ascontiguousarray(g)

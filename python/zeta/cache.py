@@ -8,6 +8,7 @@ output as one parallel :func:`zeta.attention` call with the same settings.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import _core
 from ._arrays import is_torch
-from ._validate import default_window, gamma_array, index_params
+from ._validate import check_dims, default_window, gamma_array, index_params
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -78,22 +79,37 @@ class KVCache:
             self._c = _core_cache
             self._window = self._c.config()[4]["window"]  # 0: unset
             return
-        for nm, val in (("num_kv_heads", num_kv_heads), ("key_dim", key_dim), ("value_dim", value_dim), ("batch", batch)):
+        for nm, val in (
+            ("num_kv_heads", num_kv_heads),
+            ("key_dim", key_dim),
+            ("value_dim", value_dim),
+            ("batch", batch),
+        ):
             if isinstance(val, bool) or not isinstance(val, (int, np.integer)):
                 raise TypeError(f"{nm}: expected an int, got {type(val).__name__}")
             if val < 1:
                 raise ValueError(f"{nm}: must be >= 1, got {val}")
-        if not 1 <= key_dim <= 8:
-            raise ValueError(f"key_dim: must be 1..8, got {key_dim}")
+        check_dims("key_dim", key_dim)
         dtype = str(dtype).replace("torch.", "")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: must be one of {_DTYPES}, got {dtype!r}")
-        p = index_params(int(key_dim), 32, causal=True, chunk=chunk, window=window,
-                         n_curves=n_curves, n_sink=n_sink, bits=bits, scale=scale)
+        p = index_params(
+            int(key_dim),
+            32,
+            causal=True,
+            chunk=chunk,
+            window=window,
+            n_curves=n_curves,
+            n_sink=n_sink,
+            bits=bits,
+            scale=scale,
+        )
         # window=None: resolved per attend() from topk, as zeta.attention does (the sorted
         # runs do not depend on the window). 0 marks "unset" in the stored settings.
-        p = p.__class__(**{**p.as_dict(), "window": 0 if window is None else p.window})
-        self._c = _core.KVCacheCore(int(batch), int(num_kv_heads), int(key_dim), int(value_dim), p.as_dict(), dtype)
+        p = dataclasses.replace(p, window=0 if window is None else p.window)
+        self._c = _core.KVCacheCore(
+            int(batch), int(num_kv_heads), int(key_dim), int(value_dim), p.as_dict(), dtype
+        )
         self._window = p.window
 
     # -- shape facts -------------------------------------------------------------------
@@ -136,8 +152,10 @@ class KVCache:
 
     def __repr__(self) -> str:
         b, hkv, dk, dv, _ = self._c.config()
-        return (f"KVCache(len={len(self)}, batch={b}, num_kv_heads={hkv}, key_dim={dk}, value_dim={dv}, "
-                f"dtype={self.dtype!r}, nbytes={self.nbytes})")
+        return (
+            f"KVCache(len={len(self)}, batch={b}, num_kv_heads={hkv}, key_dim={dk}, value_dim={dv}, "
+            f"dtype={self.dtype!r}, nbytes={self.nbytes})"
+        )
 
     # -- the work ----------------------------------------------------------------------
     def extend(self, k: Any, v: Any) -> None:
@@ -145,8 +163,15 @@ class KVCache:
         kn, vn = _f32(k, "k"), _f32(v, "v")
         self._c.extend(kn, vn)
 
-    def attend(self, q: Any, *, topk: int = 32, gamma: Any = 1.0, mean_token: bool = False,
-               window: Optional[int] = None) -> Any:
+    def attend(
+        self,
+        q: Any,
+        *,
+        topk: int = 32,
+        gamma: Any = 1.0,
+        mean_token: bool = False,
+        window: Optional[int] = None,
+    ) -> Any:
         """Top-k Cauchy attention of the last T_q positions' queries over the cache.
 
         Args:
@@ -164,15 +189,28 @@ class KVCache:
             raise TypeError(f"topk: expected an int, got {type(topk).__name__}")
         if topk < 1:
             raise ValueError(f"topk: must be >= 1, got {topk}")
-        if len(self) == 0:
-            raise ValueError("q: the cache is empty: extend it before attend")
-        qn = _f32(q, "q")
-        g = gamma_array(gamma, qn.shape[1])
         if window is None:
             window = self._window if self._window > 0 else default_window(int(topk))
         elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
             raise ValueError(f"window: must be an int >= 1, got {window!r}")
+        qn = _f32(q, "q")
+        g = gamma_array(gamma, qn.shape[1])
+        b, h, tq, dk = qn.shape
+        if h * tq == 0:  # empty in, empty out (as zeta.attention)
+            if b != self.batch or dk != self.key_dim or h % self.num_kv_heads:
+                raise ValueError(
+                    f"q: shape {qn.shape} does not fit the cache (batch {self.batch}, a multiple "
+                    f"of {self.num_kv_heads} heads, key_dim {self.key_dim})"
+                )
+            out = np.zeros((b, h, tq, self.value_dim), np.float32)
+            return self._like_q(out, q)
+        if len(self) == 0:
+            raise ValueError("q: the cache is empty: extend it before attend")
         out = self._c.attend(qn, int(topk), g, bool(mean_token), int(window))
+        return self._like_q(out, q)
+
+    @staticmethod
+    def _like_q(out: np.ndarray, q: Any) -> Any:
         if is_torch(q):
             import torch
 

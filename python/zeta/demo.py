@@ -35,15 +35,30 @@ def _cauchy(q, keys, values, gamma, idx=None):
     return (s[:, None] * values).sum(0) / s.sum()
 
 
-def run(tokens: int = 262_144, heads: int = 8, key_dim: int = 3, value_dim: int = 64, queries: int = 32,
-        topk: int = 32, gamma: float = 0.01, noise: float = 1e-3, seed: int = 0, block: int = 8192,
-        dense: bool = True, quiet: bool = False, n_curves: int = 1, window=None) -> dict:
+def run(
+    tokens: int = 262_144,
+    heads: int = 8,
+    key_dim: int = 3,
+    value_dim: int = 64,
+    queries: int = 32,
+    topk: int = 32,
+    gamma: float = 0.01,
+    noise: float = 1e-3,
+    seed: int = 0,
+    block: int = 8192,
+    dense: bool = True,
+    quiet: bool = False,
+    n_curves: int = 1,
+    window=None,
+) -> dict:
     rng = np.random.default_rng(seed)
     S, H, dk, dv = tokens, heads, key_dim, value_dim
     total = S + queries
     say = (lambda *a: None) if quiet else print
-    say(f"zeta demo: KV cache of {S:,} tokens x {H} heads, key_dim {dk}, value_dim {dv}, topk {topk}, "
-        f"n_curves {n_curves}, window {window or topk}")
+    say(
+        f"zeta demo: KV cache of {S:,} tokens x {H} heads, key_dim {dk}, value_dim {dv}, topk {topk}, "
+        f"n_curves {n_curves}, window {window or topk}"
+    )
 
     # Haystack, with needle signatures planted at random positions (distinct per head).
     keys = rng.standard_normal((H, total, dk), dtype=np.float32)
@@ -62,7 +77,9 @@ def run(tokens: int = 262_144, heads: int = 8, key_dim: int = 3, value_dim: int 
             cache.extend(keys[None, :, a:b], values[None, :, a:b])
             bar.update(b - a)
     t_build = time.perf_counter() - t0
-    say(f"  extend: {S / t_build:,.0f} tokens/s ({t_build:.2f} s), {cache.nbytes / S:,.0f} bytes/token held")
+    say(
+        f"  extend: {S / t_build:,.0f} tokens/s ({t_build:.2f} s), {cache.nbytes / S:,.0f} bytes/token held"
+    )
 
     lat_z, lat_dense, lat_exact = [], [], []
     hits, rel = 0, []
@@ -72,10 +89,14 @@ def run(tokens: int = 262_144, heads: int = 8, key_dim: int = 3, value_dim: int 
     with progress(queries, "decoding", "tok", disable=quiet) as bar:
         for i in range(queries):
             p = S + i
-            cache.extend(keys[None, :, p:p + 1], values[None, :, p:p + 1])
-            qv = keys[np.arange(H), needle_pos[:, i]] + noise * rng.standard_normal((H, dk)).astype(np.float32)
+            cache.extend(keys[None, :, p : p + 1], values[None, :, p : p + 1])
+            qv = keys[np.arange(H), needle_pos[:, i]] + noise * rng.standard_normal((H, dk)).astype(
+                np.float32
+            )
             t = time.perf_counter()
-            outs.append(cache.attend(qv[None, :, None, :], topk=topk, gamma=gamma)[0, :, 0])  # (H, dv)
+            outs.append(
+                cache.attend(qv[None, :, None, :], topk=topk, gamma=gamma)[0, :, 0]
+            )  # (H, dv)
             lat_z.append(time.perf_counter() - t)
             qs.append(qv)
             bar.update(1)
@@ -97,14 +118,23 @@ def run(tokens: int = 262_144, heads: int = 8, key_dim: int = 3, value_dim: int 
                 lat_dense.append(time.perf_counter() - t)
             cos = np.einsum("hd,hqd->hq", out / np.linalg.norm(out, axis=-1, keepdims=True), sig)
             hits += int((cos.argmax(-1) == i).sum())
-            rel.extend((np.linalg.norm(out - exact, axis=-1) / np.linalg.norm(exact, axis=-1)).tolist())
+            rel.extend(
+                (np.linalg.norm(out - exact, axis=-1) / np.linalg.norm(exact, axis=-1)).tolist()
+            )
             bar.update(1)
 
     us = 1e6 * float(np.median(lat_z))
     res = {
-        "tokens": S, "heads": H, "key_dim": dk, "value_dim": dv, "topk": topk, "queries": queries,
-        "extend_tokens_per_s": S / t_build, "bytes_per_token": cache.nbytes / len(cache),
-        "zeta_us_per_token": us, "zeta_us_per_token_per_head": us / H,
+        "tokens": S,
+        "heads": H,
+        "key_dim": dk,
+        "value_dim": dv,
+        "topk": topk,
+        "queries": queries,
+        "extend_tokens_per_s": S / t_build,
+        "bytes_per_token": cache.nbytes / len(cache),
+        "zeta_us_per_token": us,
+        "zeta_us_per_token_per_head": us / H,
         "exact_topk_ms_per_token": 1e3 * float(np.median(lat_exact)),
         "dense_ms_per_token": 1e3 * float(np.median(lat_dense)) if lat_dense else None,
         "needle_hit_rate": hits / (queries * H),
@@ -112,23 +142,33 @@ def run(tokens: int = 262_144, heads: int = 8, key_dim: int = 3, value_dim: int 
         "share_within_1pct_of_exact_topk": float(np.mean(np.asarray(rel) <= 0.01)),
     }
     say(f"  zeta decode:      {us:9.1f} us/token ({us / H:.1f} us per head), median of {queries}")
-    say(f"  exact top-k (np): {res['exact_topk_ms_per_token'] * 1e3:9.1f} us/token  "
-        f"-> zeta is {res['exact_topk_ms_per_token'] * 1e3 / us:,.0f}x faster")
+    say(
+        f"  exact top-k (np): {res['exact_topk_ms_per_token'] * 1e3:9.1f} us/token  "
+        f"-> zeta is {res['exact_topk_ms_per_token'] * 1e3 / us:,.0f}x faster"
+    )
     if lat_dense:
-        say(f"  dense attn (np):  {res['dense_ms_per_token'] * 1e3:9.1f} us/token  "
-            f"-> zeta is {res['dense_ms_per_token'] * 1e3 / us:,.0f}x faster")
+        say(
+            f"  dense attn (np):  {res['dense_ms_per_token'] * 1e3:9.1f} us/token  "
+            f"-> zeta is {res['dense_ms_per_token'] * 1e3 / us:,.0f}x faster"
+        )
     say(f"  needles retrieved: {hits}/{queries * H} ({100 * res['needle_hit_rate']:.1f}%)")
-    say(f"  vs exact top-k attention: median relative error {res['median_rel_err_vs_exact_topk']:.3f}, "
-        f"{100 * res['share_within_1pct_of_exact_topk']:.1f}% of outputs within 1%")
+    say(
+        f"  vs exact top-k attention: median relative error {res['median_rel_err_vs_exact_topk']:.3f}, "
+        f"{100 * res['share_within_1pct_of_exact_topk']:.1f}% of outputs within 1%"
+    )
     if n_curves == 1 and (window or topk) <= topk:
-        say("  (the default index finds ~56% of the exact top-32 neighbours of a random query; "
-            "--n-curves 4 --window 64 finds ~98% at ~4x the time)")
+        say(
+            "  (the default index finds ~56% of the exact top-32 neighbours of a random query; "
+            "--n-curves 4 --window 64 finds ~98% at ~4x the time)"
+        )
     return res
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="zeta demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=262_144, help="cache length (default 262144; try 1048576)")
+    ap.add_argument(
+        "--tokens", type=int, default=262_144, help="cache length (default 262144; try 1048576)"
+    )
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--queries", type=int, default=32, help="decode steps (needle queries)")
     ap.add_argument("--topk", type=int, default=32)
@@ -148,8 +188,18 @@ def main(argv=None) -> dict:
         KVCache(1, 3, 1, n_curves=a.n_curves, window=a.window)  # option errors before any work
     except ValueError as e:
         ap.error(str(e))
-    res = run(a.tokens, a.heads, 3, a.value_dim, a.queries, a.topk, seed=a.seed, dense=not a.no_dense,
-              n_curves=a.n_curves, window=a.window)
+    res = run(
+        a.tokens,
+        a.heads,
+        3,
+        a.value_dim,
+        a.queries,
+        a.topk,
+        seed=a.seed,
+        dense=not a.no_dense,
+        n_curves=a.n_curves,
+        window=a.window,
+    )
     if a.json:
         import json
 

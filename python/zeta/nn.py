@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_dims
 from .ops import attention
 
 
@@ -51,9 +52,10 @@ class ZetaAttention(nn.Module):
             raise ValueError(f"embed_dim: {embed_dim} is not a multiple of num_heads={num_heads}")
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
-            raise ValueError(f"num_kv_heads: {num_heads} query heads are not a multiple of {num_kv_heads}")
-        if not 1 <= key_dim <= 8:
-            raise ValueError(f"key_dim: must be 1..8, got {key_dim}")
+            raise ValueError(
+                f"num_kv_heads: {num_heads} query heads are not a multiple of {num_kv_heads}"
+            )
+        check_dims("key_dim", key_dim)
         if topk < 1:
             raise ValueError(f"topk: must be >= 1, got {topk}")
         if not gamma_init > 0:
@@ -81,13 +83,15 @@ class ZetaAttention(nn.Module):
         q = self.q_proj(x).view(b, n, self.num_heads, self.key_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.key_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        topk = min(self.topk, n)
-        o = attention(q, k, v, topk=topk, gamma=self.gamma.to(q.dtype), **self.zeta_kwargs)
+        # topk > n is fine: zeta.attention attends to the keys there are.
+        o = attention(q, k, v, topk=self.topk, gamma=self.gamma.to(q.dtype), **self.zeta_kwargs)
         return self.out_proj(o.transpose(1, 2).reshape(b, n, self.embed_dim))
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"key_dim={self.key_dim}, topk={self.topk}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"key_dim={self.key_dim}, topk={self.topk}"
+        )
 
 
 class ZetaBlock(nn.Module):
@@ -102,7 +106,9 @@ class ZetaBlock(nn.Module):
         self.attn = ZetaAttention(embed_dim, num_heads, **attn_kwargs)
         self.norm2 = nn.LayerNorm(embed_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(embed_dim, mlp_ratio * embed_dim), nn.GELU(), nn.Linear(mlp_ratio * embed_dim, embed_dim)
+            nn.Linear(embed_dim, mlp_ratio * embed_dim),
+            nn.GELU(),
+            nn.Linear(mlp_ratio * embed_dim, embed_dim),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -22,8 +22,16 @@ _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 def _kind(arrays, names) -> Tuple[str, str, str]:
     """(kind, device, dtype) shared by all inputs, or a TypeError naming the odd one."""
-    kinds = ["torch" if is_torch(a) else "numpy" if isinstance(a, np.ndarray)
-             else "cupy" if is_cupy(a) else None for a in arrays]
+    kinds = [
+        "torch"
+        if is_torch(a)
+        else "numpy"
+        if isinstance(a, np.ndarray)
+        else "cupy"
+        if is_cupy(a)
+        else None
+        for a in arrays
+    ]
     for a, kd, nm in zip(arrays, kinds, names):
         if kd is None:
             raise TypeError(f"{nm}: expected a numpy array or torch tensor, got {type(a).__name__}")
@@ -33,7 +41,9 @@ def _kind(arrays, names) -> Tuple[str, str, str]:
     if kind in ("torch", "cupy"):
         devs = [str(a.device) for a in arrays]
         if len(set(devs)) > 1:
-            raise ValueError(f"{names[devs.index(devs[-1])]}: on {devs[-1]}, but {names[0]} is on {devs[0]}; put them on one device")
+            raise ValueError(
+                f"{names[devs.index(devs[-1])]}: on {devs[-1]}, but {names[0]} is on {devs[0]}; put them on one device"
+            )
         dtypes = [str(a.dtype).replace("torch.", "") for a in arrays]
         device = arrays[0].device.type if kind == "torch" else "cuda"
     else:
@@ -41,10 +51,14 @@ def _kind(arrays, names) -> Tuple[str, str, str]:
         device = "cpu"
     for d, nm in zip(dtypes, names):
         if d not in _FLOATS:
-            raise TypeError(f"{nm}: expected a float dtype (float16/bfloat16/float32/float64), got {d}")
+            raise TypeError(
+                f"{nm}: expected a float dtype (float16/bfloat16/float32/float64), got {d}"
+            )
     if len(set(dtypes)) > 1:
         odd = next(nm for d, nm in zip(dtypes, names) if d != dtypes[0])
-        raise TypeError(f"{odd}: dtype {dtypes[names.index(odd)]} differs from {names[0]}'s {dtypes[0]}; use one dtype")
+        raise TypeError(
+            f"{odd}: dtype {dtypes[names.index(odd)]} differs from {names[0]}'s {dtypes[0]}; use one dtype"
+        )
     return kind, device, dtypes[0]
 
 
@@ -54,9 +68,31 @@ def _np_float(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _check_finite_np(a: np.ndarray, name: str) -> None:
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name}: contains NaN or inf")
+def _no_neighbours(q: Any, shape: Tuple[int, ...]):
+    """knn's answer when there is nothing to search: every slot missing (-1 / +inf)."""
+    if is_torch(q):
+        import torch
+
+        idx = torch.full(shape, -1, dtype=torch.int64, device=q.device)
+        return idx, torch.full(shape, float("inf"), dtype=q.dtype, device=q.device)
+    if is_cupy(q):
+        import cupy
+
+        with cupy.cuda.Device(q.device.id):
+            return cupy.full(shape, -1, np.int64), cupy.full(shape, np.inf, q.dtype)
+    return np.full(shape, -1, np.int64), np.full(shape, np.inf, q.dtype)
+
+
+def _empty_attention(q: Any, k: Any, v: Any, gamma: Any, shape: Tuple[int, ...]):
+    """An empty (B, H, N, d_v) output, as SDPA gives; for torch, part of the autograd graph
+    (zero gradients) when an input requires grad, so ``out.sum().backward()`` still runs."""
+    if not is_torch(q):
+        return np.zeros(shape, q.dtype)
+    out = q.new_zeros(shape)
+    for t in (q, k, v, gamma):
+        if is_torch(t) and t.requires_grad:
+            out = out + 0 * t.sum().to(out.dtype)
+    return out
 
 
 def _check_finite_torch(t, name: str) -> None:
@@ -102,7 +138,8 @@ def knn(
         q: queries, (B, H, N, d_k), d_k in 1..8.
         k: keys, (B, H_kv, S, d_k); H % H_kv == 0. Causal: query i sits at position S - N + i
             and sees keys at positions <= its own.
-        topk: neighbours per query (<= S).
+        topk: neighbours per query (>= 1); more than there are keys: the extra slots are
+            missing (-1 / +inf).
         causal: restrict to past keys (exact at token level).
         chunk: tokens per chunk of the dyadic-run index.
         window: candidates taken on each side of the query's code in every run (default
@@ -115,13 +152,26 @@ def knn(
 
     Returns:
         (indices int64 (B, H, N, topk), sq_dists (B, H, N, topk)) sorted by (distance,
-        position); missing slots (fewer causal keys than topk) are -1 / +inf.
+        position); missing slots (fewer causal keys than topk) are -1 / +inf. Empty
+        inputs (B, H or N = 0) give empty outputs; no keys (S = 0) gives only missing slots.
     """
     kind, device, dtype = _kind([q, k], ["q", "k"])
-    check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal, topk=_topk(topk))
-    p = index_params(q.shape[-1], topk, causal=causal, chunk=chunk, window=window,
-                     n_curves=n_curves, n_sink=n_sink, bits=bits, scale=scale)
-    be = select(CallInfo(kind, device, dtype, q.shape[-1], topk=_topk(topk)), backend)
+    topk = _topk(topk)
+    b, h, _, n, s, _, _ = check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal)
+    p = index_params(
+        q.shape[-1],
+        topk,
+        causal=causal,
+        chunk=chunk,
+        window=window,
+        n_curves=n_curves,
+        n_sink=n_sink,
+        bits=bits,
+        scale=scale,
+    )
+    be = select(CallInfo(kind, device, dtype, q.shape[-1], topk=topk), backend)
+    if b * h * n == 0 or s == 0:  # empty in, empty out; no keys: every slot missing
+        return _no_neighbours(q, (b, h, n, topk))
     if be.name == "cupy":
         from .backends import cupy_backend
 
@@ -137,8 +187,7 @@ def knn(
             qt, kt = qt.float(), kt.float()
         _check_finite_torch(qt, "q")
         _check_finite_torch(kt, "k")
-        idx, d2 = torch_ref.knn(qt, kt, topk, causal=p.causal, chunk=p.chunk, window=p.window,
-                                n_curves=p.n_curves, n_sink=p.n_sink, bits=p.bits, scale=p.scale)
+        idx, d2 = torch_ref.knn(qt, kt, topk, **p.as_dict())
         if kind == "numpy":
             return idx.numpy(), d2.numpy()
         return idx, d2
@@ -187,7 +236,7 @@ def attention(
         q: (B, H, N, d_k) queries; d_k in 1..8 (typically 3).
         k: (B, H_kv, S, d_k) keys; H % H_kv == 0 (GQA).
         v: (B, H_kv, S, d_v) values.
-        topk: keys attended per query (<= S).
+        topk: keys attended per query (>= 1; fewer keys than topk: all of them).
         gamma: float, or a per-head (H,) tensor/array; > 0. Differentiable when a tensor
             that requires grad.
         mean_token: add one attended item per query made of the running means of k and v
@@ -197,14 +246,28 @@ def attention(
 
     Returns:
         (B, H, N, d_v), the inputs' kind, dtype and device. float16/bfloat16 are computed in
-        float32. Differentiable in q, k, v and gamma (torch tensors).
+        float32. Differentiable in q, k, v and gamma (torch tensors). B, H, N or d_v = 0
+        gives an empty output (as SDPA); S = 0 with N > 0 is an error (nothing to attend to).
     """
     kind, device, dtype = _kind([q, k, v], ["q", "k", "v"])
     topk = _topk(topk)
-    b, h, hkv, n, s, dk, dv = check_qkv_shapes(tuple(q.shape), tuple(k.shape), tuple(v.shape),
-                                               causal=causal, topk=topk)
-    p = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=n_curves,
-                     n_sink=n_sink, bits=bits, scale=scale)
+    b, h, hkv, n, s, dk, dv = check_qkv_shapes(
+        tuple(q.shape), tuple(k.shape), tuple(v.shape), causal=causal
+    )
+    # Fewer keys than topk is ordinary input (a short prompt): attend to those there are, as
+    # ZetaAttention and KVCache.attend do.
+    topk = min(topk, max(s, 1))
+    p = index_params(
+        dk,
+        topk,
+        causal=causal,
+        chunk=chunk,
+        window=window,
+        n_curves=n_curves,
+        n_sink=n_sink,
+        bits=bits,
+        scale=scale,
+    )
     if not isinstance(mean_token, (bool, np.bool_)):
         raise TypeError(f"mean_token: expected a bool, got {type(mean_token).__name__}")
     be = select(CallInfo(kind, device, dtype, dk, topk=topk), backend)
@@ -213,18 +276,27 @@ def attention(
 
         if not all(map(cupy_backend.is_cupy, (q, k, v))):
             raise TypeError("q, k, v: pass cupy arrays together")
-        return cupy_backend.attention_cupy(q, k, v, gamma_array(_host(gamma), h), topk,
-                                           bool(mean_token), p)
+        return cupy_backend.attention_cupy(
+            q, k, v, gamma_array(_host(gamma), h), topk, bool(mean_token), p
+        )
     if kind == "numpy":
         g = gamma_array(gamma, h)
+        if b * h * n * dv == 0:
+            return _empty_attention(q, k, v, gamma, (b, h, n, dv))
         if be.name == "torch":
             import torch
 
             from .backends import torch_ref
 
-            out = torch_ref.attention(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
-                                      topk=topk, gamma=torch.from_numpy(g), mean_token=bool(mean_token),
-                                      **_ref_kwargs(p))
+            out = torch_ref.attention(
+                torch.from_numpy(q),
+                torch.from_numpy(k),
+                torch.from_numpy(v),
+                topk=topk,
+                gamma=torch.from_numpy(g),
+                mean_token=bool(mean_token),
+                **p.as_dict(),
+            )
             return out.numpy()
         qn, kn, vn = _np_float(q), _np_float(k), _np_float(v)
         out, _ = _core.attention_forward(qn, kn, vn, g, topk, bool(mean_token), p.as_dict())
@@ -240,9 +312,13 @@ def attention(
         elif tuple(gamma.shape) == (h,):
             gt = gamma
         else:
-            raise ValueError(f"gamma: expected a float or shape ({h},) (one per query head), got shape {tuple(gamma.shape)}")
+            raise ValueError(
+                f"gamma: expected a float or shape ({h},) (one per query head), got shape {tuple(gamma.shape)}"
+            )
     else:
         gt = torch.as_tensor(gamma_array(gamma, h), dtype=torch.float64, device=q.device)
+    if b * h * n * dv == 0:
+        return _empty_attention(q, k, v, gamma, (b, h, n, dv))
     # Value checks that read tensor data (NaN/inf, gamma > 0) would break torch.compile graphs;
     # the Rust kernels make them anyway, so only the reference path checks here.
     if be.name in ("torch", "cupy") and not torch.compiler.is_compiling():
@@ -253,8 +329,9 @@ def attention(
         qq, kk, vv = q, k, v
         if dtype in ("float16", "bfloat16"):
             qq, kk, vv = q.float(), k.float(), v.float()
-        out = torch_ref.attention(qq, kk, vv, topk=topk, gamma=gt, mean_token=bool(mean_token),
-                                  **_ref_kwargs(p))
+        out = torch_ref.attention(
+            qq, kk, vv, topk=topk, gamma=gt, mean_token=bool(mean_token), **p.as_dict()
+        )
         return out.to(q.dtype)
     from . import _torch_ops
 
@@ -266,11 +343,6 @@ def _host(x: Any) -> Any:
     return x.get() if is_cupy(x) else x
 
 
-def _ref_kwargs(p) -> dict:
-    return dict(causal=p.causal, chunk=p.chunk, window=p.window, n_curves=p.n_curves,
-                n_sink=p.n_sink, bits=p.bits, scale=p.scale)
-
-
 def exact_knn(q: Any, k: Any, topk: int, *, causal: bool = True):
     """Brute-force exact top-k (no index; O(N*S)): the oracle for :func:`recall`.
 
@@ -278,7 +350,9 @@ def exact_knn(q: Any, k: Any, topk: int, *, causal: bool = True):
     """
     kind, _device, _dtype = _kind([q, k], ["q", "k"])
     topk = _topk(topk)
-    check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal, topk=topk)
+    b, h, _, n, s, _, _ = check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal)
+    if b * h * n == 0 or s == 0:
+        return _no_neighbours(q, (b, h, n, topk))
     if kind == "torch":
         import torch
 
@@ -287,7 +361,9 @@ def exact_knn(q: Any, k: Any, topk: int, *, causal: bool = True):
         kn = k.detach().cpu().to(want).numpy()
     else:
         qn, kn = _np_float(q), _np_float(k)
-    idx, d2 = _core.exact_knn(np.ascontiguousarray(qn), np.ascontiguousarray(kn), topk, bool(causal))
+    idx, d2 = _core.exact_knn(
+        np.ascontiguousarray(qn), np.ascontiguousarray(kn), topk, bool(causal)
+    )
     if kind == "torch":
         import torch
 
@@ -311,7 +387,9 @@ def recall(q: Any, k: Any, indices: Any, *, causal: bool = True) -> float:
     kind, _, _ = _kind([q, k], ["q", "k"])
     ind = indices.detach().cpu().numpy() if is_torch(indices) else np.asarray(indices)
     if ind.ndim != 4 or ind.shape[:3] != tuple(q.shape[:3]):
-        raise ValueError(f"indices: expected shape (B, H, N, topk) = {tuple(q.shape[:3])} + (topk,), got {ind.shape}")
+        raise ValueError(
+            f"indices: expected shape (B, H, N, topk) = {tuple(q.shape[:3])} + (topk,), got {ind.shape}"
+        )
     if ind.dtype.kind not in "iu":
         raise TypeError(f"indices: expected integers, got {ind.dtype}")
     topk = ind.shape[-1]

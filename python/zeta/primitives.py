@@ -1,7 +1,9 @@
 """Z-order primitives: Morton encode/decode, fused quantize+encode, argsort, searchsorted.
 
-Every function takes numpy arrays or CPU torch tensors and returns the same kind. Leading
-axes are independent rows. Work runs in Rust, in parallel, with the GIL released.
+Every function takes numpy arrays, torch tensors or cupy arrays and returns the same kind.
+Leading axes are independent rows. On the CPU the work runs in Rust, in parallel, with the GIL
+released; on a GPU in the cupy backend's kernels (a CUDA tensor without cupy: on the CPU, and
+the result moved back).
 """
 
 from __future__ import annotations
@@ -12,32 +14,10 @@ import numpy as np
 
 from . import _core
 from ._arrays import contiguous, is_torch, like, to_numpy
+from ._validate import check_bits, check_dims, default_zorder_bits
 from .backends.cupy_backend import is_cupy
 
-MAX_DIMS = 8
-
 _UINTS = (np.uint8, np.uint16, np.uint32, np.uint64)
-
-
-def _check_dims(d: int, name: str) -> None:
-    if not 1 <= d <= MAX_DIMS:
-        raise ValueError(f"{name}: the last axis (dimensions) must be 1..{MAX_DIMS}, got {d}")
-
-
-def _check_bits(bits: Any, d: int, limit: int = 64) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-        raise TypeError(f"bits: expected an int, got {type(bits).__name__}")
-    bits = int(bits)
-    top = limit // d
-    if not 1 <= bits <= top:
-        raise ValueError(f"bits: must be 1..{top} for {d} dimensions (d*bits <= {limit}), got {bits}")
-    return bits
-
-
-def default_zorder_bits(d: int) -> int:
-    """Default grid bits per coordinate for :func:`zorder`: u32 codes for d <= 4, else u64."""
-    b32 = 32 // d
-    return b32 if b32 >= 8 else 64 // d
 
 
 def morton_encode(coords: Any, bits: Optional[int] = None) -> Any:
@@ -57,11 +37,13 @@ def morton_encode(coords: Any, bits: Optional[int] = None) -> Any:
     if _on_gpu(coords):
         dt, shape = _dtype_of(coords), tuple(coords.shape)
         if dt is None or dt.type not in _UINTS:
-            raise TypeError(f"coords: expected an unsigned integer dtype (uint8/16/32/64), got {coords.dtype}")
+            raise TypeError(
+                f"coords: expected an unsigned integer dtype (uint8/16/32/64), got {coords.dtype}"
+            )
         if len(shape) < 1:
             raise ValueError("coords: must have at least one axis (..., d)")
-        _check_dims(shape[-1], "coords")
-        bits = 64 // shape[-1] if bits is None else _check_bits(bits, shape[-1])
+        check_dims("coords", shape[-1])
+        bits = 64 // shape[-1] if bits is None else check_bits(bits, shape[-1])
         return _gpu_call("morton_encode", lambda c: morton_encode(c, bits), (coords,), bits)
     a = to_numpy(coords, "coords")
     if a.dtype.type not in _UINTS:
@@ -72,9 +54,8 @@ def morton_encode(coords: Any, bits: Optional[int] = None) -> Any:
     if a.ndim < 1:
         raise ValueError("coords: must have at least one axis (..., d)")
     d = a.shape[-1]
-    _check_dims(d, "coords")
-    _check_nonempty(a, "coords")
-    bits = 64 // d if bits is None else _check_bits(bits, d)
+    check_dims("coords", d)
+    bits = 64 // d if bits is None else check_bits(bits, d)
     lead = a.shape[:-1]
     flat = contiguous(a.reshape(-1, d))
     out = _core.morton_encode(flat, bits, d * bits > 32)
@@ -98,20 +79,20 @@ def morton_decode(codes: Any, dims: int, bits: Optional[int] = None) -> Any:
             raise TypeError(f"codes: expected uint32 or uint64, got {codes.dtype}")
         if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
             raise TypeError(f"dims: expected an int, got {type(dims).__name__}")
-        _check_dims(int(dims), "dims")
+        check_dims("dims", int(dims))
         width = 32 if dt == np.uint32 else 64
-        bits = width // dims if bits is None else _check_bits(bits, dims, width)
-        return _gpu_call("morton_decode", lambda c: morton_decode(c, dims, bits), (codes,),
-                         int(dims), bits)
+        bits = width // dims if bits is None else check_bits(bits, dims, width)
+        return _gpu_call(
+            "morton_decode", lambda c: morton_decode(c, dims, bits), (codes,), int(dims), bits
+        )
     a = to_numpy(codes, "codes")
     if a.dtype.type not in (np.uint32, np.uint64):
         raise TypeError(f"codes: expected uint32 or uint64, got {a.dtype}")
     if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
         raise TypeError(f"dims: expected an int, got {type(dims).__name__}")
-    _check_dims(int(dims), "dims")
-    _check_nonempty(a, "codes")
+    check_dims("dims", int(dims))
     width = 32 if a.dtype == np.uint32 else 64
-    bits = width // dims if bits is None else _check_bits(bits, dims, width)
+    bits = width // dims if bits is None else check_bits(bits, dims, width)
     out = _core.morton_decode(contiguous(a.reshape(-1)), int(dims), bits)
     return like(out.reshape(a.shape + (int(dims),)), codes)
 
@@ -142,13 +123,24 @@ def zorder(x: Any, bits: Optional[int] = None, shift: int = 0, *, scale: float =
         if len(x.shape) < 1:
             raise ValueError("x: must have at least one axis (..., d)")
         d = x.shape[-1]
-        _check_dims(d, "x")
-        bits = default_zorder_bits(d) if bits is None else _check_bits(bits, d)
-        if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or not 0 <= shift <= d:
+        check_dims("x", d)
+        bits = default_zorder_bits(d) if bits is None else check_bits(bits, d)
+        if (
+            isinstance(shift, bool)
+            or not isinstance(shift, (int, np.integer))
+            or not 0 <= shift <= d
+        ):
             raise ValueError(f"shift: must be an int curve index in 0..{d}, got {shift!r}")
         _check_finite_device(x, "x")
-        return _gpu_call("zorder", lambda c: zorder(c, bits, shift, scale=scale), (x,), d, bits,
-                         int(shift), float(scale))
+        return _gpu_call(
+            "zorder",
+            lambda c: zorder(c, bits, shift, scale=scale),
+            (x,),
+            d,
+            bits,
+            int(shift),
+            float(scale),
+        )
     a = to_numpy(x, "x")
     if a.dtype == np.float16:
         a = a.astype(np.float32)
@@ -157,9 +149,8 @@ def zorder(x: Any, bits: Optional[int] = None, shift: int = 0, *, scale: float =
     if a.ndim < 1:
         raise ValueError("x: must have at least one axis (..., d)")
     d = a.shape[-1]
-    _check_dims(d, "x")
-    _check_nonempty(a, "x")
-    bits = default_zorder_bits(d) if bits is None else _check_bits(bits, d)
+    check_dims("x", d)
+    bits = default_zorder_bits(d) if bits is None else check_bits(bits, d)
     if isinstance(shift, bool) or not isinstance(shift, (int, np.integer)) or not 0 <= shift <= d:
         raise ValueError(f"shift: must be an int curve index in 0..{d}, got {shift!r}")
     scale = float(scale)
@@ -188,10 +179,8 @@ def _on_gpu(x: Any) -> bool:
 
 def _gpu_call(fn_name: str, cpu_fn, arrays: tuple, *args):
     """A primitive on device arrays: the CUDA kernels when the cupy backend is available, else
-    (torch tensors only) the CPU path on a host copy, moved back to the input's device.
-
-    The arguments are checked first by running ``cpu_fn`` on zero-length host stand-ins of the
-    same dtype and trailing shape, so both paths raise the same errors."""
+    (torch tensors only) the CPU path on a host copy, moved back to the input's device. The
+    caller has checked the arguments as the CPU path does."""
     from .backends import BACKENDS
 
     why = BACKENDS["cupy"].unavailable_reason()
@@ -206,11 +195,6 @@ def _gpu_call(fn_name: str, cpu_fn, arrays: tuple, *args):
     return out.to(dev)
 
 
-def _check_nonempty(a: np.ndarray, name: str) -> None:
-    if a.size == 0:
-        raise ValueError(f"{name}: is empty (shape {a.shape})")
-
-
 def _codes_2d(a: np.ndarray, name: str) -> np.ndarray:
     if a.dtype.type in (np.uint8, np.uint16):
         a = a.astype(np.uint32)
@@ -218,8 +202,8 @@ def _codes_2d(a: np.ndarray, name: str) -> np.ndarray:
         raise TypeError(f"{name}: expected unsigned integer codes (uint32/uint64), got {a.dtype}")
     if a.ndim < 1:
         raise ValueError(f"{name}: must have at least one axis")
-    _check_nonempty(a, name)
-    return contiguous(a.reshape(-1, a.shape[-1]))
+    rows = int(np.prod(a.shape[:-1], dtype=np.int64))  # not -1: ambiguous when n == 0
+    return contiguous(a.reshape(rows, a.shape[-1]))
 
 
 def argsort(codes: Any) -> Any:
@@ -235,7 +219,9 @@ def argsort(codes: Any) -> Any:
     if _on_gpu(codes):
         dt = _dtype_of(codes)
         if dt is None or dt.kind != "u":
-            raise TypeError(f"codes: expected unsigned integer codes (uint32/uint64), got {codes.dtype}")
+            raise TypeError(
+                f"codes: expected unsigned integer codes (uint32/uint64), got {codes.dtype}"
+            )
         if len(codes.shape) < 1:
             raise ValueError("codes: must have at least one axis")
         return _gpu_call("argsort", argsort, (codes,))
@@ -270,12 +256,20 @@ def searchsorted(sorted_codes: Any, queries: Any, side: str = "left") -> Any:
             if len(a.shape) < 1:
                 raise ValueError("sorted_codes, queries: must have at least one axis")
         if _dtype_of(sorted_codes) != _dtype_of(queries):
-            raise TypeError(f"queries: dtype {queries.dtype} does not match sorted_codes' {sorted_codes.dtype}")
+            raise TypeError(
+                f"queries: dtype {queries.dtype} does not match sorted_codes' {sorted_codes.dtype}"
+            )
         if tuple(sorted_codes.shape[:-1]) != tuple(queries.shape[:-1]):
-            raise ValueError(f"queries: leading shape {tuple(queries.shape[:-1])} does not match "
-                             f"sorted_codes' {tuple(sorted_codes.shape[:-1])}")
-        return _gpu_call("searchsorted", lambda a, b: searchsorted(a, b, side),
-                         (sorted_codes, queries), side == "right")
+            raise ValueError(
+                f"queries: leading shape {tuple(queries.shape[:-1])} does not match "
+                f"sorted_codes' {tuple(sorted_codes.shape[:-1])}"
+            )
+        return _gpu_call(
+            "searchsorted",
+            lambda a, b: searchsorted(a, b, side),
+            (sorted_codes, queries),
+            side == "right",
+        )
     s = to_numpy(sorted_codes, "sorted_codes")
     q = to_numpy(queries, "queries")
     if s.ndim < 1 or q.ndim < 1:

@@ -694,3 +694,76 @@ pub fn exact_knn<T: Float + Real>(
         });
     Ok((idx, dist))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn points(n: usize, seed: u64) -> Vec<f64> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    /// Fewer keys than topk is ordinary input: knn and exact_knn fill the first S slots as
+    /// with topk = S and pad the rest with -1 / +inf; the forward equals topk = S exactly.
+    #[test]
+    fn topk_above_key_count_pads_and_attends_to_the_keys_there_are() {
+        for causal in [true, false] {
+            let (n, s, dk, dv, big) = (3, 5, 3, 2, 32);
+            let sh = Shape {
+                b: 1,
+                h: 2,
+                hkv: 1,
+                n,
+                s,
+                dk,
+                dv,
+            };
+            let prm = Params {
+                chunk: 2,
+                window: 1,
+                n_curves: 1,
+                n_sink: 0,
+                causal,
+                bits: 10,
+                scale: 1.0,
+            };
+            let (q, k, v) = (points(2 * n * dk, 1), points(s * dk, 2), points(s * dv, 3));
+            let runs = [
+                (knn(&sh, &prm, big, &q, &k), knn(&sh, &prm, s, &q, &k)),
+                (
+                    exact_knn(&sh, causal, big, &q, &k),
+                    exact_knn(&sh, causal, s, &q, &k),
+                ),
+            ];
+            for (wide, exact_s) in runs {
+                let ((iw, dw), (is, ds)) = (wide.unwrap(), exact_s.unwrap());
+                for row in 0..2 * n {
+                    assert_eq!(iw[row * big..][..s], is[row * s..][..s]);
+                    assert_eq!(dw[row * big..][..s], ds[row * s..][..s]);
+                    assert!(iw[row * big + s..(row + 1) * big].iter().all(|&i| i == -1));
+                    assert!(dw[row * big + s..(row + 1) * big]
+                        .iter()
+                        .all(|d| d.is_infinite()));
+                }
+            }
+            let fwd = |topk| {
+                let opts = AttnOpts {
+                    topk,
+                    mean_token: false,
+                };
+                forward(&sh, &prm, &opts, &q, &k, &v, &[1.0, 0.5])
+                    .unwrap()
+                    .0
+            };
+            assert_eq!(fwd(big), fwd(s), "causal={causal}");
+        }
+    }
+}

@@ -40,7 +40,7 @@ def _sources() -> str:
     lines = ['#include "common.cuh"']
     for f in NAME_EXPRESSIONS:
         lines.append(f'#include "{f}"')
-    lines.append("extern \"C\" {")
+    lines.append('extern "C" {')
     for i, expr in enumerate(_all_exprs()):
         lines.append(
             f"int zeta_launch_{i}(unsigned gx, unsigned bx, size_t shmem, void** args, char* err, "
@@ -75,8 +75,23 @@ def build(cache_dir: str | None = None) -> str:
     with open(cpp, "w") as f:
         f.write(src)
     tmp = lib + f".{os.getpid()}.tmp"
-    cmd = [cxx, "-std=c++20", "-O1", "-g0", "-shared", "-fPIC", "-ffp-contract=off",
-           "-DZETA_CPU_SHIM", "-I", KERNEL_DIR, "-I", HERE, cpp, "-o", tmp]
+    cmd = [
+        cxx,
+        "-std=c++20",
+        "-O1",
+        "-g0",
+        "-shared",
+        "-fPIC",
+        "-ffp-contract=off",
+        "-DZETA_CPU_SHIM",
+        "-I",
+        KERNEL_DIR,
+        "-I",
+        HERE,
+        cpp,
+        "-o",
+        tmp,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"shim compile failed:\n{' '.join(cmd)}\n{r.stderr[-6000:]}")
@@ -94,26 +109,37 @@ class ShimRuntime(Runtime):
         self.index: Dict[str, int] = {e: i for i, e in enumerate(_all_exprs())}
         self.launches = 0
 
-    def launch(self, file: str, name: str, grid: int, block: int, args: Sequence[Any],
-               shared_mem: int = 0) -> None:
+    def launch(
+        self, file: str, name: str, grid: int, block: int, args: Sequence[Any], shared_mem: int = 0
+    ) -> None:
         assert name in NAME_EXPRESSIONS[file], (file, name)
         keep = []
         ptrs = (ctypes.c_void_p * len(args))()
         for i, a in enumerate(args):
             if isinstance(a, np.ndarray):
-                assert a.flags["C_CONTIGUOUS"] or a.size <= 1, f"argument {i} of {name} not contiguous"
+                assert a.flags["C_CONTIGUOUS"] or a.size <= 1, (
+                    f"argument {i} of {name} not contiguous"
+                )
                 obj: Any = ctypes.c_void_p(a.ctypes.data)
             elif isinstance(a, np.generic):
                 obj = _CTYPES[a.dtype](a.item())
             else:
-                raise TypeError(f"argument {i} of {name}: pass numpy arrays or numpy scalars, got {type(a)}")
+                raise TypeError(
+                    f"argument {i} of {name}: pass numpy arrays or numpy scalars, got {type(a)}"
+                )
             keep.append(obj)
             ptrs[i] = ctypes.cast(ctypes.pointer(obj), ctypes.c_void_p)
         err = ctypes.create_string_buffer(512)
         fn = getattr(self.lib, f"zeta_launch_{self.index[name]}")
         fn.restype = ctypes.c_int
-        rc = fn(ctypes.c_uint(int(grid)), ctypes.c_uint(int(block)), ctypes.c_size_t(int(shared_mem)),
-                ptrs, err, ctypes.c_size_t(512))
+        rc = fn(
+            ctypes.c_uint(int(grid)),
+            ctypes.c_uint(int(block)),
+            ctypes.c_size_t(int(shared_mem)),
+            ptrs,
+            err,
+            ctypes.c_size_t(512),
+        )
         self.launches += 1
         if rc != 0:
             raise RuntimeError(f"{name}: {err.value.decode()}")

@@ -36,7 +36,7 @@ def mean_kv(rt: Runtime, k: Any, vf: Any, n: int, causal: bool) -> Tuple[Any, An
         x64 = x.astype(np.float64)
         if causal:
             cnt = xp.arange(s - n + 1, s + 1, dtype=np.float64)[:, None]
-            m = xp.cumsum(x64, axis=2)[:, :, s - n:] / cnt
+            m = xp.cumsum(x64, axis=2)[:, :, s - n :] / cnt
         else:
             m = xp.broadcast_to(x64.mean(axis=2, keepdims=True), x64.shape[:2] + (n, x64.shape[3]))
         out.append(xp.ascontiguousarray(m.astype(np.float32)))
@@ -56,8 +56,9 @@ def _mean_grad(rt: Runtime, dbar: Any, hkv: int, s: int, causal: bool) -> Any:
     return suffix[:, :, xp.maximum(first, 0)]
 
 
-def forward(rt: Runtime, q, k, v, vdtype: str, gamma, shape, dv: int, p, topk: int,
-            mean_token: bool):
+def forward(
+    rt: Runtime, q, k, v, vdtype: str, gamma, shape, dv: int, p, topk: int, mean_token: bool
+):
     """-> out (B,H,N,dv) in v's storage, idx (B,H,N,topk) int32."""
     if mean_token:
         kbar, vbar = mean_kv(rt, k, values_f32(rt, v, vdtype), shape[3], p.causal)
@@ -66,8 +67,9 @@ def forward(rt: Runtime, q, k, v, vdtype: str, gamma, shape, dv: int, p, topk: i
     return search.forward(rt, q, k, v, vdtype, gamma, kbar, vbar, shape, dv, p, topk, mean_token)
 
 
-def backward(rt: Runtime, q, k, v, vdtype: str, gamma, idx, dout, shape, dv: int, p,
-             mean_token: bool):
+def backward(
+    rt: Runtime, q, k, v, vdtype: str, gamma, idx, dout, shape, dv: int, p, mean_token: bool
+):
     """-> dq (B,H,N,dk), dk (B,Hkv,S,dk), dv (B,Hkv,S,dv) float32, dgamma (H,) float64."""
     b, h, hkv, n, s, dk = shape
     topk = idx.shape[-1]
@@ -76,7 +78,8 @@ def backward(rt: Runtime, q, k, v, vdtype: str, gamma, idx, dout, shape, dv: int
     else:
         kbar = vbar = rt.zeros((1,), np.float32)
     dq, dkk, dvv, dg2, dkbar, dvbar = _backward.backward(
-        rt, q, k, v, vdtype, gamma, idx, dout, kbar, vbar, shape, dv, topk, mean_token)
+        rt, q, k, v, vdtype, gamma, idx, dout, kbar, vbar, shape, dv, topk, mean_token
+    )
     if mean_token:
         dkk = (dkk + _mean_grad(rt, dkbar, hkv, s, p.causal)).astype(np.float32)
         dvv = (dvv + _mean_grad(rt, dvbar, hkv, s, p.causal)).astype(np.float32)

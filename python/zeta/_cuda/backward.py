@@ -15,9 +15,22 @@ from .runtime import VALUE_TYPE, Runtime, blocks
 WARPS = 4
 
 
-def backward(rt: Runtime, q: Any, k: Any, v: Any, vdtype: str, gamma: Any, idx: Any, dout: Any,
-             kbar: Any, vbar: Any, shape: Tuple[int, ...], dv: int, topk: int,
-             mean_token: bool) -> Tuple[Any, ...]:
+def backward(
+    rt: Runtime,
+    q: Any,
+    k: Any,
+    v: Any,
+    vdtype: str,
+    gamma: Any,
+    idx: Any,
+    dout: Any,
+    kbar: Any,
+    vbar: Any,
+    shape: Tuple[int, ...],
+    dv: int,
+    topk: int,
+    mean_token: bool,
+) -> Tuple[Any, ...]:
     """Gradients for :func:`zeta._cuda.search.forward`.
 
     gamma: (H,) float64. Returns dq (B,H,N,dk), dk (B,Hkv,S,dk), dv (B,Hkv,S,dv) float32, dg2 (B,H,N) float32
@@ -34,10 +47,36 @@ def backward(rt: Runtime, q: Any, k: Any, v: Any, vdtype: str, gamma: Any, idx: 
     rows = b * h * n
     if rows == 0 or topk == 0:
         return dq, dkk, dvv, dg2, dkbar, dvbar
-    rt.launch("backward.cu", f"zeta::backward_kernel<{VALUE_TYPE[vdtype]}>", blocks(rows, WARPS),
-              32 * WARPS,
-              (q, k, v, gamma, idx, dout, kbar, vbar, np.int32(bool(mean_token)), np.int64(n),
-               np.int64(s), np.int32(b), np.int32(h), np.int32(hkv), np.int32(dk), np.int32(dv),
-               np.int32(topk), dq, dkk, dvv, dg2, dkbar, dvbar),
-              shared_mem=WARPS * 3 * topk * 4)
+    rt.launch(
+        "backward.cu",
+        f"zeta::backward_kernel<{VALUE_TYPE[vdtype]}>",
+        blocks(rows, WARPS),
+        32 * WARPS,
+        (
+            q,
+            k,
+            v,
+            gamma,
+            idx,
+            dout,
+            kbar,
+            vbar,
+            np.int32(bool(mean_token)),
+            np.int64(n),
+            np.int64(s),
+            np.int32(b),
+            np.int32(h),
+            np.int32(hkv),
+            np.int32(dk),
+            np.int32(dv),
+            np.int32(topk),
+            dq,
+            dkk,
+            dvv,
+            dg2,
+            dkbar,
+            dvbar,
+        ),
+        shared_mem=WARPS * 3 * topk * 4,
+    )
     return dq, dkk, dvv, dg2, dkbar, dvbar

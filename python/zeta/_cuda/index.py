@@ -17,8 +17,16 @@ from .runtime import Runtime, blocks
 THREADS = 256
 
 
-def codes(rt: Runtime, x: Any, d: int, bits: int, inner: int, n_curves: int, scale: float,
-          wide: bool = False) -> Any:
+def codes(
+    rt: Runtime,
+    x: Any,
+    d: int,
+    bits: int,
+    inner: int,
+    n_curves: int,
+    scale: float,
+    wide: bool = False,
+) -> Any:
     """Codes of float32 points ``x`` (rows * d,) for curves 0..n_curves-1.
 
     Row ``r = outer * inner + i`` lands at ``(outer, curve, i)``: (G, inner, d) -> (G, C, inner).
@@ -27,10 +35,26 @@ def codes(rt: Runtime, x: Any, d: int, bits: int, inner: int, n_curves: int, sca
     out = rt.empty((rows * n_curves,), np.uint64 if wide else np.uint32)
     if rows == 0:
         return out
-    name = "zeta::zorder_kernel<unsigned long long>" if wide else "zeta::zorder_kernel<unsigned int>"
-    rt.launch("zorder.cu", name, blocks(rows, THREADS), THREADS,
-              (x, out, np.int64(rows), np.int32(d), np.int32(bits), np.int64(inner),
-               np.int32(n_curves), np.float64(scale), np.int32(0)))
+    name = (
+        "zeta::zorder_kernel<unsigned long long>" if wide else "zeta::zorder_kernel<unsigned int>"
+    )
+    rt.launch(
+        "zorder.cu",
+        name,
+        blocks(rows, THREADS),
+        THREADS,
+        (
+            x,
+            out,
+            np.int64(rows),
+            np.int32(d),
+            np.int32(bits),
+            np.int64(inner),
+            np.int32(n_curves),
+            np.float64(scale),
+            np.int32(0),
+        ),
+    )
     return out
 
 
@@ -39,8 +63,7 @@ def n_levels(s: int, chunk: int) -> int:
     return ((s - 1) // chunk).bit_length() if s > 0 else 0
 
 
-def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool
-          ) -> Tuple[Any, int]:
+def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool) -> Tuple[Any, int]:
     """The index of ``kcodes`` ((gc, s) uint32, flat): (levels u64, n_full).
 
     ``levels`` holds level 0 of every slice, then level 1, ... (the kernels recompute where
@@ -59,15 +82,24 @@ def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool
     total = int(offs[-1] + gc * widths[-1]) if widths else 0
     levels = rt.empty((max(total, 1),), np.uint64)
     if widths and widths[0] > 0:
-        rt.launch("index.cu", "zeta::index_level0_kernel", blocks(gc * widths[0], THREADS), THREADS,
-                  (kcodes, levels, np.int64(gc), np.int64(s), np.int64(widths[0]), np.int32(chunk)))
+        rt.launch(
+            "index.cu",
+            "zeta::index_level0_kernel",
+            blocks(gc * widths[0], THREADS),
+            THREADS,
+            (kcodes, levels, np.int64(gc), np.int64(s), np.int64(widths[0]), np.int32(chunk)),
+        )
     for lv in range(len(widths) - 1):
         w_in, w_out = widths[lv], widths[lv + 1]
         if w_out == 0:
             break
-        src = levels[int(offs[lv]):int(offs[lv]) + gc * w_in]
-        dst = levels[int(offs[lv + 1]):int(offs[lv + 1]) + gc * w_out]
-        rt.launch("index.cu", "zeta::index_merge_kernel", blocks(gc * w_out, THREADS), THREADS,
-                  (src, dst, np.int64(gc), np.int64(w_in), np.int64(w_out),
-                   np.int64(chunk << lv)))
+        src = levels[int(offs[lv]) : int(offs[lv]) + gc * w_in]
+        dst = levels[int(offs[lv + 1]) : int(offs[lv + 1]) + gc * w_out]
+        rt.launch(
+            "index.cu",
+            "zeta::index_merge_kernel",
+            blocks(gc * w_out, THREADS),
+            THREADS,
+            (src, dst, np.int64(gc), np.int64(w_in), np.int64(w_out), np.int64(chunk << lv)),
+        )
     return levels, n_full

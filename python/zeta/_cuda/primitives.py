@@ -21,11 +21,28 @@ def zorder(rt: Runtime, x: Any, d: int, bits: int, shift: int, scale: float) -> 
     rows = x.size // d
     out = rt.empty((rows,), np.uint64 if wide else np.uint32)
     if rows:
-        name = "zeta::zorder_kernel<unsigned long long>" if wide else "zeta::zorder_kernel<unsigned int>"
-        rt.launch("zorder.cu", name, blocks(rows, THREADS), THREADS,
-                  (rt.xp.ascontiguousarray(x.reshape(-1)), out, np.int64(rows), np.int32(d),
-                   np.int32(bits), np.int64(rows), np.int32(1), np.float64(scale),
-                   np.int32(shift)))
+        name = (
+            "zeta::zorder_kernel<unsigned long long>"
+            if wide
+            else "zeta::zorder_kernel<unsigned int>"
+        )
+        rt.launch(
+            "zorder.cu",
+            name,
+            blocks(rows, THREADS),
+            THREADS,
+            (
+                rt.xp.ascontiguousarray(x.reshape(-1)),
+                out,
+                np.int64(rows),
+                np.int32(d),
+                np.int32(bits),
+                np.int64(rows),
+                np.int32(1),
+                np.float64(scale),
+                np.int32(shift),
+            ),
+        )
     return out.reshape(lead)
 
 
@@ -39,8 +56,13 @@ def morton_encode(rt: Runtime, coords: Any, bits: int) -> Any:
     if rows:
         c64 = rt.xp.ascontiguousarray(coords.reshape(-1).astype(np.uint64))
         t = "unsigned long long" if wide else "unsigned int"
-        rt.launch("zorder.cu", f"zeta::morton_encode_kernel<{t}>", blocks(rows, THREADS), THREADS,
-                  (c64, out, np.int64(rows), np.int32(d), np.int32(bits)))
+        rt.launch(
+            "zorder.cu",
+            f"zeta::morton_encode_kernel<{t}>",
+            blocks(rows, THREADS),
+            THREADS,
+            (c64, out, np.int64(rows), np.int32(d), np.int32(bits)),
+        )
     return out.reshape(lead)
 
 
@@ -50,9 +72,19 @@ def morton_decode(rt: Runtime, codes: Any, d: int, bits: int) -> Any:
     out = rt.empty((rows * d,), codes.dtype)
     if rows:
         t = "unsigned long long" if codes.dtype == np.uint64 else "unsigned int"
-        rt.launch("zorder.cu", f"zeta::morton_decode_kernel<{t}>", blocks(rows, THREADS), THREADS,
-                  (rt.xp.ascontiguousarray(codes.reshape(-1)), out, np.int64(rows), np.int32(d),
-                   np.int32(bits)))
+        rt.launch(
+            "zorder.cu",
+            f"zeta::morton_decode_kernel<{t}>",
+            blocks(rows, THREADS),
+            THREADS,
+            (
+                rt.xp.ascontiguousarray(codes.reshape(-1)),
+                out,
+                np.int64(rows),
+                np.int32(d),
+                np.int32(bits),
+            ),
+        )
     return out.reshape(codes.shape + (d,))
 
 
@@ -77,7 +109,19 @@ def searchsorted(rt: Runtime, sorted_codes: Any, queries: Any, right: bool) -> A
             out[...] = 0
             return out
         t = "unsigned long long" if sorted_codes.dtype == np.uint64 else "unsigned int"
-        rt.launch("zorder.cu", f"zeta::searchsorted_kernel<{t}>", blocks(rows * m, THREADS), THREADS,
-                  (rt.xp.ascontiguousarray(sorted_codes), rt.xp.ascontiguousarray(queries), out,
-                   np.int64(rows), np.int64(n), np.int64(m), np.int32(bool(right))))
+        rt.launch(
+            "zorder.cu",
+            f"zeta::searchsorted_kernel<{t}>",
+            blocks(rows * m, THREADS),
+            THREADS,
+            (
+                rt.xp.ascontiguousarray(sorted_codes),
+                rt.xp.ascontiguousarray(queries),
+                out,
+                np.int64(rows),
+                np.int64(n),
+                np.int64(m),
+                np.int32(bool(right)),
+            ),
+        )
     return out

@@ -29,8 +29,11 @@ NAME_EXPRESSIONS: Dict[str, List[str]] = {
     ],
     "index.cu": ["zeta::index_level0_kernel", "zeta::index_merge_kernel"],
     "search.cu": [f"zeta::knn_kernel<{d}>" for d in (0, 2, 3, 4)]
-    + [f"zeta::forward_kernel<{t}, {d}>" for t in ("float", "zeta::f16", "zeta::bf16")
-       for d in (0, 2, 3, 4)],
+    + [
+        f"zeta::forward_kernel<{t}, {d}>"
+        for t in ("float", "zeta::f16", "zeta::bf16")
+        for d in (0, 2, 3, 4)
+    ],
     "backward.cu": [
         "zeta::backward_kernel<float>",
         "zeta::backward_kernel<zeta::f16>",
@@ -78,8 +81,9 @@ class Runtime:
     def zeros(self, shape: Sequence[int], dtype: Any) -> Any:
         return self.xp.zeros(tuple(int(s) for s in shape), dtype=dtype)
 
-    def launch(self, file: str, name: str, grid: int, block: int, args: Sequence[Any],
-               shared_mem: int = 0) -> None:
+    def launch(
+        self, file: str, name: str, grid: int, block: int, args: Sequence[Any], shared_mem: int = 0
+    ) -> None:
         raise NotImplementedError
 
 

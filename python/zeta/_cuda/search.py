@@ -38,12 +38,29 @@ def _prepare(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: 
     levels, n_full = index.build(rt, kcodes, b * hkv * p.n_curves, s, p.chunk, p.causal)
     kp = kp_of(topk)
     order = _query_order(rt, qcodes, b * h, p.n_curves, n) if QUERY_ORDER else None
-    args = (q, k, qcodes, levels, np.int64(n), np.int64(s), np.int64(n_full),
-            np.int32(b), np.int32(h), np.int32(hkv), np.int32(dk), np.int32(p.chunk),
-            np.int32(min(p.window, 1 << 30)), np.int32(p.n_curves), np.int32(min(p.n_sink, 1 << 30)),
-            np.int32(bool(p.causal)), np.int32(index.n_levels(s, p.chunk)), np.int32(topk),
-            np.int32(kp), order if order is not None else rt.zeros((1,), np.int64),
-            np.int32(order is not None))
+    args = (
+        q,
+        k,
+        qcodes,
+        levels,
+        np.int64(n),
+        np.int64(s),
+        np.int64(n_full),
+        np.int32(b),
+        np.int32(h),
+        np.int32(hkv),
+        np.int32(dk),
+        np.int32(p.chunk),
+        np.int32(min(p.window, 1 << 30)),
+        np.int32(p.n_curves),
+        np.int32(min(p.n_sink, 1 << 30)),
+        np.int32(bool(p.causal)),
+        np.int32(index.n_levels(s, p.chunk)),
+        np.int32(topk),
+        np.int32(kp),
+        order if order is not None else rt.zeros((1,), np.int64),
+        np.int32(order is not None),
+    )
     return args, kp
 
 
@@ -65,14 +82,32 @@ def knn(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: int) 
     if rows == 0:
         return idx, d2
     args, kp = _prepare(rt, q, k, shape, p, topk)
-    rt.launch("search.cu", f"zeta::knn_kernel<{dk_template(shape[5])}>", blocks(rows, WARPS),
-              32 * WARPS,
-              args + (idx, d2), shared_mem=WARPS * 2 * kp * 8)
+    rt.launch(
+        "search.cu",
+        f"zeta::knn_kernel<{dk_template(shape[5])}>",
+        blocks(rows, WARPS),
+        32 * WARPS,
+        args + (idx, d2),
+        shared_mem=WARPS * 2 * kp * 8,
+    )
     return idx, d2
 
 
-def forward(rt: Runtime, q: Any, k: Any, v: Any, vdtype: str, gamma: Any, kbar: Any, vbar: Any,
-            shape: Tuple[int, ...], dv: int, p: Any, topk: int, mean_token: bool) -> Tuple[Any, Any]:
+def forward(
+    rt: Runtime,
+    q: Any,
+    k: Any,
+    v: Any,
+    vdtype: str,
+    gamma: Any,
+    kbar: Any,
+    vbar: Any,
+    shape: Tuple[int, ...],
+    dv: int,
+    p: Any,
+    topk: int,
+    mean_token: bool,
+) -> Tuple[Any, Any]:
     """Cauchy top-k attention forward.
 
     q (B,H,N,dk) f32, k (B,Hkv,S,dk) f32, v (B,Hkv,S,dv) in ``vdtype`` (float16/bfloat16 as
@@ -87,7 +122,12 @@ def forward(rt: Runtime, q: Any, k: Any, v: Any, vdtype: str, gamma: Any, kbar: 
         return out, idx
     args, kp = _prepare(rt, q, k, shape, p, topk)
     name = f"zeta::forward_kernel<{VALUE_TYPE[vdtype]}, {dk_template(shape[5])}>"
-    rt.launch("search.cu", name, blocks(rows, WARPS),
-              32 * WARPS, args + (v, np.int32(dv), gamma, kbar, vbar, np.int32(bool(mean_token)),
-                                  out, idx), shared_mem=WARPS * 3 * kp * 8)
+    rt.launch(
+        "search.cu",
+        name,
+        blocks(rows, WARPS),
+        32 * WARPS,
+        args + (v, np.int32(dv), gamma, kbar, vbar, np.int32(bool(mean_token)), out, idx),
+        shared_mem=WARPS * 3 * kp * 8,
+    )
     return out, idx

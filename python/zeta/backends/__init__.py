@@ -14,6 +14,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from .._validate import MAX_KEY_DIM
+
 
 @dataclass
 class CallInfo:
@@ -31,7 +33,7 @@ class Backend:
     name = "?"
     devices: Tuple[str, ...] = ()
     dtypes: Tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
-    max_key_dim = 8
+    max_key_dim = MAX_KEY_DIM
 
     def unavailable_reason(self) -> Optional[str]:
         return None
@@ -102,7 +104,9 @@ class CupyBackend(Backend):
     def unavailable_reason(self):
         if not CupyBackend._checked:
             if importlib.util.find_spec("cupy") is None:
-                CupyBackend._why = "cupy is not installed (pip install zeta-attention[cuda12] or [cuda13])"
+                CupyBackend._why = (
+                    "cupy is not installed (pip install zeta-attention[cuda12] or [cuda13])"
+                )
             else:
                 from .cupy_backend import unavailable_reason
 
@@ -115,7 +119,9 @@ class CupyBackend(Backend):
         if info.kind == "numpy":
             r.append("takes torch CUDA tensors and cupy arrays, not numpy arrays")
         if info.topk > 256:
-            r.append(f"topk {info.topk} > 256 (the kernels keep the top-k of a query in shared memory)")
+            r.append(
+                f"topk {info.topk} > 256 (the kernels keep the top-k of a query in shared memory)"
+            )
         return r
 
 
@@ -126,7 +132,9 @@ def select(info: CallInfo, backend: str = "auto") -> Backend:
     """The first backend (priority order) that supports ``info``, or the forced one."""
     if backend != "auto":
         if backend not in BACKENDS:
-            raise ValueError(f"backend: unknown {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}")
+            raise ValueError(
+                f"backend: unknown {backend!r}; choose from 'auto', {', '.join(map(repr, BACKENDS))}"
+            )
         b = BACKENDS[backend]
         reasons = b.not_supported_reasons(info)
         if reasons:

@@ -65,8 +65,9 @@ class TorchRuntime:
         def empty(shape, dtype):
             dt = np.dtype(dtype)
             signed = _SIGNED.get(dt, dt)
-            t = torch.empty(tuple(int(s) for s in shape), dtype=_torch_dtype(np.dtype(signed)),
-                            device=device)
+            t = torch.empty(
+                tuple(int(s) for s in shape), dtype=_torch_dtype(np.dtype(signed)), device=device
+            )
             a = _cupy_view(t)
             return a.view(dt) if signed is not dt else a
 
@@ -155,8 +156,19 @@ def torch_attention_fwd(q, k, v, gamma, topk, mean_token, p) -> Tuple[Any, Any]:
         qf, kf = (_cupy_view(x.detach().float().contiguous()) for x in (q, k))
         vc = _cupy_view(v.detach().contiguous())
         g = _cupy_view(gamma.detach().double().contiguous())
-        out, idx = A.forward(rt, qf, kf, vc, _vdtype_name(v.dtype), g, (b, h, hkv, n, s, dk), dv,
-                             p, topk, bool(mean_token))
+        out, idx = A.forward(
+            rt,
+            qf,
+            kf,
+            vc,
+            _vdtype_name(v.dtype),
+            g,
+            (b, h, hkv, n, s, dk),
+            dv,
+            p,
+            topk,
+            bool(mean_token),
+        )
         return _torch_of(out, v.dtype), _torch_of(idx)
 
 
@@ -173,10 +185,26 @@ def torch_attention_bwd(q, k, v, gamma, idx, grad_out, mean_token, p):
         go = _cupy_view(grad_out.detach().to(v.dtype).contiguous())
         g = _cupy_view(gamma.detach().double().contiguous())
         ic = _cupy_view(idx.contiguous())
-        dq, dkk, dvv, dg = A.backward(rt, qf, kf, vc, _vdtype_name(v.dtype), g, ic, go,
-                                      (b, h, hkv, n, s, dk), dv, p, bool(mean_token))
-        return (_torch_of(dq).to(q.dtype), _torch_of(dkk).to(k.dtype), _torch_of(dvv).to(v.dtype),
-                _torch_of(dg).to(gamma.dtype))
+        dq, dkk, dvv, dg = A.backward(
+            rt,
+            qf,
+            kf,
+            vc,
+            _vdtype_name(v.dtype),
+            g,
+            ic,
+            go,
+            (b, h, hkv, n, s, dk),
+            dv,
+            p,
+            bool(mean_token),
+        )
+        return (
+            _torch_of(dq).to(q.dtype),
+            _torch_of(dkk).to(k.dtype),
+            _torch_of(dvv).to(v.dtype),
+            _torch_of(dg).to(gamma.dtype),
+        )
 
 
 # ---- calls without autograd (cupy arrays, and torch tensors for knn / primitives) -------------
@@ -254,8 +282,19 @@ def attention_cupy(q, k, v, gamma: np.ndarray, topk: int, mean_token: bool, p):
         vc = cupy.ascontiguousarray(v)
         if vname == "float16":
             vc = vc.view(np.int16)
-        out, _ = A.forward(rt, qf, kf, vc, vname, cupy.asarray(gamma, dtype=np.float64),
-                           (b, h, hkv, n, s, dk), dv, p, topk, bool(mean_token))
+        out, _ = A.forward(
+            rt,
+            qf,
+            kf,
+            vc,
+            vname,
+            cupy.asarray(gamma, dtype=np.float64),
+            (b, h, hkv, n, s, dk),
+            dv,
+            p,
+            topk,
+            bool(mean_token),
+        )
         return out.view(v.dtype)
 
 
@@ -264,8 +303,9 @@ def zorder(x, d: int, bits: int, shift: int, scale: float):
 
     with _On(x):
         xc, back = _as_cupy(x if is_cupy(x) else x.detach().float())
-        return back(P.zorder(_runtime_for(x), xc.astype(np.float32, copy=False), d, bits, shift,
-                             scale))
+        return back(
+            P.zorder(_runtime_for(x), xc.astype(np.float32, copy=False), d, bits, shift, scale)
+        )
 
 
 def morton_encode(coords, bits: int):

@@ -22,7 +22,8 @@ flash-attn); causal attention needs ``S >= N`` and query ``i`` sees keys ``0..p_
 The semantics, which the Rust path implements with bit-identical candidate sets:
 
 1. Quantize (in float64): ``y = x/scale; u = 0.5 + 0.5*y/(1+|y|); half = 2**(bits-1);
-   g = min(floor(u*half), half-1); q = g + (shift*half)//(dk+1)``.
+   g = min(floor(u*half), half-1); q = g + (shift*half)//m`` with the odd denominator
+   ``m = dk+1`` when that is odd, else ``dk+2`` (so no two curves' shifts coincide).
 2. Morton code: bit ``b`` of grid coordinate ``j`` goes to bit ``b*dk + j``.
 3. Causal candidates of the query at position ``p`` (chunk size ``C``, ``c = p // C``): for each
    set bit ``l`` of ``c`` (from the highest down) the "run" of chunks ``[start, start + 2**l)``
@@ -46,6 +47,15 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from .._validate import (
+    INDEX_CODE_BITS,
+    MAX_KEY_DIM,
+    check_bits,
+    check_dims,
+    default_index_bits,
+    default_zorder_bits,
+)
+
 __all__ = [
     "INDEX_CODE_BITS",
     "MAX_DIMS",
@@ -63,10 +73,9 @@ __all__ = [
     "zorder",
 ]
 
-MAX_DIMS = 8
-#: The Z-order index of :func:`candidates` / :func:`knn` / :func:`attention` sorts codes of at
-#: most this many bits (``dk * bits <= 32``).
-INDEX_CODE_BITS = 32
+#: Dimensions 1..MAX_DIMS (shared with the Rust path). The Z-order index of :func:`candidates`
+#: / :func:`knn` / :func:`attention` sorts codes of at most ``INDEX_CODE_BITS`` bits.
+MAX_DIMS = MAX_KEY_DIM
 
 Gamma = Union[float, torch.Tensor]
 
@@ -82,24 +91,8 @@ def default_bits(d: int) -> int:
     ``32 // d`` when that is at least 8 (32-bit codes, d <= 4), else ``64 // d`` (64-bit codes).
     The index (knn / attention) instead defaults to ``32 // d``, the most it accepts.
     """
-    _check_dims("x", d)
-    b32 = 32 // d
-    return b32 if b32 >= 8 else 64 // d
-
-
-def _check_dims(arg: str, d: int) -> None:
-    if not 1 <= d <= MAX_DIMS:
-        raise ValueError(
-            f"{arg}: the number of dimensions (last axis) must be 1..={MAX_DIMS}, got {d}"
-        )
-
-
-def _check_bits(d: int, bits: int, max_code_bits: int = 64) -> None:
-    hi = max_code_bits // d
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= hi:
-        raise ValueError(
-            f"bits: must be an int in 1..={hi} for {d} dimensions (d*bits <= {max_code_bits}), got {bits!r}"
-        )
+    check_dims("x", d)
+    return default_zorder_bits(d)
 
 
 def _check_scale(scale: float) -> None:
@@ -113,7 +106,8 @@ def quantize(x: torch.Tensor, bits: int, shift: int = 0, scale: float = 1.0) -> 
     Args:
         x: (..., d) float tensor, finite; d in 1..8.
         bits: bits per coordinate, 1..=64 // d.
-        shift: curve index 0..=d; curve ``j`` offsets every coordinate by ``(j*half)//(d+1)``.
+        shift: curve index 0..=d; curve ``j`` offsets every coordinate by ``(j*half)//m``,
+            ``m`` = d+1 when that is odd, else d+2.
         scale: finite > 0; inputs are divided by it before the squash.
 
     Returns:
@@ -122,8 +116,8 @@ def quantize(x: torch.Tensor, bits: int, shift: int = 0, scale: float = 1.0) -> 
         identical to the Rust ``Grid::cell``.
     """
     d = x.shape[-1]
-    _check_dims("x", d)
-    _check_bits(d, bits)
+    check_dims("x", d)
+    check_bits(bits, d)
     if not isinstance(shift, int) or not 0 <= shift <= d:
         raise ValueError(f"shift: curve index must be 0..={d} for {d} dimensions, got {shift!r}")
     _check_scale(scale)
@@ -162,8 +156,8 @@ def morton_encode(coords: torch.Tensor, bits: int) -> torch.Tensor:
         (..., ) int64 codes (uint64 bit pattern when ``d*bits == 64``).
     """
     d = coords.shape[-1]
-    _check_dims("coords", d)
-    _check_bits(d, bits)
+    check_dims("coords", d)
+    check_bits(bits, d)
     b = torch.arange(bits, device=coords.device)[:, None]  # (bits, 1)
     j = torch.arange(d, device=coords.device)[None, :]  # (1, d)
     bit = (coords[..., None, :] >> b) & 1  # (..., bits, d): bit b of coordinate j
@@ -208,7 +202,7 @@ def _check_qk(
         raise ValueError(f"k: dtype {k.dtype} differs from q's {q.dtype}")
     if k.device != q.device:
         raise ValueError(f"k: device {k.device} differs from q's {q.device}")
-    _check_dims("q", dk)
+    check_dims("q", dk)
     if dkk != dk:
         raise ValueError(f"k: last dimension {dkk} differs from q's {dk}")
     if Bk != B:
@@ -434,8 +428,8 @@ def candidate_lists(
     _check_qk(q, k, causal)
     B, H, N, dk = q.shape
     S = k.shape[2]
-    bits = INDEX_CODE_BITS // dk if bits is None else bits
-    _check_bits(dk, bits, INDEX_CODE_BITS)
+    bits = default_index_bits(dk) if bits is None else bits
+    check_bits(bits, dk, INDEX_CODE_BITS)
     _check_positive_int("chunk", chunk)
     _check_positive_int("window", window)
     _check_positive_int("n_sink", n_sink, lo=0)

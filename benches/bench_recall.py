@@ -1,0 +1,191 @@
+"""recall@32 of the causal index on Gaussian 3-D points vs window x n_curves, with the time
+per call (exact neighbours computed once, in float64).
+
+Usage: python benches/bench_recall.py [--quick] [--out DIR]
+
+Writes ``benches/results/recall-<machine tag>-<date>.json`` and a ``.png``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from _common import (
+    DK,
+    TOPK,
+    base_report,
+    fmt_s,
+    gauss,
+    goal,
+    kib,
+    loadavg,
+    med,
+    print_goals,
+    progress,
+    pyplot,
+    recall_from_exact,
+    suite_main,
+    time_calls,
+)
+
+RECALL_N, RECALL_N_QUICK = 65536, 16384
+WINDOWS = [8, 16, 32, 64, 128, 256]
+CURVES = [1, 2, 4]
+GOAL_RECALL = 0.95
+
+
+def bench_recall(quick: bool) -> Dict[str, Any]:
+    import zeta
+
+    n = RECALL_N_QUICK if quick else RECALL_N
+    reps = 2 if quick else 3
+    rep = base_report(
+        "recall",
+        quick,
+        {
+            "B": 1,
+            "H": 1,
+            "d_k": DK,
+            "topk": TOPK,
+            "causal": True,
+            "N": n,
+            "data": "Gaussian q, k",
+            "windows": WINDOWS,
+            "n_curves": CURVES,
+            "chunk": 64,
+            "timing": f"median of up to {reps} calls of zeta.knn per setting",
+            "recall": "exact neighbours computed once (zeta.exact_knn, float64); recall computed as "
+            "zeta.recall does",
+        },
+    )
+    print(
+        f"\n== recall: zeta.knn causal, Gaussian 3-D q, k, N={kib(n)}, topk={TOPK}; "
+        f"window x n_curves"
+    )
+    q, k = gauss(n)
+    settings = [(w, c) for c in CURVES for w in WINDOWS]
+    rows = []
+    with progress(len(settings) + 2, "recall", "cfg") as bar:
+        t0 = time.perf_counter()
+        _, ex_d2 = zeta.exact_knn(q.astype(np.float64), k.astype(np.float64), TOPK, causal=True)
+        t_exact = time.perf_counter() - t0
+        bar.update(1)
+        check = None
+        for w, c in settings:
+            idx = None
+
+            def call(w=w, c=c):
+                nonlocal idx
+                idx, _ = zeta.knn(q, k, TOPK, causal=True, window=w, n_curves=c)
+
+            times = time_calls(call, reps, budget_s=30)
+            rec = recall_from_exact(q, k, idx, ex_d2, causal=True)
+            rows.append(
+                {
+                    "window": w,
+                    "n_curves": c,
+                    "median_s": med(times),
+                    "times_s": times,
+                    "us_per_query": med(times) * 1e6 / n,
+                    "recall": rec,
+                    "load_avg": loadavg(),
+                }
+            )
+            if w == TOPK and c == 1:  # the default setting: check against zeta.recall
+                ref = zeta.recall(q, k, idx, causal=True)
+                check = {
+                    "window": w,
+                    "n_curves": c,
+                    "ours": rec,
+                    "zeta.recall": ref,
+                    "equal": abs(rec - ref) < 1e-12,
+                }
+            bar.update(1)
+        bar.update(1)
+    print(
+        f"  exact_knn (once, float64): {t_exact:.1f} s; check vs zeta.recall at window={TOPK}, "
+        f"n_curves=1: {check['ours']:.6f} vs {check['zeta.recall']:.6f} "
+        f"({'equal' if check['equal'] else 'DIFFERENT'})"
+    )
+    print(f"  {'':>8s}" + "".join(f"{'n_curves=' + str(c):>22s}" for c in CURVES))
+    print(f"  {'window':>8s}" + "".join(f"{'recall':>10s} {'time':>11s}" for _ in CURVES))
+    for w in WINDOWS:
+        cells = []
+        for c in CURVES:
+            r = next(x for x in rows if x["window"] == w and x["n_curves"] == c)
+            cells.append(f"{r['recall']:>10.4f} {fmt_s(r['median_s']):>11s}")
+        print(f"  {w:>8d}" + "".join(cells))
+    ok = [r for r in rows if r["recall"] >= GOAL_RECALL]
+    best = min(ok, key=lambda r: r["median_s"]) if ok else max(rows, key=lambda r: r["recall"])
+    note = (
+        f"{len(ok)} of {len(rows)} settings reach it: "
+        + ", ".join(f"w={r['window']}/c={r['n_curves']}" for r in ok)
+        + f"; fastest: window={best['window']}, n_curves={best['n_curves']} "
+        f"(recall {best['recall']:.4f}, {fmt_s(best['median_s'])})"
+        if ok
+        else f"none; best recall {best['recall']:.4f} at window={best['window']}, "
+        f"n_curves={best['n_curves']}"
+    )
+    goals = {
+        "recall_0.95": goal(
+            f"recall@{TOPK} >= {GOAL_RECALL} (causal, N={kib(n)})", best["recall"], bool(ok), note
+        )
+    }
+    print_goals(goals)
+    rep["results"] = {"exact_knn_s": t_exact, "check_vs_zeta_recall": check, "settings": rows}
+    rep["goals"] = goals
+    return rep
+
+
+def _plot_recall(rep: Dict[str, Any], png: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
+        return False
+    rows = rep["results"]["settings"]
+    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    for c, color in zip(CURVES, ("tab:blue", "tab:orange", "tab:green")):
+        rr = sorted((r for r in rows if r["n_curves"] == c), key=lambda r: r["window"])
+        ax.plot(
+            [r["median_s"] for r in rr],
+            [r["recall"] for r in rr],
+            marker="o",
+            color=color,
+            label=f"n_curves={c}",
+        )
+        for r in rr:
+            ax.annotate(
+                f"w{r['window']}",
+                (r["median_s"], r["recall"]),
+                textcoords="offset points",
+                xytext=(4, -10),
+                fontsize=7,
+                color=color,
+            )
+    ax.axhline(GOAL_RECALL, color="green", ls="--", lw=1, label=f"goal {GOAL_RECALL}")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per zeta.knn call (median)")
+    ax.set_ylabel(f"recall@{TOPK}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    cfg = rep["config"]
+    ax.set_title(
+        f"zeta.knn causal recall vs time, Gaussian 3-D, N={cfg['N']:,}, topk={TOPK}\n"
+        f"({rep['machine']['tag']}, {rep['date']}, load avg {rep['load_avg']['start']}); "
+        "labels: window",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    return suite_main("recall", bench_recall, _plot_recall, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
