@@ -29,7 +29,7 @@ timeout 150 python3 benches/gpu_variants.py --out "$RES" 2>&1 | tail -8
 [ -f "$RES/best-variant.env" ] && . "$RES/best-variant.env" && rm -f "$RES/best-variant.env"
 
 log "benchmark"
-timeout 200 python3 benches/bench_gpu.py --out "$RES" --budget-s 120 || rc=1
+timeout 200 python3 benches/gpu_bench.py --out "$RES" --budget-s 120 || rc=1
 
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do

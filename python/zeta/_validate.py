@@ -189,3 +189,19 @@ def gamma_array(gamma: Any, h: int) -> np.ndarray:
     if not np.all(np.isfinite(g)) or np.any(g <= 0):
         raise ValueError(f"gamma: must be finite and > 0, got {g.tolist()}")
     return np.ascontiguousarray(g)
+
+
+def check_values_torch(q: Any, k: Any, v: Any, gamma: Any = None) -> None:
+    """NaN/inf in torch q, k, v and gamma > 0 (a tensor or None), with one device sync."""
+    import torch
+
+    flags = [torch.isfinite(t.detach()).all() for t in (q, k, v)]
+    if gamma is not None:
+        g = gamma.detach()
+        flags.append((torch.isfinite(g) & (g > 0)).all())
+    ok = torch.stack(flags).tolist()
+    for good, nm in zip(ok, ("q", "k", "v")):
+        if not good:
+            raise ValueError(f"{nm}: contains NaN or inf")
+    if gamma is not None and not ok[3]:
+        gamma_array(gamma, gamma.shape[0])  # raises with the values

@@ -95,29 +95,6 @@ def _empty_attention(q: Any, k: Any, v: Any, gamma: Any, shape: Tuple[int, ...])
     return out
 
 
-def _check_finite_torch(t, name: str) -> None:
-    import torch
-
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: contains NaN or inf")
-
-
-def _check_values_torch(q, k, v, gamma, h: int) -> None:
-    """NaN/inf in q, k, v and gamma > 0, with one device sync for all of them."""
-    import torch
-
-    flags = [torch.isfinite(t.detach()).all() for t in (q, k, v)]
-    if gamma is not None:
-        g = gamma.detach()
-        flags.append((torch.isfinite(g) & (g > 0)).all())
-    ok = torch.stack(flags).tolist()
-    for good, nm in zip(ok, ("q", "k", "v")):
-        if not good:
-            raise ValueError(f"{nm}: contains NaN or inf")
-    if gamma is not None and not ok[3]:
-        gamma_array(gamma, h)  # raises with the values
-
-
 def knn(
     q: Any,
     k: Any,
@@ -148,7 +125,8 @@ def knn(
         n_sink: first positions always taken as candidates.
         bits: grid bits per coordinate (default ``32 // d_k``).
         scale: the fixed squash's scale (see :func:`zeta.zorder`).
-        backend: "auto", "rust" or "torch".
+        backend: "auto" (Rust on the CPU, the CUDA kernels on a GPU, the torch reference
+            otherwise), "rust", "cupy" or "torch".
 
     Returns:
         (indices int64 (B, H, N, topk), sq_dists (B, H, N, topk)) sorted by (distance,
@@ -169,37 +147,10 @@ def knn(
         bits=bits,
         scale=scale,
     )
-    be = select(CallInfo(kind, device, dtype, q.shape[-1], topk=topk), backend)
+    be = select(CallInfo(kind, device, dtype, q.shape[-1], topk=topk, op="knn"), backend)
     if b * h * n == 0 or s == 0:  # empty in, empty out; no keys: every slot missing
         return _no_neighbours(q, (b, h, n, topk))
-    if be.name == "cupy":
-        from .backends import cupy_backend
-
-        return cupy_backend.knn(q, k, topk, p)
-    if be.name == "torch":
-        import torch
-
-        from .backends import torch_ref
-
-        qt = q if kind == "torch" else torch.from_numpy(q)
-        kt = k if kind == "torch" else torch.from_numpy(k)
-        if qt.dtype in (torch.float16, torch.bfloat16):
-            qt, kt = qt.float(), kt.float()
-        _check_finite_torch(qt, "q")
-        _check_finite_torch(kt, "k")
-        idx, d2 = torch_ref.knn(qt, kt, topk, **p.as_dict())
-        if kind == "numpy":
-            return idx.numpy(), d2.numpy()
-        return idx, d2
-    if kind == "torch":
-        import torch
-
-        qn = q.detach().float() if q.dtype in (torch.float16, torch.bfloat16) else q.detach()
-        kn = k.detach().float() if k.dtype in (torch.float16, torch.bfloat16) else k.detach()
-        idx, d2 = _core.knn(qn.contiguous().numpy(), kn.contiguous().numpy(), topk, p.as_dict())
-        return torch.from_numpy(idx), torch.from_numpy(d2).to(q.dtype)
-    idx, d2 = _core.knn(_np_float(q), _np_float(k), topk, p.as_dict())
-    return idx, d2.astype(q.dtype, copy=False)
+    return be.knn(q, k, topk, p)
 
 
 def _topk(topk: Any) -> int:
@@ -242,7 +193,8 @@ def attention(
         mean_token: add one attended item per query made of the running means of k and v
             over positions <= i (so every past token gets gradient).
         causal, chunk, window, n_curves, n_sink, bits, scale: as in :func:`knn`.
-        backend: "auto" (Rust on CPU, torch reference elsewhere), "rust" or "torch".
+        backend: "auto" (Rust on the CPU, the CUDA kernels on a GPU, the torch reference
+            otherwise), "rust", "cupy" or "torch".
 
     Returns:
         (B, H, N, d_v), the inputs' kind, dtype and device. float16/bfloat16 are computed in
@@ -270,72 +222,33 @@ def attention(
     )
     if not isinstance(mean_token, (bool, np.bool_)):
         raise TypeError(f"mean_token: expected a bool, got {type(mean_token).__name__}")
-    be = select(CallInfo(kind, device, dtype, dk, topk=topk), backend)
-    if kind == "cupy":
-        from .backends import cupy_backend
+    if kind == "torch":
+        gamma = _gamma_tensor(gamma, h, q)
+    else:
+        gamma = gamma_array(_host(gamma), h)
+    grad = kind == "torch" and any(t.requires_grad for t in (q, k, v, gamma))
+    info = CallInfo(kind, device, dtype, dk, requires_grad=grad, topk=topk, op="attention")
+    be = select(info, backend)
+    if b * h * n * dv == 0:
+        return _empty_attention(q, k, v, gamma, (b, h, n, dv))
+    return be.attention(q, k, v, gamma, topk, bool(mean_token), p)
 
-        if not all(map(cupy_backend.is_cupy, (q, k, v))):
-            raise TypeError("q, k, v: pass cupy arrays together")
-        return cupy_backend.attention_cupy(
-            q, k, v, gamma_array(_host(gamma), h), topk, bool(mean_token), p
-        )
-    if kind == "numpy":
-        g = gamma_array(gamma, h)
-        if b * h * n * dv == 0:
-            return _empty_attention(q, k, v, gamma, (b, h, n, dv))
-        if be.name == "torch":
-            import torch
 
-            from .backends import torch_ref
-
-            out = torch_ref.attention(
-                torch.from_numpy(q),
-                torch.from_numpy(k),
-                torch.from_numpy(v),
-                topk=topk,
-                gamma=torch.from_numpy(g),
-                mean_token=bool(mean_token),
-                **p.as_dict(),
-            )
-            return out.numpy()
-        qn, kn, vn = _np_float(q), _np_float(k), _np_float(v)
-        out, _ = _core.attention_forward(qn, kn, vn, g, topk, bool(mean_token), p.as_dict())
-        return out.astype(q.dtype, copy=False)
-
+def _gamma_tensor(gamma: Any, h: int, q: Any):
+    """gamma as a torch (H,) tensor on q's device (a tensor keeps its graph)."""
     import torch
 
     if is_torch(gamma):
         if gamma.device != q.device:
             raise ValueError(f"gamma: on {gamma.device}, but q is on {q.device}")
         if gamma.numel() == 1:
-            gt = gamma.reshape(1).expand(h)
-        elif tuple(gamma.shape) == (h,):
-            gt = gamma
-        else:
-            raise ValueError(
-                f"gamma: expected a float or shape ({h},) (one per query head), got shape {tuple(gamma.shape)}"
-            )
-    else:
-        gt = torch.as_tensor(gamma_array(gamma, h), dtype=torch.float64, device=q.device)
-    if b * h * n * dv == 0:
-        return _empty_attention(q, k, v, gamma, (b, h, n, dv))
-    # Value checks that read tensor data (NaN/inf, gamma > 0) would break torch.compile graphs;
-    # the Rust kernels make them anyway, so only the reference path checks here.
-    if be.name in ("torch", "cupy") and not torch.compiler.is_compiling():
-        _check_values_torch(q, k, v, gt if is_torch(gamma) else None, h)
-    if be.name == "torch":
-        from .backends import torch_ref
-
-        qq, kk, vv = q, k, v
-        if dtype in ("float16", "bfloat16"):
-            qq, kk, vv = q.float(), k.float(), v.float()
-        out = torch_ref.attention(
-            qq, kk, vv, topk=topk, gamma=gt, mean_token=bool(mean_token), **p.as_dict()
+            return gamma.reshape(1).expand(h)
+        if tuple(gamma.shape) == (h,):
+            return gamma
+        raise ValueError(
+            f"gamma: expected a float or shape ({h},) (one per query head), got shape {tuple(gamma.shape)}"
         )
-        return out.to(q.dtype)
-    from . import _torch_ops
-
-    return _torch_ops.attention(q, k, v, gt, topk, bool(mean_token), p)
+    return torch.as_tensor(gamma_array(gamma, h), dtype=torch.float64, device=q.device)
 
 
 def _host(x: Any) -> Any:

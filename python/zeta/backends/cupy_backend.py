@@ -12,10 +12,13 @@ kernels are registered here (:func:`register_torch_kernels`), so ``torch.compile
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from typing import Any, Optional, Tuple
 
 import numpy as np
+
+from .base import Backend, CallInfo
 
 MIN_COMPUTE_CAPABILITY = (7, 0)
 MAX_TOPK = 256
@@ -245,7 +248,7 @@ class _On:
         self.ctx.__exit__(*exc)
 
 
-def knn(q, k, topk: int, p) -> Tuple[Any, Any]:
+def _knn(q, k, topk: int, p) -> Tuple[Any, Any]:
     """(B,H,N,topk) int64 indices and squared distances in q's dtype."""
     from .._cuda import search
 
@@ -298,7 +301,7 @@ def attention_cupy(q, k, v, gamma: np.ndarray, topk: int, mean_token: bool, p):
         return out.view(v.dtype)
 
 
-def zorder(x, d: int, bits: int, shift: int, scale: float):
+def _zorder(x, d: int, bits: int, shift: int, scale: float):
     from .._cuda import primitives as P
 
     with _On(x):
@@ -308,7 +311,7 @@ def zorder(x, d: int, bits: int, shift: int, scale: float):
         )
 
 
-def morton_encode(coords, bits: int):
+def _morton_encode(coords, bits: int):
     from .._cuda import primitives as P
 
     with _On(coords):
@@ -316,7 +319,7 @@ def morton_encode(coords, bits: int):
         return back(P.morton_encode(_runtime_for(coords), cc, bits))
 
 
-def morton_decode(codes, dims: int, bits: int):
+def _morton_decode(codes, dims: int, bits: int):
     from .._cuda import primitives as P
 
     with _On(codes):
@@ -324,7 +327,7 @@ def morton_decode(codes, dims: int, bits: int):
         return back(P.morton_decode(_runtime_for(codes), cc, dims, bits))
 
 
-def argsort(codes):
+def _argsort(codes):
     from .._cuda import primitives as P
 
     with _On(codes):
@@ -332,10 +335,93 @@ def argsort(codes):
         return back(P.argsort(_runtime_for(codes), cc))
 
 
-def searchsorted(sorted_codes, queries, right: bool):
+def _searchsorted(sorted_codes, queries, right: bool):
     from .._cuda import primitives as P
 
     with _On(queries):
         sc, back = _as_cupy(sorted_codes)
         qc, _ = _as_cupy(queries)
         return back(P.searchsorted(_runtime_for(queries), sc, qc, right))
+
+
+class CupyBackend(Backend):
+    """CUDA RawKernels through CuPy (``zeta/kernels/*.cu``): torch CUDA tensors and cupy arrays."""
+
+    name = "cupy"
+    devices = ("cuda",)
+    kinds = ("torch", "cupy")
+    dtypes = ("float16", "bfloat16", "float32")
+    _why: Optional[str] = None
+    _checked = False
+
+    def unavailable_reason(self) -> Optional[str]:
+        if not CupyBackend._checked:
+            if importlib.util.find_spec("cupy") is None:
+                CupyBackend._why = (
+                    "cupy is not installed (pip install zeta-attention[cuda12] or [cuda13])"
+                )
+            else:
+                CupyBackend._why = unavailable_reason()
+            CupyBackend._checked = True
+        return CupyBackend._why
+
+    def not_supported_reasons(self, info: CallInfo):
+        r = super().not_supported_reasons(info)
+        if info.topk > MAX_TOPK:
+            r.append(
+                f"topk {info.topk} > {MAX_TOPK} (the kernels keep a query's top-k in shared memory)"
+            )
+        return r
+
+    def knn(self, q, k, topk, p):
+        _check_finite(q, k)
+        return _knn(q, k, topk, p)
+
+    def attention(self, q, k, v, gamma, topk, mean_token, p):
+        if is_cupy(q):
+            if not all(map(is_cupy, (q, k, v))):
+                raise TypeError("q, k, v: pass cupy arrays together")
+            _check_finite(q, k, v)
+            return attention_cupy(q, k, v, gamma, topk, mean_token, p)
+        import torch
+
+        from .. import _torch_ops
+
+        if not torch.compiler.is_compiling():
+            from .._validate import check_values_torch
+
+            check_values_torch(q, k, v, gamma)
+        return _torch_ops.attention(q, k, v, gamma, topk, mean_token, p)
+
+    def zorder(self, x, d, bits, shift, scale):
+        _check_finite(x, names=("x",))
+        return _zorder(x, d, bits, shift, scale)
+
+    def morton_encode(self, coords, bits):
+        return _morton_encode(coords, bits)
+
+    def morton_decode(self, codes, dims, bits):
+        return _morton_decode(codes, dims, bits)
+
+    def argsort(self, codes):
+        return _argsort(codes)
+
+    def searchsorted(self, sorted_codes, queries, right):
+        return _searchsorted(sorted_codes, queries, right)
+
+
+def _check_finite(*arrays, names=("q", "k", "v")) -> None:
+    """NaN/inf in device arrays, one sync for all of them."""
+    if is_cupy(arrays[0]):
+        import cupy
+
+        ok = cupy.stack([cupy.isfinite(a).all() for a in arrays]).get().tolist()
+    else:
+        import torch
+
+        if torch.compiler.is_compiling():
+            return
+        ok = torch.stack([torch.isfinite(a.detach()).all() for a in arrays]).tolist()
+    for good, nm in zip(ok, names):
+        if not good:
+            raise ValueError(f"{nm}: contains NaN or inf")

@@ -1,6 +1,6 @@
 """ZETA on a GPU (cupy backend) vs torch SDPA (flash and cuDNN): time and peak memory vs N.
 
-Usage: python benches/bench_gpu.py [--quick] [--out DIR]
+Usage: python benches/gpu_bench.py [--quick] [--out DIR]
 
 B=1, H=8, d_k=3, d_v=64 (SDPA: head dim 64), topk=32, causal, bf16 inputs (zeta computes
 queries/keys in float32 inside and reads bf16 values), plus zeta with float32 inputs.
