@@ -62,12 +62,16 @@ def test_torch_backend_primitives_match_rust():
     enc = tb.morton_encode(c, 10)
     np.testing.assert_array_equal(enc.numpy(), zeta.morton_encode(c, 10).numpy())
     np.testing.assert_array_equal(tb.morton_decode(enc, 3, 10).numpy(), c.numpy())
-    wide = torch.from_numpy(np.random.default_rng(2).integers(0, 1 << 63, (20, 1), dtype=np.uint64) * 2)
+    wide = torch.from_numpy(
+        np.random.default_rng(2).integers(0, 1 << 63, (20, 1), dtype=np.uint64) * 2
+    )
     enc = tb.morton_encode(wide, 64)
     np.testing.assert_array_equal(enc.numpy(), zeta.morton_encode(wide.numpy(), 64))
     codes = zeta.zorder(x.numpy(), 21)  # uint64 codes
     dup = torch.from_numpy((codes >> np.uint64(50)).astype(np.uint64))
-    np.testing.assert_array_equal(tb.argsort(dup).numpy(), np.argsort(dup.numpy(), -1, kind="stable"))
+    np.testing.assert_array_equal(
+        tb.argsort(dup).numpy(), np.argsort(dup.numpy(), -1, kind="stable")
+    )
     s = torch.from_numpy(np.sort(codes, axis=-1))
     for right in (False, True):
         got = tb.searchsorted(s, torch.from_numpy(codes), right)
