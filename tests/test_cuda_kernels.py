@@ -247,3 +247,49 @@ def test_shim_detects_divergent_barriers(rt, monkeypatch):
     monkeypatch.setattr(rt, "launch", bad_launch)
     with pytest.raises(RuntimeError, match="warp"):
         S.knn(rt, q, k, (1, 1, 1, 5, 5, 3), p, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mean_token", [False, True])
+def test_torch_glue_of_the_custom_op_runs_on_the_shim(rt, monkeypatch, dtype, mean_token):
+    """The CUDA kernels of zeta::attention_fwd/bwd (torch <-> device arrays, dtypes, gamma, the
+    mean token's gradients) with the device swapped for the shim: CPU tensors, numpy views."""
+    import contextlib
+
+    from zeta.backends import cupy_backend as cb
+
+    def view(t):
+        t = t.detach()
+        if t.dtype in (torch.bfloat16, torch.float16):
+            t = t.view(torch.int16)
+        return t.contiguous().numpy()
+
+    def back(a, like=None):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.view(like) if like in (torch.bfloat16, torch.float16) else t
+
+    monkeypatch.setattr(cb, "_Stream", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(cb, "TorchRuntime", lambda dev: rt)
+    monkeypatch.setattr(cb, "_cupy_view", view)
+    monkeypatch.setattr(cb, "_torch_of", back)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 50, 3, generator=g)
+    k = torch.randn(1, 2, 60, 3, generator=g)
+    v = torch.randn(1, 2, 60, 16, generator=g).to(dtype)
+    gamma = torch.tensor([0.6, 0.9, 1.1, 1.5], dtype=torch.float32)
+    p = index_params(3, 8, chunk=8, window=4, n_curves=2, n_sink=2)
+    out, idx = cb.torch_attention_fwd(q, k, v, gamma, 8, mean_token, p)
+    assert out.dtype == dtype and idx.dtype == torch.int32
+    kw = dict(chunk=8, window=4, n_curves=2, n_sink=2, mean_token=mean_token)
+    want = zeta.attention(q, k, v.float(), topk=8, gamma=gamma.double(), backend="rust", **kw)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)
+    grad = torch.randn(1, 4, 50, 16, generator=g).to(dtype)
+    dq, dk, dv, dg = cb.torch_attention_bwd(q, k, v, gamma, idx, grad, mean_token, p)
+    assert (dq.dtype, dk.dtype, dv.dtype, dg.dtype) == (q.dtype, k.dtype, dtype, gamma.dtype)
+    qq, kk, vv = (t.detach().clone().float().requires_grad_() for t in (q, k, v))
+    gg = gamma.detach().double().requires_grad_()
+    ref = zeta.attention(qq, kk, vv, topk=8, gamma=gg, backend="rust", **kw)
+    ref.backward(grad.float())
+    for got, want in ((dq, qq.grad), (dk, kk.grad), (dv, vv.grad), (dg, gg.grad)):
+        torch.testing.assert_close(got.double(), want.double(), rtol=10 * tol, atol=10 * tol)

@@ -148,29 +148,25 @@ class _Stream:
 # ---- torch custom-op kernels (autograd lives in zeta._torch_ops) --------------------------------
 
 
+def _torch_call(q, k, v, gamma):
+    """(runtime, q f32, k f32, v, gamma f64, shape, dv) as cupy views for the custom-op kernels."""
+    b, h, n, dk = q.shape
+    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
+    rt = TorchRuntime(q.device)
+    qf, kf = (_cupy_view(x.detach().float().contiguous()) for x in (q, k))
+    vc = _cupy_view(v.detach().contiguous())
+    g = _cupy_view(gamma.detach().double().contiguous())
+    return rt, qf, kf, vc, g, (b, h, hkv, n, s, dk), dv
+
+
 def torch_attention_fwd(q, k, v, gamma, topk, mean_token, p) -> Tuple[Any, Any]:
     """CUDA kernel of ``zeta::attention_fwd``: -> out (B,H,N,dv) v.dtype, idx int32."""
     from .._cuda import attention as A
 
-    b, h, n, dk = q.shape
-    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
     with _Stream(q.device):
-        rt = TorchRuntime(q.device)
-        qf, kf = (_cupy_view(x.detach().float().contiguous()) for x in (q, k))
-        vc = _cupy_view(v.detach().contiguous())
-        g = _cupy_view(gamma.detach().double().contiguous())
+        rt, qf, kf, vc, g, shape, dv = _torch_call(q, k, v, gamma)
         out, idx = A.forward(
-            rt,
-            qf,
-            kf,
-            vc,
-            _vdtype_name(v.dtype),
-            g,
-            (b, h, hkv, n, s, dk),
-            dv,
-            p,
-            topk,
-            bool(mean_token),
+            rt, qf, kf, vc, _vdtype_name(v.dtype), g, shape, dv, p, topk, bool(mean_token)
         )
         return _torch_of(out, v.dtype), _torch_of(idx)
 
@@ -179,28 +175,12 @@ def torch_attention_bwd(q, k, v, gamma, idx, grad_out, mean_token, p):
     """CUDA kernel of ``zeta::attention_bwd``: -> dq, dk, dv, dgamma (the inputs' dtypes)."""
     from .._cuda import attention as A
 
-    b, h, n, dk = q.shape
-    hkv, s, dv = k.shape[1], k.shape[2], v.shape[3]
     with _Stream(q.device):
-        rt = TorchRuntime(q.device)
-        qf, kf = (_cupy_view(x.detach().float().contiguous()) for x in (q, k))
-        vc = _cupy_view(v.detach().contiguous())
+        rt, qf, kf, vc, g, shape, dv = _torch_call(q, k, v, gamma)
         go = _cupy_view(grad_out.detach().to(v.dtype).contiguous())
-        g = _cupy_view(gamma.detach().double().contiguous())
         ic = _cupy_view(idx.contiguous())
         dq, dkk, dvv, dg = A.backward(
-            rt,
-            qf,
-            kf,
-            vc,
-            _vdtype_name(v.dtype),
-            g,
-            ic,
-            go,
-            (b, h, hkv, n, s, dk),
-            dv,
-            p,
-            bool(mean_token),
+            rt, qf, kf, vc, _vdtype_name(v.dtype), g, ic, go, shape, dv, p, bool(mean_token)
         )
         return (
             _torch_of(dq).to(q.dtype),

@@ -323,6 +323,14 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
     ws.flush();
 }
 
+/// The query of this warp (w = (b*H + h)*N + i), or false for a warp past the last query.
+__device__ __forceinline__ bool warp_query(const SearchArgs& a, long long& w) {
+    w = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+    if (w >= static_cast<long long>(a.b) * a.h * a.n) return false;
+    if (a.use_order) w = a.order[w];
+    return true;
+}
+
 __device__ __forceinline__ void load_query(const SearchArgs& a, long long w, float* qv) {
 #pragma unroll
     for (int j = 0; j < ZETA_MAX_DK; ++j) qv[j] = j < a.dk ? a.q[w * a.dk + j] : 0.0f;
@@ -334,14 +342,10 @@ template <int DK>
 __global__ void ZETA_SEARCH_BOUNDS knn_kernel(ZETA_SEARCH_PARAMS, long long* __restrict__ out_idx, float* __restrict__ out_d2) {
     const SearchArgs a = ZETA_SEARCH_ARGS;
     ZETA_DYN_SMEM(uint64_t, smem);
-    const int warps = blockDim.x / 32;
-    const int wib = threadIdx.x / 32;
-    long long w = static_cast<long long>(blockIdx.x) * warps + wib;
-    const long long total = static_cast<long long>(a.b) * a.h * a.n;
-    if (w >= total) return;
-    if (a.use_order) w = a.order[w];
+    long long w;
+    if (!warp_query(a, w)) return;
     WarpSelect ws;
-    ws.init(smem + static_cast<long long>(wib) * 2 * a.kp, a.kp, a.topk);
+    ws.init(smem + static_cast<long long>(threadIdx.x / 32) * 2 * a.kp, a.kp, a.topk);
     float qv[ZETA_MAX_DK];
     load_query(a, w, qv);
     search_query<DK>(a, w, qv, ws);
@@ -364,14 +368,10 @@ __global__ void ZETA_SEARCH_BOUNDS forward_kernel(ZETA_SEARCH_PARAMS, const V* _
                                int* __restrict__ out_idx) {
     const SearchArgs a = ZETA_SEARCH_ARGS;
     ZETA_DYN_SMEM(uint64_t, smem);
-    const int warps = blockDim.x / 32;
-    const int wib = threadIdx.x / 32;
-    long long w = static_cast<long long>(blockIdx.x) * warps + wib;
-    const long long total = static_cast<long long>(a.b) * a.h * a.n;
-    if (w >= total) return;
-    if (a.use_order) w = a.order[w];
+    long long w;
+    if (!warp_query(a, w)) return;
     // Per warp: 2*kp keys, kp scores, kp positions.
-    uint64_t* mine = smem + static_cast<long long>(wib) * 3 * a.kp;
+    uint64_t* mine = smem + static_cast<long long>(threadIdx.x / 32) * 3 * a.kp;
     float* sc = reinterpret_cast<float*>(mine + 2 * a.kp);
     int* ps = reinterpret_cast<int*>(sc + a.kp);
     WarpSelect ws;
