@@ -51,4 +51,8 @@ np.testing.assert_allclose(one, np.broadcast_to(v[:, :, :1], one.shape), rtol=1e
 assert zeta.morton_encode(np.zeros((0, 3), np.uint32)).shape == (0,)
 assert zeta.attention(q[:, :, :0], k, v).shape == (1, 2, 0, 8)
 assert "torch" not in sys.modules, "zeta imported torch"
+assert "cupy" not in sys.modules, "zeta imported cupy"
+rep = zeta.backends()  # says why the GPU and torch backends are not here, without importing them
+assert rep["rust"]["available"] and not rep["cupy"]["available"] and rep["cupy"]["reason"], rep
+assert "torch" not in sys.modules and "cupy" not in sys.modules
 print("smoke: 1 passed, 0 failed")  # numpy-only wheel check
