@@ -13,6 +13,8 @@ pub enum ZetaError {
     Io(String),
     /// A file that is not a valid zeta file (maps to `ValueError`).
     Corrupt(String),
+    /// A bug in zeta, e.g. a caught panic (maps to `RuntimeError`, "please report").
+    Internal(String),
 }
 
 pub type Result<T> = std::result::Result<T, ZetaError>;
@@ -41,6 +43,7 @@ impl fmt::Display for ZetaError {
             ZetaError::Memory(m) => write!(f, "out of memory: {m}"),
             ZetaError::Io(m) => write!(f, "{m}"),
             ZetaError::Corrupt(m) => write!(f, "corrupt zeta file: {m}"),
+            ZetaError::Internal(m) => write!(f, "zeta internal error (please report): {m}"),
         }
     }
 }
@@ -53,6 +56,12 @@ impl From<std::io::Error> for ZetaError {
     }
 }
 
+// Allocation policy: every buffer whose size follows an argument or a file field is
+// allocated through the helpers below (or `try_reserve`), so running out of memory is a
+// `MemoryError` in Python, never `handle_alloc_error` aborting the interpreter. What is left
+// infallible is bounded by a constant (n_curves <= 9 per-curve lists, SIMD path lists) or
+// by a size already held by a fallible allocation of the same call.
+
 /// `vec![x; n]` that reports allocation failure instead of aborting the process.
 pub fn try_vec<T: Clone>(x: T, n: usize, what: &str) -> Result<Vec<T>> {
     let mut v = Vec::new();
@@ -60,4 +69,29 @@ pub fn try_vec<T: Clone>(x: T, n: usize, what: &str) -> Result<Vec<T>> {
         .map_err(|_| ZetaError::Memory(format!("{what}: {n} elements")))?;
     v.resize(n, x);
     Ok(v)
+}
+
+/// An empty vector with room for `n` elements, or `MemoryError`.
+pub fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| ZetaError::Memory(format!("{what}: {n} elements")))?;
+    Ok(v)
+}
+
+/// The product of `dims` (an element count), or `MemoryError` when it overflows `usize`.
+pub fn numel(dims: &[usize], what: &str) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| ZetaError::Memory(format!("{what}: {dims:?} elements overflow usize")))
+}
+
+/// Asks the allocator whether `bytes` could be had at all (reserved, never touched, freed
+/// at once). Used before building many small pieces whose total is the real cost: the
+/// kernel refuses a single mapping larger than what it could ever back (and any mapping
+/// over `ulimit -v`), which the small pieces alone would only find out at the OOM killer.
+pub fn probe_bytes(bytes: usize, what: &str) -> Result<()> {
+    let mut v: Vec<u8> = Vec::new();
+    v.try_reserve_exact(bytes)
+        .map_err(|_| ZetaError::Memory(format!("{what}: {bytes} bytes")))
 }
