@@ -18,6 +18,8 @@ from ._arrays import is_torch
 from ._validate import default_window, gamma_array, index_params
 
 _DTYPES = ("float32", "float16", "bfloat16")
+# Larger ints cannot be sizes (the core takes them as 64-bit); the core bounds the rest.
+_MAX_INT = 2**63 - 1
 
 
 def _f32(x: Any, name: str) -> np.ndarray:
@@ -56,6 +58,12 @@ class KVCache:
 
     ``len(cache)`` is the number of tokens; ``cache.nbytes`` the bytes it holds.
     A call that raises leaves the cache as it was.
+
+    Threads: one cache serves many threads. ``attend`` calls run concurrently with each
+    other; ``extend`` calls are serialised and wait (without holding the GIL) for running
+    attends; every call sees the cache before or after each extend, never in between.
+    Absurd sizes raise ValueError/MemoryError; a cache file is untrusted input and a
+    malformed one raises ValueError.
     """
 
     def __init__(
@@ -83,6 +91,8 @@ class KVCache:
                 raise TypeError(f"{nm}: expected an int, got {type(val).__name__}")
             if val < 1:
                 raise ValueError(f"{nm}: must be >= 1, got {val}")
+            if val > _MAX_INT:
+                raise ValueError(f"{nm}: {val} is too large")
         if not 1 <= key_dim <= 8:
             raise ValueError(f"key_dim: must be 1..8, got {key_dim}")
         dtype = str(dtype).replace("torch.", "")
@@ -164,6 +174,7 @@ class KVCache:
             raise TypeError(f"topk: expected an int, got {type(topk).__name__}")
         if topk < 1:
             raise ValueError(f"topk: must be >= 1, got {topk}")
+        topk = min(int(topk), _MAX_INT)  # more than the cache holds means all of them
         if len(self) == 0:
             raise ValueError("q: the cache is empty: extend it before attend")
         qn = _f32(q, "q")
@@ -172,6 +183,7 @@ class KVCache:
             window = self._window if self._window > 0 else default_window(int(topk))
         elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
             raise ValueError(f"window: must be an int >= 1, got {window!r}")
+        window = min(int(window), _MAX_INT)
         out = self._c.attend(qn, int(topk), g, bool(mean_token), int(window))
         if is_torch(q):
             import torch
