@@ -152,6 +152,8 @@ def test_absurd_constructor_arguments_raise():
         ((2**64, 3, 4), {}, "num_kv_heads"),
         ((1, 3, 2**100), {}, "value_dim"),
         ((1, 3, 4), dict(batch=2**70), "batch"),
+        ((1, 3, 4), dict(window=2**64), "window"),
+        ((1, 3, 4), dict(n_sink=2**100), "n_sink"),
     ]:
         with pytest.raises(ValueError) as e:
             zeta.KVCache(*args, **kw)
@@ -192,6 +194,25 @@ def test_absurd_sizes_in_a_child_under_an_address_space_limit():
     assert got["groups-2^24"] == "MemoryError", got
     assert got["value_dim-2^24"] == "MemoryError", got
     assert got["value_dim-2^24-one"] == "ok", got
+
+
+def test_constructor_at_every_memory_limit():
+    # Regression (fuzz input 93142): with room for the size check but not for the small
+    # per-group blocks, building the error message itself aborted. Sweep the limit across
+    # the cache's footprint: each try is a cache or a MemoryError, never an abort.
+    r = run_child("""
+        import gc
+        base = vm_bytes()
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        seen = set()
+        for mb in range(0, 200, 4):
+            resource.setrlimit(resource.RLIMIT_AS, (base + (mb << 20), hard))
+            seen.add(outcome(lambda: zeta.KVCache(1 << 17, 5, 9, batch=2)))
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+            gc.collect()
+        print("seen", "=", sorted(seen))
+    """)
+    assert results(r)["seen"] == "['MemoryError', 'ok']", r.stdout
 
 
 def test_real_allocation_failures_raise_memory_error_and_change_nothing():

@@ -95,6 +95,10 @@ class KVCache:
                 raise ValueError(f"{nm}: {val} is too large")
         if not 1 <= key_dim <= 8:
             raise ValueError(f"key_dim: must be 1..8, got {key_dim}")
+        for nm, val in (("chunk", chunk), ("window", window), ("n_curves", n_curves), ("n_sink", n_sink),
+                        ("bits", bits)):
+            if isinstance(val, (int, np.integer)) and not isinstance(val, bool) and abs(int(val)) > _MAX_INT:
+                raise ValueError(f"{nm}: {val} is too large")
         dtype = str(dtype).replace("torch.", "")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: must be one of {_DTYPES}, got {dtype!r}")

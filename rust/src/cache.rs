@@ -85,7 +85,10 @@ impl Values {
             Values::F16(v) => v.try_reserve(n),
             Values::BF16(v) => v.try_reserve(n),
         };
-        r.map_err(|_| ZetaError::Memory(format!("KV cache values: {n} more elements")))
+        r.map_err(|_| ZetaError::Alloc {
+            what: "KV cache values",
+            n,
+        })
     }
     fn truncate(&mut self, n: usize) {
         match self {
@@ -194,8 +197,8 @@ pub const MAX_GROUPS: usize = 1 << 24;
 /// `value_dim` above this is refused (ValueError): 16M floats per value row.
 pub const MAX_VALUE_DIM: usize = 1 << 24;
 
-fn oom(what: &str) -> impl Fn(std::collections::TryReserveError) -> ZetaError + '_ {
-    move |_| ZetaError::Memory(what.to_string())
+fn oom(what: &'static str, n: usize) -> impl Fn(std::collections::TryReserveError) -> ZetaError {
+    move |_| ZetaError::Alloc { what, n }
 }
 
 /// The KV cache: `batch * kv_heads` groups, all of the same length.
@@ -279,7 +282,8 @@ impl KvCache {
         // (see `probe_bytes`) rather than discover it piece by piece.
         let per_group = std::mem::size_of::<Group>()
             + 8 * (key_dim + value_dim)
-            + params.n_curves * std::mem::size_of::<Vec<u32>>();
+            + params.n_curves * std::mem::size_of::<Vec<u32>>()
+            + 3 * 32; // three small heap blocks per group, with the allocator's overhead
         probe_bytes(
             numel(&[n_groups, per_group], "KV cache")?,
             "an empty KV cache",
@@ -396,10 +400,12 @@ impl KvCache {
             .filter(|&n| n <= u32::MAX as usize)
             .ok_or_else(|| ZetaError::value("k", "the cache would exceed 2^32 tokens"))?;
         for g in self.groups.iter_mut() {
-            g.keys.try_reserve(t * dk).map_err(oom("KV cache keys"))?;
+            g.keys
+                .try_reserve(t * dk)
+                .map_err(oom("KV cache keys", t * dk))?;
             g.values.try_reserve(t * dv)?;
             for c in g.codes.iter_mut() {
-                c.try_reserve(t).map_err(oom("KV cache codes"))?;
+                c.try_reserve(t).map_err(oom("KV cache codes", t))?;
             }
         }
         let old = self.len;
@@ -820,7 +826,7 @@ impl Group {
         let mut indexed = self.indexed_chunks;
         while indexed < target {
             let run = self.chunk_run(indexed * chunk, (indexed + 1) * chunk, dk)?;
-            fresh.try_reserve(1).map_err(oom("KV cache runs"))?;
+            fresh.try_reserve(1).map_err(oom("KV cache runs", 1))?;
             fresh.push(run);
             indexed += 1;
             loop {
@@ -850,7 +856,9 @@ impl Group {
             }
         }
         let need = (keep + fresh.len()).saturating_sub(self.runs.len());
-        self.runs.try_reserve(need).map_err(oom("KV cache runs"))?;
+        self.runs
+            .try_reserve(need)
+            .map_err(oom("KV cache runs", need))?;
         Ok(IndexPlan {
             keep,
             fresh,

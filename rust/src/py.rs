@@ -26,7 +26,7 @@ impl From<ZetaError> for PyErr {
         match e {
             ZetaError::Value { .. } | ZetaError::Corrupt(_) => PyValueError::new_err(msg),
             ZetaError::Type { .. } => PyTypeError::new_err(msg),
-            ZetaError::Memory(_) => PyMemoryError::new_err(msg),
+            ZetaError::Memory(_) | ZetaError::Alloc { .. } => PyMemoryError::new_err(msg),
             ZetaError::Io(_) => PyOSError::new_err(msg),
             ZetaError::Internal(_) => PyRuntimeError::new_err(msg),
         }
@@ -36,6 +36,12 @@ impl From<ZetaError> for PyErr {
 /// Runs `f`, turning a panic into [`ZetaError::Internal`].
 fn catch<R>(f: impl FnOnce() -> Result<R, ZetaError>) -> Result<R, ZetaError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        if let Some(m) = p.downcast_ref::<crate::error::OutOfMemory>() {
+            return Err(ZetaError::Alloc {
+                what: m.what,
+                n: m.n,
+            });
+        }
         let what = p
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
