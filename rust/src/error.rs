@@ -134,3 +134,36 @@ pub fn catch_oom<R>(f: impl FnOnce() -> R) -> Result<R> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_allocations_are_errors_not_aborts() {
+        let huge = usize::MAX / 4;
+        assert!(matches!(
+            try_vec(0u64, huge, "x"),
+            Err(ZetaError::Alloc { what: "x", .. })
+        ));
+        assert!(try_with_capacity::<u32>(huge, "x").is_err());
+        assert!(probe_bytes(huge, "x").is_err());
+        assert!(numel(&[huge, 8], "x").is_err());
+        // Deep inside parallel code: unwinds through rayon, caught as an error.
+        let r = catch_oom(|| {
+            use rayon::prelude::*;
+            (0..4).into_par_iter().for_each(|i| {
+                let v = vec_or_unwind(0u8, if i == 3 { huge } else { 8 }, "scratch");
+                assert!(v.len() <= 8);
+            })
+        });
+        assert!(matches!(
+            r,
+            Err(ZetaError::Alloc {
+                what: "scratch",
+                ..
+            })
+        ));
+        assert!(catch_oom(|| 7).unwrap() == 7);
+    }
+}
