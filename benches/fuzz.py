@@ -428,7 +428,12 @@ def run_one(r: random.Random, tmp: str, bases: List[bytes]) -> Tuple[str, str, s
     except EXPECTED as e:
         msg = str(e)
         # Bad input gets a message that names the argument ("q: ...", "out of memory: ...").
-        named = re.match(r"^[A-Za-z_][\w ,.'()\[\]-]*: ", msg) is not None
+        # (numpy's own "Unable to allocate ..." while the harness builds a huge input is
+        # not zeta's message.)
+        named = (
+            msg.startswith("Unable to allocate")
+            or re.match(r"^[A-Za-z_][\w ,.'()\[\]-]*: ", msg) is not None
+        )
         return kind, type(e).__name__, "" if named else f"unnamed {type(e).__name__}: {msg[:200]}"
     except Exception as e:  # noqa: BLE001 - the point: anything else is a finding
         return kind, "unexpected", f"{type(e).__name__}: {str(e)[:200]}"

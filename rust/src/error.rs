@@ -99,8 +99,11 @@ pub fn numel(dims: &[usize], what: &str) -> Result<usize> {
 /// over `ulimit -v`), which the small pieces alone would only find out at the OOM killer.
 pub fn probe_bytes(bytes: usize, what: &'static str) -> Result<()> {
     let mut v: Vec<u8> = Vec::new();
-    v.try_reserve_exact(bytes)
-        .map_err(|_| ZetaError::Alloc { what, n: bytes })
+    let r = v.try_reserve_exact(bytes);
+    // The buffer escapes: without this the optimiser may elide an unused allocation and
+    // take it as granted (it did, in the unit test).
+    std::hint::black_box(&mut v);
+    r.map_err(|_| ZetaError::Alloc { what, n: bytes })
 }
 
 /// The payload of an allocation failure deep inside parallel code (see [`vec_or_unwind`]).
