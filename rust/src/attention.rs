@@ -13,7 +13,7 @@
 //! per query (dq, dgamma and per-slot coefficients), then per key through an inverse index
 //! (CSR of which query slots picked each key), so dK/dV are gathers, race-free and
 //! bit-reproducible whatever the thread count.
-use crate::error::{numel, try_vec, Result, ZetaError};
+use crate::error::{numel, try_vec, try_with_capacity, vec_or_unwind, Result, ZetaError};
 use crate::index::{prefetch, select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
 use num_traits::Float;
@@ -198,15 +198,21 @@ impl<T> Rows<T> {
 ///
 /// Perf note: at N = 32k, H = 8 this made the forward ~1.6x faster than position order
 /// (value rows and run entries were the cache misses).
-fn query_order<T: Float + Real>(index: &KeyIndex<T>, qg: &[T], dk: usize) -> Vec<u32> {
+fn query_order<T: Float + Real>(index: &KeyIndex<T>, qg: &[T], dk: usize) -> Result<Vec<u32>> {
     let g0 = &index.grids[0];
-    let mut keys: Vec<u64> = qg
-        .par_chunks_exact(dk)
+    let n = qg.len() / dk;
+    let mut keys = try_vec(0u64, n, "query order")?;
+    keys.par_iter_mut()
+        .zip(qg.par_chunks_exact(dk))
         .enumerate()
-        .map(|(i, x)| (g0.code(x) << 32) | i as u64)
-        .collect();
+        .for_each(|(i, (o, x))| *o = (g0.code(x) << 32) | i as u64);
     keys.par_sort_unstable();
-    keys.into_iter().map(|e| e as u32).collect()
+    let mut order = try_vec(0u32, n, "query order")?;
+    order
+        .par_iter_mut()
+        .zip(keys.par_iter())
+        .for_each(|(o, &e)| *o = e as u32);
+    Ok(order)
 }
 
 /// Queries handed to one rayon task.
@@ -235,7 +241,7 @@ pub fn knn<T: Float + Real>(
             let index = KeyIndex::build(kk, sh.dk, prm)?;
             let (b, hkv) = (gi / sh.hkv, gi % sh.hkv);
             let qg = &q[(b * sh.h + hkv * g) * sh.n * sh.dk..][..g * sh.n * sh.dk];
-            let order = query_order(&index, qg, sh.dk);
+            let order = query_order(&index, qg, sh.dk)?;
             let (irows, drows) = (Rows::new(idx_g, topk), Rows::new(dist_g, topk));
             order.par_chunks(QUERY_BLOCK).for_each_init(
                 // No more than S distinct keys can be kept, whatever topk asks for.
@@ -300,15 +306,15 @@ pub fn forward<T: Float + Real>(
             };
             let (b, hkv) = (gi / sh.hkv, gi % sh.hkv);
             let qg = &q[(b * sh.h + hkv * g) * sh.n * dk..][..g * sh.n * dk];
-            let order = query_order(&index, qg, dk);
+            let order = query_order(&index, qg, dk)?;
             let (orows, irows) = (Rows::new(out_g, dv), Rows::new(idx_g, topk));
             order.par_chunks(QUERY_BLOCK).for_each_init(
                 || {
                     (
                         TopK::new(topk.min(sh.s), prm.multiplicity()),
                         Vec::new(),
-                        vec![T::zero(); dk],
-                        vec![T::zero(); dv],
+                        vec_or_unwind(T::zero(), dk, "attention scratch"),
+                        vec_or_unwind(T::zero(), dv, "attention scratch"),
                     )
                 },
                 |(tk, cands, kbar, vbar), block| {
@@ -433,10 +439,10 @@ pub fn backward<T: Float + Real>(
                 .for_each_init(
                     || {
                         (
-                            vec![T::zero(); topk],
-                            vec![T::zero(); topk],
-                            vec![T::zero(); dk],
-                            vec![T::zero(); dv],
+                            vec_or_unwind(T::zero(), topk, "backward scratch"),
+                            vec_or_unwind(T::zero(), topk, "backward scratch"),
+                            vec_or_unwind(T::zero(), dk, "backward scratch"),
+                            vec_or_unwind(T::zero(), dv, "backward scratch"),
                         )
                     },
                     |(sc, da, kbar, vbar), (qi, (((((dqr, ca), cg), dgam), ma), mg))| {
@@ -530,7 +536,8 @@ pub fn backward<T: Float + Real>(
             for j in 0..s {
                 start[j + 1] += start[j];
             }
-            let mut fill = start.clone();
+            let mut fill = try_with_capacity(s + 1, "backward inverse index")?;
+            fill.extend_from_slice(&start);
             let mut pairs = try_vec(0u32, start[s] as usize, "backward inverse index")?;
             for (e, &j) in idx_g.iter().enumerate() {
                 if j >= 0 {
@@ -568,9 +575,9 @@ pub fn backward<T: Float + Real>(
                 });
             if opts.mean_token {
                 // d mean_p / d x_j = 1/(p+1) for j <= p (causal), 1/S for all (non-causal).
-                let mut acc_k = vec![0.0f64; dk];
-                let mut acc_v = vec![0.0f64; dv];
-                let mut kbar = vec![T::zero(); dk];
+                let mut acc_k = try_vec(0.0f64, dk, "backward scratch")?;
+                let mut acc_v = try_vec(0.0f64, dv, "backward scratch")?;
+                let mut kbar = try_vec(T::zero(), dk, "backward scratch")?;
                 // Per query: d mean_k = -2 gd (q - kbar), d mean_v = a dO.
                 let mean_grads =
                     |qi: usize, kbar: &mut [T], gk: &mut [f64], gv: &mut [f64], w: f64| {
@@ -632,7 +639,7 @@ pub fn backward<T: Float + Real>(
             }
             Ok(())
         })?;
-    let mut dgamma = vec![0.0f64; sh.h];
+    let mut dgamma = try_vec(0.0f64, sh.h, "dgamma")?;
     for b in 0..sh.b {
         for h in 0..sh.h {
             dgamma[h] += dgamma_q[(b * sh.h + h) * n..(b * sh.h + h + 1) * n]

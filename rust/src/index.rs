@@ -526,12 +526,13 @@ impl<T: Float + Real> TopK<T> {
     pub fn new(k: usize, mult: usize) -> Self {
         let k = k.max(1);
         let mult = mult.max(1);
-        let cap = (4 * k * mult).max(64);
+        let cap = k.saturating_mul(4 * mult).clamp(64, isize::MAX as usize / 16);
         TopK {
             k,
             mult,
             cap,
-            buf: vec![T::KEY_MAX; cap + 1],
+            // Up to 4 k mult keys per thread: out of memory unwinds to the entry point.
+            buf: crate::error::vec_or_unwind(T::KEY_MAX, cap + 1, "top-k buffer"),
             n: 0,
             thresh: T::KEY_MAX,
         }
