@@ -59,9 +59,9 @@ def outcome(fn):
 """
 
 
-def run_child(body: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_child(body: str, timeout: float = 120, **env_extra: str) -> subprocess.CompletedProcess:
     """Runs `body` in a fresh interpreter (2 zeta threads); the test asserts it exits 0."""
-    env = dict(os.environ, ZETA_NUM_THREADS="2", PYTHONFAULTHANDLER="1")
+    env = dict(os.environ, ZETA_NUM_THREADS="2", PYTHONFAULTHANDLER="1", **env_extra)
     code = CHILD_PRELUDE + textwrap.dedent(body)
     r = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
@@ -428,3 +428,71 @@ def test_attention_and_knn_from_many_threads_equal_serial():
                 assert np.array_equal(a, b)
             for (i1, d1), (i2, d2) in zip(got_k, want_k):
                 assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+
+
+def test_every_entry_point_at_every_memory_limit(tmp_path):
+    step = int(os.environ.get("ZETA_MEM_SWEEP_MB", "8"))  # 1: the thorough sweep
+    # Each call's allocations fail one after another as the limit rises through its need:
+    # a result or a Python exception (MemoryError), never an abort. This is how the
+    # allocation sites were swept, kept as a test.
+    r = run_child(
+        f"""
+        import gc, torch
+        rng = np.random.default_rng(0)
+        N, S = 3000, 6000
+        q = rng.standard_normal((1, 2, N, 3)).astype(np.float32)
+        k = rng.standard_normal((1, 1, S, 3)).astype(np.float32)
+        v = rng.standard_normal((1, 1, S, 32)).astype(np.float32)
+        codes = rng.integers(0, 2**40, (4, 50_000)).astype(np.uint64)
+        scodes = np.sort(codes, axis=-1)
+        path = {str(tmp_path / "c.zkv")!r}
+        small = zeta.KVCache(1, 3, 32, chunk=16)
+        small.extend(k, v)
+        small.save(path)
+        def backward():
+            qt, kt, vt = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+            zeta.attention(qt, kt, vt, topk=8, mean_token=True).sum().backward()
+        def cache_roundtrip():
+            c = zeta.KVCache(1, 3, 32, chunk=16)
+            c.extend(k, v)
+            c.attend(q[:, :, -500:], topk=8, mean_token=True)
+            c.save(path + ".2")
+            zeta.KVCache.load(path)
+        calls = {{
+            "attention": lambda: zeta.attention(q, k, v, topk=8, mean_token=True, n_curves=2),
+            "backward": backward,
+            "knn": lambda: zeta.knn(q, k, 16, n_curves=3),
+            "exact_knn": lambda: zeta.exact_knn(q, k, 16),
+            "argsort": lambda: zeta.argsort(codes),
+            "searchsorted": lambda: zeta.searchsorted(scodes, codes),
+            "zorder": lambda: zeta.zorder(np.tile(k.reshape(-1, 3), (40, 1))),
+            "morton": lambda: zeta.morton_decode(zeta.morton_encode(codes.reshape(-1, 2) % 1024), 2),
+            "cache": cache_roundtrip,
+        }}
+        import ctypes
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        for fn in calls.values():
+            fn()  # warm: lazy imports and caches of numpy/torch are not what is measured
+        for name, fn in calls.items():
+            seen = set()
+            for mb in list(range(0, 64, {step})) + list(range(64, 400, 6 * {step})):
+                trim(0)  # freed heap back to the system: the limit is what the call may add
+                resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + (mb << 20), hard))
+                seen.add(outcome(fn))
+                resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+                gc.collect()
+            print(name, "=", sorted(seen))
+        """,
+        timeout=600,
+        # One malloc arena, large blocks mapped and unmapped at once: what a call allocates
+        # is what the limit sees (per-thread arenas hold reserved address space).
+        MALLOC_ARENA_MAX="1",
+        MALLOC_MMAP_THRESHOLD_="65536",
+    )
+    got = results(r)
+    assert len(got) == 9, r.stdout
+    for name, seen in got.items():
+        # The child lived through every limit; each call ran somewhere and failed cleanly
+        # below that (torch's autograd may raise its own errors first, also cleanly).
+        assert "ok" in seen and "MemoryError" in seen, (name, seen, r.stdout)
