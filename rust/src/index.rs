@@ -526,7 +526,9 @@ impl<T: Float + Real> TopK<T> {
     pub fn new(k: usize, mult: usize) -> Self {
         let k = k.max(1);
         let mult = mult.max(1);
-        let cap = k.saturating_mul(4 * mult).clamp(64, isize::MAX as usize / 16);
+        let cap = k
+            .saturating_mul(4 * mult)
+            .clamp(64, isize::MAX as usize / 16);
         TopK {
             k,
             mult,
