@@ -46,6 +46,7 @@ import numpy as np
 
 EXPECTED = (ValueError, TypeError, MemoryError, OSError)
 HEAD = 8 + 4 + 10 * 8 + 8 + 1
+NAMED = re.compile(r"^[A-Za-z_][\w ,.'()\[\]-]*: ")
 EDGE_U64 = [
     0,
     1,
@@ -426,17 +427,17 @@ def run_one(r: random.Random, tmp: str, bases: List[bytes]) -> Tuple[str, str, s
         go()
         return kind, "ok", ""
     except EXPECTED as e:
-        msg = str(e)
-        # Bad input gets a message that names the argument ("q: ...", "out of memory: ...").
-        # (numpy's own "Unable to allocate ..." while the harness builds a huge input is
-        # not zeta's message.)
-        named = (
-            msg.startswith("Unable to allocate")
-            or re.match(r"^[A-Za-z_][\w ,.'()\[\]-]*: ", msg) is not None
-        )
-        return kind, type(e).__name__, "" if named else f"unnamed {type(e).__name__}: {msg[:200]}"
+        name, msg = type(e).__name__, str(e)
     except Exception as e:  # noqa: BLE001 - the point: anything else is a finding
         return kind, "unexpected", f"{type(e).__name__}: {str(e)[:200]}"
+    # Out of the except block: the traceback and the inputs it holds are gone. Bad input gets
+    # a message that names the argument ("q: ...", "out of memory: ..."); numpy's own
+    # "Unable to allocate ..." while the harness builds a huge input is not zeta's message.
+    try:
+        named = msg.startswith("Unable to allocate") or NAMED.match(msg) is not None
+    except MemoryError:  # the harness itself short of memory: not a finding about zeta
+        named = True
+    return kind, name, "" if named else f"unnamed {name}: {msg[:200]}"
 
 
 # ---------------------------------------------------------------------------------------------

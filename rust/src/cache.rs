@@ -284,8 +284,13 @@ impl KvCache {
             + 8 * (key_dim + value_dim)
             + params.n_curves * std::mem::size_of::<Vec<u32>>()
             + 3 * 32; // three small heap blocks per group, with the allocator's overhead
+
+        // Twice the estimate: the small blocks fragment the heap, and a cache that needs
+        // half of what is left before its first token would leave the caller (Python
+        // itself) nothing to run on (the fuzzer found that edge: zeta raised MemoryError,
+        // then the interpreter could not format it).
         probe_bytes(
-            numel(&[n_groups, per_group], "KV cache")?,
+            numel(&[n_groups, per_group, 2], "KV cache")?,
             "an empty KV cache",
         )?;
         let mut groups = try_with_capacity(n_groups, "KV cache groups")?;
