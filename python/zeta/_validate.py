@@ -97,6 +97,9 @@ class IndexParams:
         }
 
 
+_MAX_SPAN = 2**31 - 1
+
+
 def index_params(
     key_dim: int,
     topk: int,
@@ -115,6 +118,9 @@ def index_params(
     window = default_window(topk) if window is None else _int("window", window, 1)
     n_curves = _int("n_curves", n_curves, 1, key_dim + 1)
     n_sink = _int("n_sink", n_sink, 0)
+    # Beyond 2^31 - 1 both mean "all keys" (no head holds more): clamp so every backend,
+    # and the torch custom-op schema (int64), takes them.
+    window, n_sink = min(window, _MAX_SPAN), min(n_sink, _MAX_SPAN)
     bits = (
         default_index_bits(key_dim) if bits is None else check_bits(bits, key_dim, INDEX_CODE_BITS)
     )

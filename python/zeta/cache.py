@@ -19,6 +19,8 @@ from ._arrays import is_torch
 from ._validate import check_dims, default_window, gamma_array, index_params
 
 _DTYPES = ("float32", "float16", "bfloat16")
+# Larger ints cannot be sizes (the core takes them as 64-bit); the core bounds the rest.
+_MAX_INT = 2**63 - 1
 
 
 def _f32(x: Any, name: str) -> np.ndarray:
@@ -57,6 +59,12 @@ class KVCache:
 
     ``len(cache)`` is the number of tokens; ``cache.nbytes`` the bytes it holds.
     A call that raises leaves the cache as it was.
+
+    Threads: one cache serves many threads. ``attend`` calls run concurrently with each
+    other; ``extend`` calls are serialised and wait (without holding the GIL) for running
+    attends; every call sees the cache before or after each extend, never in between.
+    Absurd sizes raise ValueError/MemoryError; a cache file is untrusted input and a
+    malformed one raises ValueError.
     """
 
     def __init__(
@@ -89,7 +97,22 @@ class KVCache:
                 raise TypeError(f"{nm}: expected an int, got {type(val).__name__}")
             if val < 1:
                 raise ValueError(f"{nm}: must be >= 1, got {val}")
+            if val > _MAX_INT:
+                raise ValueError(f"{nm}: {val} is too large")
         check_dims("key_dim", key_dim)
+        for nm, val in (
+            ("chunk", chunk),
+            ("window", window),
+            ("n_curves", n_curves),
+            ("n_sink", n_sink),
+            ("bits", bits),
+        ):
+            if (
+                isinstance(val, (int, np.integer))
+                and not isinstance(val, bool)
+                and abs(int(val)) > _MAX_INT
+            ):
+                raise ValueError(f"{nm}: {val} is too large")
         dtype = str(dtype).replace("torch.", "")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: must be one of {_DTYPES}, got {dtype!r}")
@@ -189,6 +212,7 @@ class KVCache:
             raise TypeError(f"topk: expected an int, got {type(topk).__name__}")
         if topk < 1:
             raise ValueError(f"topk: must be >= 1, got {topk}")
+        topk = min(int(topk), _MAX_INT)  # more than the cache holds means all of them
         if window is None:
             window = self._window if self._window > 0 else default_window(int(topk))
         elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
@@ -206,6 +230,7 @@ class KVCache:
             return self._like_q(out, q)
         if len(self) == 0:
             raise ValueError("q: the cache is empty: extend it before attend")
+        window = min(int(window), _MAX_INT)
         out = self._c.attend(qn, int(topk), g, bool(mean_token), int(window))
         return self._like_q(out, q)
 

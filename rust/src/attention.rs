@@ -13,7 +13,7 @@
 //! per query (dq, dgamma and per-slot coefficients), then per key through an inverse index
 //! (CSR of which query slots picked each key), so dK/dV are gathers, race-free and
 //! bit-reproducible whatever the thread count.
-use crate::error::{try_vec, Result, ZetaError};
+use crate::error::{numel, try_vec, try_with_capacity, vec_or_unwind, Result, ZetaError};
 use crate::index::{prefetch, select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
 use num_traits::Float;
@@ -110,15 +110,15 @@ fn check_gamma(gamma: &[f64], h: usize) -> Result<()> {
 }
 
 /// Prefix sums (f64) of rows: out[(p+1)*d..] = sum of rows 0..=p; out[0..d] = 0.
-fn prefix_sums<T: Real>(x: &[T], d: usize) -> Vec<f64> {
+fn prefix_sums<T: Real>(x: &[T], d: usize) -> Result<Vec<f64>> {
     let s = x.len() / d;
-    let mut out = vec![0.0f64; (s + 1) * d];
+    let mut out = try_vec(0.0f64, (s + 1) * d, "mean_token prefix sums")?;
     for p in 0..s {
         for j in 0..d {
             out[(p + 1) * d + j] = out[p * d + j] + x[p * d + j].to_f64();
         }
     }
-    out
+    Ok(out)
 }
 
 /// Mean over positions 0..=p (causal) or all (non-causal) from prefix sums.
@@ -198,15 +198,21 @@ impl<T> Rows<T> {
 ///
 /// Perf note: at N = 32k, H = 8 this made the forward ~1.6x faster than position order
 /// (value rows and run entries were the cache misses).
-fn query_order<T: Float + Real>(index: &KeyIndex<T>, qg: &[T], dk: usize) -> Vec<u32> {
+fn query_order<T: Float + Real>(index: &KeyIndex<T>, qg: &[T], dk: usize) -> Result<Vec<u32>> {
     let g0 = &index.grids[0];
-    let mut keys: Vec<u64> = qg
-        .par_chunks_exact(dk)
+    let n = qg.len() / dk;
+    let mut keys = try_vec(0u64, n, "query order")?;
+    keys.par_iter_mut()
+        .zip(qg.par_chunks_exact(dk))
         .enumerate()
-        .map(|(i, x)| (g0.code(x) << 32) | i as u64)
-        .collect();
+        .for_each(|(i, (o, x))| *o = (g0.code(x) << 32) | i as u64);
     keys.par_sort_unstable();
-    keys.into_iter().map(|e| e as u32).collect()
+    let mut order = try_vec(0u32, n, "query order")?;
+    order
+        .par_iter_mut()
+        .zip(keys.par_iter())
+        .for_each(|(o, &e)| *o = e as u32);
+    Ok(order)
 }
 
 /// Queries handed to one rayon task.
@@ -222,7 +228,7 @@ pub fn knn<T: Float + Real>(
     k: &[T],
 ) -> Result<(Vec<i64>, Vec<T>)> {
     validate(sh, prm, q, k, None, topk)?;
-    let total = sh.b * sh.h * sh.n * topk;
+    let total = numel(&[sh.b, sh.h, sh.n, topk], "knn indices")?;
     let mut idx = try_vec(-1i64, total, "knn indices")?;
     let mut dist = try_vec(T::infinity(), total, "knn distances")?;
     let g = sh.group();
@@ -235,10 +241,11 @@ pub fn knn<T: Float + Real>(
             let index = KeyIndex::build(kk, sh.dk, prm)?;
             let (b, hkv) = (gi / sh.hkv, gi % sh.hkv);
             let qg = &q[(b * sh.h + hkv * g) * sh.n * sh.dk..][..g * sh.n * sh.dk];
-            let order = query_order(&index, qg, sh.dk);
+            let order = query_order(&index, qg, sh.dk)?;
             let (irows, drows) = (Rows::new(idx_g, topk), Rows::new(dist_g, topk));
             order.par_chunks(QUERY_BLOCK).for_each_init(
-                || (TopK::new(topk, prm.multiplicity()), Vec::new()),
+                // No more than S distinct keys can be kept, whatever topk asks for.
+                || (TopK::new(topk.min(sh.s), prm.multiplicity()), Vec::new()),
                 |(tk, cands), block| {
                     for &qi in block {
                         let qi = qi as usize;
@@ -277,11 +284,13 @@ pub fn forward<T: Float + Real>(
     validate(sh, prm, q, k, Some(v), topk)?;
     check_gamma(gamma, sh.h)?;
     let (dk, dv) = (sh.dk, sh.dv);
-    let mut out = try_vec(T::zero(), sh.b * sh.h * sh.n * dv, "attention output")?;
+    let n_out = numel(&[sh.b, sh.h, sh.n, dv], "attention output")?;
+    let mut out = try_vec(T::zero(), n_out, "attention output")?;
     if sh.s > i32::MAX as usize {
         return Err(ZetaError::value("k", "more than 2^31 - 1 keys per head"));
     }
-    let mut idx = try_vec(-1i32, sh.b * sh.h * sh.n * topk, "attention indices")?;
+    let n_idx = numel(&[sh.b, sh.h, sh.n, topk], "attention indices")?;
+    let mut idx = try_vec(-1i32, n_idx, "attention indices")?;
     let g = sh.group();
     out.par_chunks_mut(g * sh.n * dv)
         .zip(idx.par_chunks_mut(g * sh.n * topk))
@@ -291,21 +300,21 @@ pub fn forward<T: Float + Real>(
             let vv = &v[gi * sh.s * dv..(gi + 1) * sh.s * dv];
             let index = KeyIndex::build(kk, dk, prm)?;
             let (pk, pv) = if opts.mean_token {
-                (prefix_sums(kk, dk), prefix_sums(vv, dv))
+                (prefix_sums(kk, dk)?, prefix_sums(vv, dv)?)
             } else {
                 (Vec::new(), Vec::new())
             };
             let (b, hkv) = (gi / sh.hkv, gi % sh.hkv);
             let qg = &q[(b * sh.h + hkv * g) * sh.n * dk..][..g * sh.n * dk];
-            let order = query_order(&index, qg, dk);
+            let order = query_order(&index, qg, dk)?;
             let (orows, irows) = (Rows::new(out_g, dv), Rows::new(idx_g, topk));
             order.par_chunks(QUERY_BLOCK).for_each_init(
                 || {
                     (
-                        TopK::new(topk, prm.multiplicity()),
+                        TopK::new(topk.min(sh.s), prm.multiplicity()),
                         Vec::new(),
-                        vec![T::zero(); dk],
-                        vec![T::zero(); dv],
+                        vec_or_unwind(T::zero(), dk, "attention scratch"),
+                        vec_or_unwind(T::zero(), dv, "attention scratch"),
                     )
                 },
                 |(tk, cands, kbar, vbar), block| {
@@ -410,7 +419,7 @@ pub fn backward<T: Float + Real>(
             let do_g = &dout[(b * sh.h + hkv * g) * n * dv..][..g * n * dv];
             let idx_g = &idx[(b * sh.h + hkv * g) * n * topk..][..g * n * topk];
             let (pk, pv) = if opts.mean_token {
-                (prefix_sums(kk, dk), prefix_sums(vv, dv))
+                (prefix_sums(kk, dk)?, prefix_sums(vv, dv)?)
             } else {
                 (Vec::new(), Vec::new())
             };
@@ -430,10 +439,10 @@ pub fn backward<T: Float + Real>(
                 .for_each_init(
                     || {
                         (
-                            vec![T::zero(); topk],
-                            vec![T::zero(); topk],
-                            vec![T::zero(); dk],
-                            vec![T::zero(); dv],
+                            vec_or_unwind(T::zero(), topk, "backward scratch"),
+                            vec_or_unwind(T::zero(), topk, "backward scratch"),
+                            vec_or_unwind(T::zero(), dk, "backward scratch"),
+                            vec_or_unwind(T::zero(), dv, "backward scratch"),
                         )
                     },
                     |(sc, da, kbar, vbar), (qi, (((((dqr, ca), cg), dgam), ma), mg))| {
@@ -527,7 +536,8 @@ pub fn backward<T: Float + Real>(
             for j in 0..s {
                 start[j + 1] += start[j];
             }
-            let mut fill = start.clone();
+            let mut fill = try_with_capacity(s + 1, "backward inverse index")?;
+            fill.extend_from_slice(&start);
             let mut pairs = try_vec(0u32, start[s] as usize, "backward inverse index")?;
             for (e, &j) in idx_g.iter().enumerate() {
                 if j >= 0 {
@@ -565,9 +575,9 @@ pub fn backward<T: Float + Real>(
                 });
             if opts.mean_token {
                 // d mean_p / d x_j = 1/(p+1) for j <= p (causal), 1/S for all (non-causal).
-                let mut acc_k = vec![0.0f64; dk];
-                let mut acc_v = vec![0.0f64; dv];
-                let mut kbar = vec![T::zero(); dk];
+                let mut acc_k = try_vec(0.0f64, dk, "backward scratch")?;
+                let mut acc_v = try_vec(0.0f64, dv, "backward scratch")?;
+                let mut kbar = try_vec(T::zero(), dk, "backward scratch")?;
                 // Per query: d mean_k = -2 gd (q - kbar), d mean_v = a dO.
                 let mean_grads =
                     |qi: usize, kbar: &mut [T], gk: &mut [f64], gv: &mut [f64], w: f64| {
@@ -584,8 +594,8 @@ pub fn backward<T: Float + Real>(
                     };
                 if prm.causal {
                     // Sum of per-query mean gradients / (p+1) over queries at positions >= j.
-                    let mut per_pos_k = vec![0.0f64; n * dk];
-                    let mut per_pos_v = vec![0.0f64; n * dv];
+                    let mut per_pos_k = try_vec(0.0f64, n * dk, "backward scratch")?;
+                    let mut per_pos_v = try_vec(0.0f64, n * dv, "backward scratch")?;
                     for qi in 0..g * n {
                         let i = qi % n;
                         let w = 1.0 / (s - n + i + 1) as f64;
@@ -629,7 +639,7 @@ pub fn backward<T: Float + Real>(
             }
             Ok(())
         })?;
-    let mut dgamma = vec![0.0f64; sh.h];
+    let mut dgamma = try_vec(0.0f64, sh.h, "dgamma")?;
     for b in 0..sh.b {
         for h in 0..sh.h {
             dgamma[h] += dgamma_q[(b * sh.h + h) * n..(b * sh.h + h + 1) * n]
@@ -657,7 +667,7 @@ pub fn exact_knn<T: Float + Real>(
     check_len("k", k.len(), sh.b * sh.hkv * sh.s * sh.dk)?;
     check_finite("q", q)?;
     check_finite("k", k)?;
-    let total = sh.b * sh.h * sh.n * topk;
+    let total = numel(&[sh.b, sh.h, sh.n, topk], "knn indices")?;
     let mut idx = try_vec(-1i64, total, "knn indices")?;
     let mut dist = try_vec(T::infinity(), total, "knn distances")?;
     let (g, dk) = (sh.group(), sh.dk);
@@ -675,7 +685,7 @@ pub fn exact_knn<T: Float + Real>(
             // Keep a bounded buffer; once it has been cut to the best topk, only keys that
             // beat the current k-th distance can enter.
             let mut kth = T::infinity();
-            let cap = 8 * topk.max(32);
+            let cap = topk.max(32).saturating_mul(8);
             for (j, kr) in kk.chunks_exact(dk).take(upto).enumerate() {
                 let d2 = sq_dist(qr, kr);
                 if d2 <= kth {

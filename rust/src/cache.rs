@@ -13,7 +13,7 @@
 //! Queries that lie in an older chunk than the tail (a multi-token `attend` that spans
 //! chunks, e.g. a prefill) need runs the counter has merged away; for those the cache
 //! builds the full merge-sort tree over its keys for that call (O(T log T)).
-use crate::error::{try_vec, Result, ZetaError};
+use crate::error::{numel, probe_bytes, try_vec, try_with_capacity, Result, ZetaError};
 use crate::index::{
     fence_of, gather_coords, merge_into, prefetch, sorted_entries, sq_dist, KeyIndex, Params,
     Probe, ProbeList, RunView, TopK,
@@ -85,7 +85,17 @@ impl Values {
             Values::F16(v) => v.try_reserve(n),
             Values::BF16(v) => v.try_reserve(n),
         };
-        r.map_err(|_| ZetaError::Memory(format!("KV cache values: {n} more elements")))
+        r.map_err(|_| ZetaError::Alloc {
+            what: "KV cache values",
+            n,
+        })
+    }
+    fn truncate(&mut self, n: usize) {
+        match self {
+            Values::F32(v) => v.truncate(n),
+            Values::F16(v) => v.truncate(n),
+            Values::BF16(v) => v.truncate(n),
+        }
     }
     fn extend_from_f32(&mut self, src: &[f32]) {
         match self {
@@ -173,6 +183,24 @@ struct Group {
     vsum: Vec<f64>,
 }
 
+/// What an `extend` does to one group's runs, computed before anything changes: keep the
+/// first `keep` runs, then append `fresh`; `indexed` chunks are in runs afterwards.
+#[derive(Clone, Debug)]
+struct IndexPlan {
+    keep: usize,
+    fresh: Vec<Run>,
+    indexed: usize,
+}
+
+/// `batch * kv_heads` above this is refused (ValueError), in the constructor and in files.
+pub const MAX_GROUPS: usize = 1 << 24;
+/// `value_dim` above this is refused (ValueError): 16M floats per value row.
+pub const MAX_VALUE_DIM: usize = 1 << 24;
+
+fn oom(what: &'static str, n: usize) -> impl Fn(std::collections::TryReserveError) -> ZetaError {
+    move |_| ZetaError::Alloc { what, n }
+}
+
 /// The KV cache: `batch * kv_heads` groups, all of the same length.
 #[derive(Clone, Debug)]
 pub struct KvCache {
@@ -188,6 +216,8 @@ pub struct KvCache {
 
 const MAGIC: &[u8; 8] = b"ZETAKV\0\0";
 const VERSION: u32 = 1;
+/// Header bytes: magic, version, ten u64 fields, scale (f64), dtype code.
+const HEAD: usize = 8 + 4 + 10 * 8 + 8 + 1;
 
 impl KvCache {
     pub fn new(
@@ -224,15 +254,57 @@ impl KvCache {
         .check(key_dim)?;
         let values = Values::new(dtype)?;
         let grids = params.grids(key_dim)?;
-        let g = Group {
-            keys: Vec::new(),
-            values,
-            codes: vec![Vec::new(); params.n_curves],
-            runs: Vec::new(),
-            indexed_chunks: 0,
-            ksum: vec![0.0; key_dim],
-            vsum: vec![0.0; value_dim],
-        };
+        if batch > MAX_GROUPS {
+            return Err(ZetaError::value(
+                "batch",
+                format!("must be <= {MAX_GROUPS}, got {batch}"),
+            ));
+        }
+        let n_groups = batch
+            .checked_mul(kv_heads)
+            .filter(|&g| g <= MAX_GROUPS)
+            .ok_or_else(|| {
+                ZetaError::value(
+                    "num_kv_heads",
+                    format!(
+                        "batch * num_kv_heads = {batch} * {kv_heads} is more than {MAX_GROUPS} \
+                         (batch, kv head) pairs"
+                    ),
+                )
+            })?;
+        if value_dim > MAX_VALUE_DIM {
+            return Err(ZetaError::value(
+                "value_dim",
+                format!("must be <= {MAX_VALUE_DIM}, got {value_dim}"),
+            ));
+        }
+        // An empty cache still holds per-group sums and lists: ask for the total at once
+        // (see `probe_bytes`) rather than discover it piece by piece.
+        let per_group = std::mem::size_of::<Group>()
+            + 8 * (key_dim + value_dim)
+            + params.n_curves * std::mem::size_of::<Vec<u32>>()
+            + 3 * 32; // three small heap blocks per group, with the allocator's overhead
+
+        // Twice the estimate: the small blocks fragment the heap, and a cache that needs
+        // half of what is left before its first token would leave the caller (Python
+        // itself) nothing to run on (the fuzzer found that edge: zeta raised MemoryError,
+        // then the interpreter could not format it).
+        probe_bytes(
+            numel(&[n_groups, per_group, 2], "KV cache")?,
+            "an empty KV cache",
+        )?;
+        let mut groups = try_with_capacity(n_groups, "KV cache groups")?;
+        for _ in 0..n_groups {
+            groups.push(Group {
+                keys: Vec::new(),
+                values: values.clone(),
+                codes: try_vec(Vec::new(), params.n_curves, "KV cache codes")?,
+                runs: Vec::new(),
+                indexed_chunks: 0,
+                ksum: try_vec(0.0, key_dim, "KV cache key sums")?,
+                vsum: try_vec(0.0, value_dim, "KV cache value sums")?,
+            });
+        }
         Ok(KvCache {
             batch,
             kv_heads,
@@ -241,7 +313,7 @@ impl KvCache {
             params,
             grids,
             len: 0,
-            groups: vec![g; batch * kv_heads],
+            groups,
         })
     }
 
@@ -311,6 +383,22 @@ impl KvCache {
                 format!("contains NaN or inf (flat index {p})"),
             ));
         }
+        self.append(k, t, |gi, vals| {
+            vals.extend_from_f32(&v[gi * t * dv..(gi + 1) * t * dv])
+        })
+    }
+
+    /// Appends `t` tokens to every group: keys from `k` (groups x t x key_dim), values by
+    /// `fill(group, values)` (exactly t x value_dim of them). All or nothing: everything
+    /// that can fail (allocations, the new runs of the index) happens before the first
+    /// visible change, and a failure rolls the appended rows back.
+    fn append<F: Fn(usize, &mut Values) + Sync>(
+        &mut self,
+        k: &[f32],
+        t: usize,
+        fill: F,
+    ) -> Result<()> {
+        let (dk, dv) = (self.key_dim, self.value_dim);
         let new_len = self
             .len
             .checked_add(t)
@@ -319,37 +407,51 @@ impl KvCache {
         for g in self.groups.iter_mut() {
             g.keys
                 .try_reserve(t * dk)
-                .map_err(|_| ZetaError::Memory("KV cache keys".into()))?;
+                .map_err(oom("KV cache keys", t * dk))?;
             g.values.try_reserve(t * dv)?;
             for c in g.codes.iter_mut() {
-                c.try_reserve(t)
-                    .map_err(|_| ZetaError::Memory("KV cache codes".into()))?;
+                c.try_reserve(t).map_err(oom("KV cache codes", t))?;
             }
         }
-        let (grids, params, len) = (&self.grids, &self.params, self.len);
-        self.groups.par_iter_mut().enumerate().for_each(|(gi, g)| {
-            let kk = &k[gi * t * dk..(gi + 1) * t * dk];
-            let vv = &v[gi * t * dv..(gi + 1) * t * dv];
-            g.keys.extend_from_slice(kk);
-            g.values.extend_from_f32(vv);
-            for (c, grid) in g.codes.iter_mut().zip(grids) {
-                c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
-            }
-            for row in kk.chunks_exact(dk) {
-                for (x, &y) in g.ksum.iter_mut().zip(row) {
-                    *x += y as f64;
+        let old = self.len;
+        let mut plans: Vec<Option<IndexPlan>> =
+            try_vec(None, self.groups.len(), "KV cache index update")?;
+        let (grids, params) = (&self.grids, &self.params);
+        let planned = self
+            .groups
+            .par_iter_mut()
+            .zip(plans.par_iter_mut())
+            .enumerate()
+            .try_for_each(|(gi, (g, plan))| -> Result<()> {
+                let kk = &k[gi * t * dk..(gi + 1) * t * dk];
+                // Within the reserved capacity: these cannot fail.
+                g.keys.extend_from_slice(kk);
+                fill(gi, &mut g.values);
+                for (c, grid) in g.codes.iter_mut().zip(grids) {
+                    c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
+                }
+                *plan = Some(g.plan_index(new_len, params, dk)?);
+                Ok(())
+            });
+        if let Err(e) = planned {
+            for g in self.groups.iter_mut() {
+                g.keys.truncate(old * dk);
+                g.values.truncate(old * dv);
+                for c in g.codes.iter_mut() {
+                    c.truncate(old);
                 }
             }
-            // Sum what is stored (f16/bf16 rounding included), as `from_bytes` does.
-            let base = g.values.len() - t * dv;
-            for r in 0..t {
-                for (j, x) in g.vsum.iter_mut().enumerate() {
-                    *x += g.values.get_f64(base + r * dv + j);
+            return Err(e);
+        }
+        // Commit: nothing below allocates or fails.
+        self.groups
+            .par_iter_mut()
+            .zip(plans.into_par_iter())
+            .for_each(|(g, plan)| {
+                if let Some(plan) = plan {
+                    g.commit(plan, old, new_len, dk, dv);
                 }
-            }
-            g.advance_index(new_len, params, dk);
-        });
-        let _ = len;
+            });
         self.len = new_len;
         Ok(())
     }
@@ -416,7 +518,8 @@ impl KvCache {
             ));
         }
         let grp = h / self.kv_heads;
-        let mut out = try_vec(0.0f32, self.batch * h * tq * dv, "attend output")?;
+        let n_out = numel(&[self.batch, h, tq, dv], "attend output")?;
+        let mut out = try_vec(0.0f32, n_out, "attend output")?;
         let chunk = self.params.chunk;
         let mut prm = self.params;
         if let Some(w) = window {
@@ -445,11 +548,12 @@ impl KvCache {
                 };
                 // Means at positions >= first: total minus the keys after p.
                 let (kbar, vbar) = if mean_token {
-                    g.suffix_means(first, s, dk, dv)
+                    g.suffix_means(first, s, dk, dv)?
                 } else {
                     (Vec::new(), Vec::new())
                 };
-                let init = || (TopK::new(topk, prm.multiplicity()), Vec::new());
+                // No more than s distinct keys can be kept, whatever topk asks for.
+                let init = || (TopK::new(topk.min(s), prm.multiplicity()), Vec::new());
                 out_g.par_chunks_mut(dv).enumerate().for_each_init(
                     init,
                     |(tk, cands): &mut (TopK<f32>, Vec<(f32, u32)>), (qi, o)| {
@@ -494,8 +598,17 @@ impl KvCache {
     }
 
     /// Serialises to bytes: header, keys and values per group, CRC32 of all that.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut w = Vec::new();
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let esz = self.groups[0].values.elem_size();
+        let body = numel(
+            &[
+                self.groups.len(),
+                self.len,
+                4 * self.key_dim + esz * self.value_dim,
+            ],
+            "KV cache file",
+        )?;
+        let mut w = try_with_capacity(HEAD + body + 4, "KV cache file")?;
         w.extend_from_slice(MAGIC);
         w.extend_from_slice(&VERSION.to_le_bytes());
         for x in [
@@ -522,13 +635,17 @@ impl KvCache {
         }
         let crc = crc32fast::hash(&w);
         w.extend_from_slice(&crc.to_le_bytes());
-        w
+        Ok(w)
     }
 
     /// Parses [`to_bytes`]' format; rebuilds the index (deterministic, so the result equals
     /// the saved cache bit for bit).
+    ///
+    /// The file is untrusted: every size in the header is checked against the file's own
+    /// length (or against [`MAX_GROUPS`] / [`MAX_VALUE_DIM`] / the constructor's limits
+    /// where the body says nothing, e.g. an empty cache) before anything is allocated.
     pub fn from_bytes(b: &[u8]) -> Result<KvCache> {
-        let head = 8 + 4 + 10 * 8 + 8 + 1;
+        let head = HEAD;
         if b.len() < 8 || &b[..8] != MAGIC {
             return Err(ZetaError::Corrupt(
                 "not a zeta KV cache file (bad magic)".into(),
@@ -537,15 +654,31 @@ impl KvCache {
         if b.len() < head + 4 {
             return Err(ZetaError::Corrupt("truncated header".into()));
         }
-        let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
+        let rd8 = |i: usize| -> [u8; 8] {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            a
+        };
+        let version = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
         if version != VERSION {
             return Err(ZetaError::Corrupt(format!(
                 "unsupported version {version} (this zeta reads version {VERSION})"
             )));
         }
-        let u = |i: usize| u64::from_le_bytes(b[12 + 8 * i..20 + 8 * i].try_into().unwrap());
-        let fields: Vec<u64> = (0..10).map(u).collect();
-        let scale = f64::from_le_bytes(b[92..100].try_into().unwrap());
+        let crc = u32::from_le_bytes([
+            b[b.len() - 4],
+            b[b.len() - 3],
+            b[b.len() - 2],
+            b[b.len() - 1],
+        ]);
+        if crc32fast::hash(&b[..b.len() - 4]) != crc {
+            return Err(ZetaError::Corrupt("checksum mismatch".into()));
+        }
+        let mut fields = [0u64; 10];
+        for (i, f) in fields.iter_mut().enumerate() {
+            *f = u64::from_le_bytes(rd8(12 + 8 * i));
+        }
+        let scale = f64::from_le_bytes(rd8(92));
         let dcode = b[100];
         let to_usize = |x: u64, what: &str| -> Result<usize> {
             if x > (1u64 << 40) {
@@ -569,74 +702,50 @@ impl KvCache {
         };
         let values = Values::from_code(dcode)?;
         let esz = values.elem_size();
-        let per_group = len
-            .checked_mul(dk * 4 + dv * esz)
-            .ok_or_else(|| ZetaError::Corrupt("sizes overflow".into()))?;
+        // All in u64 from fields <= 2^40: products of two fit; checked beyond that.
         let body = batch
             .checked_mul(kvh)
-            .and_then(|g| g.checked_mul(per_group))
+            .and_then(|g| g.checked_mul(len))
+            .and_then(|n| n.checked_mul(dk * 4 + dv * esz))
             .ok_or_else(|| ZetaError::Corrupt("sizes overflow".into()))?;
-        if b.len() != head + body + 4 {
+        if b.len() - head - 4 != body {
             return Err(ZetaError::Corrupt(format!(
                 "truncated or padded: {} bytes, expected {}",
                 b.len(),
-                head + body + 4
+                head.saturating_add(body).saturating_add(4)
             )));
         }
-        let crc = u32::from_le_bytes(b[b.len() - 4..].try_into().unwrap());
-        if crc32fast::hash(&b[..b.len() - 4]) != crc {
-            return Err(ZetaError::Corrupt("checksum mismatch".into()));
-        }
+        // The body bounds every size when len > 0; `new` bounds the rest (group count,
+        // value_dim, key_dim, settings), still before any allocation that scales with them.
         let dtype = values.dtype();
-        let mut cache = KvCache::new(batch, kvh, dk, dv, params, dtype)
-            .map_err(|e| ZetaError::Corrupt(format!("bad header: {e}")))?;
-        let mut off = head;
-        let mut ks = Vec::with_capacity(batch * kvh * len * dk);
-        let mut vs_raw: Vec<&[u8]> = Vec::new();
-        for _ in 0..batch * kvh {
-            let kb = &b[off..off + len * dk * 4];
-            ks.extend(
-                kb.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
-            off += len * dk * 4;
-            vs_raw.push(&b[off..off + len * dv * esz]);
-            off += len * dv * esz;
+        let mut cache = KvCache::new(batch, kvh, dk, dv, params, dtype).map_err(|e| match e {
+            ZetaError::Memory(_) => e,
+            _ => ZetaError::Corrupt(format!("bad header: {e}")),
+        })?;
+        let ng = batch * kvh;
+        let (kbytes, vbytes) = (len * dk * 4, len * dv * esz);
+        let mut ks = try_vec(0.0f32, ng * len * dk, "KV cache keys")?;
+        for (gi, kg) in ks.chunks_exact_mut((len * dk).max(1)).enumerate().take(ng) {
+            let kb = &b[head + gi * (kbytes + vbytes)..][..kbytes];
+            for (x, c) in kg.iter_mut().zip(kb.chunks_exact(4)) {
+                *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
         }
         if first_non_finite(&ks).is_some() {
             return Err(ZetaError::Corrupt("non-finite keys".into()));
         }
-        let grids = cache.grids.clone();
-        let prm = cache.params;
-        cache
-            .groups
-            .par_iter_mut()
-            .zip(vs_raw.par_iter())
-            .enumerate()
-            .for_each(|(gi, (g, vb))| {
-                let kk = &ks[gi * len * dk..(gi + 1) * len * dk];
-                g.keys.extend_from_slice(kk);
-                g.values.read_le(vb);
-                for (c, grid) in g.codes.iter_mut().zip(&grids) {
-                    c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
-                }
-                for p in 0..len {
-                    for j in 0..dk {
-                        g.ksum[j] += kk[p * dk + j] as f64;
-                    }
-                    for j in 0..dv {
-                        g.vsum[j] += g.values.get_f64(p * dv + j);
-                    }
-                }
-                g.advance_index(len, &prm, dk);
-            });
-        cache.len = len;
+        // Values are stored as they are (a float16 value may be inf: a finite float32 out
+        // of float16's range); `append` sums what is stored, as `extend` does.
+        cache.append(&ks, len, |gi, vals| {
+            let off = head + gi * (kbytes + vbytes) + kbytes;
+            vals.read_le(&b[off..off + vbytes]);
+        })?;
         Ok(cache)
     }
 
     /// Atomic save: write a temporary file beside `path`, fsync, rename over `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let bytes = self.to_bytes();
+        let bytes = self.to_bytes()?;
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -667,74 +776,133 @@ impl KvCache {
     }
 
     pub fn load(path: &Path) -> Result<KvCache> {
-        let mut b = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_to_end(&mut b))
-            .map_err(|e| ZetaError::Io(format!("loading KV cache from {}: {e}", path.display())))?;
+        let io = |e: std::io::Error| {
+            ZetaError::Io(format!("loading KV cache from {}: {e}", path.display()))
+        };
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        // Room for the whole file first, fallibly: a file larger than memory is a
+        // MemoryError, not an abort inside read_to_end.
+        let size = f.metadata().map_err(io)?.len();
+        let size = usize::try_from(size)
+            .map_err(|_| ZetaError::Memory(format!("a {size}-byte KV cache file")))?;
+        let mut b: Vec<u8> = try_with_capacity(size, "KV cache file")?;
+        f.read_to_end(&mut b).map_err(io)?;
         KvCache::from_bytes(&b)
     }
 
     /// Exact equality of contents (keys, values, settings, index).
-    pub fn same_contents(&self, other: &KvCache) -> bool {
-        self.to_bytes() == other.to_bytes()
+    pub fn same_contents(&self, other: &KvCache) -> Result<bool> {
+        Ok(self.to_bytes()? == other.to_bytes()?
             && self.groups.iter().zip(&other.groups).all(|(a, b)| {
                 a.runs.len() == b.runs.len()
                     && a.runs
                         .iter()
                         .zip(&b.runs)
                         .all(|(x, y)| x.curves == y.curves)
-            })
+            }))
     }
 }
 
+/// Two adjacent runs of equal size merged into one.
+fn merge_runs(a: &Run, b: &Run, keys: &[f32], dk: usize) -> Result<Run> {
+    let mut curves = try_with_capacity(a.curves.len(), "KV cache runs")?;
+    for ((ea, _, _), (eb, _, _)) in a.curves.iter().zip(&b.curves) {
+        let mut e = try_vec(0u64, ea.len() + eb.len(), "KV cache run entries")?;
+        merge_into(ea, eb, &mut e);
+        let mut co = try_vec(0.0f32, e.len() * dk, "KV cache run coordinates")?;
+        gather_coords(&e, keys, dk, &mut co);
+        let fe = fence_of(&e)?;
+        curves.push((e, co, fe));
+    }
+    Ok(Run {
+        n_chunks: a.n_chunks + b.n_chunks,
+        curves,
+    })
+}
+
 impl Group {
-    /// Indexes every chunk before the newest token's chunk (binary-counter merges).
-    fn advance_index(&mut self, len: usize, prm: &Params, dk: usize) {
+    /// The runs that index every chunk before the newest token's chunk (binary-counter
+    /// merges), computed without changing the group: `commit` applies them.
+    fn plan_index(&mut self, len: usize, prm: &Params, dk: usize) -> Result<IndexPlan> {
         let chunk = prm.chunk;
         let target = if len == 0 { 0 } else { (len - 1) / chunk };
-        while self.indexed_chunks < target {
-            let c = self.indexed_chunks;
-            let curves = self
-                .codes
-                .iter()
-                .map(|codes| {
-                    let e = sorted_entries(codes, c * chunk, (c + 1) * chunk);
-                    let mut co = vec![0.0f32; e.len() * dk];
-                    gather_coords(&e, &self.keys, dk, &mut co);
-                    let fe = fence_of(&e);
-                    (e, co, fe)
-                })
-                .collect();
-            self.runs.push(Run {
-                n_chunks: 1,
-                curves,
-            });
-            self.indexed_chunks += 1;
-            while self.runs.len() >= 2
-                && self.runs[self.runs.len() - 1].n_chunks
-                    == self.runs[self.runs.len() - 2].n_chunks
-            {
-                let b = self.runs.pop().unwrap();
-                let a = self.runs.pop().unwrap();
-                let curves = a
-                    .curves
-                    .iter()
-                    .zip(&b.curves)
-                    .map(|((ea, _, _), (eb, _, _))| {
-                        let mut e = vec![0u64; ea.len() + eb.len()];
-                        merge_into(ea, eb, &mut e);
-                        let mut co = vec![0.0f32; e.len() * dk];
-                        gather_coords(&e, &self.keys, dk, &mut co);
-                        let fe = fence_of(&e);
-                        (e, co, fe)
-                    })
-                    .collect();
-                self.runs.push(Run {
-                    n_chunks: a.n_chunks * 2,
-                    curves,
-                });
+        let mut keep = self.runs.len();
+        let mut fresh: Vec<Run> = Vec::new();
+        let mut indexed = self.indexed_chunks;
+        while indexed < target {
+            let run = self.chunk_run(indexed * chunk, (indexed + 1) * chunk, dk)?;
+            fresh.try_reserve(1).map_err(oom("KV cache runs", 1))?;
+            fresh.push(run);
+            indexed += 1;
+            loop {
+                let n = keep + fresh.len();
+                if n < 2 {
+                    break;
+                }
+                let at = |i: usize| {
+                    if i < keep {
+                        &self.runs[i]
+                    } else {
+                        &fresh[i - keep]
+                    }
+                };
+                let (a, b) = (at(n - 2), at(n - 1));
+                if a.n_chunks != b.n_chunks {
+                    break;
+                }
+                let merged = merge_runs(a, b, &self.keys, dk)?;
+                // The top run is always a fresh one, so the push below reuses its slot.
+                for _ in 0..2 {
+                    if fresh.pop().is_none() {
+                        keep -= 1;
+                    }
+                }
+                fresh.push(merged);
             }
         }
+        let need = (keep + fresh.len()).saturating_sub(self.runs.len());
+        self.runs
+            .try_reserve(need)
+            .map_err(oom("KV cache runs", need))?;
+        Ok(IndexPlan {
+            keep,
+            fresh,
+            indexed,
+        })
+    }
+
+    /// Applies a plan and adds rows `old..new_len` to the running sums. Cannot fail.
+    fn commit(&mut self, plan: IndexPlan, old: usize, new_len: usize, dk: usize, dv: usize) {
+        self.runs.truncate(plan.keep);
+        self.runs.extend(plan.fresh);
+        self.indexed_chunks = plan.indexed;
+        for row in self.keys[old * dk..new_len * dk].chunks_exact(dk) {
+            for (x, &y) in self.ksum.iter_mut().zip(row) {
+                *x += y as f64;
+            }
+        }
+        // Sum what is stored (f16/bf16 rounding included), in position order.
+        for p in old..new_len {
+            for (j, x) in self.vsum.iter_mut().enumerate() {
+                *x += self.values.get_f64(p * dv + j);
+            }
+        }
+    }
+
+    /// The sorted run of positions `[lo, hi)` (one chunk).
+    fn chunk_run(&self, lo: usize, hi: usize, dk: usize) -> Result<Run> {
+        let mut curves = try_with_capacity(self.codes.len(), "KV cache runs")?;
+        for codes in &self.codes {
+            let e = sorted_entries(codes, lo, hi)?;
+            let mut co = try_vec(0.0f32, e.len() * dk, "KV cache run coordinates")?;
+            gather_coords(&e, &self.keys, dk, &mut co);
+            let fe = fence_of(&e)?;
+            curves.push((e, co, fe));
+        }
+        Ok(Run {
+            n_chunks: 1,
+            curves,
+        })
     }
 
     /// Candidates of a query at position `p` in the tail chunk (same set as the parallel
@@ -771,12 +939,20 @@ impl Group {
     }
 
     /// Means of keys and values over positions 0..=p for p in first..s, rows (p - first).
-    fn suffix_means(&self, first: usize, s: usize, dk: usize, dv: usize) -> (Vec<f32>, Vec<f32>) {
+    fn suffix_means(
+        &self,
+        first: usize,
+        s: usize,
+        dk: usize,
+        dv: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let n = s - first;
-        let mut kb = vec![0.0f32; n * dk];
-        let mut vb = vec![0.0f32; n * dv];
-        let mut ks = self.ksum.clone();
-        let mut vs = self.vsum.clone();
+        let mut kb = try_vec(0.0f32, n * dk, "mean_token key means")?;
+        let mut vb = try_vec(0.0f32, n * dv, "mean_token value means")?;
+        let mut ks = try_with_capacity(dk, "mean_token sums")?;
+        ks.extend_from_slice(&self.ksum);
+        let mut vs = try_with_capacity(dv, "mean_token sums")?;
+        vs.extend_from_slice(&self.vsum);
         for p in (first..s).rev() {
             let i = p - first;
             let inv = 1.0 / (p + 1) as f64;
@@ -789,7 +965,7 @@ impl Group {
                 vs[j] -= self.values.get_f64(p * dv + j);
             }
         }
-        (kb, vb)
+        Ok((kb, vb))
     }
 }
 
@@ -885,9 +1061,9 @@ mod tests {
         };
         let mut c = KvCache::new(1, 1, 3, 2, prm, "float16").unwrap();
         c.extend(&data(30 * 3, 4), &data(30 * 2, 5), 30).unwrap();
-        let b = c.to_bytes();
+        let b = c.to_bytes().unwrap();
         let d = KvCache::from_bytes(&b).unwrap();
-        assert!(d.same_contents(&c));
+        assert!(d.same_contents(&c).unwrap());
         let mut bad = b.clone();
         bad[120] ^= 1;
         assert!(matches!(
@@ -911,11 +1087,153 @@ mod tests {
         };
         let mut c = KvCache::new(1, 1, 3, 2, prm, "float32").unwrap();
         c.extend(&data(9, 1), &data(6, 2), 3).unwrap();
-        let before = c.to_bytes();
+        let before = c.to_bytes().unwrap();
         let mut k = data(9, 3);
         k[4] = f32::NAN;
         assert!(c.extend(&k, &data(6, 4), 3).is_err());
         assert!(c.extend(&data(8, 3), &data(6, 4), 3).is_err());
-        assert_eq!(c.to_bytes(), before);
+        assert_eq!(c.to_bytes().unwrap(), before);
+    }
+
+    fn prm4() -> Params {
+        Params {
+            chunk: 4,
+            window: 2,
+            n_curves: 2,
+            n_sink: 1,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        }
+    }
+
+    /// A header with the given fields and a body of `body` zero bytes, checksum valid.
+    fn crafted(fields: [u64; 10], dcode: u8, body: usize) -> Vec<u8> {
+        let mut w = MAGIC.to_vec();
+        w.extend_from_slice(&VERSION.to_le_bytes());
+        for f in fields {
+            w.extend_from_slice(&f.to_le_bytes());
+        }
+        w.extend_from_slice(&1.0f64.to_le_bytes());
+        w.push(dcode);
+        w.resize(w.len() + body, 0);
+        let crc = crc32fast::hash(&w);
+        w.extend_from_slice(&crc.to_le_bytes());
+        w
+    }
+
+    #[test]
+    fn absurd_headers_are_refused_before_allocating() {
+        // The issue's files: 105 bytes, valid checksum, batch 2^20 x kv heads 2^10, length 0;
+        // and value_dim 2^38.
+        let a = crafted([1 << 20, 1 << 10, 3, 4, 64, 0, 1, 0, 10, 0], 0, 0);
+        assert_eq!(a.len(), 105);
+        assert!(matches!(
+            KvCache::from_bytes(&a),
+            Err(ZetaError::Corrupt(_))
+        ));
+        let b = crafted([1, 1, 3, 1 << 38, 64, 0, 1, 0, 10, 0], 0, 0);
+        assert!(matches!(
+            KvCache::from_bytes(&b),
+            Err(ZetaError::Corrupt(_))
+        ));
+        // Sizes whose product overflows, a body that does not match, zero dims.
+        for f in [
+            [1 << 40, 1 << 40, 3, 4, 64, 0, 1, 0, 10, 1 << 40],
+            [1, 1, 3, 4, 64, 0, 1, 0, 10, 1 << 30],
+            [1, 1, 0, 4, 64, 0, 1, 0, 10, 0],
+            [1, 1, 3, 4, 0, 0, 1, 0, 10, 0],
+            [1, 1, 9, 4, 64, 0, 1, 0, 10, 0],
+            [0, 1, 3, 4, 64, 0, 1, 0, 10, 0],
+        ] {
+            assert!(KvCache::from_bytes(&crafted(f, 0, 0)).is_err(), "{f:?}");
+        }
+        // A plausible empty cache still loads.
+        let ok = crafted([2, 3, 3, 4, 64, 0, 1, 0, 10, 0], 1, 0);
+        assert_eq!(KvCache::from_bytes(&ok).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn absurd_constructor_sizes_are_errors() {
+        let e = KvCache::new(1 << 10, 1 << 20, 3, 4, prm4(), "float32").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ZetaError::Value {
+                    arg: "num_kv_heads",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = KvCache::new(1, 1, 3, 1 << 40, prm4(), "float32").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ZetaError::Value {
+                    arg: "value_dim",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = KvCache::new(usize::MAX, 2, 3, 4, prm4(), "float32").unwrap_err();
+        assert!(matches!(e, ZetaError::Value { arg: "batch", .. }), "{e}");
+        // Within the limits but far beyond any memory: MemoryError from the probe.
+        let e = KvCache::new(1 << 12, 1 << 12, 3, 1 << 24, prm4(), "float32").unwrap_err();
+        assert!(matches!(e, ZetaError::Alloc { .. }), "{e}");
+        // A huge topk on a small cache is fine (clamped to the cache's length).
+        let mut c = KvCache::new(1, 1, 3, 2, prm4(), "float32").unwrap();
+        c.extend(&data(30, 1), &data(20, 2), 10).unwrap();
+        let out = c
+            .attend(&data(3, 3), 1, 1, usize::MAX, &[1.0], false, None)
+            .unwrap();
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn mutated_files_never_panic() {
+        let mut c = KvCache::new(2, 1, 3, 2, prm4(), "bfloat16").unwrap();
+        c.extend(&data(2 * 11 * 3, 4), &data(2 * 11 * 2, 5), 11)
+            .unwrap();
+        let good = c.to_bytes().unwrap();
+        let mut s = 12345u64;
+        let mut rnd = |m: usize| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as usize % m.max(1)
+        };
+        for i in 0..3000 {
+            let mut b = good.clone();
+            match i % 4 {
+                0 => {
+                    let j = rnd(b.len());
+                    b[j] ^= 1 << rnd(8);
+                }
+                1 => {
+                    // One header field set to a random power of two or small value.
+                    let f = rnd(10);
+                    let v: u64 = if rnd(2) == 0 {
+                        1 << rnd(64)
+                    } else {
+                        rnd(20) as u64
+                    };
+                    b[12 + 8 * f..20 + 8 * f].copy_from_slice(&v.to_le_bytes());
+                }
+                2 => b.truncate(rnd(b.len())),
+                _ => b[100] = rnd(4) as u8,
+            }
+            if rnd(4) != 0 && b.len() >= 4 {
+                let n = b.len() - 4;
+                let crc = crc32fast::hash(&b[..n]);
+                b[n..].copy_from_slice(&crc.to_le_bytes());
+            }
+            if let Ok(d) = KvCache::from_bytes(&b) {
+                // Whatever loads must also work.
+                let to = d.to_bytes().unwrap();
+                assert!(KvCache::from_bytes(&to).unwrap().same_contents(&d).unwrap());
+            }
+        }
     }
 }

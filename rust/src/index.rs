@@ -14,7 +14,7 @@
 //!
 //! Only even-indexed runs are ever searched, but odd ones are needed to merge the level above;
 //! building all levels costs `O(S log(S/chunk))` time and memory.
-use crate::error::{Result, ZetaError};
+use crate::error::{try_vec, try_with_capacity, Result, ZetaError};
 use crate::quantize::{Grid, Real};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -111,12 +111,10 @@ pub const FENCE: usize = 64;
 ///
 /// Perf note (KV cache, S = 64k, 8 heads, T_q = 1): the call cost ~100 us whatever the
 /// window, nearly all of it cache misses of the binary searches in the runs.
-pub fn fence_of(entries: &[u64]) -> Vec<u32> {
-    entries
-        .iter()
-        .step_by(FENCE)
-        .map(|&e| (e >> 32) as u32)
-        .collect()
+pub fn fence_of(entries: &[u64]) -> Result<Vec<u32>> {
+    let mut f = try_with_capacity(entries.len().div_ceil(FENCE), "index fence")?;
+    f.extend(entries.iter().step_by(FENCE).map(|&e| (e >> 32) as u32));
+    Ok(f)
 }
 
 /// Hints the CPU to load the cache lines of `s` (no effect on other architectures).
@@ -251,10 +249,11 @@ impl<'a, T: Float> RunView<'a, T> {
 }
 
 /// Sorted entries of `keys` positions `[lo, hi)` for one curve.
-pub fn sorted_entries(codes: &[u32], lo: usize, hi: usize) -> Vec<u64> {
-    let mut e: Vec<u64> = (lo..hi).map(|p| pack(codes[p], p as u32)).collect();
+pub fn sorted_entries(codes: &[u32], lo: usize, hi: usize) -> Result<Vec<u64>> {
+    let mut e = try_with_capacity(hi - lo, "index entries")?;
+    e.extend((lo..hi).map(|p| pack(codes[p], p as u32)));
     e.sort_unstable();
-    e
+    Ok(e)
 }
 
 /// Coordinates of the entries, in entry order.
@@ -305,34 +304,37 @@ impl<T: Float + Real> KeyIndex<T> {
         }
         let grids = params.grids(dk)?;
         let chunk = params.chunk;
+        // Every buffer here scales with S: all fallible (MemoryError, not an abort).
         let curves = grids
             .par_iter()
-            .map(|g| {
-                let codes: Vec<u32> = k.par_chunks_exact(dk).map(|x| g.code(x) as u32).collect();
+            .map(|g| -> Result<CurveTree<T>> {
+                let mut codes = try_vec(0u32, s, "index codes")?;
+                codes
+                    .par_iter_mut()
+                    .zip(k.par_chunks_exact(dk))
+                    .for_each(|(c, x)| *c = g.code(x) as u32);
                 if !params.causal {
-                    let e = {
-                        let mut e: Vec<u64> = codes
-                            .par_iter()
-                            .enumerate()
-                            .map(|(p, &c)| pack(c, p as u32))
-                            .collect();
-                        e.par_sort_unstable();
-                        e
-                    };
-                    let mut c = vec![T::zero(); e.len() * dk];
+                    let mut e = try_vec(0u64, s, "index entries")?;
+                    e.par_iter_mut()
+                        .zip(codes.par_iter())
+                        .enumerate()
+                        .for_each(|(p, (o, &c))| *o = pack(c, p as u32));
+                    e.par_sort_unstable();
+                    let mut c = try_vec(T::zero(), e.len() * dk, "index coordinates")?;
                     gather_coords(&e, k, dk, &mut c);
-                    let fences = vec![fence_of(&e)];
-                    return CurveTree {
+                    let fences = vec![fence_of(&e)?];
+                    return Ok(CurveTree {
                         levels: vec![e],
                         coords: vec![c],
                         fences,
-                    };
+                    });
                 }
                 let n_chunks = s / chunk;
+                // At most log2(S) + 1 levels: bounded by a constant, plain Vecs.
                 let mut levels: Vec<Vec<u64>> = Vec::new();
                 let mut coords: Vec<Vec<T>> = Vec::new();
                 if n_chunks > 0 {
-                    let mut l0 = vec![0u64; n_chunks * chunk];
+                    let mut l0 = try_vec(0u64, n_chunks * chunk, "index level 0")?;
                     l0.par_chunks_mut(chunk).enumerate().for_each(|(ch, o)| {
                         for (r, slot) in o.iter_mut().enumerate() {
                             let p = ch * chunk + r;
@@ -346,7 +348,7 @@ impl<T: Float + Real> KeyIndex<T> {
                         let run = chunk << l;
                         let n_runs = n_chunks >> l;
                         let prev = &levels[l - 1];
-                        let mut cur = vec![0u64; n_runs * run];
+                        let mut cur = try_vec(0u64, n_runs * run, "index level")?;
                         cur.par_chunks_mut(run).enumerate().for_each(|(r, o)| {
                             let a = &prev[r * run..r * run + run / 2];
                             let b = &prev[r * run + run / 2..(r + 1) * run];
@@ -356,21 +358,24 @@ impl<T: Float + Real> KeyIndex<T> {
                         l += 1;
                     }
                     for lv in &levels {
-                        let mut c = vec![T::zero(); lv.len() * dk];
+                        let mut c = try_vec(T::zero(), lv.len() * dk, "index coordinates")?;
                         c.par_chunks_mut(dk * 1024)
                             .zip(lv.par_chunks(1024))
                             .for_each(|(o, e)| gather_coords(e, k, dk, o));
                         coords.push(c);
                     }
                 }
-                let fences = levels.iter().map(|l| fence_of(l)).collect();
-                CurveTree {
+                let fences = levels
+                    .iter()
+                    .map(|l| fence_of(l))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(CurveTree {
                     levels,
                     coords,
                     fences,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(KeyIndex {
             grids,
             curves,
@@ -521,12 +526,15 @@ impl<T: Float + Real> TopK<T> {
     pub fn new(k: usize, mult: usize) -> Self {
         let k = k.max(1);
         let mult = mult.max(1);
-        let cap = (4 * k * mult).max(64);
+        let cap = k
+            .saturating_mul(4 * mult)
+            .clamp(64, isize::MAX as usize / 16);
         TopK {
             k,
             mult,
             cap,
-            buf: vec![T::KEY_MAX; cap + 1],
+            // Up to 4 k mult keys per thread: out of memory unwinds to the entry point.
+            buf: crate::error::vec_or_unwind(T::KEY_MAX, cap + 1, "top-k buffer"),
             n: 0,
             thresh: T::KEY_MAX,
         }

@@ -18,6 +18,7 @@ use numpy::{
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 impl From<ZetaError> for PyErr {
     fn from(e: ZetaError) -> PyErr {
@@ -25,10 +26,29 @@ impl From<ZetaError> for PyErr {
         match e {
             ZetaError::Value { .. } | ZetaError::Corrupt(_) => PyValueError::new_err(msg),
             ZetaError::Type { .. } => PyTypeError::new_err(msg),
-            ZetaError::Memory(_) => PyMemoryError::new_err(msg),
+            ZetaError::Memory(_) | ZetaError::Alloc { .. } => PyMemoryError::new_err(msg),
             ZetaError::Io(_) => PyOSError::new_err(msg),
+            ZetaError::Internal(_) => PyRuntimeError::new_err(msg),
         }
     }
+}
+
+/// Runs `f`, turning a panic into [`ZetaError::Internal`].
+fn catch<R>(f: impl FnOnce() -> Result<R, ZetaError>) -> Result<R, ZetaError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        if let Some(m) = p.downcast_ref::<crate::error::OutOfMemory>() {
+            return Err(ZetaError::Alloc {
+                what: m.what,
+                n: m.n,
+            });
+        }
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(ZetaError::Internal(what))
+    })
 }
 
 /// Runs `f` without the GIL, in zeta's pool, turning a panic into a Python `RuntimeError`.
@@ -36,30 +56,19 @@ pub(crate) fn run<R: Send>(
     py: Python<'_>,
     f: impl FnOnce() -> Result<R, ZetaError> + Send,
 ) -> PyResult<R> {
-    let r =
-        py.detach(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pool::install(f))));
-    match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.into()),
-        Err(p) => {
-            let what = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown".into());
-            Err(PyRuntimeError::new_err(format!(
-                "zeta internal error (please report): {what}"
-            )))
-        }
-    }
+    Ok(py.detach(|| catch(|| pool::install(f)))?)
 }
 
-fn dtype_err(arg: &'static str, a: &Bound<'_, PyAny>, want: &str) -> PyErr {
+fn not_contiguous(arg: &'static str) -> ZetaError {
+    ZetaError::value(arg, "must be C-contiguous")
+}
+
+fn dtype_err(arg: &'static str, a: &Bound<'_, PyAny>, want: &str) -> ZetaError {
     let got = a
         .getattr("dtype")
         .and_then(|d| d.str().map(|s| s.to_string()))
         .unwrap_or_else(|_| "?".into());
-    PyTypeError::new_err(format!("{arg}: expected {want}, got dtype {got}"))
+    ZetaError::type_(arg, format!("expected {want}, got dtype {got}"))
 }
 
 fn encode_impl<'py, C: morton::Coord + numpy::Element>(
@@ -70,9 +79,7 @@ fn encode_impl<'py, C: morton::Coord + numpy::Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let d = a.shape()[1];
     let n = a.shape()[0];
-    let coords = a
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("coords: must be C-contiguous"))?;
+    let coords = a.as_slice().map_err(|_| not_contiguous("coords"))?;
     let path = simd::selected();
     if out64 {
         let out = run(py, || {
@@ -115,7 +122,8 @@ fn morton_encode<'py>(
         "coords",
         coords,
         "a 2-D array of unsigned integers (uint8/16/32/64)",
-    ))
+    )
+    .into())
 }
 
 fn decode_impl<'py, O: morton::Code + morton::Coord + numpy::Element>(
@@ -125,9 +133,7 @@ fn decode_impl<'py, O: morton::Code + morton::Coord + numpy::Element>(
     bits: u32,
 ) -> PyResult<Bound<'py, PyAny>> {
     let n = a.shape()[0];
-    let codes = a
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("codes: must be C-contiguous"))?;
+    let codes = a.as_slice().map_err(|_| not_contiguous("codes"))?;
     let path = simd::selected();
     let out = run(py, || {
         morton::check_dims("dims", dims)?;
@@ -138,8 +144,8 @@ fn decode_impl<'py, O: morton::Code + morton::Coord + numpy::Element>(
         morton::decode(codes, dims, bits, &mut o, path)?;
         Ok(o)
     })?;
-    let arr = Array2::from_shape_vec((n, dims), out)
-        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let arr =
+        Array2::from_shape_vec((n, dims), out).map_err(|e| ZetaError::Internal(e.to_string()))?;
     Ok(arr.into_pyarray(py).into_any())
 }
 
@@ -157,7 +163,7 @@ fn morton_decode<'py>(
     if let Ok(a) = codes.extract::<PyReadonlyArray1<u64>>() {
         return decode_impl(py, a, dims, bits);
     }
-    Err(dtype_err("codes", codes, "a 1-D array of uint32 or uint64"))
+    Err(dtype_err("codes", codes, "a 1-D array of uint32 or uint64").into())
 }
 
 fn zorder_impl<'py, T: quantize::Real + numpy::Element>(
@@ -169,9 +175,7 @@ fn zorder_impl<'py, T: quantize::Real + numpy::Element>(
     out64: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (n, d) = (a.shape()[0], a.shape()[1]);
-    let x = a
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("x: must be C-contiguous"))?;
+    let x = a.as_slice().map_err(|_| not_contiguous("x"))?;
     let grid = quantize::Grid::new(d, bits, shift, scale)?;
     if out64 {
         let out = run(py, || {
@@ -206,7 +210,7 @@ fn zorder<'py>(
     if let Ok(a) = x.extract::<PyReadonlyArray2<f64>>() {
         return zorder_impl(py, a, bits, shift, scale, out64);
     }
-    Err(dtype_err("x", x, "a 2-D array of float32 or float64"))
+    Err(dtype_err("x", x, "a 2-D array of float32 or float64").into())
 }
 
 fn argsort_impl<'py, K: morton::Code + numpy::Element>(
@@ -214,16 +218,14 @@ fn argsort_impl<'py, K: morton::Code + numpy::Element>(
     a: PyReadonlyArray2<'py, K>,
 ) -> PyResult<Bound<'py, PyArray2<i64>>> {
     let (rows, n) = (a.shape()[0], a.shape()[1]);
-    let keys = a
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("codes: must be C-contiguous"))?;
+    let keys = a.as_slice().map_err(|_| not_contiguous("codes"))?;
     let out = run(py, || {
         let mut o = crate::error::try_vec(0i64, rows * n, "argsort output")?;
         sort::argsort_rows(keys, n, &mut o);
         Ok(o)
     })?;
-    let arr = Array2::from_shape_vec((rows, n), out)
-        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let arr =
+        Array2::from_shape_vec((rows, n), out).map_err(|e| ZetaError::Internal(e.to_string()))?;
     Ok(arr.into_pyarray(py))
 }
 
@@ -236,7 +238,7 @@ fn argsort<'py>(py: Python<'py>, codes: &Bound<'py, PyAny>) -> PyResult<Bound<'p
     if let Ok(a) = codes.extract::<PyReadonlyArray2<u64>>() {
         return argsort_impl(py, a);
     }
-    Err(dtype_err("codes", codes, "uint32 or uint64 codes"))
+    Err(dtype_err("codes", codes, "uint32 or uint64 codes").into())
 }
 
 fn searchsorted_impl<'py, K: morton::Code + numpy::Element>(
@@ -248,23 +250,21 @@ fn searchsorted_impl<'py, K: morton::Code + numpy::Element>(
     let (rows, n) = (s.shape()[0], s.shape()[1]);
     let (qrows, m) = (q.shape()[0], q.shape()[1]);
     if rows != qrows {
-        return Err(PyValueError::new_err(format!(
-            "queries: leading shape must match sorted_codes' ({rows} rows vs {qrows})"
-        )));
+        return Err(ZetaError::value(
+            "queries",
+            format!("leading shape must match sorted_codes' ({rows} rows vs {qrows})"),
+        )
+        .into());
     }
-    let sorted = s
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("sorted_codes: must be C-contiguous"))?;
-    let queries = q
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("queries: must be C-contiguous"))?;
+    let sorted = s.as_slice().map_err(|_| not_contiguous("sorted_codes"))?;
+    let queries = q.as_slice().map_err(|_| not_contiguous("queries"))?;
     let out = run(py, || {
         let mut o = crate::error::try_vec(0i64, rows * m, "searchsorted output")?;
         search::searchsorted_rows(sorted, n, queries, m, right, &mut o);
         Ok(o)
     })?;
-    let arr = Array2::from_shape_vec((rows, m), out)
-        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let arr =
+        Array2::from_shape_vec((rows, m), out).map_err(|e| ZetaError::Internal(e.to_string()))?;
     Ok(arr.into_pyarray(py))
 }
 
@@ -292,7 +292,8 @@ fn searchsorted<'py>(
         "sorted_codes",
         sorted,
         "uint32 or uint64 codes (queries of the same dtype)",
-    ))
+    )
+    .into())
 }
 
 /// Index settings as passed from Python.
@@ -322,9 +323,11 @@ impl PyParams {
     }
 }
 
-fn slice4<'a, T: numpy::Element>(a: &'a PyReadonlyArray4<'_, T>, name: &str) -> PyResult<&'a [T]> {
-    a.as_slice()
-        .map_err(|_| PyValueError::new_err(format!("{name}: must be C-contiguous")))
+fn slice4<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray4<'_, T>,
+    name: &'static str,
+) -> Result<&'a [T], ZetaError> {
+    a.as_slice().map_err(|_| not_contiguous(name))
 }
 
 fn shape_of<T: numpy::Element, U: numpy::Element>(
@@ -334,24 +337,26 @@ fn shape_of<T: numpy::Element, U: numpy::Element>(
 ) -> PyResult<Shape> {
     let (qs, ks) = (q.shape(), k.shape());
     if qs[0] != ks[0] {
-        return Err(PyValueError::new_err(format!(
-            "k: batch {} does not match q's {}",
-            ks[0], qs[0]
-        )));
+        return Err(
+            ZetaError::value("k", format!("batch {} does not match q's {}", ks[0], qs[0])).into(),
+        );
     }
     if qs[3] != ks[3] {
-        return Err(PyValueError::new_err(format!(
-            "k: key_dim {} does not match q's {}",
-            ks[3], qs[3]
-        )));
+        return Err(ZetaError::value(
+            "k",
+            format!("key_dim {} does not match q's {}", ks[3], qs[3]),
+        )
+        .into());
     }
     let dv = match v {
         Some(v) => {
             let vs = v.shape();
             if vs[0] != ks[0] || vs[1] != ks[1] || vs[2] != ks[2] {
-                return Err(PyValueError::new_err(format!(
-                    "v: shape {vs:?} does not match k's {ks:?} in (B, H_kv, S)"
-                )));
+                return Err(ZetaError::value(
+                    "v",
+                    format!("shape {vs:?} does not match k's {ks:?} in (B, H_kv, S)"),
+                )
+                .into());
             }
             vs[3]
         }
@@ -374,7 +379,7 @@ fn arr4<'py, T: numpy::Element>(
     d: [usize; 4],
 ) -> PyResult<Bound<'py, PyArray4<T>>> {
     Ok(Array4::from_shape_vec((d[0], d[1], d[2], d[3]), v)
-        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?
+        .map_err(|e| ZetaError::Internal(e.to_string()))?
         .into_pyarray(py))
 }
 
@@ -385,11 +390,7 @@ macro_rules! float_dispatch {
         } else if $q.extract::<PyReadonlyArray4<f64>>().is_ok() {
             $f64
         } else {
-            Err(dtype_err(
-                "q",
-                $q,
-                "a 4-D float32 or float64 array (B, H, N, key_dim)",
-            ))
+            Err(dtype_err("q", $q, "a 4-D float32 or float64 array (B, H, N, key_dim)").into())
         }
     }};
 }
@@ -488,9 +489,7 @@ fn fwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
         .map_err(|_| dtype_err("v", v, "a 4-D array of q's dtype (B, H_kv, S, value_dim)"))?;
     let sh = shape_of(&q, &k, Some(&v))?;
     let (qs, ks, vs) = (slice4(&q, "q")?, slice4(&k, "k")?, slice4(&v, "v")?);
-    let gs = gamma
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
+    let gs = gamma.as_slice().map_err(|_| not_contiguous("gamma"))?;
     let p = prm.get();
     let opts = AttnOpts { topk, mean_token };
     let (out, idx) = run(py, || attention::forward(&sh, &p, &opts, qs, ks, vs, gs))?;
@@ -545,12 +544,8 @@ fn bwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
         slice4(&v, "v")?,
         slice4(&go, "grad_out")?,
     );
-    let is = indices
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("indices: must be C-contiguous"))?;
-    let gs = gamma
-        .as_slice()
-        .map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
+    let is = indices.as_slice().map_err(|_| not_contiguous("indices"))?;
+    let gs = gamma.as_slice().map_err(|_| not_contiguous("gamma"))?;
     let p = prm.get();
     let opts = AttnOpts { topk, mean_token };
     let (dq, dk, dv, dg) = run(py, || {
@@ -585,15 +580,61 @@ fn attention_backward<'py>(
 }
 
 /// The Rust KV cache (see `zeta.KVCache` for the documented front end).
-#[pyclass(name = "KVCacheCore", module = "zeta._core")]
+///
+/// One cache serves many Python threads: the state sits behind a `RwLock`; `attend`, `save`
+/// and the accessors take it shared (concurrent attends), `extend` exclusive. Every wait for
+/// the lock happens with the GIL released, and on the calling thread, never inside zeta's
+/// rayon pool: a pool worker that blocked on the lock while it held the lock's reader's
+/// stolen work would deadlock (rayon runs other jobs while it waits for a join).
+#[pyclass(name = "KVCacheCore", module = "zeta._core", frozen)]
 struct PyKvCache {
-    inner: KvCache,
+    /// (batch, kv_heads, key_dim, value_dim): fixed at construction, read without the lock.
+    dims: [usize; 4],
+    inner: RwLock<KvCache>,
+}
+
+impl PyKvCache {
+    fn wrap(c: KvCache) -> Self {
+        PyKvCache {
+            dims: [c.batch, c.kv_heads, c.key_dim, c.value_dim],
+            inner: RwLock::new(c),
+        }
+    }
+
+    /// The state, shared. A poisoned lock (a panic while it was held) is taken anyway:
+    /// writers change nothing until they cannot fail any more (see `KvCache::extend`).
+    fn read(&self) -> RwLockReadGuard<'_, KvCache> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, KvCache> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `f` on the shared state: the GIL released before waiting, the work in zeta's pool.
+    fn with_read<R: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&KvCache) -> Result<R, ZetaError> + Send,
+    ) -> PyResult<R> {
+        Ok(py.detach(|| {
+            let guard = self.read();
+            let c: &KvCache = &guard;
+            catch(|| pool::install(|| f(c)))
+        })?)
+    }
+
+    /// Accessors: no pool, but still no GIL while waiting for an `extend` to finish.
+    fn peek<R: Send>(&self, py: Python<'_>, f: impl FnOnce(&KvCache) -> R + Send) -> R {
+        py.detach(|| f(&self.read()))
+    }
 }
 
 #[pymethods]
 impl PyKvCache {
     #[new]
     fn new(
+        py: Python<'_>,
         batch: usize,
         kv_heads: usize,
         key_dim: usize,
@@ -601,37 +642,43 @@ impl PyKvCache {
         params: PyParams,
         dtype: &str,
     ) -> PyResult<Self> {
-        Ok(PyKvCache {
-            inner: KvCache::new(batch, kv_heads, key_dim, value_dim, params.get(), dtype)?,
-        })
+        let p = params.get();
+        let c =
+            py.detach(|| catch(|| KvCache::new(batch, kv_heads, key_dim, value_dim, p, dtype)))?;
+        Ok(PyKvCache::wrap(c))
     }
 
     /// extend(k (B, H_kv, T, key_dim) f32, v (B, H_kv, T, value_dim) f32)
     fn extend(
-        &mut self,
+        &self,
         py: Python<'_>,
         k: PyReadonlyArray4<'_, f32>,
         v: PyReadonlyArray4<'_, f32>,
     ) -> PyResult<()> {
-        let c = &self.inner;
+        let [b, hkv, dk, dv] = self.dims;
         let (ks, vs) = (k.shape(), v.shape());
-        if ks[0] != c.batch || ks[1] != c.kv_heads || ks[3] != c.key_dim {
-            return Err(PyValueError::new_err(format!(
-                "k: expected shape ({}, {}, T, {}), got {ks:?}",
-                c.batch, c.kv_heads, c.key_dim
-            )));
+        if ks[0] != b || ks[1] != hkv || ks[3] != dk {
+            return Err(ZetaError::value(
+                "k",
+                format!("expected shape ({b}, {hkv}, T, {dk}), got {ks:?}"),
+            )
+            .into());
         }
-        if vs[0] != c.batch || vs[1] != c.kv_heads || vs[2] != ks[2] || vs[3] != c.value_dim {
-            return Err(PyValueError::new_err(format!(
-                "v: expected shape ({}, {}, {}, {}), got {vs:?}",
-                c.batch, c.kv_heads, ks[2], c.value_dim
-            )));
+        if vs[0] != b || vs[1] != hkv || vs[2] != ks[2] || vs[3] != dv {
+            return Err(ZetaError::value(
+                "v",
+                format!("expected shape ({b}, {hkv}, {}, {dv}), got {vs:?}", ks[2]),
+            )
+            .into());
         }
         let t = ks[2];
         let kk = slice4(&k, "k")?;
         let vv = slice4(&v, "v")?;
-        let inner = &mut self.inner;
-        run(py, || inner.extend(kk, vv, t))
+        Ok(py.detach(|| {
+            let mut guard = self.write();
+            let c: &mut KvCache = &mut guard;
+            catch(|| pool::install(|| c.extend(kk, vv, t)))
+        })?)
     }
 
     /// attend(q (B, H, T_q, key_dim) f32, topk, gamma (H,) f64, mean_token) -> (B, H, T_q, value_dim) f32
@@ -645,61 +692,69 @@ impl PyKvCache {
         mean_token: bool,
         window: Option<usize>,
     ) -> PyResult<Bound<'py, PyArray4<f32>>> {
-        let c = &self.inner;
+        let [b, _, dk, dv] = self.dims;
         let qs = q.shape();
-        if qs[0] != c.batch || qs[3] != c.key_dim {
-            return Err(PyValueError::new_err(format!(
-                "q: expected shape ({}, H, T_q, {}), got {qs:?}",
-                c.batch, c.key_dim
-            )));
+        if qs[0] != b || qs[3] != dk {
+            return Err(ZetaError::value(
+                "q",
+                format!("expected shape ({b}, H, T_q, {dk}), got {qs:?}"),
+            )
+            .into());
         }
         let (h, tq) = (qs[1], qs[2]);
         let qq = slice4(&q, "q")?;
-        let gs = gamma
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("gamma: must be contiguous"))?;
-        let out = run(py, || c.attend(qq, h, tq, topk, gs, mean_token, window))?;
-        arr4(py, out, [c.batch, h, tq, c.value_dim])
+        let gs = gamma.as_slice().map_err(|_| not_contiguous("gamma"))?;
+        let out = self.with_read(py, |c| c.attend(qq, h, tq, topk, gs, mean_token, window))?;
+        arr4(py, out, [b, h, tq, dv])
     }
 
-    fn __len__(&self) -> usize {
-        self.inner.len()
+    fn __len__(&self, py: Python<'_>) -> usize {
+        self.peek(py, |c| c.len())
     }
     #[getter]
-    fn nbytes(&self) -> usize {
-        self.inner.nbytes()
+    fn nbytes(&self, py: Python<'_>) -> usize {
+        self.peek(py, |c| c.nbytes())
     }
     #[getter]
-    fn dtype(&self) -> &'static str {
-        self.inner.dtype()
+    fn dtype(&self, py: Python<'_>) -> &'static str {
+        self.peek(py, |c| c.dtype())
     }
     /// (batch, kv_heads, key_dim, value_dim, params as a dict)
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let c = &self.inner;
+        let p = self.peek(py, |c| c.params);
+        let [b, hkv, dk, dv] = self.dims;
         let d = PyDict::new(py);
-        d.set_item("chunk", c.params.chunk)?;
-        d.set_item("window", c.params.window)?;
-        d.set_item("n_curves", c.params.n_curves)?;
-        d.set_item("n_sink", c.params.n_sink)?;
-        d.set_item("causal", c.params.causal)?;
-        d.set_item("bits", c.params.bits)?;
-        d.set_item("scale", c.params.scale)?;
-        Ok((c.batch, c.kv_heads, c.key_dim, c.value_dim, d)
-            .into_pyobject(py)?
-            .into_any())
+        d.set_item("chunk", p.chunk)?;
+        d.set_item("window", p.window)?;
+        d.set_item("n_curves", p.n_curves)?;
+        d.set_item("n_sink", p.n_sink)?;
+        d.set_item("causal", p.causal)?;
+        d.set_item("bits", p.bits)?;
+        d.set_item("scale", p.scale)?;
+        Ok((b, hkv, dk, dv, d).into_pyobject(py)?.into_any())
     }
     fn save(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
-        let c = &self.inner;
-        run(py, || c.save(&path))
+        self.with_read(py, |c| c.save(&path))
     }
     #[staticmethod]
     fn load(py: Python<'_>, path: std::path::PathBuf) -> PyResult<Self> {
-        Ok(PyKvCache {
-            inner: run(py, || KvCache::load(&path))?,
-        })
+        Ok(PyKvCache::wrap(run(py, || KvCache::load(&path))?))
     }
-    fn same_contents(&self, other: &PyKvCache) -> bool {
-        self.inner.same_contents(&other.inner)
+    fn same_contents(&self, py: Python<'_>, other: &PyKvCache) -> PyResult<bool> {
+        if std::ptr::eq(self, other) {
+            return Ok(true);
+        }
+        // Two read locks, always in address order: no lock-order cycle with another
+        // `same_contents` (std's RwLock queues new readers behind a waiting writer).
+        let (x, y) = if (self as *const Self) < (other as *const Self) {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        Ok(py.detach(|| {
+            let (a, b) = (x.read(), y.read());
+            catch(|| a.same_contents(&b))
+        })?)
     }
 }
 

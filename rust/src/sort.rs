@@ -168,8 +168,9 @@ mod scratch {
         pub(crate) fn words(&mut self, words: usize) -> &mut [u64] {
             if self.0.len() < words {
                 if self.0.capacity() < words {
-                    // Fresh zeroed memory (calloc) rather than copying the old contents.
-                    self.0 = vec![0u64; words];
+                    // Fresh memory rather than copying the old contents; out of memory
+                    // unwinds to the entry point (MemoryError), never aborts.
+                    self.0 = crate::error::vec_or_unwind(0u64, words, "sort scratch");
                 } else {
                     self.0.resize(words, 0);
                 }
@@ -727,8 +728,12 @@ fn sort_keys<K: Code, C: Codec, F: Finish<C::It>>(
     match pass(&src, home, lo, hi) {
         Pass::Equal => {
             // Unreachable for a row with varying keys; index order is right all the same.
-            let mut v = Vec::with_capacity(n);
-            src.for_each(0..n, |x| v.push(x));
+            let mut v = crate::error::vec_or_unwind(src.first(), n, "sort scratch");
+            let mut i = 0;
+            src.for_each(0..n, |x| {
+                v[i] = x;
+                i += 1;
+            });
             fin.finish(&v, home, out);
         }
         Pass::Split { ends, lo, shift } => {
@@ -852,11 +857,10 @@ pub(crate) fn sort_items<K: Code, V: SortedVisitor>(keys: &[K], v: V) -> V::R {
     let n = keys.len();
     let diff = if n == 0 { 0 } else { varying_bits(keys) };
     if n <= SMALL_ROW || diff == 0 {
-        let mut items: Vec<[u64; 2]> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| [k.to_u64(), i as u64])
-            .collect();
+        let mut items = crate::error::vec_or_unwind([0u64; 2], n, "sort items");
+        for (i, (x, k)) in items.iter_mut().zip(keys).enumerate() {
+            *x = [k.to_u64(), i as u64];
+        }
         if n <= SMALL_ROW {
             insertion_sort(&mut items);
         }
