@@ -205,7 +205,8 @@ def test_constructor_at_every_memory_limit():
         base = vm_bytes()
         hard = resource.getrlimit(resource.RLIMIT_AS)[1]
         seen = set()
-        for mb in range(0, 200, 4):
+        # up to 640 MB: the cache needs ~200 MB and its size check probes twice that
+        for mb in range(0, 640, 8):
             resource.setrlimit(resource.RLIMIT_AS, (base + (mb << 20), hard))
             seen.add(outcome(lambda: zeta.KVCache(1 << 17, 5, 9, batch=2)))
             resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
