@@ -11,7 +11,7 @@ whole cache: the fastest dense decode torch offers on a CPU. Contexts 16k, 64k, 
 dense cache is filled with random keys/values (a dense prefill at 256k costs O(N^2): hours on
 2 cores; the decode latency does not depend on the values). Reports the median per-token
 latency over 32 greedy steps (the whole model: embeddings, convs, attention, MLPs, head,
-argmax) and each cache's bytes per token. The dense model runs with 1 torch thread and with
+argmax; after 3 warm-up tokens) and each cache's bytes per token. The dense model runs with 1 torch thread and with
 all cores; the faster is the baseline. ``examples/long_context.py`` runs the same comparison
 with a trained model and a real 256k-character prompt.
 
@@ -148,14 +148,18 @@ def prefill(model: ZetaForCausalLM, ids: Tensor, cache: Any, piece: int = PIECE)
     return time.perf_counter() - t0
 
 
-def decode_times(step: Callable[[Tensor], Tensor], first: Tensor, steps: int) -> List[float]:
-    """Greedy decode ``steps`` tokens from ``first`` (1, 1); the wall time of each."""
+def decode_times(
+    step: Callable[[Tensor], Tensor], first: Tensor, steps: int, warmup: int = 3
+) -> List[float]:
+    """Greedy decode ``warmup + steps`` tokens from ``first`` (1, 1); the wall time of each
+    of the last ``steps``."""
     tok, out = first, []
-    for _ in range(steps):
+    for i in range(warmup + steps):
         t0 = time.perf_counter()
         logits = step(tok)
         tok = logits[:, -1:].argmax(-1)
-        out.append(time.perf_counter() - t0)
+        if i >= warmup:
+            out.append(time.perf_counter() - t0)
     return out
 
 
@@ -175,7 +179,7 @@ def dense_decode(cfg: ZetaConfig, context: int, steps: int, first: Tensor) -> Di
     res: Dict[str, Any] = {}
 
     def one(threads: int) -> Optional[float]:
-        cache = dense.make_cache(1, context + steps + 1)
+        cache = dense.make_cache(1, context + steps + 4)
         cache.fill_random(context)
         res["dense_bytes_per_token"] = cache.bytes_per_token
         ts = with_threads(
@@ -305,5 +309,9 @@ def run(quick: bool) -> Dict[str, Any]:
     return rep
 
 
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    return suite_main("generate", run, plot, __doc__, argv)
+
+
 if __name__ == "__main__":
-    suite_main("generate", run, plot, __doc__)
+    main()

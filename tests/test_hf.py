@@ -4,9 +4,11 @@ is exact, the Trainer trains, and a missing transformers gives a clear ImportErr
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +171,33 @@ def test_missing_transformers_gives_a_clear_import_error():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_bench_generate_and_long_context_example_run(tmp_path, monkeypatch, capsys):
+    """Both scripts run end to end at tiny sizes and write their JSON (so they cannot drift)."""
+    monkeypatch.syspath_prepend(str(BENCHES))
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import bench_generate
+    import long_context
+
+    monkeypatch.setattr(bench_generate, "CONTEXTS_QUICK", [300])
+    monkeypatch.setattr(bench_generate, "STEPS", 3)
+    monkeypatch.setattr(bench_generate, "GOAL_CONTEXT", 300)
+    rep = bench_generate.main(["--quick", "--out", str(tmp_path)])
+    row = rep["results"][0]
+    assert row["context"] == 300 and row["zeta_s_per_token"] > 0 and row["dense_s_per_token"] > 0
+    assert row["dense_bytes_per_token"] == 2 * 2 * 64 * 4  # 2 layers x (K + V) x E x float32
+    assert len(list(tmp_path.glob("generate-*.json"))) == 1
+    args = ["--tokens", "700", "--new", "4", "--steps", "2", "--seq-len", "32", "--batch", "2"]
+    args += ["--model-dir", str(tmp_path / "m"), "--out", str(tmp_path / "r")]
+    assert long_context.main([*args, "--save-cache", str(tmp_path / "c")]) == 0
+    assert long_context.main([*args, "--load-cache", str(tmp_path / "c"), "--no-dense"]) == 0
+    saved = json.loads(next((tmp_path / "r").glob("long_context-*.json")).read_text())
+    assert saved["results"][0]["context"] == 700 and len(saved["results"][0]["generated"]) == 4
+    assert "decode:" in capsys.readouterr().out
+    for name in ("_common", "bench_generate", "long_context"):
+        sys.modules.pop(name, None)
