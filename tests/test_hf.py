@@ -153,6 +153,13 @@ def test_bad_inputs_raise_clear_errors():
         model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
     with pytest.raises(TypeError, match="kv_caches"):
         ZetaCache([])
+    cache = model.make_cache(2)
+    with torch.no_grad():
+        model(ids, **{_OUT_CACHE: cache})
+    nbytes = cache.nbytes
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes < nbytes
+    assert cache.kv[0].settings == model.make_cache().kv[0].settings
 
 
 def test_missing_transformers_gives_a_clear_import_error():

@@ -154,6 +154,7 @@ def test_load_caches_errors(tmp_path):
         load_caches(tmp_path)
     with pytest.raises(TypeError, match="caches"):
         save_caches([object()], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_caches_raise_clear_errors():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -208,27 +208,37 @@ def make_caches(model: nn.Module, *, batch: int = 1, dtype: str = "float32") -> 
 def save_caches(caches: Sequence[KVCache], directory: str | os.PathLike) -> None:
     """Write ``caches`` (from :func:`make_caches`) as ``layer-<i>.zkv`` files in ``directory``
     (created if needed), so a long prompt is prefilled once and reused."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    for old in d.glob("layer-*.zkv"):
-        if not old.stem.split("-", 1)[1].isdigit() or int(old.stem.split("-", 1)[1]) >= len(caches):
-            old.unlink()
     for i, c in enumerate(caches):
         if not isinstance(c, KVCache):
             raise TypeError(f"caches: item {i} is a {type(c).__name__}, not a zeta.KVCache")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in _layer_files(d):  # from an earlier, deeper save
+        if _index(stale) >= len(caches):
+            stale.unlink()
+    for i, c in enumerate(caches):
         c.save(d / f"layer-{i}.zkv")
 
 
 def load_caches(directory: str | os.PathLike) -> List[KVCache]:
     """The caches written by :func:`save_caches`, in layer order."""
     d = Path(directory)
-    found: Dict[int, Path] = {}
-    for f in d.glob("layer-*.zkv"):
-        tail = f.stem.split("-", 1)[1]
-        if tail.isdigit():
-            found[int(tail)] = f
+    found = _layer_files(d)
     if not found:
         raise FileNotFoundError(f"directory: no layer-<i>.zkv cache files in {os.fspath(d)!r}")
-    if sorted(found) != list(range(len(found))):
-        raise ValueError(f"directory: layer files {sorted(found)} are not 0..{len(found) - 1}")
-    return [KVCache.load(found[i]) for i in range(len(found))]
+    names = [f.name for f in found]
+    if names != [f"layer-{i}.zkv" for i in range(len(found))]:
+        raise ValueError(
+            f"directory: layer files {names} are not layer-0 .. layer-{len(found) - 1}"
+        )
+    return [KVCache.load(f) for f in found]
+
+
+def _layer_files(d: Path) -> List[Path]:
+    """``layer-<i>.zkv`` files in ``d``, sorted by i."""
+    return sorted((f for f in d.glob("layer-*.zkv") if _index(f) >= 0), key=_index)
+
+
+def _index(f: Path) -> int:
+    tail = f.stem[len("layer-") :]
+    return int(tail) if tail.isdigit() else -1
