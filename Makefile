@@ -10,7 +10,7 @@ WHEEL_COMPAT := manylinux2014
 WHEEL_FLAGS  := --release --zig --compatibility $(WHEEL_COMPAT)
 WHEEL_TOOLS  := "maturin>=1.7,<2" "ziglang>=0.11" "auditwheel>=6"
 
-.PHONY: help venv dev demo test test-rust test-python test-wheel test-sdist lint bench wheel clean
+.PHONY: help venv dev demo generate test test-rust test-python test-wheel test-sdist lint bench wheel clean
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -28,6 +28,10 @@ demo: $(PY)  ## numpy-only install, then `zeta demo` (long-context CPU decode)
 	$(PIP) install -q -e .
 	$(VENV)/bin/zeta info
 	$(VENV)/bin/zeta demo
+
+generate: $(PY)  ## torch + transformers install, then examples/long_context.py (train, prefill 256k chars, generate)
+	$(PIP) install -q -e ".[hf,bench]"
+	$(PY) examples/long_context.py
 
 test: test-rust test-python test-wheel test-sdist  ## every test: Rust, Python (torch), numpy-only wheel, sdist
 

@@ -46,6 +46,16 @@ _check_thread_env()
 if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_core._after_fork_in_child)
 
+
+def __getattr__(name: str):
+    """``zeta.nn`` and ``zeta.hf`` import on first use: ``import zeta`` stays numpy-only."""
+    if name in ("nn", "hf"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "KVCache",

@@ -3,18 +3,29 @@
 Queries and keys are projected to a tiny ``key_dim`` (default 3) per head, values keep the
 full head width; each query attends to its ``topk`` nearest keys with Adaptive
 Cauchy-Softmax scores and a learnable, positive per-head ``gamma``.
+
+Decoding: ``make_caches(model)`` gives one :class:`zeta.KVCache` per ``ZetaAttention`` layer;
+``layer(x, cache=c)`` appends this call's keys/values to ``c`` and attends through it (a
+prompt in one call, then a token or a few per call), with the same output as the parallel
+forward over the whole sequence.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import os
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ._validate import check_dims
+from .cache import KVCache
 from .ops import attention
+
+# zeta_kwargs that describe the index; a KVCache must be built with the same ones.
+_INDEX_KEYS = ("chunk", "window", "n_curves", "n_sink", "bits", "scale")
 
 
 class ZetaAttention(nn.Module):
@@ -32,7 +43,14 @@ class ZetaAttention(nn.Module):
             n_sink, mean_token, bits, scale, backend).
 
     Shapes:
-        forward(x: (B, N, E)) -> (B, N, E).
+        forward(x: (B, N, E), cache=None) -> (B, N, E).
+
+    With ``cache`` (a :class:`zeta.KVCache` from :meth:`make_cache` or :func:`make_caches`),
+    ``x`` holds the next N positions of the sequence: their keys/values are appended to the
+    cache and their queries attend through it. Calling with a prompt, then one token per call,
+    gives the output of the parallel forward over the whole sequence. This is inference: the
+    cache stores detached float32 keys/values on the CPU, so nothing flows back into the
+    attention weights (use it under ``torch.no_grad()``).
     """
 
     def __init__(
@@ -76,15 +94,64 @@ class ZetaAttention(nn.Module):
         """Per-head gamma, shape (H,)."""
         return self.log_gamma.exp()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def make_cache(self, *, batch: int = 1, dtype: str = "float32") -> KVCache:
+        """An empty :class:`zeta.KVCache` that fits this layer (heads, dims, index settings).
+
+        ``dtype`` is the storage of the cached values ("float32", "float16", "bfloat16")."""
+        if not self.zeta_kwargs.get("causal", True):
+            raise ValueError(
+                "cache: a KV cache needs causal attention; this layer has causal=False"
+            )
+        index = {k: v for k, v in self.zeta_kwargs.items() if k in _INDEX_KEYS}
+        return KVCache(
+            self.num_kv_heads, self.key_dim, self.head_dim, batch=batch, dtype=dtype, **index
+        )
+
+    def _check_cache(self, cache: Any, x: Tensor) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a zeta.KVCache, got {type(cache).__name__}")
+        if x.device.type != "cpu":
+            raise ValueError(
+                f"x: on {x.device}; decoding through a zeta.KVCache runs on the CPU "
+                "(move the model there: model.cpu())"
+            )
+        want = (x.shape[0], self.num_kv_heads, self.key_dim, self.head_dim)
+        got = (cache.batch, cache.num_kv_heads, cache.key_dim, cache.value_dim)
+        if got != want:
+            raise ValueError(
+                f"cache: made for (batch, num_kv_heads, key_dim, value_dim) = {got}, this call "
+                f"needs {want}; build caches with zeta.nn.make_caches(model, batch=...)"
+            )
+        if not hasattr(self, "_cache_settings"):
+            self._cache_settings = self.make_cache().settings
+        if cache.settings != self._cache_settings:
+            raise ValueError(
+                f"cache: index settings {cache.settings} differ from this layer's "
+                f"{self._cache_settings}; build caches with zeta.nn.make_caches(model)"
+            )
+
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x: expected (B, N, {self.embed_dim}), got {tuple(x.shape)}")
+        if cache is not None:
+            self._check_cache(cache, x)
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.key_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.key_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # topk > n is fine: zeta.attention attends to the keys there are.
-        o = attention(q, k, v, topk=self.topk, gamma=self.gamma.to(q.dtype), **self.zeta_kwargs)
+        if cache is None:
+            # topk > n is fine: zeta.attention attends to the keys there are.
+            o = attention(q, k, v, topk=self.topk, gamma=self.gamma.to(q.dtype), **self.zeta_kwargs)
+        elif n == 0:
+            o = q.new_zeros(b, self.num_heads, 0, self.head_dim)
+        else:
+            cache.extend(k, v)
+            o = cache.attend(
+                q,
+                topk=self.topk,
+                gamma=self.gamma.detach().float(),
+                mean_token=bool(self.zeta_kwargs.get("mean_token", False)),
+            )
         return self.out_proj(o.transpose(1, 2).reshape(b, n, self.embed_dim))
 
     def extra_repr(self) -> str:
@@ -97,7 +164,7 @@ class ZetaAttention(nn.Module):
 class ZetaBlock(nn.Module):
     """A pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    Shapes: forward(x: (B, N, E)) -> (B, N, E).
+    Shapes: forward(x: (B, N, E), cache=None) -> (B, N, E); ``cache`` goes to the attention.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, mlp_ratio: int = 4, **attn_kwargs):
@@ -111,6 +178,67 @@ class ZetaBlock(nn.Module):
             nn.Linear(mlp_ratio * embed_dim, embed_dim),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), cache=cache)
         return x + self.mlp(self.norm2(x))
+
+
+def zeta_layers(model: nn.Module) -> List[ZetaAttention]:
+    """Every ZetaAttention layer of ``model``, in ``model.modules()`` order."""
+    return [m for m in model.modules() if isinstance(m, ZetaAttention)]
+
+
+def make_caches(model: nn.Module, *, batch: int = 1, dtype: str = "float32") -> List[KVCache]:
+    """One empty :class:`zeta.KVCache` per ZetaAttention layer of ``model``, in
+    ``model.modules()`` order (pass ``caches[i]`` to the i-th layer's forward).
+
+    Args:
+        model: a module containing ZetaAttention layers (or one such layer).
+        batch: B, the batch of the sequences to decode.
+        dtype: storage of the cached values ("float32", "float16", "bfloat16").
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    layers = zeta_layers(model)
+    if not layers:
+        raise ValueError(f"model: {type(model).__name__} has no ZetaAttention layer")
+    return [layer.make_cache(batch=batch, dtype=dtype) for layer in layers]
+
+
+def save_caches(caches: Sequence[KVCache], directory: str | os.PathLike) -> None:
+    """Write ``caches`` (from :func:`make_caches`) as ``layer-<i>.zkv`` files in ``directory``
+    (created if needed), so a long prompt is prefilled once and reused."""
+    for i, c in enumerate(caches):
+        if not isinstance(c, KVCache):
+            raise TypeError(f"caches: item {i} is a {type(c).__name__}, not a zeta.KVCache")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in _layer_files(d):  # from an earlier, deeper save
+        if _index(stale) >= len(caches):
+            stale.unlink()
+    for i, c in enumerate(caches):
+        c.save(d / f"layer-{i}.zkv")
+
+
+def load_caches(directory: str | os.PathLike) -> List[KVCache]:
+    """The caches written by :func:`save_caches`, in layer order."""
+    d = Path(directory)
+    found = _layer_files(d)
+    if not found:
+        raise FileNotFoundError(f"directory: no layer-<i>.zkv cache files in {os.fspath(d)!r}")
+    names = [f.name for f in found]
+    if names != [f"layer-{i}.zkv" for i in range(len(found))]:
+        raise ValueError(
+            f"directory: layer files {names} are not layer-0 .. layer-{len(found) - 1}"
+        )
+    return [KVCache.load(f) for f in found]
+
+
+def _layer_files(d: Path) -> List[Path]:
+    """``layer-<i>.zkv`` files in ``d``, sorted by i."""
+    return sorted((f for f in d.glob("layer-*.zkv") if _index(f) >= 0), key=_index)
+
+
+def _index(f: Path) -> int:
+    tail = f.stem[len("layer-") :]
+    return int(tail) if tail.isdigit() else -1
