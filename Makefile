@@ -69,7 +69,7 @@ lint: $(PY)  ## ruff check + format --check, cargo fmt --check, clippy -D warnin
 	cargo clippy --all-targets --features python -- -D warnings
 	$(PY) -m mypy.stubtest zeta._core --allowlist .stubtest-allowlist
 
-bench: $(PY)  ## all six benchmark suites (benches/bench_*.py): JSON + PNG under benches/results/
+bench: $(PY)  ## all seven CPU benchmark suites (benches/bench_*.py): JSON + PNG under benches/results/
 	$(PIP) install -q -e ".[bench]"
 	$(PY) benches/bench_morton.py
 	$(PY) benches/bench_sort_search.py
@@ -77,6 +77,7 @@ bench: $(PY)  ## all six benchmark suites (benches/bench_*.py): JSON + PNG under
 	$(PY) benches/bench_recall.py
 	$(PY) benches/bench_knn.py
 	$(PY) benches/bench_decode.py
+	$(PY) benches/bench_generate.py
 
 wheel: $(PY)  ## build the release wheel (manylinux2014, abi3) into target/wheels
 	$(PIP) install -q $(WHEEL_TOOLS)

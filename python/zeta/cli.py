@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 #: The suites in a source checkout's benches/ (not shipped in the wheel), in `make bench` order.
-BENCH_SUITES = ("morton", "sort_search", "attention", "recall", "knn", "decode")
+BENCH_SUITES = ("morton", "sort_search", "attention", "recall", "knn", "decode", "generate")
 
 
 def info() -> None:
