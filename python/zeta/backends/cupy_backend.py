@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -133,7 +134,9 @@ class _Stream:
         try:  # cupy >= 14 and a torch whose streams speak the CUDA stream protocol
             self.stream = cupy.cuda.Stream.from_external(ts)
         except (AttributeError, TypeError, ValueError):
-            self.stream = cupy.cuda.ExternalStream(ts.cuda_stream, idx)
+            with warnings.catch_warnings():  # deprecated in cupy 14, the only way before it
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.stream = cupy.cuda.ExternalStream(ts.cuda_stream, idx)
 
     def __enter__(self):
         self.dev.__enter__()
