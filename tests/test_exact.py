@@ -102,9 +102,14 @@ def test_exact_knn_equals_brute_force(kind, causal, dtype):
         np.testing.assert_array_equal(got_d, want_d, err_msg=f"{kind} {kw}")
         # the torch backend (brute force in blocks) gives the same answer
         ti, td = zeta.knn(
-            torch.from_numpy(q), torch.from_numpy(k), topk, causal=causal, exact=True,
-            backend="torch", **kw,
-        )  # fmt: skip
+            torch.from_numpy(q),
+            torch.from_numpy(k),
+            topk,
+            causal=causal,
+            exact=True,
+            backend="torch",
+            **kw,
+        )
         np.testing.assert_array_equal(ti.numpy(), want_i)
         np.testing.assert_array_equal(td.numpy(), want_d)
 
@@ -158,7 +163,7 @@ def test_exact_attention_forward_and_backward_equal_dense(kw, kind):
     )
     for backend in ("rust", "torch"):
         ours = run(
-            lambda qq, kk, vv, gg: zeta.attention(
+            lambda qq, kk, vv, gg, be=backend: zeta.attention(
                 qq,
                 kk,
                 vv,
@@ -166,9 +171,9 @@ def test_exact_attention_forward_and_backward_equal_dense(kw, kind):
                 gamma=gg,
                 mean_token=mean_token,
                 exact=True,
-                backend=backend,
+                backend=be,
                 **opts,
-            )  # fmt: skip
+            )
         )
         torch.testing.assert_close(ours[0], dense[0], rtol=1e-10, atol=1e-12)
         for a, d, nm in zip(ours[1], dense[1], "qkvg"):
