@@ -14,7 +14,7 @@
 //! (CSR of which query slots picked each key), so dK/dV are gathers, race-free and
 //! bit-reproducible whatever the thread count.
 use crate::error::{try_vec, Result, ZetaError};
-use crate::exact::ExactIndex;
+use crate::exact::{ExactIndex, Scratch};
 use crate::index::{prefetch, select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
 use num_traits::Float;
@@ -258,16 +258,17 @@ impl<T: Float + Real> Searcher<T> {
         })
     }
 
-    fn topk(&self, topk: usize) -> TopK<T> {
-        TopK::new(topk, self.mult)
+    /// Per-thread state of [`Searcher::run`].
+    fn topk(&self, topk: usize) -> (TopK<T>, Scratch<T>) {
+        (TopK::new(topk, self.mult), Scratch::default())
     }
 
     /// Fills `tk` (cleared first) with the query's candidates.
     #[inline]
-    fn run(&self, q: &[T], p: usize, k: &[T], tk: &mut TopK<T>) {
+    fn run(&self, q: &[T], p: usize, k: &[T], (tk, sc): &mut (TopK<T>, Scratch<T>)) {
         tk.clear();
         match &self.exact {
-            Some(ex) => ex.search(&self.index, q, p, k, tk),
+            Some(ex) => ex.search(&self.index, q, p, k, tk, sc),
             None => self
                 .index
                 .for_each_candidate(q, p, k, |pos, d2| tk.push(pos, d2)),
@@ -320,7 +321,7 @@ pub fn knn_with<T: Float + Real>(
                         let qrow = &qg[qi * sh.dk..(qi + 1) * sh.dk];
                         let p = sh.s - sh.n + qi % sh.n;
                         sr.run(qrow, p, kk, tk);
-                        tk.drain_sorted(cands);
+                        tk.0.drain_sorted(cands);
                         // SAFETY: `order` is a permutation: each row is written by one task.
                         let (io, dout) = unsafe { (irows.row(qi), drows.row(qi)) };
                         for (slot, &(d2, pos)) in cands.iter().enumerate() {
@@ -405,7 +406,7 @@ pub fn forward_with<T: Float + Real>(
                         let p = sh.s - sh.n + qi % sh.n;
                         let g2 = T::from(gamma[h] * gamma[h]).unwrap();
                         sr.run(qrow, p, kk, tk);
-                        tk.drain_sorted(cands);
+                        tk.0.drain_sorted(cands);
                         // SAFETY: `order` is a permutation: each row is written by one task.
                         let (o, io) = unsafe { (orows.row(qi), irows.row(qi)) };
                         let mut z = T::zero();

@@ -78,6 +78,14 @@ impl<T: Float + Real> TopK<T> {
         }
     }
 
+    /// [`TopK::tighten`] once more than `k + slack` keys are kept.
+    #[inline(always)]
+    pub fn tighten_over(&mut self, slack: usize) {
+        if self.n > self.k + slack {
+            self.compact();
+        }
+    }
+
     /// Cuts the buffer to the best k distinct items and tightens the threshold.
     fn compact(&mut self) {
         if self.mult == 1 {
