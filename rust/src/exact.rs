@@ -164,6 +164,7 @@ impl<T: Float + Real> ExactIndex<T> {
     /// - bringing the k-th distance up to date after every leaf (a select over k + SLACK
     ///   keys) cut leaves by 15% but the selects cost as much; SLACK = 16 won by ~5%.
     /// - the descent's stack in per-thread scratch instead of a zeroed array per run: -5%.
+    ///
     /// Not tried yet: a best-first order over all runs at once, SIMD box bounds (AVX2, 8
     /// children per node), per-level leaf sizes.
     pub fn search(
