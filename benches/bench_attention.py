@@ -4,6 +4,7 @@ Usage: python benches/bench_attention.py [--quick] [--out DIR]
 
 B=1, H=8, d_k=3, d_v=64, topk=32, float32, causal; N = 4k..128k (quick: 4k..16k). SDPA runs
 with head dim 64 (for q, k and v, same H) up to N=32k (forward) and 16k (forward+backward).
+The forward with exact search (``exact=True``) runs at N=32k (quick: 16k) in the same run.
 Each config runs in a fresh subprocess (this script with ``--worker``): the time is the
 median of repeats, the memory the peak RSS increase per call (``ru_maxrss`` delta; the Rust
 allocations are invisible to tracemalloc).
@@ -50,6 +51,9 @@ SDPA_MAX_N_QUICK = {"fwd": 16384, "fwdbwd": 8192}
 GOAL_FWD_X_SDPA, GOAL_FWD_X_SDPA_N = 50.0, 32768
 GOAL_FWDBWD_X_SDPA = 20.0
 GOAL_SCALING = 10.0  # zeta forward t(128k) / t(16k)
+GOAL_EXACT_FWD_X_SDPA = 30.0  # exact=True forward vs SDPA at N=32k (issue 10)
+ATTN_EXACT_N = [32768]
+ATTN_EXACT_N_QUICK = [16384]
 
 
 def _attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str, Any]:
@@ -61,7 +65,7 @@ def _attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str, An
 
     def make(nn: int):
         rng = np.random.default_rng(SEED + nn)
-        if method == "zeta":
+        if method in ("zeta", "zeta_exact"):
             shapes = [(1, ATTN_H, nn, DK), (1, ATTN_H, nn, DK), (1, ATTN_H, nn, ATTN_DV)]
         else:
             shapes = [(1, ATTN_H, nn, ATTN_DV)] * 3
@@ -77,6 +81,8 @@ def _attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str, An
     def call(ts) -> None:
         if method == "zeta":
             out = zeta.attention(*ts, topk=TOPK, causal=True)
+        elif method == "zeta_exact":
+            out = zeta.attention(*ts, topk=TOPK, causal=True, exact=True)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(*ts, is_causal=True)
         if mode == "fwdbwd":
@@ -126,6 +132,8 @@ def _run_attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str
 
 
 def _attn_reps(method: str, n: int, quick: bool) -> int:
+    if method == "zeta_exact":
+        return 2
     if method == "sdpa":
         return 1 if n > 8192 else (3 if n <= 4096 or not quick else 2)
     if quick:
@@ -135,6 +143,7 @@ def _attn_reps(method: str, n: int, quick: bool) -> int:
 
 def bench_attention(quick: bool) -> Dict[str, Any]:
     ns = ATTN_N_QUICK if quick else ATTN_N
+    exact_ns = [n for n in (ATTN_EXACT_N_QUICK if quick else ATTN_EXACT_N) if n in ns]
     sdpa_max = SDPA_MAX_N_QUICK if quick else SDPA_MAX_N
     torch, why = optional("torch")
     rep = base_report(
@@ -151,6 +160,7 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
             "N": ns,
             "sdpa_head_dim": ATTN_DV,
             "sdpa_max_n": sdpa_max,
+            "exact_n": exact_ns,
             "timing": "median of repeats, each config in a fresh subprocess after a warm-up call at "
             "N=1024; SDPA 1 repeat above N=8192",
             "memory": "peak RSS increase (ru_maxrss after the first call minus before it, inputs "
@@ -163,8 +173,8 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
     )
     if torch is None:
         print(f"  SDPA and forward+backward skipped: {why}")
-    res: Dict[str, Any] = {m: {"fwd": {}, "fwdbwd": {}} for m in ("zeta", "sdpa")}
-    jobs = []
+    res: Dict[str, Any] = {m: {"fwd": {}, "fwdbwd": {}} for m in ("zeta", "sdpa", "zeta_exact")}
+    jobs = [("zeta_exact", "fwd", n) for n in exact_ns]
     for mode in ("fwd", "fwdbwd"):
         for n in ns:
             jobs.append(("zeta", mode, n))
@@ -207,7 +217,7 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
             f"{fmt_s(t('zeta', 'fwdbwd', n)):>9s} {fmt_s(t('sdpa', 'fwdbwd', n)):>9s} "
             f"{fmt_x(ratio(t('sdpa', 'fwdbwd', n), t('zeta', 'fwdbwd', n))):>7s} | {mems}"
         )
-    for m in ("zeta", "sdpa"):
+    for m in ("zeta", "sdpa", "zeta_exact"):
         for mode in ("fwd", "fwdbwd"):
             for n, r in res[m][mode].items():
                 if r.get("status", "ok").startswith("error"):
@@ -252,6 +262,21 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
         None if r is None else r <= GOAL_SCALING,
         f"{r:.1f} ({fmt_s(t128)} / {fmt_s(t16)})" if r is not None else "N=128k not run",
     )
+    for n in exact_ns:
+        te, ts_ = t("zeta_exact", "fwd", n), t("sdpa", "fwd", n)
+        r = ratio(ts_, te)
+        print(
+            f"  exact=True forward N={kib(n)}: {fmt_s(te)} ({fmt_x(ratio(te, t('zeta', 'fwd', n)))}"
+            f" the default's {fmt_s(t('zeta', 'fwd', n))}); SDPA {fmt_s(ts_)}: {fmt_x(r)}"
+        )
+        goals[f"exact_fwd_x_sdpa_{kib(n)}"] = goal(
+            f">= {GOAL_EXACT_FWD_X_SDPA:.0f}x faster exact=True forward than SDPA at N={kib(n)}",
+            r,
+            None if r is None else r >= GOAL_EXACT_FWD_X_SDPA,
+            f"{fmt_x(r)}: exact {fmt_s(te)}, default {fmt_s(t('zeta', 'fwd', n))}, SDPA {fmt_s(ts_)}"
+            if r is not None
+            else "not run",
+        )
     print_goals(goals)
     rep["results"] = res
     rep["goals"] = goals
@@ -265,13 +290,20 @@ def _plot_attention(rep: Dict[str, Any], png: Path) -> bool:
     ns = rep["config"]["N"]
     res = rep["results"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
-    style = {"zeta": dict(color="tab:blue", marker="o"), "sdpa": dict(color="tab:red", marker="s")}
+    style = {
+        "zeta": dict(color="tab:blue", marker="o"),
+        "sdpa": dict(color="tab:red", marker="s"),
+        "zeta_exact": dict(color="tab:green", marker="*", ms=12),
+    }
     label = {
         "zeta": f"zeta top-{TOPK} (d_k={DK})",
         "sdpa": f"torch SDPA causal (head dim {ATTN_DV})",
+        "zeta_exact": f"zeta top-{TOPK}, exact=True",
     }
     for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward + backward")):
-        for m in ("zeta", "sdpa"):
+        for m in ("zeta", "sdpa", "zeta_exact"):
+            if m not in res:
+                continue
             pts = [
                 (n, res[m][mode][str(n)]["median_s"])
                 for n in ns
@@ -326,7 +358,8 @@ def _plot_attention(rep: Dict[str, Any], png: Path) -> bool:
     ax.set_ylabel("peak RSS increase per call (MB)")
     ax.set_title("memory: peak RSS increase (fresh process per config)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # tiny N: the RSS may not grow at all
+        ax.legend(fontsize=8)
     la = rep["load_avg"]
     fig.suptitle(
         f"zeta attention vs SDPA, B=1 H={ATTN_H} d_v={ATTN_DV} float32 causal "

@@ -1,5 +1,7 @@
 """recall@32 of the causal index on Gaussian 3-D points vs window x n_curves, with the time
-per call (exact neighbours computed once, in float64).
+per call (exact neighbours computed once, in float64); exact search (``exact=True``) against
+the default (1 curve, window 32) per query, on one thread (a child process with
+ZETA_NUM_THREADS=1) and on all threads, in the same run.
 
 Usage: python benches/bench_recall.py [--quick] [--out DIR]
 
@@ -8,6 +10,10 @@ Writes ``benches/results/recall-<machine tag>-<date>.json`` and a ``.png``.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -35,6 +41,31 @@ RECALL_N, RECALL_N_QUICK = 65536, 16384
 WINDOWS = [8, 16, 32, 64, 128, 256]
 CURVES = [1, 2, 4]
 GOAL_RECALL = 0.95
+#: exact search may cost this many times the default per query (issue 10)
+GOAL_EXACT_RATIO = 1.5
+
+
+def exact_vs_default(n: int, reps: int) -> Dict[str, Any]:
+    """Seconds per zeta.knn call, default settings and exact=True, on this process's threads."""
+    import zeta
+    from zeta import _core
+
+    q, k = gauss(n)
+    out: Dict[str, Any] = {"threads": _core.num_threads(), "N": n}
+    for name, kw in (("default", {}), ("exact", {"exact": True})):
+        times = time_calls(lambda kw=kw: zeta.knn(q, k, TOPK, causal=True, **kw), reps, 120)
+        out[name] = {"median_s": med(times), "times_s": times, "us_per_query": med(times) * 1e6 / n}
+    out["ratio"] = out["exact"]["median_s"] / out["default"]["median_s"]
+    out["load_avg"] = loadavg()
+    return out
+
+
+def exact_vs_default_one_thread(n: int, reps: int) -> Dict[str, Any]:
+    """:func:`exact_vs_default` in a child process with ZETA_NUM_THREADS=1."""
+    env = {**os.environ, "ZETA_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--exact-vs-default", str(n), str(reps)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def bench_recall(quick: bool) -> Dict[str, Any]:
@@ -68,7 +99,7 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
     q, k = gauss(n)
     settings = [(w, c) for c in CURVES for w in WINDOWS]
     rows = []
-    with progress(len(settings) + 2, "recall", "cfg") as bar:
+    with progress(len(settings) + 5, "recall", "cfg") as bar:
         t0 = time.perf_counter()
         _, ex_d2 = zeta.exact_knn(q.astype(np.float64), k.astype(np.float64), TOPK, causal=True)
         t_exact = time.perf_counter() - t0
@@ -87,6 +118,7 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
                 {
                     "window": w,
                     "n_curves": c,
+                    "exact": False,
                     "median_s": med(times),
                     "times_s": times,
                     "us_per_query": med(times) * 1e6 / n,
@@ -104,6 +136,29 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
                     "equal": abs(rec - ref) < 1e-12,
                 }
             bar.update(1)
+        exact_idx = None
+
+        def call_exact():
+            nonlocal exact_idx
+            exact_idx, _ = zeta.knn(q, k, TOPK, causal=True, exact=True)
+
+        times = time_calls(call_exact, reps, budget_s=60)
+        exact_row = {
+            "window": TOPK,
+            "n_curves": 1,
+            "exact": True,
+            "median_s": med(times),
+            "times_s": times,
+            "us_per_query": med(times) * 1e6 / n,
+            "recall": recall_from_exact(q, k, exact_idx, ex_d2, causal=True),
+            "load_avg": loadavg(),
+        }
+        rows.append(exact_row)
+        bar.update(1)
+        vs = {"all_threads": exact_vs_default(n, reps)}
+        bar.update(1)
+        vs["one_thread"] = exact_vs_default_one_thread(n, reps)
+        bar.update(1)
         bar.update(1)
     print(
         f"  exact_knn (once, float64): {t_exact:.1f} s; check vs zeta.recall at window={TOPK}, "
@@ -115,10 +170,19 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
     for w in WINDOWS:
         cells = []
         for c in CURVES:
-            r = next(x for x in rows if x["window"] == w and x["n_curves"] == c)
+            r = next(x for x in rows if x["window"] == w and x["n_curves"] == c and not x["exact"])
             cells.append(f"{r['recall']:>10.4f} {fmt_s(r['median_s']):>11s}")
         print(f"  {w:>8d}" + "".join(cells))
-    ok = [r for r in rows if r["recall"] >= GOAL_RECALL]
+    print(
+        f"  exact=True (window {TOPK}, 1 curve): recall {exact_row['recall']:.4f}, "
+        f"{fmt_s(exact_row['median_s'])}"
+    )
+    for nm, x in vs.items():
+        print(
+            f"  {nm} ({x['threads']} threads): default {x['default']['us_per_query']:.2f} us/query, "
+            f"exact {x['exact']['us_per_query']:.2f} us/query, ratio {x['ratio']:.2f}"
+        )
+    ok = [r for r in rows if r["recall"] >= GOAL_RECALL and not r["exact"]]
     best = min(ok, key=lambda r: r["median_s"]) if ok else max(rows, key=lambda r: r["recall"])
     note = (
         f"{len(ok)} of {len(rows)} settings reach it: "
@@ -129,13 +193,28 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
         else f"none; best recall {best['recall']:.4f} at window={best['window']}, "
         f"n_curves={best['n_curves']}"
     )
+    worst = max(x["ratio"] for x in vs.values())
     goals = {
         "recall_0.95": goal(
             f"recall@{TOPK} >= {GOAL_RECALL} (causal, N={kib(n)})", best["recall"], bool(ok), note
-        )
+        ),
+        "exact_recall": goal(
+            "exact=True recall@32 == 1", exact_row["recall"], exact_row["recall"] == 1.0, ""
+        ),
+        "exact_cost": goal(
+            f"exact=True <= {GOAL_EXACT_RATIO}x the default per query (one thread and all)",
+            worst,
+            worst <= GOAL_EXACT_RATIO,
+            ", ".join(f"{nm}: {x['ratio']:.2f}x" for nm, x in vs.items()),
+        ),
     }
     print_goals(goals)
-    rep["results"] = {"exact_knn_s": t_exact, "check_vs_zeta_recall": check, "settings": rows}
+    rep["results"] = {
+        "exact_knn_s": t_exact,
+        "check_vs_zeta_recall": check,
+        "settings": rows,
+        "exact_vs_default": vs,
+    }
     rep["goals"] = goals
     return rep
 
@@ -144,8 +223,19 @@ def _plot_recall(rep: Dict[str, Any], png: Path) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    rows = rep["results"]["settings"]
+    rows = [r for r in rep["results"]["settings"] if not r.get("exact")]
+    ex = [r for r in rep["results"]["settings"] if r.get("exact")]
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    for r in ex:
+        ax.plot([r["median_s"]], [r["recall"]], marker="*", ms=14, color="tab:red", ls="none")
+        ax.annotate(
+            "exact=True",
+            (r["median_s"], r["recall"]),
+            xytext=(6, -4),
+            textcoords="offset points",
+            fontsize=8,
+            color="tab:red",
+        )
     for c, color in zip(CURVES, ("tab:blue", "tab:orange", "tab:green")):
         rr = sorted((r for r in rows if r["n_curves"] == c), key=lambda r: r["window"])
         ax.plot(
@@ -184,6 +274,10 @@ def _plot_recall(rep: Dict[str, Any], png: Path) -> bool:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--exact-vs-default"]:  # the one-thread child of exact_vs_default_one_thread
+        print(json.dumps(exact_vs_default(int(args[1]), int(args[2]))))
+        return {}
     return suite_main("recall", bench_recall, _plot_recall, __doc__, argv)
 
 

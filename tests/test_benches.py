@@ -14,7 +14,11 @@ BENCHES = Path(__file__).resolve().parent.parent / "benches"
 
 # suite -> settings that make it take a few seconds
 TINY = {
-    "attention": dict(ATTN_N_QUICK=[2048], SDPA_MAX_N_QUICK={"fwd": 2048, "fwdbwd": 2048}),
+    "attention": dict(
+        ATTN_N_QUICK=[2048],
+        SDPA_MAX_N_QUICK={"fwd": 2048, "fwdbwd": 2048},
+        ATTN_EXACT_N_QUICK=[2048],
+    ),
     "recall": dict(RECALL_N_QUICK=2048, WINDOWS=[8, 32], CURVES=[1, 2]),
     "knn": dict(KNN_N_QUICK=2048, WINDOWS=[8], CURVES=[1], HNSW_BUILDS=[(8, 32)], HNSW_EFS=[10]),
     "decode": dict(DEC_S_QUICK=[2048], DEC_STEPS=3, GOAL_DEC_S=2048, _VBLOCK=1024),

@@ -428,8 +428,9 @@ def test_opcheck_attention_fwd():
         q, k, v = make_qkv(1, 2, 1, 8, 10, 3, 4, dtype, seed=5)
         q, k, v = leaf(q, k, v)
         gamma = torch.tensor([0.7, 1.2], dtype=torch.float64, requires_grad=True)
-        args = (q, k, v, gamma, 3, mean_token, 4, 3, 2, 1, causal, 10, 1.0)
-        torch.library.opcheck(torch.ops.zeta.attention_fwd.default, args)
+        for exact in (False, True):
+            args = (q, k, v, gamma, 3, mean_token, 4, 3, 2, 1, causal, 10, 1.0, exact)
+            torch.library.opcheck(torch.ops.zeta.attention_fwd.default, args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ class _Params(TypedDict):
     causal: bool
     bits: int  # grid bits per coordinate, 1..32 // key_dim
     scale: float  # the squash's scale, finite and > 0
+    exact: bool  # exact search (knn, attention_forward); optional, default False
 
 def morton_encode(coords: npt.NDArray[Any], bits: int, out64: bool) -> npt.NDArray[Any]:
     """(n, d) uint8/16/32/64 -> (n,) uint32 (out64=False) or uint64."""

@@ -17,9 +17,9 @@ from . import _core
 from ._validate import IndexParams
 
 
-def _params(chunk, window, n_curves, n_sink, causal, bits, scale):
+def _params(chunk, window, n_curves, n_sink, causal, bits, scale, exact=False):
     """The custom ops take the settings as scalars (a schema has no dicts); back to ``_Params``."""
-    return IndexParams(chunk, window, n_curves, n_sink, causal, bits, scale).as_dict()
+    return IndexParams(chunk, window, n_curves, n_sink, causal, bits, scale, exact).as_dict()
 
 
 def _np(t: Tensor):
@@ -41,6 +41,7 @@ def attention_fwd(
     causal: bool,
     bits: int,
     scale: float,
+    exact: bool,
 ) -> Tuple[Tensor, Tensor]:
     """q (B,H,N,dk), k (B,Hkv,S,dk), v (B,Hkv,S,dv), gamma (H,) -> out (B,H,N,dv), idx (B,H,N,topk) int32."""
     out, idx = _core.attention_forward(
@@ -50,13 +51,15 @@ def attention_fwd(
         _np(gamma.to(torch.float64)),
         topk,
         mean_token,
-        _params(chunk, window, n_curves, n_sink, causal, bits, scale),
+        _params(chunk, window, n_curves, n_sink, causal, bits, scale, exact),
     )
     return torch.from_numpy(out), torch.from_numpy(idx)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, gamma, topk, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale):
+def _(
+    q, k, v, gamma, topk, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale, exact
+):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
     torch._check(q.dtype == k.dtype == v.dtype, lambda: "q, k, v must share a dtype")
     torch._check(q.shape[3] == k.shape[3], lambda: "q and k must share key_dim")
@@ -120,6 +123,7 @@ _SCALARS = (
     "causal",
     "bits",
     "scale",
+    "exact",
 )
 
 
@@ -154,16 +158,20 @@ def _backward(ctx, grad_out, _grad_idx):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _index_params(chunk, window, n_curves, n_sink, causal, bits, scale):
+def _index_params(chunk, window, n_curves, n_sink, causal, bits, scale, exact=False):
     from ._validate import IndexParams
 
-    return IndexParams(chunk, window, n_curves, n_sink, causal, bits, scale)
+    return IndexParams(chunk, window, n_curves, n_sink, causal, bits, scale, exact)
 
 
 @attention_fwd.register_kernel("cuda")
-def _(q, k, v, gamma, topk, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale):
+def _(
+    q, k, v, gamma, topk, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale, exact
+):
     from .backends import cupy_backend
 
+    if exact:  # the CUDA backend declines exact calls (not_supported_reasons)
+        raise NotImplementedError("exact search is not in the CUDA kernels yet")
     p = _index_params(chunk, window, n_curves, n_sink, causal, bits, scale)
     return cupy_backend.torch_attention_fwd(q, k, v, gamma, topk, mean_token, p)
 
@@ -200,5 +208,6 @@ def attention(
         p.causal,
         p.bits,
         p.scale,
+        p.exact,
     )
     return out.to(dtype)

@@ -84,6 +84,7 @@ class IndexParams:
     causal: bool
     bits: int
     scale: float
+    exact: bool = False
 
     def as_dict(self) -> _Params:
         return {
@@ -94,6 +95,7 @@ class IndexParams:
             "causal": self.causal,
             "bits": self.bits,
             "scale": self.scale,
+            "exact": self.exact,
         }
 
 
@@ -111,6 +113,7 @@ def index_params(
     n_sink: int = 0,
     bits: Optional[int] = None,
     scale: float = 1.0,
+    exact: bool = False,
 ) -> IndexParams:
     key_dim = _int("key_dim", key_dim, 1, MAX_KEY_DIM)
     topk = _int("topk", topk, 1)
@@ -126,13 +129,15 @@ def index_params(
     )
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if not isinstance(exact, (bool, np.bool_)):
+        raise TypeError(f"exact: expected a bool, got {type(exact).__name__}")
     try:
         scale = float(scale)
     except (TypeError, ValueError):
         raise TypeError(f"scale: expected a float, got {type(scale).__name__}") from None
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: must be finite and > 0, got {scale}")
-    return IndexParams(chunk, window, n_curves, n_sink, bool(causal), bits, scale)
+    return IndexParams(chunk, window, n_curves, n_sink, bool(causal), bits, scale, bool(exact))
 
 
 def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool):

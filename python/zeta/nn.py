@@ -40,7 +40,7 @@ class ZetaAttention(nn.Module):
         gamma_init: initial gamma of every head.
         bias: bias in the projections.
         **zeta_kwargs: passed to :func:`zeta.attention` (causal, chunk, window, n_curves,
-            n_sink, mean_token, bits, scale, backend).
+            n_sink, mean_token, bits, scale, exact, backend).
 
     Shapes:
         forward(x: (B, N, E), cache=None) -> (B, N, E).

@@ -107,6 +107,7 @@ def knn(
     n_sink: int = 0,
     bits: Optional[int] = None,
     scale: float = 1.0,
+    exact: bool = False,
     backend: str = "auto",
 ):
     """Top-k nearest keys of every query through the causal Z-order index.
@@ -125,6 +126,12 @@ def knn(
         n_sink: first positions always taken as candidates.
         bits: grid bits per coordinate (default ``32 // d_k``).
         scale: the fixed squash's scale (see :func:`zeta.zorder`).
+        exact: exact search: the windows give a first k-th distance, then every block of
+            the index whose bounding box meets that ball is scanned, so the result equals
+            the brute-force top-k (:func:`exact_knn`), ties by position included, on any
+            input. ``window``, ``n_curves``, ``n_sink``, ``chunk``, ``bits`` and ``scale``
+            then change only the speed, never the answer. CUDA inputs fall back to the
+            torch backend (brute force in blocks).
         backend: "auto" (Rust on the CPU, the CUDA kernels on a GPU, the torch reference
             otherwise), "rust", "cupy" or "torch".
 
@@ -146,8 +153,10 @@ def knn(
         n_sink=n_sink,
         bits=bits,
         scale=scale,
+        exact=exact,
     )
-    be = select(CallInfo(kind, device, dtype, q.shape[-1], topk=topk, op="knn"), backend)
+    info = CallInfo(kind, device, dtype, q.shape[-1], topk=topk, op="knn", exact=p.exact)
+    be = select(info, backend)
     if b * h * n == 0 or s == 0:  # empty in, empty out; no keys: every slot missing
         return _no_neighbours(q, (b, h, n, topk))
     return be.knn(q, k, topk, p)
@@ -176,6 +185,7 @@ def attention(
     mean_token: bool = False,
     bits: Optional[int] = None,
     scale: float = 1.0,
+    exact: bool = False,
     backend: str = "auto",
 ):
     """ZETA top-k attention with Adaptive Cauchy-Softmax scores.
@@ -193,6 +203,8 @@ def attention(
         mean_token: add one attended item per query made of the running means of k and v
             over positions <= i (so every past token gets gradient).
         causal, chunk, window, n_curves, n_sink, bits, scale: as in :func:`knn`.
+        exact: attend to the exact top-k (brute-force equal, as :func:`knn`'s ``exact``);
+            the backward is the same (the selected indices are constants).
         backend: "auto" (Rust on the CPU, the CUDA kernels on a GPU, the torch reference
             otherwise), "rust", "cupy" or "torch".
 
@@ -219,6 +231,7 @@ def attention(
         n_sink=n_sink,
         bits=bits,
         scale=scale,
+        exact=exact,
     )
     if not isinstance(mean_token, (bool, np.bool_)):
         raise TypeError(f"mean_token: expected a bool, got {type(mean_token).__name__}")
@@ -227,7 +240,9 @@ def attention(
     else:
         gamma = gamma_array(_host(gamma), h)
     grad = kind == "torch" and any(t.requires_grad for t in (q, k, v, gamma))
-    info = CallInfo(kind, device, dtype, dk, requires_grad=grad, topk=topk, op="attention")
+    info = CallInfo(
+        kind, device, dtype, dk, requires_grad=grad, topk=topk, op="attention", exact=p.exact
+    )
     be = select(info, backend)
     if b * h * n * dv == 0:
         return _empty_attention(q, k, v, gamma, (b, h, n, dv))

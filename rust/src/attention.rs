@@ -14,6 +14,7 @@
 //! (CSR of which query slots picked each key), so dK/dV are gathers, race-free and
 //! bit-reproducible whatever the thread count.
 use crate::error::{numel, try_vec, try_with_capacity, vec_or_unwind, Result, ZetaError};
+use crate::exact::{ExactIndex, Scratch};
 use crate::index::{prefetch, select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
 use num_traits::Float;
@@ -218,11 +219,86 @@ fn query_order<T: Float + Real>(index: &KeyIndex<T>, qg: &[T], dk: usize) -> Res
 /// Queries handed to one rayon task.
 const QUERY_BLOCK: usize = 256;
 
+/// How the candidates of a query are found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Search {
+    /// `window` entries on each side of the query's code in every run, on every curve
+    /// (plus the own chunk and sinks): approximate.
+    #[default]
+    Window,
+    /// The window, then every block whose box meets the k-th distance's ball
+    /// ([`crate::exact`]): the brute-force top-k by (d2, position), always.
+    Exact,
+}
+
+/// The index of one group's keys, and how to search it.
+struct Searcher<T> {
+    index: KeyIndex<T>,
+    exact: Option<ExactIndex<T>>,
+    mult: usize,
+}
+
+impl<T: Float + Real> Searcher<T> {
+    fn build(k: &[T], dk: usize, prm: &Params, search: Search) -> Result<Self> {
+        Ok(match search {
+            Search::Window => Searcher {
+                index: KeyIndex::build(k, dk, prm)?,
+                exact: None,
+                mult: prm.multiplicity(),
+            },
+            Search::Exact => {
+                // Curve 0 alone, no sinks: the exact scan covers what they would add.
+                let p1 = Params {
+                    n_curves: 1,
+                    n_sink: 0,
+                    ..*prm
+                };
+                let index = KeyIndex::build(k, dk, &p1)?;
+                let exact = Some(ExactIndex::build(&index));
+                Searcher {
+                    index,
+                    exact,
+                    mult: 1,
+                }
+            }
+        })
+    }
+
+    /// Per-thread state of [`Searcher::run`].
+    fn topk(&self, topk: usize) -> (TopK<T>, Scratch<T>) {
+        (TopK::new(topk, self.mult), Scratch::default())
+    }
+
+    /// Fills `tk` (cleared first) with the query's candidates.
+    #[inline]
+    fn run(&self, q: &[T], p: usize, k: &[T], (tk, sc): &mut (TopK<T>, Scratch<T>)) {
+        tk.clear();
+        match &self.exact {
+            Some(ex) => ex.search(&self.index, q, p, k, tk, sc),
+            None => self
+                .index
+                .for_each_candidate(q, p, k, |pos, d2| tk.push(pos, d2)),
+        }
+    }
+}
+
 /// Exact top-k among the index candidates: indices (B, H, N, topk) as int64 (-1 = missing)
 /// and squared distances (+inf = missing).
 pub fn knn<T: Float + Real>(
     sh: &Shape,
     prm: &Params,
+    topk: usize,
+    q: &[T],
+    k: &[T],
+) -> Result<(Vec<i64>, Vec<T>)> {
+    knn_with(sh, prm, Search::Window, topk, q, k)
+}
+
+/// [`knn`] with a choice of search (`Search::Exact`: the brute-force answer).
+pub fn knn_with<T: Float + Real>(
+    sh: &Shape,
+    prm: &Params,
+    search: Search,
     topk: usize,
     q: &[T],
     k: &[T],
@@ -238,22 +314,21 @@ pub fn knn<T: Float + Real>(
         .enumerate()
         .try_for_each(|(gi, (idx_g, dist_g))| -> Result<()> {
             let kk = &k[gi * sh.s * sh.dk..(gi + 1) * sh.s * sh.dk];
-            let index = KeyIndex::build(kk, sh.dk, prm)?;
+            let sr = Searcher::build(kk, sh.dk, prm, search)?;
             let (b, hkv) = (gi / sh.hkv, gi % sh.hkv);
             let qg = &q[(b * sh.h + hkv * g) * sh.n * sh.dk..][..g * sh.n * sh.dk];
-            let order = query_order(&index, qg, sh.dk)?;
+            let order = query_order(&sr.index, qg, sh.dk)?;
             let (irows, drows) = (Rows::new(idx_g, topk), Rows::new(dist_g, topk));
             order.par_chunks(QUERY_BLOCK).for_each_init(
                 // No more than S distinct keys can be kept, whatever topk asks for.
-                || (TopK::new(topk.min(sh.s), prm.multiplicity()), Vec::new()),
+                || (sr.topk(topk.min(sh.s)), Vec::new()),
                 |(tk, cands), block| {
                     for &qi in block {
                         let qi = qi as usize;
                         let qrow = &qg[qi * sh.dk..(qi + 1) * sh.dk];
                         let p = sh.s - sh.n + qi % sh.n;
-                        tk.clear();
-                        index.for_each_candidate(qrow, p, kk, |pos, d2| tk.push(pos, d2));
-                        tk.drain_sorted(cands);
+                        sr.run(qrow, p, kk, tk);
+                        tk.0.drain_sorted(cands);
                         // SAFETY: `order` is a permutation: each row is written by one task.
                         let (io, dout) = unsafe { (irows.row(qi), drows.row(qi)) };
                         for (slot, &(d2, pos)) in cands.iter().enumerate() {
@@ -280,6 +355,21 @@ pub fn forward<T: Float + Real>(
     v: &[T],
     gamma: &[f64],
 ) -> Result<(Vec<T>, Vec<i32>)> {
+    forward_with(sh, prm, Search::Window, opts, q, k, v, gamma)
+}
+
+/// [`forward`] with a choice of search (`Search::Exact`: the brute-force top-k).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_with<T: Float + Real>(
+    sh: &Shape,
+    prm: &Params,
+    search: Search,
+    opts: &AttnOpts,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    gamma: &[f64],
+) -> Result<(Vec<T>, Vec<i32>)> {
     let topk = opts.topk;
     validate(sh, prm, q, k, Some(v), topk)?;
     check_gamma(gamma, sh.h)?;
@@ -298,7 +388,7 @@ pub fn forward<T: Float + Real>(
         .try_for_each(|(gi, (out_g, idx_g))| -> Result<()> {
             let kk = &k[gi * sh.s * dk..(gi + 1) * sh.s * dk];
             let vv = &v[gi * sh.s * dv..(gi + 1) * sh.s * dv];
-            let index = KeyIndex::build(kk, dk, prm)?;
+            let sr = Searcher::build(kk, dk, prm, search)?;
             let (pk, pv) = if opts.mean_token {
                 (prefix_sums(kk, dk)?, prefix_sums(vv, dv)?)
             } else {
@@ -306,12 +396,12 @@ pub fn forward<T: Float + Real>(
             };
             let (b, hkv) = (gi / sh.hkv, gi % sh.hkv);
             let qg = &q[(b * sh.h + hkv * g) * sh.n * dk..][..g * sh.n * dk];
-            let order = query_order(&index, qg, dk)?;
+            let order = query_order(&sr.index, qg, dk)?;
             let (orows, irows) = (Rows::new(out_g, dv), Rows::new(idx_g, topk));
             order.par_chunks(QUERY_BLOCK).for_each_init(
                 || {
                     (
-                        TopK::new(topk.min(sh.s), prm.multiplicity()),
+                        sr.topk(topk.min(sh.s)),
                         Vec::new(),
                         vec_or_unwind(T::zero(), dk, "attention scratch"),
                         vec_or_unwind(T::zero(), dv, "attention scratch"),
@@ -324,9 +414,8 @@ pub fn forward<T: Float + Real>(
                         let qrow = &qg[qi * dk..(qi + 1) * dk];
                         let p = sh.s - sh.n + qi % sh.n;
                         let g2 = T::from(gamma[h] * gamma[h]).unwrap();
-                        tk.clear();
-                        index.for_each_candidate(qrow, p, kk, |pos, d2| tk.push(pos, d2));
-                        tk.drain_sorted(cands);
+                        sr.run(qrow, p, kk, tk);
+                        tk.0.drain_sorted(cands);
                         // SAFETY: `order` is a permutation: each row is written by one task.
                         let (o, io) = unsafe { (orows.row(qi), irows.row(qi)) };
                         let mut z = T::zero();

@@ -14,6 +14,7 @@
 pub mod attention;
 pub mod cache;
 pub mod error;
+pub mod exact;
 pub mod index;
 pub mod morton;
 pub mod pool;
@@ -21,6 +22,7 @@ pub mod quantize;
 pub mod search;
 pub mod simd;
 pub mod sort;
+pub mod topk;
 
 #[cfg(feature = "python")]
 mod py;

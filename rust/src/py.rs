@@ -307,9 +307,19 @@ struct PyParams {
     causal: bool,
     bits: u32,
     scale: f64,
+    #[pyo3(default)]
+    exact: bool,
 }
 
 impl PyParams {
+    fn search(&self) -> attention::Search {
+        if self.exact {
+            attention::Search::Exact
+        } else {
+            attention::Search::Window
+        }
+    }
+
     fn get(&self) -> Params {
         Params {
             chunk: self.chunk,
@@ -410,7 +420,9 @@ fn knn_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     let sh = shape_of::<T, T>(&q, &k, None)?;
     let (qs, ks) = (slice4(&q, "q")?, slice4(&k, "k")?);
     let p = prm.get();
-    let (idx, d2) = run(py, || attention::knn(&sh, &p, topk, qs, ks))?;
+    let (idx, d2) = run(py, || {
+        attention::knn_with(&sh, &p, prm.search(), topk, qs, ks)
+    })?;
     let dims = [sh.b, sh.h, sh.n, topk];
     Ok((arr4(py, idx, dims)?, arr4(py, d2, dims)?))
 }
@@ -492,7 +504,9 @@ fn fwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     let gs = gamma.as_slice().map_err(|_| not_contiguous("gamma"))?;
     let p = prm.get();
     let opts = AttnOpts { topk, mean_token };
-    let (out, idx) = run(py, || attention::forward(&sh, &p, &opts, qs, ks, vs, gs))?;
+    let (out, idx) = run(py, || {
+        attention::forward_with(&sh, &p, prm.search(), &opts, qs, ks, vs, gs)
+    })?;
     let o = arr4(py, out, [sh.b, sh.h, sh.n, sh.dv])?;
     let i = arr4(py, idx, [sh.b, sh.h, sh.n, topk])?;
     Ok((o, i).into_pyobject(py)?.into_any())

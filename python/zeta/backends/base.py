@@ -28,6 +28,7 @@ class CallInfo:
     requires_grad: bool = False  # a torch input requires grad (the call must be differentiable)
     topk: int = 0  # 0: not a top-k call
     op: str = "attention"
+    exact: bool = False  # exact search requested (knn, attention)
 
 
 class Backend:

@@ -546,6 +546,7 @@ def knn(
     n_sink: int = 0,
     bits: Optional[int] = None,
     scale: float = 1.0,
+    exact: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Approximate top-k nearest keys through the Z-order index (candidates, then exact rerank).
 
@@ -554,6 +555,8 @@ def knn(
         k: (B, Hkv, S, dk) keys, same dtype.
         topk: neighbours per query, >= 1.
         causal, chunk, window, n_curves, n_sink, bits, scale: see :func:`candidates`.
+        exact: return the exact top-k instead (:func:`exact_knn`, brute force in blocks): what
+            the Rust index's exact search returns. The index settings are then unused.
 
     Returns:
         indices: (B, H, N, topk) int64 key positions sorted by (d2, position); -1 in missing slots.
@@ -561,6 +564,8 @@ def knn(
         Neither carries gradients.
     """
     _check_positive_int("topk", topk)
+    if exact:
+        return exact_knn(q, k, topk, causal=causal)
     with torch.no_grad():
         lists = candidate_lists(
             q,
@@ -689,6 +694,7 @@ def attention(
     mean_token: bool = False,
     bits: Optional[int] = None,
     scale: float = 1.0,
+    exact: bool = False,
 ) -> torch.Tensor:
     """ZETA top-k attention with Adaptive Cauchy-Softmax scores.
 
@@ -703,6 +709,7 @@ def attention(
         topk: neighbours per query, >= 1.
         gamma: > 0, a float or an (H,) tensor (per query head); may require grad.
         causal, chunk, window, n_curves, n_sink, bits, scale: see :func:`candidates`.
+        exact: attend to the exact top-k (see :func:`knn`).
         mean_token: add the mean token.
 
     Returns:
@@ -722,6 +729,7 @@ def attention(
         n_sink=n_sink,
         bits=bits,
         scale=scale,
+        exact=exact,
     )
     return _cauchy_gather(q, k, v, idx, g2, causal, mean_token, N)
 

@@ -1,0 +1,526 @@
+//! Exact search (DESIGN 1.9): the brute-force top-k by (d2, position) at window cost.
+//!
+//! Each sorted run of the index is a spatial hierarchy: consecutive Z-order blocks of
+//! [`FENCE`] entries have small bounding boxes. [`ExactIndex`] keeps, for every level of the
+//! curve-0 tree, the boxes of its blocks as a complete binary tree (a node's box covers its
+//! children's). A query first takes the usual window in every run and its own chunk, which
+//! gives a k-th distance `r`; then, in every run, it descends the box tree and scans only
+//! the blocks whose box lies within `r` (nearer child first, `r` shrinking as it goes).
+//!
+//! Exactness: every visible key lies in a run or in the own chunk, and a block is skipped
+//! only when the lower bound of its box exceeds `r` (strictly: a key at distance exactly `r`
+//! can still win its tie by position). The bound is computed with the same float operations
+//! in the same order as the distance itself (`((0 + g0*g0) + g1*g1) + ...`, `g` the gap from
+//! the query to the box per coordinate): rounding is monotone, every key's per-coordinate
+//! difference is at least the gap, so the bound never exceeds the float distance of any key
+//! in the box, whatever the scale (overflow to +inf included). No margin is needed.
+//!
+//! Only curve 0 is searched, and sinks are not offered apart: both are covered by the exact
+//! scan, so `n_curves` and `n_sink` do not change the answer (only the work).
+//!
+//! Perf notes: see [`ExactIndex::search`].
+use crate::index::{scan_probes_ranges, sq_dist, CurveTree, KeyIndex, Probe, RunView, FENCE};
+use crate::quantize::Real;
+use crate::topk::TopK;
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Boxes of the `leaf`-entry blocks of one level: node 1 is the root, node `i` has
+/// children `2i` and `2i + 1`, leaf `b` (block `b`) is node `leaves + b`. A node stores its
+/// box as `lo[0..dk], hi[0..dk]`; nodes past the last block hold an empty box.
+pub struct BoxTree<T> {
+    /// Entries per leaf block.
+    leaf: usize,
+    leaves: usize,
+    boxes: Vec<T>,
+}
+
+impl<T: Float + Send + Sync> BoxTree<T> {
+    /// The tree over `coords` (`n` entries of `dk` coordinates, in entry order), one leaf
+    /// per `leaf` entries.
+    pub fn build(coords: &[T], dk: usize, leaf: usize) -> Self {
+        let n = coords.len() / dk.max(1);
+        let nb = n.div_ceil(leaf).max(1);
+        let leaves = nb.next_power_of_two();
+        let w = 2 * dk;
+        let mut boxes = vec![T::zero(); 2 * leaves * w];
+        for node in boxes.chunks_exact_mut(w) {
+            node[..dk].fill(T::infinity());
+            node[dk..].fill(T::neg_infinity());
+        }
+        boxes[leaves * w..(leaves + nb) * w]
+            .par_chunks_mut(w)
+            .zip(coords.par_chunks(leaf * dk))
+            .for_each(|(node, block)| {
+                for x in block.chunks_exact(dk) {
+                    for j in 0..dk {
+                        node[j] = node[j].min(x[j]);
+                        node[dk + j] = node[dk + j].max(x[j]);
+                    }
+                }
+            });
+        for i in (1..leaves).rev() {
+            let (head, tail) = boxes.split_at_mut(2 * i * w);
+            let (a, b) = tail[..2 * w].split_at(w);
+            let node = &mut head[i * w..(i + 1) * w];
+            for j in 0..dk {
+                node[j] = a[j].min(b[j]);
+                node[dk + j] = a[dk + j].max(b[dk + j]);
+            }
+        }
+        BoxTree {
+            leaf,
+            leaves,
+            boxes,
+        }
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        self.boxes.len() * std::mem::size_of::<T>()
+    }
+}
+
+/// A lower bound of the float squared distance from `q` to every point of the box
+/// `bx = lo[0..D], hi[0..D]`, in the distance's own operation order (see the module notes).
+#[inline(always)]
+fn box_lb<T: Float, const D: usize>(q: &[T; D], bx: &[T]) -> T {
+    let mut s = T::zero();
+    for i in 0..D {
+        // lo - q > 0 below the box, q - hi > 0 above it, both <= 0 inside; -fl(a - b) is
+        // fl(b - a), so the square is that of the key's difference at the box's face.
+        let g = (bx[i] - q[i]).max(q[i] - bx[D + i]).max(T::zero());
+        s = s + g * g;
+    }
+    s
+}
+
+/// The exact-search companion of a [`KeyIndex`]: block boxes of every level of curve 0.
+pub struct ExactIndex<T> {
+    trees: Vec<BoxTree<T>>,
+}
+
+/// Most runs of one query: levels of a u32-sized index (chunk 1, 2^32 keys) plus one.
+const MAX_RUNS: usize = 34;
+
+/// Entries per leaf box. Perf note: see [`ExactIndex::search`].
+pub const LEAF: usize = 32;
+
+/// The k-th distance is brought up to date after a leaf once this many more than k
+/// candidates are kept (a select over ~k + SLACK keys).
+const SLACK: usize = 16;
+
+/// Per-thread scratch of [`ExactIndex::search`] (the descent's stack), reused across queries.
+pub struct Scratch<T> {
+    stack: Vec<(usize, T)>,
+}
+
+impl<T> Default for Scratch<T> {
+    fn default() -> Self {
+        Scratch {
+            stack: Vec::with_capacity(160),
+        }
+    }
+}
+
+impl<T: Float + Real> ExactIndex<T> {
+    pub fn build(ix: &KeyIndex<T>) -> Self {
+        Self::build_with(ix, LEAF)
+    }
+
+    /// With `leaf` entries per leaf box (>= 1).
+    pub fn build_with(ix: &KeyIndex<T>, leaf: usize) -> Self {
+        let dk = ix.dk;
+        let leaf = leaf.max(1);
+        let trees = ix.curves[0]
+            .coords
+            .par_iter()
+            .map(|c| BoxTree::build(c, dk, leaf))
+            .collect();
+        ExactIndex { trees }
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        self.trees.iter().map(BoxTree::nbytes).sum()
+    }
+
+    /// Offers `tk` every key that can be among the `topk` nearest of a query at absolute
+    /// position `p` (causal) or of all keys, by (d2, position), so that `tk` ends up holding
+    /// exactly the brute-force answer. `tk` must be empty; positions are offered at most
+    /// once (multiplicity 1).
+    ///
+    /// Perf notes (N = 64k causal Gaussian, d_k = 3, top-32, one thread, `exact_timing`
+    /// below; the window search with window 32 took 1.3-1.9 us per query in the same runs):
+    /// - ~5.5 us per query, ~4x the window search: ~150 tree nodes and ~40 leaves of 32
+    ///   entries (~1,300 distances, against ~650 for the window) per query. Most of them are
+    ///   in the largest runs: the box of a Z-order block is wider than a cell, and the ball
+    ///   of the window's k-th distance (1.3x the final radius with window 32, 1.6x with 16,
+    ///   2.2x with 8) meets several.
+    /// - leaf 32 beat 16 (more nodes, fewer distances: +10%) and 8 (+35%); 64 was even.
+    ///   Node visits, not distances, dominate: a node is two box bounds and a hard-to-predict
+    ///   branch.
+    /// - windows 8 / 16 / 32: 6.0 / 5.6 / 5.5 us: a tighter first radius pays for itself.
+    /// - bringing the k-th distance up to date after every leaf (a select over k + SLACK
+    ///   keys) cut leaves by 15% but the selects cost as much; SLACK = 16 won by ~5%.
+    /// - the descent's stack in per-thread scratch instead of a zeroed array per run: -5%.
+    ///
+    /// Not tried yet: a best-first order over all runs at once, SIMD box bounds (AVX2, 8
+    /// children per node), per-level leaf sizes.
+    pub fn search(
+        &self,
+        ix: &KeyIndex<T>,
+        q: &[T],
+        p: usize,
+        k: &[T],
+        tk: &mut TopK<T>,
+        sc: &mut Scratch<T>,
+    ) {
+        let st = &mut sc.stack;
+        match q.len() {
+            1 => self.search_d::<1>(ix, q, p, k, tk, st),
+            2 => self.search_d::<2>(ix, q, p, k, tk, st),
+            3 => self.search_d::<3>(ix, q, p, k, tk, st),
+            4 => self.search_d::<4>(ix, q, p, k, tk, st),
+            5 => self.search_d::<5>(ix, q, p, k, tk, st),
+            6 => self.search_d::<6>(ix, q, p, k, tk, st),
+            7 => self.search_d::<7>(ix, q, p, k, tk, st),
+            _ => self.search_d::<8>(ix, q, p, k, tk, st),
+        }
+    }
+
+    fn search_d<const D: usize>(
+        &self,
+        ix: &KeyIndex<T>,
+        q: &[T],
+        p: usize,
+        k: &[T],
+        tk: &mut TopK<T>,
+        stack: &mut Vec<(usize, T)>,
+    ) {
+        debug_assert_eq!(q.len(), D);
+        let prm = &ix.params;
+        let tree = &ix.curves[0];
+        // The runs (level, first entry, end) that hold the visible keys outside the own chunk.
+        let mut runs = [(0usize, 0usize, 0usize); MAX_RUNS];
+        let mut nr = 0;
+        let own = if !prm.causal {
+            if !tree.levels.is_empty() {
+                runs[0] = (0, 0, tree.levels[0].len());
+                nr = 1;
+            }
+            0..0
+        } else {
+            let chunk = prm.chunk;
+            let c = p / chunk;
+            let mut start = 0usize;
+            for l in (0..tree.levels.len()).rev() {
+                if (c >> l) & 1 == 1 {
+                    runs[nr] = (l, start * chunk, (start + (1 << l)) * chunk);
+                    nr += 1;
+                    start += 1 << l;
+                }
+            }
+            c * chunk..p + 1
+        };
+        // 1. The window of every run and the own chunk: a first k-th distance.
+        let qc = ix.grids[0].code(q) as u32;
+        let mut probes = [Probe {
+            run: RunView {
+                entries: &[],
+                coords: &[],
+                fence: &[],
+            },
+            qcode: qc,
+        }; MAX_RUNS];
+        for (pr, &(l, a, b)) in probes.iter_mut().zip(&runs[..nr]) {
+            pr.run = run_view(tree, l, a, b, D);
+        }
+        let mut win = [(0usize, 0usize); MAX_RUNS];
+        scan_probes_ranges(
+            &probes[..nr],
+            q,
+            prm.window,
+            &mut |pos, d2| tk.push(pos, d2),
+            |i, lo, hi| win[i] = (runs[i].1 + lo, runs[i].1 + hi),
+        );
+        for j in own {
+            tk.push(j as u32, sq_dist(q, &k[j * D..(j + 1) * D]));
+        }
+        // 2. Every block of every run whose box meets the ball, skipping the windows.
+        let qa: [T; D] = std::array::from_fn(|i| q[i]);
+        tk.tighten();
+        for (&(l, a, b), &(wlo, whi)) in runs[..nr].iter().zip(&win[..nr]) {
+            let level = RunView {
+                entries: &tree.levels[l],
+                coords: &tree.coords[l],
+                fence: &[],
+            };
+            Self::descend::<D>(&self.trees[l], &level, &qa, (a, b), (wlo, whi), tk, stack);
+        }
+    }
+
+    /// Scans the blocks of entries `a..b` of one level that can hold a top-k key, except
+    /// the entries `wlo..whi` (already offered).
+    #[inline]
+    fn descend<const D: usize>(
+        bt: &BoxTree<T>,
+        level: &RunView<'_, T>,
+        q: &[T; D],
+        (a, b): (usize, usize),
+        (wlo, whi): (usize, usize),
+        tk: &mut TopK<T>,
+        stack: &mut Vec<(usize, T)>,
+    ) {
+        let w = 2 * D;
+        let leaf = bt.leaf;
+        // Depth-first, nearer child first; a node is pushed with its bound and checked again
+        // when popped, as r may have shrunk since. The roots are the canonical nodes that
+        // cover the run's blocks exactly (one when the run is aligned, as with chunk 64);
+        // below them every node lies inside the run.
+        stack.clear();
+        let (mut lo, mut hi) = (a / leaf + bt.leaves, b.div_ceil(leaf) + bt.leaves);
+        while lo < hi {
+            if lo & 1 == 1 {
+                stack.push((lo, box_lb(q, &bt.boxes[lo * w..(lo + 1) * w])));
+                lo += 1;
+            }
+            if hi & 1 == 1 {
+                hi -= 1;
+                stack.push((hi, box_lb(q, &bt.boxes[hi * w..(hi + 1) * w])));
+            }
+            lo >>= 1;
+            hi >>= 1;
+        }
+        while let Some((node, lb)) = stack.pop() {
+            let r = tk.bound();
+            if lb > r {
+                continue;
+            }
+            if node >= bt.leaves {
+                let first = (node - bt.leaves) * leaf;
+                let s0 = a.max(first);
+                let s1 = b.min(first + leaf);
+                level.scan_range(q, s0, s1.min(wlo).max(s0), |pos, d2| tk.push(pos, d2));
+                level.scan_range(q, whi.max(s0).min(s1), s1, |pos, d2| tk.push(pos, d2));
+                tk.tighten_over(SLACK);
+                continue;
+            }
+            let (c0, c1) = (2 * node, 2 * node + 1);
+            let lb0 = box_lb(q, &bt.boxes[c0 * w..(c0 + 1) * w]);
+            let lb1 = box_lb(q, &bt.boxes[c1 * w..(c1 + 1) * w]);
+            // Push the farther first so that the nearer is popped first.
+            let (far, near) = if lb0 <= lb1 {
+                ((c1, lb1), (c0, lb0))
+            } else {
+                ((c0, lb0), (c1, lb1))
+            };
+            for (c, l) in [far, near] {
+                if l <= r {
+                    stack.push((c, l));
+                }
+            }
+        }
+    }
+}
+
+/// The run of entries `a..b` of level `l` (its fence when it starts on a fence stride).
+fn run_view<T>(tree: &CurveTree<T>, l: usize, a: usize, b: usize, dk: usize) -> RunView<'_, T> {
+    let fence: &[u32] = if a % FENCE == 0 {
+        &tree.fences[l][a / FENCE..b.div_ceil(FENCE)]
+    } else {
+        &[]
+    };
+    RunView {
+        entries: &tree.levels[l][a..b],
+        coords: &tree.coords[l][a * dk..b * dk],
+        fence,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::attention::{exact_knn, knn_with, Search, Shape};
+    use crate::index::Params;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        /// Uniform in [0, 1).
+        fn unif(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn normal(&mut self) -> f64 {
+            let (u, v) = (self.unif().max(1e-300), self.unif());
+            (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+        }
+    }
+
+    /// Point sets that break heuristics: duplicates, all equal, grid points (on cell edges
+    /// of the index's grid), clusters, heavy tails, huge and tiny scales.
+    fn adversarial(kind: usize, n: usize, dk: usize, rng: &mut Rng) -> Vec<f32> {
+        (0..n * dk)
+            .map(|i| {
+                let x = match kind {
+                    0 => rng.normal(),
+                    1 => (rng.next() % 3) as f64 - 1.0, // few distinct values
+                    2 => 0.25,                          // all keys equal
+                    3 => (rng.next() % 9) as f64 / 4.0 - 1.0, // grid / cell edges
+                    4 => ((i / dk) % 4) as f64 * 3.0 + 1e-3 * rng.normal(), // clusters
+                    5 => rng.normal() / rng.unif().max(1e-6), // heavy tail (Cauchy-like)
+                    6 => rng.normal() * 1e18,           // huge: d2 overflows to inf
+                    7 => rng.normal() * 1e-20,          // tiny: d2 underflows to 0
+                    _ => (rng.next() % 2) as f64 * 1e30, // huge and duplicate
+                };
+                x as f32
+            })
+            .collect()
+    }
+
+    /// Exact search equals brute force (indices and distances, ties by position) on every
+    /// kind of input, causal and not, for chunk sizes on and off the fence stride.
+    #[test]
+    fn exact_equals_brute_force_on_adversarial_inputs() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let mut checked = 0;
+        for kind in 0..9 {
+            for &(dk, s, n, chunk, window, topk) in &[
+                (3usize, 700usize, 700usize, 64usize, 4usize, 8usize),
+                (3, 1000, 300, 8, 1, 32),
+                (2, 513, 513, 100, 2, 5),
+                (1, 300, 300, 1, 1, 3),
+                (4, 400, 50, 64, 32, 64),
+                (8, 200, 200, 16, 3, 7),
+                (3, 130, 130, 64, 1, 200),
+            ] {
+                for causal in [true, false] {
+                    let sh = Shape {
+                        b: 1,
+                        h: 2,
+                        hkv: 1,
+                        n,
+                        s,
+                        dk,
+                        dv: 1,
+                    };
+                    let prm = Params {
+                        chunk,
+                        window,
+                        n_curves: 2.min(dk + 1),
+                        n_sink: 2,
+                        causal,
+                        bits: (32 / dk as u32).min(10),
+                        scale: 1.0,
+                    };
+                    let k = adversarial(kind, s, dk, &mut rng);
+                    let q = adversarial(kind, 2 * n, dk, &mut rng);
+                    let (gi, gd) = knn_with(&sh, &prm, Search::Exact, topk, &q, &k).unwrap();
+                    let (wi, wd) = exact_knn(&sh, causal, topk, &q, &k).unwrap();
+                    assert_eq!(
+                        gi, wi,
+                        "kind={kind} dk={dk} s={s} chunk={chunk} causal={causal}"
+                    );
+                    let same = gd.iter().zip(&wd).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "distances differ: kind={kind} dk={dk} causal={causal}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 9 * 7 * 2);
+    }
+
+    /// The bound never exceeds the float distance of a point in the box, even where the
+    /// rounding of a difference or a square decides (coordinates a few ulps apart).
+    #[test]
+    fn box_bound_is_below_every_float_distance() {
+        let mut rng = Rng(12345);
+        for _ in 0..20_000 {
+            let scale = [1e-30, 1e-3, 1.0, 3e3, 1e19][(rng.next() % 5) as usize];
+            let mut pt = || {
+                let x = (rng.normal() * scale) as f32;
+                // a few ulps around x
+                f32::from_bits((x.to_bits() as i64 + (rng.next() % 5) as i64 - 2) as u32)
+            };
+            let (a, b, c, q): ([f32; 3], [f32; 3], [f32; 3], [f32; 3]) = (
+                std::array::from_fn(|_| pt()),
+                std::array::from_fn(|_| pt()),
+                std::array::from_fn(|_| pt()),
+                std::array::from_fn(|_| pt()),
+            );
+            let mut bx = [0f32; 6];
+            for j in 0..3 {
+                bx[j] = a[j].min(b[j]).min(c[j]);
+                bx[3 + j] = a[j].max(b[j]).max(c[j]);
+            }
+            let lb = super::box_lb::<f32, 3>(&q, &bx);
+            for x in [a, b, c] {
+                let d2 = crate::index::sq_dist(&q, &x);
+                assert!(lb <= d2, "lb {lb} > d2 {d2} for q={q:?} x={x:?}");
+            }
+        }
+    }
+
+    /// Timing of the exact search against the window search, one thread, N = 64k Gaussian
+    /// 3-D causal, top-32, per leaf size and window: `cargo test --release exact_timing --
+    /// --ignored --nocapture` (perf notes in [`super::ExactIndex::search`]).
+    #[test]
+    #[ignore]
+    fn exact_timing() {
+        use crate::index::KeyIndex;
+        use crate::topk::TopK;
+        let (n, dk, topk) = (65536usize, 3usize, 32usize);
+        let mut rng = Rng(42);
+        let k: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
+        let q: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
+        let prm = |window| Params {
+            chunk: 64,
+            window,
+            n_curves: 1,
+            n_sink: 0,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        };
+        let ix = KeyIndex::build(&k, dk, &prm(32)).unwrap();
+        let mut order: Vec<(u64, usize)> = (0..n)
+            .map(|i| (ix.grids[0].code(&q[i * dk..(i + 1) * dk]), i))
+            .collect();
+        order.sort_unstable();
+        let mut tk = TopK::<f32>::new(topk, 1);
+        let mut sc = super::Scratch::default();
+        let mut out = Vec::new();
+        let t0 = std::time::Instant::now();
+        for &(_, i) in &order {
+            tk.clear();
+            ix.for_each_candidate(&q[i * dk..(i + 1) * dk], i, &k, |p, d| tk.push(p, d));
+            tk.drain_sorted(&mut out);
+        }
+        let base = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
+        println!("window 32: {base:.3} us/query");
+        for window in [8usize, 16, 32] {
+            let ix = KeyIndex::build(&k, dk, &prm(window)).unwrap();
+            for leaf in [16usize, 32, 64] {
+                let ex = super::ExactIndex::build_with(&ix, leaf);
+                let t0 = std::time::Instant::now();
+                for &(_, i) in &order {
+                    tk.clear();
+                    ex.search(&ix, &q[i * dk..(i + 1) * dk], i, &k, &mut tk, &mut sc);
+                    tk.drain_sorted(&mut out);
+                }
+                let t = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
+                println!(
+                    "exact window {window} leaf {leaf}: {t:.3} us/query ({:.2}x)",
+                    t / base
+                );
+            }
+        }
+    }
+}

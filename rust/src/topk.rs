@@ -1,0 +1,206 @@
+//! k-selection: the `topk` nearest candidates by (squared distance, position).
+//!
+//! [`TopK`] keeps the best k of a stream of candidates (the window search offers a few
+//! hundred per query); [`select_topk`] does the same for a materialised list (the brute-force
+//! oracle). Both order by (d2, position), so ties break by the smaller position.
+use crate::quantize::Real;
+use num_traits::Float;
+
+/// Top-k by (d2, position) of a stream of candidates.
+///
+/// Perf notes (N = 32k, H = 8, top-32, one thread; a query offers ~350 candidates): a
+/// `BinaryHeap` of the best k spent 31% of the time in `push` (about k*ln(M/k) of M
+/// candidates are accepted, each a pop + push); appending every candidate and one select at
+/// the end was no faster than filtering. Now each candidate is one integer key (see
+/// [`Real::key`]: a float compare plus a position tie-break made the selects and sorts a
+/// quarter of the forward), written to the buffer and kept by a branchless compare with the
+/// k-th best known so far (an unpredictable accept/reject branch cost more than the store).
+/// When `cap` keys are kept the buffer is cut back to the best k, which sets the threshold.
+pub struct TopK<T: Real> {
+    k: usize,
+    mult: usize,
+    /// Keys are cut back to the best k when this many are kept.
+    cap: usize,
+    /// `cap + 1` slots; `buf[..n]` are kept (the slot at `n` takes the next offer).
+    buf: Vec<T::Key>,
+    n: usize,
+    /// Keys >= this are rejected: k better distinct items are known.
+    thresh: T::Key,
+}
+
+impl<T: Float + Real> TopK<T> {
+    /// `mult`: how many times one position may be offered at most (several curves, sinks);
+    /// 1 when positions never repeat.
+    pub fn new(k: usize, mult: usize) -> Self {
+        let k = k.max(1);
+        let mult = mult.max(1);
+        let cap = k
+            .saturating_mul(4 * mult)
+            .clamp(64, isize::MAX as usize / 16);
+        TopK {
+            k,
+            mult,
+            cap,
+            // Up to 4 k mult keys per thread: out of memory unwinds to the entry point.
+            buf: crate::error::vec_or_unwind(T::KEY_MAX, cap + 1, "top-k buffer"),
+            n: 0,
+            thresh: T::KEY_MAX,
+        }
+    }
+    pub fn clear(&mut self) {
+        self.n = 0;
+        self.thresh = T::KEY_MAX;
+    }
+    /// Offers a candidate; `d2` must be >= 0 (a squared distance).
+    #[inline(always)]
+    pub fn push(&mut self, pos: u32, d2: T) {
+        let key = d2.key(pos);
+        self.buf[self.n] = key;
+        self.n += usize::from(key < self.thresh);
+        if self.n == self.cap {
+            self.compact();
+        }
+    }
+    /// The k-th smallest d2 known so far (+inf until k distinct candidates are known): no
+    /// candidate with a larger d2 can enter, one with an equal d2 still may (smaller
+    /// position). Only as tight as the last cut; see [`TopK::tighten`].
+    #[inline(always)]
+    pub fn bound(&self) -> T {
+        if self.thresh == T::KEY_MAX {
+            T::infinity()
+        } else {
+            T::from_key(self.thresh).0
+        }
+    }
+
+    /// Cuts the buffer to the best k now, so that [`TopK::bound`] is the current k-th d2.
+    #[inline]
+    pub fn tighten(&mut self) {
+        if self.n > self.k || (self.n == self.k && self.thresh == T::KEY_MAX) {
+            self.compact();
+        }
+    }
+
+    /// [`TopK::tighten`] once more than `k + slack` keys are kept.
+    #[inline(always)]
+    pub fn tighten_over(&mut self, slack: usize) {
+        if self.n > self.k + slack {
+            self.compact();
+        }
+    }
+
+    /// Cuts the buffer to the best k distinct items and tightens the threshold.
+    fn compact(&mut self) {
+        if self.mult == 1 {
+            // No duplicates: the k-th smallest is the threshold, no sort needed.
+            let k = self.k;
+            let v = &mut self.buf[..self.n];
+            v.select_nth_unstable(k - 1);
+            self.thresh = v[k - 1];
+            self.n = k;
+            return;
+        }
+        self.best_k();
+        if self.n == self.k {
+            self.thresh = self.buf[self.k - 1];
+        }
+    }
+
+    /// Leaves the best k distinct keys in `buf[..n]`, ascending. A key repeats at most `mult`
+    /// times, so the first k distinct keys are among the `k * mult` smallest: select those,
+    /// then sort and dedupe only them.
+    fn best_k(&mut self) {
+        let m = self.k * self.mult;
+        let v = &mut self.buf[..self.n];
+        let v = if v.len() > m {
+            v.select_nth_unstable(m - 1);
+            &mut v[..m]
+        } else {
+            v
+        };
+        v.sort_unstable();
+        let mut u = v.len().min(1);
+        if self.mult > 1 {
+            // A repeated position has the same d2, so the same key: duplicates are equal.
+            for i in 1..v.len() {
+                if v[i] != v[u - 1] {
+                    v[u] = v[i];
+                    u += 1;
+                }
+            }
+        } else {
+            u = v.len();
+        }
+        self.n = u.min(self.k);
+    }
+
+    /// The kept candidates, ascending by (d2, position), into `out` (cleared first).
+    pub fn drain_sorted(&mut self, out: &mut Vec<(T, u32)>) {
+        self.best_k();
+        out.clear();
+        out.extend(self.buf[..self.n].iter().map(|&key| T::from_key(key)));
+        self.clear();
+    }
+}
+
+/// Keeps the `topk` smallest candidates by (d2, position), distinct positions, sorted.
+///
+/// `mult` bounds how often one position repeats; duplicates are equal (d2, position) pairs,
+/// so after sorting they are adjacent and the first `topk * mult` entries hold the first
+/// `topk` distinct ones.
+pub fn select_topk<T: Float>(c: &mut Vec<(T, u32)>, topk: usize, mult: usize) {
+    let cmp = |a: &(T, u32), b: &(T, u32)| {
+        a.0.partial_cmp(&b.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.1.cmp(&b.1))
+    };
+    let m = topk.saturating_mul(mult.max(1));
+    if c.len() > m {
+        c.select_nth_unstable_by(m - 1, cmp);
+        c.truncate(m);
+    }
+    c.sort_unstable_by(cmp);
+    if mult > 1 {
+        c.dedup_by_key(|x| x.1);
+    }
+    c.truncate(topk);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    }
+
+    #[test]
+    fn topk_matches_sorting_with_and_without_duplicates() {
+        let mut s = 7u64;
+        for &dedupe in &[false, true] {
+            for n in [0usize, 5, 31, 32, 33, 200, 1000] {
+                let mut items: Vec<(f32, u32)> = (0..n as u32)
+                    .map(|p| ((lcg(&mut s) * 8.0).round().abs(), p)) // d2 >= 0
+                    .collect();
+                if dedupe {
+                    let dup: Vec<_> = items.iter().step_by(3).cloned().collect();
+                    items.extend(dup);
+                }
+                let mut tk = TopK::new(32, if dedupe { 2 } else { 1 });
+                for &(d, p) in &items {
+                    tk.push(p, d);
+                }
+                let mut got = Vec::new();
+                tk.drain_sorted(&mut got);
+                let mut want = items.clone();
+                want.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap().then(a.1.cmp(&b.1)));
+                want.dedup_by_key(|a| a.1);
+                want.truncate(32);
+                assert_eq!(got, want, "n={n} dedupe={dedupe}");
+            }
+        }
+    }
+}
