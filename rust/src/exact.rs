@@ -164,6 +164,8 @@ impl<T: Float + Real> ExactIndex<T> {
     /// - bringing the k-th distance up to date after every leaf (a select over k + SLACK
     ///   keys) cut leaves by 15% but the selects cost as much; SLACK = 16 won by ~5%.
     /// - the descent's stack in per-thread scratch instead of a zeroed array per run: -5%.
+    /// - walking down the nearer child instead of pushing both children and popping one:
+    ///   -15% (5.7-5.9 -> 4.9-5.1 us; leaf 32 still beat 16 and 64 after it).
     ///
     /// Not tried yet: a best-first order over all runs at once, SIMD box bounds (AVX2, 8
     /// children per node), per-level leaf sizes.
@@ -274,8 +276,8 @@ impl<T: Float + Real> ExactIndex<T> {
     ) {
         let w = 2 * D;
         let leaf = bt.leaf;
-        // Depth-first, nearer child first; a node is pushed with its bound and checked again
-        // when popped, as r may have shrunk since. The roots are the canonical nodes that
+        // Depth-first, nearer child first: walk down the nearer child, pushing the farther
+        // one with its bound, checked again when popped (r may have shrunk since). The roots are the canonical nodes that
         // cover the run's blocks exactly (one when the run is aligned, as with chunk 64);
         // below them every node lies inside the run.
         stack.clear();
@@ -292,10 +294,29 @@ impl<T: Float + Real> ExactIndex<T> {
             lo >>= 1;
             hi >>= 1;
         }
-        while let Some((node, lb)) = stack.pop() {
-            let r = tk.bound();
-            if lb > r {
+        while let Some((mut node, lb)) = stack.pop() {
+            if lb > tk.bound() {
                 continue;
+            }
+            // Walk down the nearer child, leaving the farther one on the stack.
+            while node < bt.leaves {
+                let (c0, c1) = (2 * node, 2 * node + 1);
+                let lb0 = box_lb(q, &bt.boxes[c0 * w..(c0 + 1) * w]);
+                let lb1 = box_lb(q, &bt.boxes[c1 * w..(c1 + 1) * w]);
+                let ((far, lf), (near, ln)) = if lb0 <= lb1 {
+                    ((c1, lb1), (c0, lb0))
+                } else {
+                    ((c0, lb0), (c1, lb1))
+                };
+                let r = tk.bound();
+                if lf <= r {
+                    stack.push((far, lf));
+                }
+                if ln > r {
+                    node = 0;
+                    break;
+                }
+                node = near;
             }
             if node >= bt.leaves {
                 let first = (node - bt.leaves) * leaf;
@@ -304,21 +325,6 @@ impl<T: Float + Real> ExactIndex<T> {
                 level.scan_range(q, s0, s1.min(wlo).max(s0), |pos, d2| tk.push(pos, d2));
                 level.scan_range(q, whi.max(s0).min(s1), s1, |pos, d2| tk.push(pos, d2));
                 tk.tighten_over(SLACK);
-                continue;
-            }
-            let (c0, c1) = (2 * node, 2 * node + 1);
-            let lb0 = box_lb(q, &bt.boxes[c0 * w..(c0 + 1) * w]);
-            let lb1 = box_lb(q, &bt.boxes[c1 * w..(c1 + 1) * w]);
-            // Push the farther first so that the nearer is popped first.
-            let (far, near) = if lb0 <= lb1 {
-                ((c1, lb1), (c0, lb0))
-            } else {
-                ((c0, lb0), (c1, lb1))
-            };
-            for (c, l) in [far, near] {
-                if l <= r {
-                    stack.push((c, l));
-                }
             }
         }
     }
