@@ -249,11 +249,10 @@ def test_shim_detects_divergent_barriers(rt, monkeypatch):
         S.knn(rt, q, k, (1, 1, 1, 5, 5, 3), p, 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mean_token", [False, True])
-def test_torch_glue_of_the_custom_op_runs_on_the_shim(rt, monkeypatch, dtype, mean_token):
-    """The CUDA kernels of zeta::attention_fwd/bwd (torch <-> device arrays, dtypes, gamma, the
-    mean token's gradients) with the device swapped for the shim: CPU tensors, numpy views."""
+@pytest.fixture
+def shim_device(rt, monkeypatch):
+    """The cupy backend's torch glue with the device swapped for the shim: CPU tensors in,
+    numpy views for the kernels (16-bit floats as int16, as on the GPU)."""
     import contextlib
 
     from zeta.backends import cupy_backend as cb
@@ -272,6 +271,15 @@ def test_torch_glue_of_the_custom_op_runs_on_the_shim(rt, monkeypatch, dtype, me
     monkeypatch.setattr(cb, "TorchRuntime", lambda dev: rt)
     monkeypatch.setattr(cb, "_cupy_view", view)
     monkeypatch.setattr(cb, "_torch_of", back)
+    return cb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mean_token", [False, True])
+def test_torch_glue_of_the_custom_op_runs_on_the_shim(shim_device, dtype, mean_token):
+    """The CUDA kernels of zeta::attention_fwd/bwd (torch <-> device arrays, dtypes, gamma, the
+    mean token's gradients) with the device swapped for the shim: CPU tensors, numpy views."""
+    cb = shim_device
     g = torch.Generator().manual_seed(4)
     q = torch.randn(1, 4, 50, 3, generator=g)
     k = torch.randn(1, 2, 60, 3, generator=g)
@@ -293,3 +301,41 @@ def test_torch_glue_of_the_custom_op_runs_on_the_shim(rt, monkeypatch, dtype, me
     ref.backward(grad.float())
     for got, want in ((dq, qq.grad), (dk, kk.grad), (dv, vv.grad), (dg, gg.grad)):
         torch.testing.assert_close(got.double(), want.double(), rtol=10 * tol, atol=10 * tol)
+
+
+def test_cupy_backend_ops_run_on_the_shim(shim_device):
+    """CupyBackend's knn and primitives (what zeta.knn / zeta.zorder / ... call for CUDA
+    tensors) through the shim, against the Rust core."""
+    be = shim_device.CupyBackend()
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 70, 3, generator=g)
+    k = torch.randn(2, 2, 90, 3, generator=g)
+    p = index_params(3, 12, chunk=8, window=4, n_curves=2, n_sink=1)
+    idx, d2 = be.knn(q, k, 12, p)
+    ridx, rd2 = zeta.knn(q, k, 12, chunk=8, window=4, n_curves=2, n_sink=1, backend="rust")
+    assert torch.equal(idx, ridx) and torch.equal(d2, rd2)
+    bad = q.clone()
+    bad[1, 2, 3, 0] = float("inf")
+    with pytest.raises(ValueError, match="q: contains NaN or inf"):
+        be.knn(bad, k, 12, p)
+    x = torch.randn(5, 40, 3, generator=g)
+    for bits, shift in ((10, 0), (10, 2), (21, 1)):
+        np.testing.assert_array_equal(
+            be.zorder(x, 3, bits, shift, 1.0).numpy(), zeta.zorder(x.numpy(), bits, shift)
+        )
+    coords = torch.from_numpy(
+        np.random.default_rng(2).integers(0, 1 << 10, (30, 3)).astype(np.uint32)
+    )
+    enc = be.morton_encode(coords, 10)
+    np.testing.assert_array_equal(enc.numpy(), zeta.morton_encode(coords.numpy(), 10))
+    np.testing.assert_array_equal(be.morton_decode(enc, 3, 10).numpy(), coords.numpy())
+    codes = zeta.zorder(x.numpy(), 10)
+    dup = torch.from_numpy(codes >> np.uint32(24))
+    np.testing.assert_array_equal(
+        be.argsort(dup).numpy(), np.argsort(dup.numpy(), -1, kind="stable")
+    )
+    s_ = torch.from_numpy(np.sort(codes, axis=-1))
+    for right in (False, True):
+        got = be.searchsorted(s_, torch.from_numpy(codes), right)
+        want = zeta.searchsorted(s_.numpy(), codes, side="right" if right else "left")
+        np.testing.assert_array_equal(got.numpy(), want)
