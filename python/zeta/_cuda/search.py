@@ -15,7 +15,7 @@ from . import index
 from .runtime import VALUE_TYPE, Runtime, blocks, dk_template
 
 WARPS = 4  # warps (queries) per block
-MAX_TOPK = 256
+MAX_TOPK = 256  # the best list of a warp: kp = pow2 >= topk, 2*kp keys, <= 16 rounds of 32
 #: Walk queries in Z-order instead of position order (ZETA_CUDA_QUERY_ORDER=1). Off: on an
 #: H200 it measured 3.73 vs 3.29 ms forward at N=32k, 11.5 vs 11.5 ms at 128k
 #: (benches/results/gpu-variants-*.json): the index of one head fits in L2 either way.

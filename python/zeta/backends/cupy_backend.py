@@ -19,10 +19,10 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from .._cuda.search import MAX_TOPK
 from .base import Backend, CallInfo
 
 MIN_COMPUTE_CAPABILITY = (7, 0)
-MAX_TOPK = 256
 
 
 def is_cupy(x: Any) -> bool:
