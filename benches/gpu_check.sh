@@ -5,11 +5,11 @@
 # (memcheck, racecheck) on small inputs.
 #
 # Usage, from the repository root on the GPU machine:
-#   bash benches/gpu_check.sh [wheel dir, default .whl] [output dir, default $OUT or benches/results]
+#   bash benches/gpu_check.sh [wheel dir, default .whl] [output dir, default benches/results]
 # Build the wheel first where Rust is: maturin build --release -o .whl
 set -u
 WHL=${1:-.whl}
-RES=${2:-${OUT:-benches/results}}
+RES=${2:-benches/results}
 mkdir -p "$RES"
 SITE=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHL"/zeta_attention-*.whl || exit 1
