@@ -127,6 +127,15 @@ def ratio(slow: Optional[float], fast: Optional[float]) -> Optional[float]:
     return slow / fast if slow and fast else None
 
 
+def save_figure(fig: Any, png: Any) -> None:
+    """Lays out, writes (120 dpi) and closes a matplotlib figure: every suite's PNG."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
 def kib(n: int) -> str:
     return f"{n // 1024}k" if n < 1 << 20 else f"{n >> 20}M"
 

@@ -40,6 +40,7 @@ from _common import (
     progress,
     pyplot,
     ratio,
+    save_figure,
     suite_main,
 )
 
@@ -367,9 +368,7 @@ def _plot_attention(rep: Dict[str, Any], png: Path) -> bool:
         "missing points: not run",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
     return True
 
 

@@ -36,6 +36,7 @@ from _common import (
     pyplot,
     ratio,
     recall_from_exact,
+    save_figure,
     suite_main,
 )
 
@@ -468,9 +469,7 @@ def _plot_decode(rep: Dict[str, Any], png: Path) -> bool:
         f"({rep['machine']['tag']}, {rep['date']}, load avg {rep['load_avg']['start']}{note})",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
     return True
 
 

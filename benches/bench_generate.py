@@ -36,6 +36,7 @@ from _common import (
     progress,
     pyplot,
     ratio,
+    save_figure,
     suite_main,
 )
 from torch import Tensor, nn
@@ -289,9 +290,7 @@ def plot(rep: Dict[str, Any], png) -> bool:
     ax.set_title(f"{rep['suite']}: per-token decode, {rep['machine']['tag']}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
     return True
 
 

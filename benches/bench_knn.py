@@ -32,6 +32,7 @@ from _common import (
     pyplot,
     ratio,
     recall_from_exact,
+    save_figure,
     suite_main,
     time_calls,
     true_d2,
@@ -338,9 +339,7 @@ def _plot_knn(rep: Dict[str, Any], png: Path) -> bool:
         f"load avg {rep['load_avg']['start']})",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
     return True
 
 

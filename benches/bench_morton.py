@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-from _common import RESULTS, cpu_model, machine_tag  # one machine tag for every result file
+from _common import (  # one machine tag for every result file
+    RESULTS,
+    cpu_model,
+    machine_tag,
+    save_figure,
+)
 
 HERE = Path(__file__).resolve().parent
 D = 3
@@ -328,9 +333,7 @@ def make_plot(report: Dict[str, Any], png: Path) -> None:
         "subsample (no float quantization); dashed: 1.5 ns/code goal",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from _common import (
     progress,
     pyplot,
     recall_from_exact,
+    save_figure,
     suite_main,
     time_calls,
 )
@@ -267,9 +268,7 @@ def _plot_recall(rep: Dict[str, Any], png: Path) -> bool:
         "labels: window",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
     return True
 
 

@@ -41,6 +41,7 @@ from _common import (
     cpu_model,
     loadavg,
     machine_tag,
+    save_figure,
 )  # one machine tag for every result file
 
 HERE = Path(__file__).resolve().parent
@@ -258,9 +259,7 @@ def make_plot(report: Dict[str, Any], png: Path) -> None:
         f"{report['date']}, zeta threads={report['config']['zeta_threads']})",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def main() -> None:
