@@ -113,6 +113,11 @@ class TinyLM(nn.Module):
     """Token + learned absolute position embeddings, ``n_layers`` blocks, final norm, head
     (tied to the token embedding by default).
 
+    ``init="gpt2"``: every Linear/Embedding N(0, 0.02^2), the ZetaAttention layers' too;
+    ``init="user"``: the same for the model's own modules (embeddings, MLPs, the softmax
+    baseline's projections) while ZetaAttention keeps its own init, as when a user builds a
+    GPT-2-style model around the library's layer.
+
     forward(idx (B, N) int64, select=None) -> logits (B, N, vocab), or, with a boolean mask
     ``select`` (B, N), logits of the selected positions only (M, vocab): MQAR computes the
     head only where there is a label.
@@ -130,6 +135,7 @@ class TinyLM(nn.Module):
         conv_kernel: int = 0,
         zeta_kwargs: Optional[dict] = None,
         tie_embeddings: bool = True,
+        init: str = "gpt2",
     ):
         super().__init__()
         self.attn_kind = attn
@@ -141,7 +147,21 @@ class TinyLM(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
-        self.apply(_init)
+        if init == "gpt2":  # every Linear and Embedding N(0, 0.02^2), biases 0
+            self.apply(_init)
+        elif init == "user":  # N(0, 0.02^2) except inside library layers (ZetaAttention)
+            lib = {
+                id(p)
+                for m in self.modules()
+                if type(m).__name__ == "ZetaAttention"
+                for p in m.parameters()
+            }
+            for m in self.modules():
+                if any(id(p) in lib for p in m.parameters(recurse=False)):
+                    continue
+                _init(m)
+        else:
+            raise ValueError(f"init: expected 'gpt2' or 'user', got {init!r}")
         if tie_embeddings:  # as in Zoology: copying a token is then easy to express
             self.head.weight = self.tok.weight
 
@@ -384,6 +404,12 @@ def make_parser(doc: str, quick: dict, full: dict, name: str):
             default=None,
             help=f"override (quick {quick[k]}, full {full[k]})",
         )
+    p.add_argument(
+        "--init",
+        choices=["gpt2", "user"],
+        default="gpt2",
+        help="gpt2: N(0, 0.02^2) everywhere, ZetaAttention too; user: ZetaAttention keeps its own init",
+    )
     p.add_argument("--key-dim", type=int, default=3)
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--gamma-init", type=float, default=1.0)

@@ -133,6 +133,7 @@ def train_one(attn: str, cfg: dict, args, data, vocab: int, device, position: in
         cfg["n_heads"],
         conv_kernel=cfg["conv"],
         zeta_kwargs=zkw if attn == "zeta" else None,
+        init=args.init,
     ).to(device)
     opt = M.make_optimizer(model, cfg["lr"], cfg["weight_decay"])
     gen = torch.Generator().manual_seed(args.seed)

@@ -2,6 +2,14 @@
 
     python benches/mqar.py --quick             # 2 CPU cores: ~15 min wall, both attentions
     python benches/mqar.py --full --device cuda
+    python benches/mqar.py --setting A --seeds 0,1,2   # plain transformer, no convolution
+
+``--setting A|B|C|D|E``: a plain pre-norm transformer as a user would assemble it (no short
+convolution, GPT-2-style N(0, 0.02^2) init of the model's own modules while ZetaAttention keeps
+its own init), trained on one
+length (no mix), batch 64, AdamW lr 1e-3, weight decay 0.1, OneCycle; several seeds and
+variants (``--variants``: softmax, zeta = ZetaAttention's defaults, and ablations of them) in
+parallel single-threaded processes. Writes benches/results/mqar-plain-<setting>-....
 
 The data follow Zoology's ``multiquery_ar`` (Arora et al. 2023): keys from the lower half of
 the vocabulary, values from the upper half, ``num_kv`` distinct key-value pairs at the start
@@ -82,6 +90,235 @@ FULL = dict(
 )
 
 
+# Plain-transformer settings (no convolution); A-C as first reported, D-E added.
+PLAIN_COMMON = dict(
+    n_layers=2,
+    conv=0,
+    batch=64,
+    lr=1e-3,
+    weight_decay=0.1,
+    n_train=100_000,
+    n_test=1_000,
+    eval_every=250,
+    n_curves=1,
+    topk=32,
+)
+PLAIN = {
+    "A": dict(vocab=128, seq_len=64, num_kv=8, d_model=64, n_heads=2, steps=3000),
+    "B": dict(vocab=128, seq_len=128, num_kv=8, d_model=128, n_heads=4, steps=3000),
+    "C": dict(vocab=256, seq_len=256, num_kv=16, d_model=64, n_heads=2, steps=6000),
+    "D": dict(vocab=256, seq_len=256, num_kv=16, d_model=64, n_heads=2, steps=3000),
+    "E": dict(vocab=256, seq_len=128, num_kv=16, d_model=64, n_heads=2, steps=3000),
+}
+
+
+def _reinit(model, fn) -> None:
+    from zeta.nn import ZetaAttention
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ZetaAttention):
+                fn(m)
+
+
+def _small_qk(m) -> None:
+    m.v_proj.reset_parameters()
+    for lin in (m.q_proj, m.k_proj):
+        torch.nn.init.normal_(lin.weight, std=0.16 / m.embed_dim**0.5)
+        torch.nn.init.zeros_(lin.bias)
+
+
+def _zero_out(m) -> None:
+    m.v_proj.reset_parameters()
+    torch.nn.init.zeros_(m.out_proj.weight)
+    torch.nn.init.zeros_(m.out_proj.bias)
+
+
+# name -> (attention, ZetaAttention kwargs, change made after construction, what it tests)
+VARIANTS = {
+    "softmax": ("softmax", {}, None, "SDPA, head width d_model/heads"),
+    "zeta": ("zeta", {}, None, "ZetaAttention's defaults"),
+    "zeta-v-default": (
+        "zeta",
+        {},
+        lambda m: m.v_proj.reset_parameters(),
+        "v_proj at PyTorch's default init (the defaults before issue 13)",
+    ),
+    "zeta-small-qk": (
+        "zeta",
+        {},
+        _small_qk,
+        "v default; q/k weights N(0, 0.16^2/E), small distances",
+    ),
+    "zeta-zero-out": ("zeta", {}, _zero_out, "v default; out_proj zero (branch starts at 0)"),
+    "zeta-gpt2-init": (
+        "zeta",
+        {},
+        lambda m: [M._init(x) for x in m.modules()],
+        "every ZetaAttention Linear N(0, 0.02^2) like the rest of the model",
+    ),
+    "zeta-gamma0.1": ("zeta", {"gamma_init": 0.1}, None, "defaults with gamma_init 0.1"),
+    "zeta-mean-token": ("zeta", {"mean_token": True}, None, "defaults with the mean token"),
+}
+
+
+def plain_cfg(setting: str) -> dict:
+    if setting not in PLAIN:
+        raise SystemExit(f"--setting: expected one of {', '.join(PLAIN)}, got {setting!r}")
+    return {**PLAIN_COMMON, **PLAIN[setting], "setting": setting}
+
+
+def plain_worker(variant: str, cfg: dict, seed: int, position: int, threads: int = 1) -> Dict:
+    """Train one (variant, seed) of a plain setting in this process (``threads`` threads)."""
+    M.set_threads(threads)
+    attn, zkw, change, _ = VARIANTS[variant]
+    xtr, ytr = multiquery_ar(cfg["vocab"], cfg["n_train"], cfg["seq_len"], cfg["num_kv"], seed)
+    xte, yte = multiquery_ar(
+        cfg["vocab"], cfg["n_test"], cfg["seq_len"], cfg["num_kv"], seed + 10_000
+    )
+    M.seed_all(seed)
+    zeta_kwargs = {"topk": cfg["topk"], "n_curves": cfg["n_curves"], **zkw}
+    model = M.TinyLM(
+        cfg["vocab"],
+        cfg["seq_len"],
+        attn,
+        cfg["d_model"],
+        cfg["n_layers"],
+        cfg["n_heads"],
+        conv_kernel=0,
+        zeta_kwargs=zeta_kwargs if attn == "zeta" else None,
+        init="user",
+    )
+    if change is not None:
+        _reinit(model, change)
+    steps, bs = cfg["steps"], cfg["batch"]
+    opt = M.make_optimizer(model, cfg["lr"], cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    curve, t0 = [], time.time()
+    bar = tqdm(
+        range(steps),
+        desc=f"{cfg['setting']} {variant} s{seed}",
+        dynamic_ncols=True,
+        mininterval=5.0,
+        position=position,
+        leave=False,
+    )
+    for step in bar:
+        ib = torch.randint(0, len(xtr), (bs,), generator=gen)
+        xb, yb = xtr[ib], ytr[ib]
+        sel = yb != -100
+        loss = F.cross_entropy(model(xb, select=sel).float(), yb[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
+            acc, tl = evaluate(model, xte, yte, "cpu")
+            curve.append(
+                {
+                    "step": step + 1,
+                    "train_loss": float(loss.detach()),
+                    "test_acc": acc,
+                    "test_loss": tl,
+                    "seconds": time.time() - t0,
+                }
+            )
+            bar.set_postfix(acc=f"{acc:.3f}")
+    out = {
+        "variant": variant,
+        "seed": seed,
+        "attn": attn,
+        "params": M.n_params(model),
+        "train_seconds": time.time() - t0,
+        "curve": curve,
+        "final_test_acc": curve[-1]["test_acc"],
+    }
+    if attn == "zeta":
+        out["gamma"] = [[round(float(g), 4) for g in b.attn.gamma.detach()] for b in model.blocks]
+    return out
+
+
+def plain_table(cfg: dict, runs) -> str:
+    lines = [
+        f"MQAR, plain transformer (no convolution), setting {cfg['setting']}: seq {cfg['seq_len']}, "
+        f"{cfg['num_kv']} pairs, vocab {cfg['vocab']}, d_model {cfg['d_model']}, {cfg['n_heads']} heads, "
+        f"{cfg['n_layers']} layers, {cfg['steps']} steps x batch {cfg['batch']}, AdamW lr {cfg['lr']} "
+        f"wd {cfg['weight_decay']}, OneCycle; ZETA top-{cfg['topk']}, {cfg['n_curves']} curve",
+        "",
+        "| variant | what | final test accuracy per seed | mean | min |",
+        "|---|---|---|---:|---:|",
+    ]
+    for v in dict.fromkeys(r["variant"] for r in runs):
+        rs = sorted((r for r in runs if r["variant"] == v), key=lambda r: r["seed"])
+        accs = [100 * r["final_test_acc"] for r in rs]
+        per = " / ".join(f"{a:.2f}% (s{r['seed']})" for a, r in zip(accs, rs))
+        lines.append(
+            f"| {v} | {VARIANTS[v][3]} | {per} | {np.mean(accs):.2f}% | {min(accs):.2f}% |"
+        )
+    return "\n".join(lines)
+
+
+def run_plain(args) -> int:
+    cfg = plain_cfg(args.setting)
+    if args.steps:
+        cfg["steps"] = args.steps
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {v!r}; known: {', '.join(VARIANTS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    jobs = [
+        (v, cfg, s, i % max(1, args.jobs or 2))
+        for i, (v, s) in enumerate((v, s) for v in variants for s in seeds)
+    ]
+    procs = args.jobs or min(len(jobs), os.cpu_count() or 1)
+    print(f"setting {args.setting}: {cfg}; {len(jobs)} runs in {procs} process(es)")
+    t0 = time.time()
+    runs = M.run_jobs(plain_worker, jobs, procs)
+    md = plain_table(cfg, runs)
+    print(md)
+    if args.no_save:
+        return 0
+    stem = args.out or f"mqar-plain-{args.setting}-{M.machine_tag()}-{M.today()}"
+    payload = {
+        "benchmark": "mqar-plain",
+        "config": cfg,
+        "seeds": seeds,
+        "variants": variants,
+        "machine": M.machine_tag(),
+        "env": {**M.env_info(), "processes": procs},
+        "total_seconds": time.time() - t0,
+        "argv": sys.argv[1:],
+        "runs": runs,
+    }
+    path = M.write_results(stem, payload, md)
+    mean_curves = {}
+    for v in variants:
+        rs = [r for r in runs if r["variant"] == v]
+        mean_curves[f"{v} (mean of {len(rs)})"] = {
+            "curve": [
+                {
+                    "step": c["step"],
+                    "test_acc": float(np.mean([r["curve"][i]["test_acc"] for r in rs])),
+                }
+                for i, c in enumerate(rs[0]["curve"])
+            ]
+        }
+    M.plot_curves(
+        path.with_suffix(".png"),
+        mean_curves,
+        md.splitlines()[0],
+        "test_acc",
+        "test accuracy (%)",
+        scale=100,
+        ylim=(0, 101),
+    )
+    print(f"wrote {path}, {path.with_suffix('.md').name}, {path.with_suffix('.png').name}")
+    return 0
+
+
 # --------------------------------------------------------------------------- data
 def multiquery_ar(
     vocab: int,
@@ -98,8 +335,8 @@ def multiquery_ar(
     query gaps with p_i ~ i^(power_a - 1)) uses the Gumbel-top-k trick, which draws from the
     same distribution as ``np.random.choice(replace=False, p=...)``.
     """
-    if seq_len % 2 or vocab <= seq_len or 4 * num_kv > seq_len:
-        raise ValueError("need even seq_len, vocab > seq_len and 4 * num_kv <= seq_len")
+    if seq_len % 2 or 4 * num_kv > seq_len or num_kv >= vocab // 2:
+        raise ValueError("need even seq_len, 4 * num_kv <= seq_len and num_kv < vocab // 2")
     rng = np.random.default_rng(seed)
     context = 2 * num_kv
     key_vocab = vocab // 2
@@ -201,6 +438,7 @@ def train_one(attn: str, cfg: dict, args, data, device, position: int = 0) -> Di
         cfg["n_heads"],
         conv_kernel=cfg["conv"],
         zeta_kwargs=zkw if attn == "zeta" else None,
+        init=args.init,
     ).to(device)
     opt = M.make_optimizer(model, cfg["lr"], cfg["weight_decay"])
     gen = torch.Generator().manual_seed(args.seed)
@@ -324,7 +562,21 @@ def table(cfg: dict, results: Dict[str, Dict]) -> str:
 
 def main(argv=None) -> int:
     p = M.make_parser(__doc__, QUICK, FULL, "mqar")
+    p.add_argument(
+        "--setting",
+        choices=sorted(PLAIN),
+        default=None,
+        help="plain transformer without convolution (see the module docstring)",
+    )
+    p.add_argument("--seeds", default="0,1,2", help="with --setting: comma-separated seeds")
+    p.add_argument(
+        "--variants",
+        default="softmax,zeta",
+        help=f"with --setting: comma-separated, from {', '.join(VARIANTS)}",
+    )
     args = p.parse_args(argv)
+    if args.setting:
+        return run_plain(args)
 
     cfg, attns, procs, per_job = M.plan(args, QUICK, FULL)
     print(f"config: {cfg}  device={args.device}  {procs} process(es) x {per_job} thread(s)")

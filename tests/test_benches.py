@@ -77,3 +77,44 @@ def test_zeta_bench_outside_a_checkout_says_how_to_run(tmp_path, monkeypatch, ca
     assert sorted(f"bench_{s}.py" for s in BENCH_SUITES) == sorted(
         p.name for p in BENCHES.glob("bench_*.py")
     )
+
+
+def test_mqar_plain_setting_runs_every_variant():
+    """benches/mqar.py --setting: the plain-transformer sweep runs (tiny) and prints its table."""
+    pytest.importorskip("torch")
+    import subprocess
+
+    cmd = [sys.executable, str(BENCHES / "mqar.py"), "--setting", "B", "--steps", "3"]
+    cmd += ["--seeds", "0,1", "--variants", "zeta,softmax,zeta-v-default", "--jobs", "1"]
+    out = subprocess.run(
+        cmd + ["--no-save"], check=True, capture_output=True, text=True, timeout=240
+    ).stdout
+    assert "setting B: seq 128, 8 pairs, vocab 128" in out
+    for v in ("| zeta |", "| softmax |", "| zeta-v-default |"):
+        assert v in out and "(s0) /" in out.split(v)[1].splitlines()[0]
+
+
+def test_tinylm_user_init_keeps_zeta_attention_init(monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.syspath_prepend(str(BENCHES))
+    import _models as M
+    from mqar import multiquery_ar
+
+    from zeta.nn import VALUE_INIT_STD
+
+    torch.manual_seed(0)
+    e = 128
+    user = M.TinyLM(100, 32, "zeta", e, 1, 2, init="user", zeta_kwargs={"topk": 4})
+    gpt2 = M.TinyLM(100, 32, "zeta", e, 1, 2, init="gpt2", zeta_kwargs={"topk": 4})
+    a, g = user.blocks[0].attn, gpt2.blocks[0].attn
+    assert a.v_proj.weight.std().item() == pytest.approx(VALUE_INIT_STD / e**0.5, rel=0.1)
+    assert a.q_proj.weight.std().item() == pytest.approx(1 / (3 * e) ** 0.5, rel=0.1)
+    assert g.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert user.blocks[0].mlp[0].weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert user.tok.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert user.head.weight is user.tok.weight
+    # the generator takes vocab <= seq_len (setting B) and still answers from the pairs
+    x, y = multiquery_ar(128, 8, 128, 8, seed=0)
+    assert x.shape == (8, 128) and ((y == -100) | (y >= 64)).all() and (y != -100).sum() == 64
+    for name in [m for m in sys.modules if m in ("mqar", "_models")]:
+        del sys.modules[name]

@@ -286,3 +286,31 @@ def test_empty_and_one_token_sequences():
     assert m.q_proj.weight.grad is not None and not m.q_proj.weight.grad.any()
     x1 = _x(2, 1, 16)
     torch.testing.assert_close(m(x1), m.out_proj(m.v_proj(x1)))
+
+
+def test_init_values_small_rest_pytorch_default():
+    """reset_parameters: v_proj ~ N(0, VALUE_INIT_STD^2 / E) with zero bias (issue 13's fix);
+    q/k/out keep nn.Linear's default (uniform, std 1/sqrt(3E)); log_gamma = log(gamma_init)."""
+    from zeta.nn import VALUE_INIT_STD
+
+    torch.manual_seed(0)
+    e = 256
+    m = ZetaAttention(e, 8, key_dim=3, gamma_init=0.3)
+    assert m.v_proj.weight.std().item() == pytest.approx(VALUE_INIT_STD / math.sqrt(e), rel=0.05)
+    assert m.v_proj.weight.mean().abs().item() < 0.1 * VALUE_INIT_STD / math.sqrt(e)
+    assert torch.count_nonzero(m.v_proj.bias) == 0
+    for lin in (m.q_proj, m.k_proj, m.out_proj):
+        assert lin.weight.std().item() == pytest.approx(1 / math.sqrt(3 * e), rel=0.1)
+        assert lin.weight.abs().max().item() <= 1 / math.sqrt(e)
+    torch.testing.assert_close(m.gamma, torch.full((8,), 0.3))
+    # reset_parameters undoes training-time changes, and only draws fresh values
+    with torch.no_grad():
+        m.log_gamma.fill_(5.0)
+        m.v_proj.weight.fill_(1.0)
+    m.reset_parameters()
+    torch.testing.assert_close(m.gamma, torch.full((8,), 0.3))
+    assert m.v_proj.weight.std().item() == pytest.approx(VALUE_INIT_STD / math.sqrt(e), rel=0.05)
+    # without biases the init still works
+    m2 = ZetaAttention(e, 8, bias=False)
+    assert m2.v_proj.bias is None
+    assert m2.v_proj.weight.std().item() == pytest.approx(VALUE_INIT_STD / math.sqrt(e), rel=0.05)

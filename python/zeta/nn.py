@@ -24,6 +24,9 @@ from ._validate import check_dims
 from .cache import KVCache
 from .ops import attention
 
+# v_proj's weights start at std VALUE_INIT_STD / sqrt(embed_dim) (see reset_parameters).
+VALUE_INIT_STD = 0.16
+
 # zeta_kwargs that describe the index; a KVCache must be built with the same ones.
 _INDEX_KEYS = ("chunk", "window", "n_curves", "n_sink", "bits", "scale")
 
@@ -44,6 +47,13 @@ class ZetaAttention(nn.Module):
 
     Shapes:
         forward(x: (B, N, E), cache=None) -> (B, N, E).
+
+    Initialisation (:meth:`reset_parameters`): PyTorch's defaults except ``v_proj``, whose
+    weights start small (std ``VALUE_INIT_STD / sqrt(embed_dim)``). Measured reason: in a plain
+    transformer without a short convolution, top-k Cauchy attention with PyTorch's default
+    value scale stays on the MQAR plateau where softmax attention learns; with small values it
+    learns (``benches/mqar.py --setting A``; the README's "Training" table has the ablation).
+    A model-wide init (``model.apply(...)``) replaces this, as it does for any layer.
 
     With ``cache`` (a :class:`zeta.KVCache` from :meth:`make_cache` or :func:`make_caches`),
     ``x`` holds the next N positions of the sequence: their keys/values are appended to the
@@ -87,7 +97,28 @@ class ZetaAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         # gamma = exp(log_gamma) stays positive whatever the optimiser does.
-        self.log_gamma = nn.Parameter(torch.full((num_heads,), math.log(gamma_init)))
+        self.gamma_init = float(gamma_init)
+        self.log_gamma = nn.Parameter(torch.empty(num_heads))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the layer (called by the constructor).
+
+        q_proj, k_proj, out_proj: PyTorch's ``nn.Linear`` default. v_proj: weights
+        N(0, VALUE_INIT_STD^2 / embed_dim), bias 0, i.e. values start at about 0.28x the
+        scale PyTorch's default would give them (0.16 per component for a unit-variance input).
+        Why: with the default value scale, a plain 2-layer transformer without convolution
+        stays on the MQAR plateau (setting A of ``benches/mqar.py``: 15-17% vs 100% with small
+        values, all else equal); small q/k, normalised q/k and a zero out_proj did not help
+        (README, "Training"). log_gamma: log(gamma_init).
+        """
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            lin.reset_parameters()
+        nn.init.normal_(self.v_proj.weight, std=VALUE_INIT_STD / math.sqrt(self.embed_dim))
+        if self.v_proj.bias is not None:
+            nn.init.zeros_(self.v_proj.bias)
+        with torch.no_grad():
+            self.log_gamma.fill_(math.log(self.gamma_init))
 
     @property
     def gamma(self) -> Tensor:
