@@ -191,6 +191,8 @@ def plain_worker(variant: str, cfg: dict, seed: int, position: int, threads: int
     )
     if change is not None:
         _reinit(model, change)
+    device = cfg.get("device", "cpu")
+    model.to(device)
     steps, bs = cfg["steps"], cfg["batch"]
     opt = M.make_optimizer(model, cfg["lr"], cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps)
@@ -206,7 +208,7 @@ def plain_worker(variant: str, cfg: dict, seed: int, position: int, threads: int
     )
     for step in bar:
         ib = torch.randint(0, len(xtr), (bs,), generator=gen)
-        xb, yb = xtr[ib], ytr[ib]
+        xb, yb = xtr[ib].to(device), ytr[ib].to(device)
         sel = yb != -100
         loss = F.cross_entropy(model(xb, select=sel).float(), yb[sel])
         opt.zero_grad(set_to_none=True)
@@ -215,7 +217,7 @@ def plain_worker(variant: str, cfg: dict, seed: int, position: int, threads: int
         opt.step()
         sched.step()
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
-            acc, tl = evaluate(model, xte, yte, "cpu")
+            acc, tl = evaluate(model, xte, yte, device)
             curve.append(
                 {
                     "step": step + 1,
@@ -273,7 +275,10 @@ def run_plain(args) -> int:
         (v, cfg, s, i % max(1, args.jobs or 2))
         for i, (v, s) in enumerate((v, s) for v in variants for s in seeds)
     ]
+    cfg["device"] = args.device
     procs = args.jobs or min(len(jobs), os.cpu_count() or 1)
+    if args.device != "cpu":
+        procs = 1  # one GPU: the runs take turns
     print(f"setting {args.setting}: {cfg}; {len(jobs)} runs in {procs} process(es)")
     t0 = time.time()
     runs = M.run_jobs(plain_worker, jobs, procs)
