@@ -37,13 +37,17 @@ class ZetaAttention(nn.Module):
     Args:
         embed_dim: model width E.
         num_heads: query heads H (E % H == 0; value head width E // H).
-        key_dim: width of each head's queries and keys (1..8, default 3).
+        key_dim: width of each head's queries and keys (1..8, default 3: the paper's; the
+            Z-order index is made for tiny key spaces).
         num_kv_heads: key/value heads H_kv (H % H_kv == 0); default H.
-        topk: keys attended per query.
-        gamma_init: initial gamma of every head.
+        topk: keys attended per query (default 32: the paper's; MQAR and the char-LM learn
+            as softmax does with it).
+        gamma_init: initial gamma of every head (default 1.0; 0.1 measured worse: MQAR
+            settings D / E 7.8% / 11.4% vs 68.3% / 97.6%).
         bias: bias in the projections.
         **zeta_kwargs: passed to :func:`zeta.attention` (causal, chunk, window, n_curves,
-            n_sink, mean_token, bits, scale, exact, backend).
+            n_sink, mean_token, bits, scale, exact, backend). ``mean_token`` is off by
+            default: it gained nothing on MQAR (README, "Quality").
 
     Shapes:
         forward(x: (B, N, E), cache=None) -> (B, N, E).
@@ -196,6 +200,11 @@ class ZetaBlock(nn.Module):
     """A pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
     Shapes: forward(x: (B, N, E), cache=None) -> (B, N, E); ``cache`` goes to the attention.
+
+    No short convolution by default: with ZetaAttention's defaults a plain 2-layer model
+    learns MQAR without one (``benches/mqar.py --setting A|B``), and where a task needs one
+    (the ``--quick`` MQAR), softmax attention needs it just as much, so it is a model choice
+    (``zeta.hf.ZetaConfig(conv_kernel=...)`` has it), not a ZETA one.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, *, mlp_ratio: int = 4, **attn_kwargs):
