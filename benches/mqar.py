@@ -208,26 +208,11 @@ def plain_worker(variant: str, cfg: dict, seed: int, position: int, threads: int
     )
     for step in bar:
         ib = torch.randint(0, len(xtr), (bs,), generator=gen)
-        xb, yb = xtr[ib].to(device), ytr[ib].to(device)
-        sel = yb != -100
-        loss = F.cross_entropy(model(xb, select=sel).float(), yb[sel])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, xtr[ib].to(device), ytr[ib].to(device))
         sched.step()
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
-            acc, tl = evaluate(model, xte, yte, device)
-            curve.append(
-                {
-                    "step": step + 1,
-                    "train_loss": float(loss.detach()),
-                    "test_acc": acc,
-                    "test_loss": tl,
-                    "seconds": time.time() - t0,
-                }
-            )
-            bar.set_postfix(acc=f"{acc:.3f}")
+            curve.append(eval_point(model, xte, yte, device, step + 1, loss, t0))
+            bar.set_postfix(acc=f"{curve[-1]['test_acc']:.3f}")
     out = {
         "variant": variant,
         "seed": seed,
@@ -393,6 +378,29 @@ def evaluate(model, x, y, device, batch=250) -> Tuple[float, float]:
     return correct / total, loss_sum / total
 
 
+def train_step(model, opt, xb, yb) -> torch.Tensor:
+    """One AdamW step on the answers of a batch (gradient norm clipped at 1); the loss."""
+    sel = yb != -100
+    loss = F.cross_entropy(model(xb, select=sel).float(), yb[sel])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
+def eval_point(model, x, y, device, step: int, loss, t0: float) -> dict:
+    """A learning-curve point: test accuracy/loss after ``step`` steps."""
+    acc, tl = evaluate(model, x, y, device)
+    return {
+        "step": step,
+        "train_loss": float(loss),
+        "test_loss": tl,
+        "test_acc": acc,
+        "seconds": time.time() - t0,
+    }
+
+
 def parse_mix(spec: str):
     """'64:4:0.4,256:16:0.6' -> [(64, 4, 0.4), (256, 16, 0.6)] (shares normalised)."""
     out = []
@@ -464,27 +472,12 @@ def train_one(attn: str, cfg: dict, args, data, device, position: int = 0) -> Di
             perms[j], ptr[j] = torch.randperm(len(xtr), generator=gen), 0
         ib = perms[j][ptr[j] : ptr[j] + bs]
         ptr[j] += bs
-        xb, yb = xtr[ib].to(device), ytr[ib].to(device)
         for g in opt.param_groups:
             g["lr"] = M.lr_at(step, steps, cfg["lr"], cfg["warmup"])
-        sel = yb != -100
-        loss = F.cross_entropy(model(xb, select=sel).float(), yb[sel])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = train_step(model, opt, xtr[ib].to(device), ytr[ib].to(device))
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
-            acc, tl = evaluate(model, xte, yte, device)
-            curve.append(
-                {
-                    "step": step + 1,
-                    "train_loss": float(loss.detach()),
-                    "test_loss": tl,
-                    "test_acc": acc,
-                    "seconds": time.time() - t0,
-                }
-            )
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.4f}")
+            curve.append(eval_point(model, xte, yte, device, step + 1, loss, t0))
+            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{curve[-1]['test_acc']:.4f}")
     train_s = time.time() - t0
     res = {
         "attn": attn,
