@@ -283,7 +283,6 @@ def run_plain(args) -> int:
         "argv": sys.argv[1:],
         "runs": runs,
     }
-    path = M.write_results(stem, payload, md)
     mean_curves = {}
     for v in variants:
         rs = [r for r in runs if r["variant"] == v]
@@ -296,17 +295,7 @@ def run_plain(args) -> int:
                 for i, c in enumerate(rs[0]["curve"])
             ]
         }
-    M.plot_curves(
-        path.with_suffix(".png"),
-        mean_curves,
-        md.splitlines()[0],
-        "test_acc",
-        "test accuracy (%)",
-        scale=100,
-        ylim=(0, 101),
-    )
-    print(f"wrote {path}, {path.with_suffix('.md').name}, {path.with_suffix('.png').name}")
-    return 0
+    return save(stem, payload, md, mean_curves)
 
 
 # --------------------------------------------------------------------------- data
@@ -376,6 +365,22 @@ def evaluate(model, x, y, device, batch=250) -> Tuple[float, float]:
             total += int(tgt.numel())
     model.train()
     return correct / total, loss_sum / total
+
+
+def save(stem: str, payload: dict, md: str, curves: Dict[str, Dict]) -> int:
+    """benches/results/<stem>.json, .md and .png (test accuracy per curve)."""
+    path = M.write_results(stem, payload, md)
+    M.plot_curves(
+        path.with_suffix(".png"),
+        curves,
+        md.splitlines()[0],
+        "test_acc",
+        "test accuracy (%)",
+        scale=100,
+        ylim=(0, 101),
+    )
+    print(f"wrote {path}, {path.with_suffix('.md').name}, {path.with_suffix('.png').name}")
+    return 0
 
 
 def train_step(model, opt, xb, yb) -> torch.Tensor:
@@ -610,18 +615,7 @@ def main(argv=None) -> int:
         "argv": sys.argv[1:],
         "results": results,
     }
-    path = M.write_results(stem, payload, md)
-    M.plot_curves(
-        path.with_suffix(".png"),
-        results,
-        md.splitlines()[0],
-        "test_acc",
-        "test accuracy (%)",
-        scale=100,
-        ylim=(0, 101),
-    )
-    print(f"wrote {path}, {path.with_suffix('.md').name}, {path.with_suffix('.png').name}")
-    return 0
+    return save(stem, payload, md, results)
 
 
 if __name__ == "__main__":
