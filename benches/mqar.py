@@ -6,8 +6,7 @@
 
 ``--setting A|B|C|D|E``: a plain pre-norm transformer as a user would assemble it (no short
 convolution, GPT-2-style N(0, 0.02^2) init of the model's own modules while ZetaAttention keeps
-its own init), trained on one
-length (no mix), batch 64, AdamW lr 1e-3, weight decay 0.1, OneCycle; several seeds and
+its own init), trained on one length (no mix), batch 64, AdamW lr 1e-3, weight decay 0.1, OneCycle; several seeds and
 variants (``--variants``: softmax, zeta = ZetaAttention's defaults, and ablations of them) in
 parallel single-threaded processes. Writes benches/results/mqar-plain-<setting>-....
 
@@ -154,7 +153,7 @@ VARIANTS = {
     "zeta-gpt2-init": (
         "zeta",
         {},
-        lambda m: [M._init(x) for x in m.modules()],
+        lambda m: m.apply(M._init),
         "every ZetaAttention Linear N(0, 0.02^2) like the rest of the model",
     ),
     "zeta-gamma0.1": ("zeta", {"gamma_init": 0.1}, None, "defaults with gamma_init 0.1"),
@@ -256,11 +255,11 @@ def run_plain(args) -> int:
         if v not in VARIANTS:
             raise SystemExit(f"--variants: unknown {v!r}; known: {', '.join(VARIANTS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
+    cfg["device"] = args.device
     jobs = [
         (v, cfg, s, i % max(1, args.jobs or 2))
         for i, (v, s) in enumerate((v, s) for v in variants for s in seeds)
     ]
-    cfg["device"] = args.device
     procs = args.jobs or min(len(jobs), os.cpu_count() or 1)
     if args.device != "cpu":
         procs = 1  # one GPU: the runs take turns
