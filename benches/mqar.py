@@ -578,6 +578,17 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     if args.setting:
+        used = {"setting", "seeds", "variants", "steps", "jobs", "device", "out", "no_save"}
+        ignored = [
+            "--" + k.replace("_", "-")
+            for k, v in vars(args).items()
+            if k not in used and v != p.get_default(k)
+        ]
+        if ignored:
+            p.error(
+                f"--setting fixes the model and training; {', '.join(ignored)} do not apply "
+                "(choose changes with --variants)"
+            )
         return run_plain(args)
 
     cfg, attns, procs, per_job = M.plan(args, QUICK, FULL)

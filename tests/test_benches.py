@@ -94,6 +94,14 @@ def test_mqar_plain_setting_runs_every_variant():
         assert v in out and "(s0) /" in out.split(v)[1].splitlines()[0]
 
 
+def test_mqar_plain_setting_refuses_options_it_would_ignore():
+    import subprocess
+
+    cmd = [sys.executable, str(BENCHES / "mqar.py"), "--setting", "A", "--topk", "16"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--topk do not apply" in r.stderr
+
+
 def test_tinylm_user_init_keeps_zeta_attention_init(monkeypatch):
     torch = pytest.importorskip("torch")
     monkeypatch.syspath_prepend(str(BENCHES))
