@@ -11,8 +11,10 @@ whole cache: the fastest dense decode torch offers on a CPU. Contexts 16k, 64k, 
 dense cache is filled with random keys/values (a dense prefill at 256k costs O(N^2): hours on
 2 cores; the decode latency does not depend on the values). Reports the median per-token
 latency over 32 greedy steps (the whole model: embeddings, convs, attention, MLPs, head,
-argmax; after 3 warm-up tokens) and each cache's bytes per token. The dense model runs with 1 torch thread and with
-all cores; the faster is the baseline. ``examples/long_context.py`` runs the same comparison
+argmax; after 3 warm-up tokens; ZETA through ``ZetaForCausalLM.decode``, the dense twin
+through its own ``step``, neither building a transformers ModelOutput) and each cache's bytes
+per token. The dense model runs with 1 torch thread and with all cores; the faster is the
+baseline. ``examples/long_context.py`` runs the same comparison
 with a trained model and a real 256k-character prompt.
 
 Writes ``benches/results/generate-<machine tag>-<date>.json`` and a ``.png``.
@@ -209,8 +211,7 @@ def compare(
     first = prompt[:, -1:]
 
     def zstep(t: Tensor) -> Tensor:
-        with torch.no_grad():
-            return model(t, cache=cache).logits
+        return model.decode(t, cache)  # forward(t, cache=cache).logits, without the ModelOutput
 
     ts = with_threads(1, lambda: decode_times(zstep, first, steps))
     row["zeta_s_per_token"] = med(ts)

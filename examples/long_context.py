@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for _ in range(args.new):
             t0 = time.perf_counter()
-            logits = model(tok, cache=cache).logits[:, -1]
+            logits = model.decode(tok, cache)[:, -1]  # = model(tok, cache=cache).logits
             tok = sample(logits, args.temperature, g)
             times.append(time.perf_counter() - t0)
             out.append(chars[int(tok)])

@@ -99,6 +99,38 @@ def test_generate_from_a_prefilled_cache(tmp_path):
         model.generate(ids, max_new_tokens=2, **{_OUT_CACHE: full})
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(exact=True, conv_kernel=0)], ids=["default", "exact"])
+def test_decode_equals_forward_and_the_parallel_logits(kw, monkeypatch):
+    """model.decode (the lean decode loop: no ModelOutput, no submodule calls per layer)
+    gives the parallel forward's logits, token by token; a hooked module is still called."""
+    model = _model(seed=6, **kw)
+    ids = torch.randint(0, V, (2, 30), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    cache = model.make_cache(batch=2)
+    steps = [model.decode(ids[:, :20], cache)]
+    # one-token steps take the lean path: the layers' forward is never called
+    from zeta.hf import ZetaDecoderLayer
+
+    def boom(*a, **k):
+        raise AssertionError("the lean decode step was not taken")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ZetaDecoderLayer, "forward", boom)
+        steps += [model.decode(ids[:, i : i + 1], cache) for i in range(20, 25)]
+    seen = []
+    hook = model.layers[1].mlp.register_forward_hook(lambda m, i, o: seen.append(1))
+    steps += [model.decode(ids[:, i : i + 1], cache) for i in range(25, 30)]
+    hook.remove()
+    assert len(seen) == 5
+    out = torch.cat(steps, 1)
+    assert (out - full).abs().max().item() <= 1e-4 * full.abs().max().item()
+    with pytest.raises(TypeError, match="cache"):
+        model.decode(ids[:, :1], [])
+    with pytest.raises(ValueError, match="input_ids"):
+        model.decode(ids[0], cache)
+
+
 def test_save_pretrained_round_trip_is_exact(tmp_path):
     model = _model(seed=6, bits=8, window=6)
     model.save_pretrained(tmp_path / "m")

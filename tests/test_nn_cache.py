@@ -59,6 +59,7 @@ OPTIONS = [
     dict(topk=6, chunk=4, mean_token=True),
     dict(topk=5, chunk=8, window=3, gamma_init=0.6),
     dict(topk=100, chunk=4, n_curves=2, n_sink=1, mean_token=True, num_kv_heads=2),
+    dict(topk=6, chunk=4, window=1, n_curves=2, exact=True, num_kv_heads=2),
 ]
 
 
@@ -110,6 +111,49 @@ def test_trained_weights_decode_equals_parallel():
     with torch.no_grad():
         full = model(x)
     out = _decode(model, x, make_caches(model, batch=2), [10, 1, 1, 1, 5] + [1] * 12)
+    assert (out - full).abs().max().item() <= TOL
+
+
+def test_hooked_or_replaced_projection_takes_the_module_path():
+    """The lean decode step skips submodule calls; a hook (or a replaced projection) must
+    still run, so the layer then calls its modules. Same outputs either way."""
+    torch.manual_seed(5)
+    layer = ZetaAttention(16, 4, topk=6, chunk=4, num_kv_heads=2)
+    x = _x(b=2, n=25, seed=6)
+    with torch.no_grad():
+        full = layer(x)
+    seen = []
+    hook = layer.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    out = _decode(lambda xs, c: layer(xs, cache=c), x, layer.make_cache(batch=2), [9] + [1] * 16)
+    hook.remove()
+    assert seen == [9] + [1] * 16  # the hook saw every call
+    assert (out - full).abs().max().item() <= TOL
+
+    class Scaled(torch.nn.Linear):  # a subclass may compute something else: not "plain"
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    scaled = Scaled(16, 16)
+    with torch.no_grad():
+        scaled.weight.copy_(layer.out_proj.weight / 2)
+        scaled.bias.copy_(layer.out_proj.bias / 2)
+    layer.out_proj = scaled
+    out = _decode(lambda xs, c: layer(xs, cache=c), x, layer.make_cache(batch=2), [9] + [1] * 16)
+    assert (out - full).abs().max().item() <= TOL
+
+
+def test_lean_step_follows_weight_updates():
+    """The fused q/k/v weight is rebuilt when a projection changes in place."""
+    torch.manual_seed(6)
+    layer = ZetaAttention(16, 4, topk=6, chunk=4)
+    x = _x(b=1, n=12, seed=7)
+    with torch.no_grad():
+        _decode(lambda xs, c: layer(xs, cache=c), x, layer.make_cache(), [11, 1])
+        layer.k_proj.weight.mul_(-0.5)
+        layer.v_proj.bias.add_(1.0)
+        layer.log_gamma.add_(0.3)
+        full = layer(x)
+    out = _decode(lambda xs, c: layer(xs, cache=c), x, layer.make_cache(), [11, 1])
     assert (out - full).abs().max().item() <= TOL
 
 

@@ -107,6 +107,17 @@ class KVCacheCore:
         gamma: npt.NDArray[np.float64],
         mean_token: bool,
         window: Optional[int] = None,
+        exact: bool = False,
+    ) -> npt.NDArray[np.float32]: ...
+    def decode_packed(
+        self,
+        qkv: npt.NDArray[np.float32],
+        num_heads: int,
+        topk: int,
+        gamma: npt.NDArray[np.float64],
+        mean_token: bool,
+        window: Optional[int] = None,
+        exact: bool = False,
     ) -> npt.NDArray[np.float32]: ...
     def __len__(self) -> int: ...
     @property

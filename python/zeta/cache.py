@@ -86,6 +86,7 @@ class KVCache:
         if _core_cache is not None:
             self._c = _core_cache
             self._window = self._c.config()[4]["window"]  # 0: unset
+            self._dims = tuple(self._c.config()[:4])
             return
         for nm, val in (
             ("num_kv_heads", num_kv_heads),
@@ -134,32 +135,35 @@ class KVCache:
             int(batch), int(num_kv_heads), int(key_dim), int(value_dim), p.as_dict(), dtype
         )
         self._window = p.window
+        self._dims = (int(batch), int(num_kv_heads), int(key_dim), int(value_dim))
 
     # -- shape facts -------------------------------------------------------------------
     @property
     def batch(self) -> int:
-        return self._c.config()[0]
+        return self._dims[0]
 
     @property
     def num_kv_heads(self) -> int:
-        return self._c.config()[1]
+        return self._dims[1]
 
     @property
     def key_dim(self) -> int:
-        return self._c.config()[2]
+        return self._dims[2]
 
     @property
     def value_dim(self) -> int:
-        return self._c.config()[3]
+        return self._dims[3]
 
     @property
     def settings(self) -> dict:
         """The index settings (chunk, window, n_curves, n_sink, bits, scale)."""
-        d = dict(self._c.config()[4])
-        d.pop("causal", None)
-        if d["window"] == 0:
-            d["window"] = None  # resolved from topk at attend time
-        return d
+        if not hasattr(self, "_settings"):  # fixed at construction
+            d = dict(self._c.config()[4])
+            d.pop("causal", None)
+            if d["window"] == 0:
+                d["window"] = None  # resolved from topk at attend time
+            self._settings = d
+        return dict(self._settings)
 
     @property
     def dtype(self) -> str:
@@ -194,6 +198,7 @@ class KVCache:
         gamma: Any = 1.0,
         mean_token: bool = False,
         window: Optional[int] = None,
+        exact: bool = False,
     ) -> Any:
         """Top-k Cauchy attention of the last T_q positions' queries over the cache.
 
@@ -204,6 +209,9 @@ class KVCache:
             mean_token: as in :func:`zeta.attention`.
             window: overrides the cache's ``window`` for this call (the sorted runs do not
                 depend on it); None: the cache's, else :func:`zeta.attention`'s default.
+            exact: the brute-force top-k by (distance, position) instead of the window
+                search, as ``zeta.attention(..., exact=True)`` (every run keeps the block
+                boxes it needs, so any call can ask for it).
 
         Returns:
             (B, H, T_q, value_dim): float32 numpy, or a torch tensor in q's dtype.
@@ -217,6 +225,8 @@ class KVCache:
             window = self._window if self._window > 0 else default_window(int(topk))
         elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
             raise ValueError(f"window: must be an int >= 1, got {window!r}")
+        if not isinstance(exact, (bool, np.bool_)):
+            raise TypeError(f"exact: expected a bool, got {type(exact).__name__}")
         qn = _f32(q, "q")
         g = gamma_array(gamma, qn.shape[1])
         b, h, tq, dk = qn.shape
@@ -231,8 +241,33 @@ class KVCache:
         if len(self) == 0:
             raise ValueError("q: the cache is empty: extend it before attend")
         window = min(int(window), _MAX_INT)
-        out = self._c.attend(qn, int(topk), g, bool(mean_token), int(window))
+        out = self._c.attend(qn, int(topk), g, bool(mean_token), int(window), bool(exact))
         return self._like_q(out, q)
+
+    def _decode_packed(
+        self,
+        qkv: Any,
+        num_heads: int,
+        topk: int,
+        gamma: np.ndarray,
+        mean_token: bool,
+        exact: bool,
+    ) -> Any:
+        """``extend`` then ``attend`` in one core call, for :class:`zeta.nn.ZetaAttention`'s
+        decode step: ``qkv`` (B, T, H*key_dim + H_kv*(key_dim + value_dim)), each row a
+        token's query heads, key heads and value heads side by side (a fused projection's
+        output); ``gamma`` float64 (H,). Returns (B, T, H*value_dim) like ``qkv`` (torch in,
+        torch out). The core checks every argument before it appends anything."""
+        import torch
+
+        x = qkv.detach()
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
+            if x.device.type != "cpu":
+                raise TypeError(f"qkv: tensor on {x.device}; the KV cache runs on the CPU")
+            x = x.float().contiguous()
+        window = self._window if self._window > 0 else default_window(topk)
+        out = self._c.decode_packed(x.numpy(), num_heads, topk, gamma, mean_token, window, exact)
+        return torch.from_numpy(out).to(qkv.dtype)
 
     @staticmethod
     def _like_q(out: np.ndarray, q: Any) -> Any:

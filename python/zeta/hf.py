@@ -21,6 +21,7 @@ from typing import Any, List, Optional, Sequence
 _EXTRA = "pip install 'zeta-attention[hf]'"
 try:
     import torch
+    import torch.nn.functional as F
     import transformers
     from torch import Tensor, nn
     from transformers.cache_utils import Cache
@@ -36,7 +37,13 @@ except ImportError:  # pragma: no cover - transformers < 4.45 mixes it into PreT
     GenerationMixin = object  # type: ignore[misc,assignment]
 
 from .cache import KVCache  # noqa: E402
-from .nn import ZetaAttention, load_caches, make_caches, save_caches  # noqa: E402
+from .nn import (  # noqa: E402
+    ZetaAttention,
+    _global_hooks,
+    load_caches,
+    make_caches,
+    save_caches,
+)
 
 _PretrainedConfig = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
 _V5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -45,6 +52,9 @@ _OUT_CACHE = (
 )
 
 __all__ = ["ZetaCache", "ZetaConfig", "ZetaForCausalLM"]
+
+# Calls with at most this many new tokens (decoding) take the layers' lean step.
+_LEAN_MAX_TOKENS = 16
 
 
 class ZetaConfig(_PretrainedConfig):
@@ -58,6 +68,8 @@ class ZetaConfig(_PretrainedConfig):
         num_key_value_heads: key/value heads (GQA); None: H.
         key_dim: width of queries/keys per head (1..8).
         topk, chunk, window, n_curves, n_sink, mean_token, bits, gamma_init: ZetaAttention's.
+        exact: exact top-k search (the brute-force top-k, in training and through the
+            cache) instead of the window search.
         mlp_ratio: MLP width / E.
         conv_kernel: causal depthwise convolution before each attention (0: none).
         cache_dtype: storage of the cached values ("float32", "float16", "bfloat16").
@@ -81,6 +93,7 @@ class ZetaConfig(_PretrainedConfig):
         mean_token: bool = False,
         bits: Optional[int] = None,
         gamma_init: float = 1.0,
+        exact: bool = False,
         mlp_ratio: int = 4,
         conv_kernel: int = 3,
         layer_norm_eps: float = 1e-5,
@@ -104,6 +117,7 @@ class ZetaConfig(_PretrainedConfig):
         self.mean_token = mean_token
         self.bits = bits
         self.gamma_init = gamma_init
+        self.exact = exact
         self.mlp_ratio = mlp_ratio
         self.conv_kernel = conv_kernel
         self.layer_norm_eps = layer_norm_eps
@@ -125,6 +139,7 @@ class ZetaConfig(_PretrainedConfig):
             n_sink=self.n_sink,
             mean_token=self.mean_token,
             bits=self.bits,
+            exact=bool(getattr(self, "exact", False)),
         )
 
 
@@ -186,6 +201,54 @@ class ZetaDecoderLayer(nn.Module):
             x = x + y
         x = x + self.attn(self.norm1(x), cache=kv)
         return x + self.mlp(self.norm2(x)), new_state
+
+    def _decode_step(self, x: Tensor, kv: KVCache, conv_state: Optional[Tensor]) -> Optional[tuple]:
+        """:meth:`forward` through a cache, for inference: the same operations without the
+        submodule calls (a decode step of a small model is mostly per-call overhead; the
+        modules are read from ``_modules`` / ``_parameters`` directly for the same reason).
+        None when a submodule is not the plain one built here or has hooks: run
+        :meth:`forward` instead."""
+        m = self._modules
+        norm1, norm2, mlp, attn = m["norm1"], m["norm2"], m["mlp"], m["attn"]
+        conv = m.get("conv")
+        if not (
+            _plain(norm1, nn.LayerNorm)
+            and _plain(norm2, nn.LayerNorm)
+            and _plain(mlp, nn.Sequential)
+            and _plain(attn, ZetaAttention)
+            and (conv is None or (_plain(conv, ShortConv) and _plain(m["norm0"], nn.LayerNorm)))
+        ):
+            return None
+        fc1, act, fc2 = mlp._modules.values() if len(mlp._modules) == 3 else (None,) * 3
+        if not (_plain(fc1, nn.Linear) and _plain(act, nn.GELU) and _plain(fc2, nn.Linear)):
+            return None
+        new_state = None
+        if conv is not None:
+            y, new_state = conv.forward(_layer_norm(m["norm0"], x), conv_state)
+            x = x + y
+        o = attn._decode_step(_layer_norm(norm1, x), kv)
+        if o is None:
+            return None
+        x = x + o
+        p1, p2 = fc1._parameters, fc2._parameters
+        h = F.linear(_layer_norm(norm2, x), p1["weight"], p1["bias"])
+        h = F.linear(F.gelu(h, approximate=act.approximate), p2["weight"], p2["bias"])
+        return x + h, new_state
+
+
+def _plain(m: Any, cls: type) -> bool:
+    """``m`` is exactly a ``cls`` (not a subclass that may compute something else) and has no
+    forward hooks: a lean path may then do its work without calling it."""
+    return type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def _shape_of(x: Any) -> str:
+    return f"shape {tuple(x.shape)}" if hasattr(x, "shape") else type(x).__name__
+
+
+def _layer_norm(m: nn.LayerNorm, x: Tensor) -> Tensor:
+    p = m._parameters
+    return F.layer_norm(x, m.normalized_shape, p["weight"], p["bias"], m.eps)
 
 
 class ZetaCache(Cache):
@@ -405,11 +468,7 @@ class ZetaForCausalLM(ZetaPreTrainedModel, GenerationMixin):
             cache = self.make_cache(batch=x.shape[0])
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache: {len(cache)} layers, the model has {len(self.layers)}")
-        for i, layer in enumerate(self.layers):
-            if cache is None:
-                x, _ = layer(x)
-            else:
-                x, cache.conv[i] = layer(x, cache.kv[i], cache.conv[i])
+        x = self._layers(x, cache)
         h = self.norm(x)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
@@ -422,6 +481,45 @@ class ZetaForCausalLM(ZetaPreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_OUT_CACHE: cache})
+
+    def _layers(self, x: Tensor, cache: Optional[ZetaCache]) -> Tensor:
+        """The decoder layers over x (B, N, E), through ``cache`` when given. Decoding a
+        few tokens without autograd takes each layer's lean step (the same operations
+        without submodule calls) unless something is hooked."""
+        if cache is None:
+            for layer in self.layers:
+                x, _ = layer(x)
+            return x
+        lean = (
+            x.shape[1] <= _LEAN_MAX_TOKENS and not torch.is_grad_enabled() and not _global_hooks()
+        )
+        for i, layer in enumerate(self._modules["layers"]._modules.values()):
+            out = None
+            if lean and _plain(layer, ZetaDecoderLayer):
+                out = layer._decode_step(x, cache.kv[i], cache.conv[i])
+            if out is None:
+                out = layer(x, cache.kv[i], cache.conv[i])
+            x, cache.conv[i] = out
+        return x
+
+    def decode(self, input_ids: Tensor, cache: ZetaCache) -> Tensor:
+        """The next-token logits of ``input_ids`` (B, T) after the tokens in ``cache``,
+        appending them to it: ``forward(input_ids, cache=cache).logits`` for a decode loop,
+        without autograd and without building a ``ModelOutput`` (~20 us, a tenth of a
+        one-token step of a small model). Returns (B, T, vocab_size)."""
+        if not isinstance(cache, ZetaCache):
+            raise TypeError(
+                f"cache: expected a ZetaCache (model.make_cache()), got {type(cache).__name__}"
+            )
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids: expected a (B, T) tensor of token ids, got {_shape_of(input_ids)}"
+            )
+        if len(cache) != len(self.layers):
+            raise ValueError(f"cache: {len(cache)} layers, the model has {len(self.layers)}")
+        with torch.no_grad():
+            x = self._layers(self.embed_tokens(input_ids), cache)
+            return self.lm_head(self.norm(x))
 
     def prepare_inputs_for_generation(
         self,

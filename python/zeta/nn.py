@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import check_dims
+from ._validate import check_dims, gamma_array
 from .cache import KVCache
 from .ops import attention
 
@@ -165,7 +166,22 @@ class ZetaAttention(nn.Module):
                 f"{self._cache_settings}; build caches with zeta.nn.make_caches(model)"
             )
 
+    def _gamma_f64(self) -> Any:
+        """gamma as a float64 numpy array (H,), recomputed only when log_gamma changes
+        (in-place updates bump its version): a decode step needs it every call."""
+        p = self._parameters["log_gamma"]
+        key = (p._version, p.data_ptr())
+        memo = self.__dict__.get("_gamma_memo")
+        if memo is None or memo[0] != key:
+            memo = (key, gamma_array(self.gamma.detach().float(), self.num_heads))
+            self._gamma_memo = memo
+        return memo[1]
+
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        if cache is not None:
+            o = self._decode_step(x, cache)
+            if o is not None:
+                return o
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x: expected (B, N, {self.embed_dim}), got {tuple(x.shape)}")
         if cache is not None:
@@ -179,15 +195,62 @@ class ZetaAttention(nn.Module):
             o = attention(q, k, v, topk=self.topk, gamma=self.gamma.to(q.dtype), **self.zeta_kwargs)
         elif n == 0:
             o = q.new_zeros(b, self.num_heads, 0, self.head_dim)
-        else:
+        else:  # a projection is hooked or replaced: the public cache calls
             cache.extend(k, v)
             o = cache.attend(
                 q,
                 topk=self.topk,
-                gamma=self.gamma.detach().float(),
+                gamma=self._gamma_f64(),
                 mean_token=bool(self.zeta_kwargs.get("mean_token", False)),
+                exact=bool(self.zeta_kwargs.get("exact", False)),
             )
         return self.out_proj(o.transpose(1, 2).reshape(b, n, self.embed_dim))
+
+    def _decode_step(self, x: Tensor, cache: KVCache) -> Optional[Tensor]:
+        """The cache path of :meth:`forward`: one fused q/k/v projection, one core call
+        (append, then attend) and no submodule calls, since a one-token step of a small model
+        is dominated by per-call overhead (``benches/bench_generate.py``). Returns None when a
+        projection is not a plain, unhooked ``nn.Linear``; :meth:`forward` then takes the
+        module-by-module path (same result)."""
+        m = self._modules
+        qp, kp, vp, op = m["q_proj"], m["k_proj"], m["v_proj"], m["out_proj"]
+        for lin in (qp, kp, vp, op):
+            if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+                return None
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x: expected (B, N, {self.embed_dim}), got {tuple(x.shape)}")
+        self._check_cache(cache, x)
+        b, n, e = x.shape
+        if n == 0:
+            return op(x.new_zeros(b, 0, e))
+        w, bias = self._qkv_weight(qp._parameters, kp._parameters, vp._parameters)
+        kw = self.zeta_kwargs
+        o = cache._decode_packed(
+            F.linear(x, w, bias),
+            self.num_heads,
+            self.topk,
+            self._gamma_f64(),
+            bool(kw.get("mean_token", False)),
+            bool(kw.get("exact", False)),
+        )
+        po = op._parameters
+        return F.linear(o, po["weight"], po["bias"])
+
+    def _qkv_weight(self, *params: dict) -> tuple:
+        """q/k/v weights (and biases) stacked, rebuilt only when one of them changes (an
+        in-place update bumps a tensor's version; ``.to()`` changes its storage)."""
+        ts = [p[nm] for nm in ("weight", "bias") for p in params if p[nm] is not None]
+        key = [(t._version, t.data_ptr()) for t in ts]
+        memo = self.__dict__.get("_qkv_memo")
+        if memo is None or memo[0] != key:
+            with torch.no_grad():
+                w = torch.cat([p["weight"] for p in params], 0)
+                bias = (
+                    None if params[0]["bias"] is None else torch.cat([p["bias"] for p in params], 0)
+                )
+            memo = (key, w, bias)
+            self._qkv_memo = memo
+        return memo[1], memo[2]
 
     def extra_repr(self) -> str:
         return (
@@ -221,6 +284,18 @@ class ZetaBlock(nn.Module):
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         x = x + self.attn(self.norm1(x), cache=cache)
         return x + self.mlp(self.norm2(x))
+
+
+def _unhooked(m: nn.Module) -> bool:
+    """No forward hooks on ``m`` (a fast path that skips ``m(...)`` must not skip them)."""
+    return not (m._forward_hooks or m._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    """Forward hooks registered for every module (``register_module_forward_hook``)."""
+    from torch.nn.modules import module as M
+
+    return bool(M._global_forward_hooks or M._global_forward_pre_hooks)
 
 
 def zeta_layers(model: nn.Module) -> List[ZetaAttention]:

@@ -254,7 +254,7 @@ impl<T: Float + Real> Searcher<T> {
                     ..*prm
                 };
                 let index = KeyIndex::build(k, dk, &p1)?;
-                let exact = Some(ExactIndex::build(&index));
+                let exact = Some(ExactIndex::build(&index)?);
                 Searcher {
                     index,
                     exact,

@@ -14,6 +14,7 @@
 //! chunks, e.g. a prefill) need runs the counter has merged away; for those the cache
 //! builds the full merge-sort tree over its keys for that call (O(T log T)).
 use crate::error::{numel, probe_bytes, try_vec, try_with_capacity, Result, ZetaError};
+use crate::exact::{search_runs, BoxTree, ExactIndex, Scratch, LEAF as EXACT_LEAF};
 use crate::index::{
     fence_of, gather_coords, merge_into, prefetch, sorted_entries, sq_dist, KeyIndex, Params,
     Probe, ProbeList, RunView, TopK,
@@ -168,6 +169,19 @@ struct Run {
     n_chunks: usize,
     /// Per curve: sorted entries, their coordinates, the entries' fence.
     curves: Vec<(Vec<u64>, Vec<f32>, Vec<u32>)>,
+    /// Boxes of curve 0's blocks (exact search).
+    boxes: BoxTree<f32>,
+}
+
+impl Run {
+    fn new(n_chunks: usize, curves: Vec<(Vec<u64>, Vec<f32>, Vec<u32>)>, dk: usize) -> Result<Run> {
+        let boxes = BoxTree::build_serial(&curves[0].1, dk, EXACT_LEAF)?;
+        Ok(Run {
+            n_chunks,
+            curves,
+            boxes,
+        })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -191,6 +205,14 @@ struct IndexPlan {
     fresh: Vec<Run>,
     indexed: usize,
 }
+
+/// An `attend` with fewer (batch, head, query) rows than this runs on the calling thread:
+/// waking zeta's pool costs more than a few decode queries' work (measured: a one-token
+/// `attend` of 2 heads, 2 curves took 17.6 us through the pool, see `benches/bench_generate.py`).
+const PARALLEL_MIN_QUERIES: usize = 8;
+/// An `extend` that sorts/merges fewer rows than this (over all groups) runs on the calling
+/// thread, for the same reason.
+const PARALLEL_MIN_ROWS: usize = 4096;
 
 /// `batch * kv_heads` above this is refused (ValueError), in the constructor and in files.
 pub const MAX_GROUPS: usize = 1 << 24;
@@ -337,6 +359,7 @@ impl KvCache {
                 for (e, c, fe) in &r.curves {
                     n += e.capacity() * 8 + c.capacity() * 4 + fe.capacity() * 4;
                 }
+                n += r.boxes.nbytes();
             }
             n += (g.ksum.len() + g.vsum.len()) * 8;
         }
@@ -417,22 +440,49 @@ impl KvCache {
         let mut plans: Vec<Option<IndexPlan>> =
             try_vec(None, self.groups.len(), "KV cache index update")?;
         let (grids, params) = (&self.grids, &self.params);
-        let planned = self
-            .groups
-            .par_iter_mut()
-            .zip(plans.par_iter_mut())
-            .enumerate()
-            .try_for_each(|(gi, (g, plan))| -> Result<()> {
-                let kk = &k[gi * t * dk..(gi + 1) * t * dk];
-                // Within the reserved capacity: these cannot fail.
-                g.keys.extend_from_slice(kk);
-                fill(gi, &mut g.values);
-                for (c, grid) in g.codes.iter_mut().zip(grids) {
-                    c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
-                }
-                *plan = Some(g.plan_index(new_len, params, dk)?);
-                Ok(())
-            });
+        let plan_group = |gi: usize, g: &mut Group, plan: &mut Option<IndexPlan>| -> Result<()> {
+            let kk = &k[gi * t * dk..(gi + 1) * t * dk];
+            // Within the reserved capacity: these cannot fail.
+            g.keys.extend_from_slice(kk);
+            fill(gi, &mut g.values);
+            for (c, grid) in g.codes.iter_mut().zip(grids) {
+                c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
+            }
+            *plan = Some(g.plan_index(new_len, params, dk)?);
+            Ok(())
+        };
+        let commit = |g: &mut Group, plan: Option<IndexPlan>| {
+            if let Some(plan) = plan {
+                g.commit(plan, old, new_len, dk, dv);
+            }
+        };
+        let parallel = self.groups.len() > 1 && {
+            // Entries this call sorts or merges per group: the new rows plus the runs the
+            // binary counter merges (chunk i completing merges lowbit(i) chunks).
+            let chunk = params.chunk;
+            let done = self.groups[0].indexed_chunks;
+            let target = (new_len - 1) / chunk;
+            let merged: usize = (done + 1..=target)
+                .take(64)
+                .map(|i| (i & i.wrapping_neg()) * chunk)
+                .sum();
+            (t + merged) * self.groups.len() >= PARALLEL_MIN_ROWS
+        };
+        let planned = if parallel {
+            crate::pool::install(|| {
+                self.groups
+                    .par_iter_mut()
+                    .zip(plans.par_iter_mut())
+                    .enumerate()
+                    .try_for_each(|(gi, (g, plan))| plan_group(gi, g, plan))
+            })
+        } else {
+            self.groups
+                .iter_mut()
+                .zip(plans.iter_mut())
+                .enumerate()
+                .try_for_each(|(gi, (g, plan))| plan_group(gi, g, plan))
+        };
         if let Err(e) = planned {
             for g in self.groups.iter_mut() {
                 g.keys.truncate(old * dk);
@@ -444,14 +494,18 @@ impl KvCache {
             return Err(e);
         }
         // Commit: nothing below allocates or fails.
-        self.groups
-            .par_iter_mut()
-            .zip(plans.into_par_iter())
-            .for_each(|(g, plan)| {
-                if let Some(plan) = plan {
-                    g.commit(plan, old, new_len, dk, dv);
-                }
+        if parallel {
+            crate::pool::install(|| {
+                self.groups
+                    .par_iter_mut()
+                    .zip(plans.into_par_iter())
+                    .for_each(|(g, plan)| commit(g, plan))
             });
+        } else {
+            for (g, plan) in self.groups.iter_mut().zip(plans) {
+                commit(g, plan);
+            }
+        }
         self.len = new_len;
         Ok(())
     }
@@ -469,6 +523,7 @@ impl KvCache {
         gamma: &[f64],
         mean_token: bool,
         window: Option<usize>,
+        exact: bool,
     ) -> Result<Vec<f32>> {
         let (dk, dv, s) = (self.key_dim, self.value_dim, self.len);
         if s == 0 {
@@ -535,65 +590,194 @@ impl KvCache {
             ));
         }
         let prm = &prm;
-        out.par_chunks_mut(grp * tq * dv).enumerate().try_for_each(
-            |(gi, out_g)| -> Result<()> {
-                let g = &self.groups[gi];
-                let (b, hkv) = (gi / self.kv_heads, gi % self.kv_heads);
-                let first = s - tq;
-                // Fast path: every query in the tail chunk sees exactly the counter's runs.
-                let full = if first / chunk >= g.indexed_chunks {
+        let first = s - tq;
+        // Fast path: every query in the tail chunk sees exactly the counter's runs; older
+        // queries need the full index (built per call, in parallel).
+        let needs_full = first / chunk < self.groups[0].indexed_chunks;
+        let n_queries = self.groups.len() * grp * tq;
+        let parallel = needs_full || n_queries >= PARALLEL_MIN_QUERIES;
+        // No more than s distinct keys can be kept, whatever topk asks for. Exact search
+        // offers each position once; the window search once per curve (and sinks).
+        let mult = if exact { 1 } else { prm.multiplicity() };
+        let init = || (TopK::new(topk.min(s), mult), Vec::new(), Scratch::default());
+        // Exact search over older chunks: curve 0 alone, no sinks (the scan covers them).
+        let p1 = Params {
+            n_curves: 1,
+            n_sink: 0,
+            ..*prm
+        };
+        let one_group = |gi: usize, out_g: &mut [f32]| -> Result<()> {
+            let g = &self.groups[gi];
+            let (b, hkv) = (gi / self.kv_heads, gi % self.kv_heads);
+            let full = if needs_full {
+                let ix = KeyIndex::build(&g.keys, dk, if exact { &p1 } else { prm })?;
+                let ex = if exact {
+                    Some(ExactIndex::build(&ix)?)
+                } else {
                     None
-                } else {
-                    Some(KeyIndex::build(&g.keys, dk, prm)?)
                 };
-                // Means at positions >= first: total minus the keys after p.
-                let (kbar, vbar) = if mean_token {
-                    g.suffix_means(first, s, dk, dv)?
-                } else {
-                    (Vec::new(), Vec::new())
-                };
-                // No more than s distinct keys can be kept, whatever topk asks for.
-                let init = || (TopK::new(topk.min(s), prm.multiplicity()), Vec::new());
-                out_g.par_chunks_mut(dv).enumerate().for_each_init(
-                    init,
-                    |(tk, cands): &mut (TopK<f32>, Vec<(f32, u32)>), (qi, o)| {
-                        let (hl, i) = (qi / tq, qi % tq);
-                        let hq = hkv * grp + hl;
-                        let qr = &q[((b * h + hq) * tq + i) * dk..][..dk];
-                        let p = first + i;
-                        tk.clear();
-                        let push = |pos: u32, d2: f32| tk.push(pos, d2);
-                        match &full {
-                            Some(ix) => ix.for_each_candidate(qr, p, &g.keys, push),
-                            None => g.for_each_candidate(&self.grids, prm, qr, p, push),
-                        }
-                        tk.drain_sorted(cands);
-                        let g2 = (gamma[hq] * gamma[hq]) as f32;
-                        let mut z = 0.0f32;
-                        // The rows are scattered: ask for all of them before the first use.
-                        for &(_, pos) in cands.iter() {
-                            g.values.prefetch_row(pos as usize, dv);
-                        }
-                        for &(d2, pos) in cands.iter() {
-                            let sc = 1.0 / (d2 + g2);
-                            z += sc;
-                            g.values.axpy(pos as usize, dv, sc, o);
-                        }
-                        if mean_token {
-                            let kb = &kbar[i * dk..(i + 1) * dk];
-                            let sc = 1.0 / (sq_dist(qr, kb) + g2);
-                            z += sc;
-                            for (a, &x) in o.iter_mut().zip(&vbar[i * dv..(i + 1) * dv]) {
-                                *a += sc * x;
-                            }
-                        }
-                        let inv = 1.0 / z;
-                        o.iter_mut().for_each(|a| *a *= inv);
-                    },
-                );
-                Ok(())
-            },
-        )?;
+                Some((ix, ex))
+            } else {
+                None
+            };
+            // Means at positions >= first: total minus the keys after p.
+            let (kbar, vbar) = if mean_token {
+                g.suffix_means(first, s, dk, dv)?
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let one_query = |(tk, cands, sc): &mut (TopK<f32>, Vec<(f32, u32)>, Scratch<f32>),
+                             (qi, o): (usize, &mut [f32])| {
+                let (hl, i) = (qi / tq, qi % tq);
+                let hq = hkv * grp + hl;
+                let qr = &q[((b * h + hq) * tq + i) * dk..][..dk];
+                let p = first + i;
+                tk.clear();
+                match &full {
+                    Some((ix, Some(ex))) => ex.search(ix, qr, p, &g.keys, tk, sc),
+                    Some((ix, None)) => {
+                        ix.for_each_candidate(qr, p, &g.keys, |pos, d2| tk.push(pos, d2))
+                    }
+                    None if exact => g.exact_candidates(&self.grids[0], prm, qr, p, tk, sc),
+                    None => {
+                        g.for_each_candidate(&self.grids, prm, qr, p, |pos, d2| tk.push(pos, d2))
+                    }
+                }
+                tk.drain_sorted(cands);
+                let g2 = (gamma[hq] * gamma[hq]) as f32;
+                let mut z = 0.0f32;
+                // The rows are scattered: ask for all of them before the first use.
+                for &(_, pos) in cands.iter() {
+                    g.values.prefetch_row(pos as usize, dv);
+                }
+                for &(d2, pos) in cands.iter() {
+                    let sc = 1.0 / (d2 + g2);
+                    z += sc;
+                    g.values.axpy(pos as usize, dv, sc, o);
+                }
+                if mean_token {
+                    let kb = &kbar[i * dk..(i + 1) * dk];
+                    let sc = 1.0 / (sq_dist(qr, kb) + g2);
+                    z += sc;
+                    for (a, &x) in o.iter_mut().zip(&vbar[i * dv..(i + 1) * dv]) {
+                        *a += sc * x;
+                    }
+                }
+                let inv = 1.0 / z;
+                o.iter_mut().for_each(|a| *a *= inv);
+            };
+            if parallel {
+                out_g
+                    .par_chunks_mut(dv)
+                    .enumerate()
+                    .for_each_init(init, one_query);
+            } else {
+                let mut st = init();
+                for qo in out_g.chunks_mut(dv).enumerate() {
+                    one_query(&mut st, qo);
+                }
+            }
+            Ok(())
+        };
+        let per_group = grp * tq * dv;
+        if parallel {
+            crate::pool::install(|| {
+                out.par_chunks_mut(per_group)
+                    .enumerate()
+                    .try_for_each(|(gi, og)| one_group(gi, og))
+            })?;
+        } else {
+            for (gi, og) in out.chunks_mut(per_group).enumerate() {
+                one_group(gi, og)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// One decode call on a fused projection: `qkv` (B, T, W) row-major, each row the
+    /// T-th token's `h` query heads, then its kv heads' keys, then their values
+    /// (W = h*key_dim + H_kv*key_dim + H_kv*value_dim, what one linear layer over the three
+    /// stacked projections gives). Appends the T tokens' keys and values, then attends
+    /// their queries as [`KvCache::attend`]. Returns (B, T, h*value_dim): the heads side by
+    /// side, the layout an output projection takes.
+    ///
+    /// Everything the attend checks is checked before the extend, so a bad call changes
+    /// nothing; only running out of memory inside the attend leaves the tokens appended.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_packed(
+        &mut self,
+        qkv: &[f32],
+        t: usize,
+        h: usize,
+        topk: usize,
+        gamma: &[f64],
+        mean_token: bool,
+        window: Option<usize>,
+        exact: bool,
+    ) -> Result<Vec<f32>> {
+        let (b, hkv, dk, dv) = (self.batch, self.kv_heads, self.key_dim, self.value_dim);
+        if h == 0 || h % hkv != 0 {
+            return Err(ZetaError::value(
+                "num_heads",
+                format!("{h} query heads are not a multiple of the cache's {hkv} kv heads"),
+            ));
+        }
+        let w = (h + hkv) * dk + hkv * dv;
+        if t == 0 || qkv.len() != numel(&[b, t, w], "qkv")? {
+            return Err(ZetaError::value(
+                "qkv",
+                format!(
+                    "has {} elements, expected B*T*(H*key_dim + H_kv*(key_dim + value_dim)) = \
+                     {b}*T*{w} with T >= 1",
+                    qkv.len()
+                ),
+            ));
+        }
+        if topk == 0 {
+            return Err(ZetaError::value("topk", "must be >= 1"));
+        }
+        if gamma.len() != h || gamma.iter().any(|g| !(g.is_finite() && *g > 0.0)) {
+            return Err(ZetaError::value(
+                "gamma",
+                format!("must be {h} finite values > 0 (one per query head)"),
+            ));
+        }
+        if window == Some(0) || (window.is_none() && self.params.window == 0) {
+            return Err(ZetaError::value("window", "must be >= 1"));
+        }
+        let mut q = try_vec(0.0f32, b * h * t * dk, "decode queries")?;
+        let mut k = try_vec(0.0f32, b * hkv * t * dk, "decode keys")?;
+        let mut v = try_vec(0.0f32, b * hkv * t * dv, "decode values")?;
+        for (row, x) in qkv.chunks_exact(w).enumerate() {
+            let (bi, ti) = (row / t, row % t);
+            let (xq, rest) = x.split_at(h * dk);
+            let (xk, xv) = rest.split_at(hkv * dk);
+            for (hi, src) in xq.chunks_exact(dk).enumerate() {
+                q[((bi * h + hi) * t + ti) * dk..][..dk].copy_from_slice(src);
+            }
+            for (hi, src) in xk.chunks_exact(dk).enumerate() {
+                k[((bi * hkv + hi) * t + ti) * dk..][..dk].copy_from_slice(src);
+            }
+            for (hi, src) in xv.chunks_exact(dv).enumerate() {
+                v[((bi * hkv + hi) * t + ti) * dv..][..dv].copy_from_slice(src);
+            }
+        }
+        if let Some(p) = first_non_finite(&q) {
+            return Err(ZetaError::value(
+                "qkv",
+                format!(
+                    "contains NaN or inf in the queries (flat index {p} of (B, H, T, key_dim))"
+                ),
+            ));
+        }
+        self.extend(&k, &v, t)?;
+        let o = self.attend(&q, h, t, topk, gamma, mean_token, window, exact)?;
+        // (B, H, T, dv) -> (B, T, H*dv)
+        let mut out = try_vec(0.0f32, o.len(), "decode output")?;
+        for (i, src) in o.chunks_exact(dv).enumerate() {
+            let (bi, hi, ti) = (i / (h * t), (i / t) % h, i % t);
+            out[((bi * t + ti) * h + hi) * dv..][..dv].copy_from_slice(src);
+        }
         Ok(out)
     }
 
@@ -814,10 +998,7 @@ fn merge_runs(a: &Run, b: &Run, keys: &[f32], dk: usize) -> Result<Run> {
         let fe = fence_of(&e)?;
         curves.push((e, co, fe));
     }
-    Ok(Run {
-        n_chunks: a.n_chunks + b.n_chunks,
-        curves,
-    })
+    Run::new(a.n_chunks + b.n_chunks, curves, dk)
 }
 
 impl Group {
@@ -899,10 +1080,7 @@ impl Group {
             let fe = fence_of(&e)?;
             curves.push((e, co, fe));
         }
-        Ok(Run {
-            n_chunks: 1,
-            curves,
-        })
+        Run::new(1, curves, dk)
     }
 
     /// Candidates of a query at position `p` in the tail chunk (same set as the parallel
@@ -936,6 +1114,39 @@ impl Group {
         for j in 0..prm.n_sink.min(p + 1) {
             f(j as u32, sq_dist(q, &self.keys[j * dk..(j + 1) * dk]));
         }
+    }
+
+    /// The exact top-k candidates of a query at position `p` in the tail chunk: the
+    /// brute-force answer over positions 0..=p (see [`crate::exact::search_runs`]).
+    fn exact_candidates(
+        &self,
+        grid0: &Grid,
+        prm: &Params,
+        q: &[f32],
+        p: usize,
+        tk: &mut TopK<f32>,
+        sc: &mut Scratch<f32>,
+    ) {
+        let dk = q.len();
+        let runs: Vec<(RunView<'_, f32>, &BoxTree<f32>)> = self
+            .runs
+            .iter()
+            .map(|r| {
+                let (e, c, fe) = &r.curves[0];
+                let view = RunView {
+                    entries: e,
+                    coords: c,
+                    fence: fe,
+                };
+                (view, &r.boxes)
+            })
+            .collect();
+        let own = |tk: &mut TopK<f32>| {
+            for j in self.indexed_chunks * prm.chunk..=p {
+                tk.push(j as u32, sq_dist(q, &self.keys[j * dk..(j + 1) * dk]));
+            }
+        };
+        search_runs(&runs, grid0.code(q) as u32, q, prm.window, own, tk, sc);
     }
 
     /// Means of keys and values over positions 0..=p for p in first..s, rows (p - first).
@@ -1036,7 +1247,9 @@ mod tests {
                 let qt: Vec<f32> = (0..h)
                     .flat_map(|hh| q[(hh * s + t) * dk..(hh * s + t + 1) * dk].to_vec())
                     .collect();
-                let got = c.attend(&qt, h, 1, topk, &gamma, mean_token, None).unwrap();
+                let got = c
+                    .attend(&qt, h, 1, topk, &gamma, mean_token, None, false)
+                    .unwrap();
                 for hh in 0..h {
                     let w = &want[(hh * s + t) * dv..(hh * s + t + 1) * dv];
                     let g = &got[hh * dv..(hh + 1) * dv];
@@ -1186,7 +1399,7 @@ mod tests {
         let mut c = KvCache::new(1, 1, 3, 2, prm4(), "float32").unwrap();
         c.extend(&data(30, 1), &data(20, 2), 10).unwrap();
         let out = c
-            .attend(&data(3, 3), 1, 1, usize::MAX, &[1.0], false, None)
+            .attend(&data(3, 3), 1, 1, usize::MAX, &[1.0], false, None, false)
             .unwrap();
         assert_eq!(out.len(), 2);
     }

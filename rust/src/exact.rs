@@ -19,6 +19,7 @@
 //! scan, so `n_curves` and `n_sink` do not change the answer (only the work).
 //!
 //! Perf notes: see [`ExactIndex::search`].
+use crate::error::{numel, try_vec, Result};
 use crate::index::{scan_probes_ranges, sq_dist, CurveTree, KeyIndex, Probe, RunView, FENCE};
 use crate::quantize::Real;
 use crate::topk::TopK;
@@ -28,6 +29,7 @@ use rayon::prelude::*;
 /// Boxes of the `leaf`-entry blocks of one level: node 1 is the root, node `i` has
 /// children `2i` and `2i + 1`, leaf `b` (block `b`) is node `leaves + b`. A node stores its
 /// box as `lo[0..dk], hi[0..dk]`; nodes past the last block hold an empty box.
+#[derive(Clone, Debug, PartialEq)]
 pub struct BoxTree<T> {
     /// Entries per leaf block.
     leaf: usize,
@@ -37,28 +39,46 @@ pub struct BoxTree<T> {
 
 impl<T: Float + Send + Sync> BoxTree<T> {
     /// The tree over `coords` (`n` entries of `dk` coordinates, in entry order), one leaf
-    /// per `leaf` entries.
-    pub fn build(coords: &[T], dk: usize, leaf: usize) -> Self {
+    /// per `leaf` entries. Leaves in parallel (call it inside zeta's pool).
+    pub fn build(coords: &[T], dk: usize, leaf: usize) -> Result<Self> {
+        Self::build_leaves(coords, dk, leaf, |boxes, w| {
+            boxes
+                .par_chunks_mut(w)
+                .zip(coords.par_chunks(leaf * dk))
+                .for_each(|(node, block)| leaf_box(node, block, dk));
+        })
+    }
+
+    /// [`BoxTree::build`] on the calling thread (the KV cache builds one per run it makes,
+    /// and parallelises over its groups instead).
+    pub fn build_serial(coords: &[T], dk: usize, leaf: usize) -> Result<Self> {
+        Self::build_leaves(coords, dk, leaf, |boxes, w| {
+            for (node, block) in boxes.chunks_mut(w).zip(coords.chunks(leaf * dk)) {
+                leaf_box(node, block, dk);
+            }
+        })
+    }
+
+    fn build_leaves(
+        coords: &[T],
+        dk: usize,
+        leaf: usize,
+        fill: impl FnOnce(&mut [T], usize),
+    ) -> Result<Self> {
         let n = coords.len() / dk.max(1);
         let nb = n.div_ceil(leaf).max(1);
         let leaves = nb.next_power_of_two();
         let w = 2 * dk;
-        let mut boxes = vec![T::zero(); 2 * leaves * w];
+        let mut boxes = try_vec(
+            T::zero(),
+            numel(&[2, leaves, w], "exact-search boxes")?,
+            "exact-search boxes",
+        )?;
         for node in boxes.chunks_exact_mut(w) {
             node[..dk].fill(T::infinity());
             node[dk..].fill(T::neg_infinity());
         }
-        boxes[leaves * w..(leaves + nb) * w]
-            .par_chunks_mut(w)
-            .zip(coords.par_chunks(leaf * dk))
-            .for_each(|(node, block)| {
-                for x in block.chunks_exact(dk) {
-                    for j in 0..dk {
-                        node[j] = node[j].min(x[j]);
-                        node[dk + j] = node[dk + j].max(x[j]);
-                    }
-                }
-            });
+        fill(&mut boxes[leaves * w..(leaves + nb) * w], w);
         for i in (1..leaves).rev() {
             let (head, tail) = boxes.split_at_mut(2 * i * w);
             let (a, b) = tail[..2 * w].split_at(w);
@@ -68,16 +88,26 @@ impl<T: Float + Send + Sync> BoxTree<T> {
                 node[dk + j] = a[dk + j].max(b[dk + j]);
             }
         }
-        BoxTree {
+        Ok(BoxTree {
             leaf,
             leaves,
             boxes,
-        }
+        })
     }
 
     /// Bytes held.
     pub fn nbytes(&self) -> usize {
         self.boxes.len() * std::mem::size_of::<T>()
+    }
+}
+
+/// The box `lo[0..dk], hi[0..dk]` of the points `block` (already set to the empty box).
+fn leaf_box<T: Float>(node: &mut [T], block: &[T], dk: usize) {
+    for x in block.chunks_exact(dk) {
+        for j in 0..dk {
+            node[j] = node[j].min(x[j]);
+            node[dk + j] = node[dk + j].max(x[j]);
+        }
     }
 }
 
@@ -124,20 +154,20 @@ impl<T> Default for Scratch<T> {
 }
 
 impl<T: Float + Real> ExactIndex<T> {
-    pub fn build(ix: &KeyIndex<T>) -> Self {
+    pub fn build(ix: &KeyIndex<T>) -> Result<Self> {
         Self::build_with(ix, LEAF)
     }
 
     /// With `leaf` entries per leaf box (>= 1).
-    pub fn build_with(ix: &KeyIndex<T>, leaf: usize) -> Self {
+    pub fn build_with(ix: &KeyIndex<T>, leaf: usize) -> Result<Self> {
         let dk = ix.dk;
         let leaf = leaf.max(1);
         let trees = ix.curves[0]
             .coords
             .par_iter()
             .map(|c| BoxTree::build(c, dk, leaf))
-            .collect();
-        ExactIndex { trees }
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ExactIndex { trees })
     }
 
     /// Bytes held.
@@ -265,7 +295,7 @@ impl<T: Float + Real> ExactIndex<T> {
     /// Scans the blocks of entries `a..b` of one level that can hold a top-k key, except
     /// the entries `wlo..whi` (already offered).
     #[inline]
-    fn descend<const D: usize>(
+    pub(crate) fn descend<const D: usize>(
         bt: &BoxTree<T>,
         level: &RunView<'_, T>,
         q: &[T; D],
@@ -327,6 +357,81 @@ impl<T: Float + Real> ExactIndex<T> {
                 tk.tighten_over(SLACK);
             }
         }
+    }
+}
+
+/// Exact search over separate sorted runs, each with its own box tree (the KV cache's runs
+/// of curve 0): the window of every run and `own` (the keys outside the runs, offered to
+/// `tk` by the caller) give a first k-th distance, then every block whose box meets its
+/// ball is scanned. `tk` must be empty (multiplicity 1) and ends up holding the brute-force
+/// top-k of the runs' keys and `own`'s, by (d2, position). At most [`MAX_RUNS`] runs.
+#[allow(clippy::too_many_arguments)]
+pub fn search_runs<T: Float + Real>(
+    runs: &[(RunView<'_, T>, &BoxTree<T>)],
+    qcode: u32,
+    q: &[T],
+    window: usize,
+    own: impl FnOnce(&mut TopK<T>),
+    tk: &mut TopK<T>,
+    sc: &mut Scratch<T>,
+) {
+    match q.len() {
+        1 => search_runs_d::<T, 1>(runs, qcode, q, window, own, tk, sc),
+        2 => search_runs_d::<T, 2>(runs, qcode, q, window, own, tk, sc),
+        3 => search_runs_d::<T, 3>(runs, qcode, q, window, own, tk, sc),
+        4 => search_runs_d::<T, 4>(runs, qcode, q, window, own, tk, sc),
+        5 => search_runs_d::<T, 5>(runs, qcode, q, window, own, tk, sc),
+        6 => search_runs_d::<T, 6>(runs, qcode, q, window, own, tk, sc),
+        7 => search_runs_d::<T, 7>(runs, qcode, q, window, own, tk, sc),
+        _ => search_runs_d::<T, 8>(runs, qcode, q, window, own, tk, sc),
+    }
+}
+
+fn search_runs_d<T: Float + Real, const D: usize>(
+    runs: &[(RunView<'_, T>, &BoxTree<T>)],
+    qcode: u32,
+    q: &[T],
+    window: usize,
+    own: impl FnOnce(&mut TopK<T>),
+    tk: &mut TopK<T>,
+    sc: &mut Scratch<T>,
+) {
+    debug_assert_eq!(q.len(), D);
+    assert!(
+        runs.len() <= MAX_RUNS,
+        "more runs than a u32-sized cache has"
+    );
+    let nr = runs.len();
+    let mut probes = [Probe {
+        run: RunView {
+            entries: &[],
+            coords: &[],
+            fence: &[],
+        },
+        qcode,
+    }; MAX_RUNS];
+    for (pr, (rv, _)) in probes.iter_mut().zip(runs) {
+        pr.run = *rv;
+    }
+    let mut win = [(0usize, 0usize); MAX_RUNS];
+    scan_probes_ranges(
+        &probes[..nr],
+        q,
+        window,
+        &mut |pos, d2| tk.push(pos, d2),
+        |i, lo, hi| win[i] = (lo, hi),
+    );
+    own(tk);
+    let qa: [T; D] = std::array::from_fn(|i| q[i]);
+    tk.tighten();
+    for ((rv, bt), &w) in runs.iter().zip(&win[..nr]) {
+        let level = RunView {
+            entries: rv.entries,
+            coords: rv.coords,
+            fence: &[],
+        };
+        let n = rv.entries.len();
+        ExactIndex::descend::<D>(bt, &level, &qa, (0, n), w, tk, &mut sc.stack);
     }
 }
 
@@ -514,7 +619,7 @@ mod tests {
         for window in [8usize, 16, 32] {
             let ix = KeyIndex::build(&k, dk, &prm(window)).unwrap();
             for leaf in [16usize, 32, 64] {
-                let ex = super::ExactIndex::build_with(&ix, leaf);
+                let ex = super::ExactIndex::build_with(&ix, leaf).unwrap();
                 let t0 = std::time::Instant::now();
                 for &(_, i) in &order {
                     tk.clear();

@@ -10,10 +10,10 @@ use crate::cache::KvCache;
 use crate::error::ZetaError;
 use crate::index::Params;
 use crate::{morton, pool, quantize, search, simd, sort};
-use numpy::ndarray::{Array1, Array2, Array4};
+use numpy::ndarray::{Array1, Array2, Array3, Array4};
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArray4, PyReadonlyArray1, PyReadonlyArray2,
-    PyReadonlyArray4, PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArray3, PyArray4, PyReadonlyArray1, PyReadonlyArray2,
+    PyReadonlyArray3, PyReadonlyArray4, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -625,7 +625,9 @@ impl PyKvCache {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// `f` on the shared state: the GIL released before waiting, the work in zeta's pool.
+    /// `f` on the shared state, the GIL released before waiting. `f` runs on the calling
+    /// thread: `KvCache` enters zeta's pool itself when a call is big enough to gain from
+    /// it (a one-token decode call is not: waking the pool costs more than its work).
     fn with_read<R: Send>(
         &self,
         py: Python<'_>,
@@ -634,7 +636,7 @@ impl PyKvCache {
         Ok(py.detach(|| {
             let guard = self.read();
             let c: &KvCache = &guard;
-            catch(|| pool::install(|| f(c)))
+            catch(|| f(c))
         })?)
     }
 
@@ -691,12 +693,13 @@ impl PyKvCache {
         Ok(py.detach(|| {
             let mut guard = self.write();
             let c: &mut KvCache = &mut guard;
-            catch(|| pool::install(|| c.extend(kk, vv, t)))
+            catch(|| c.extend(kk, vv, t))
         })?)
     }
 
-    /// attend(q (B, H, T_q, key_dim) f32, topk, gamma (H,) f64, mean_token) -> (B, H, T_q, value_dim) f32
-    #[pyo3(signature = (q, topk, gamma, mean_token, window=None))]
+    /// attend(q (B, H, T_q, key_dim) f32, topk, gamma (H,) f64, mean_token, window=None, exact=False) -> (B, H, T_q, value_dim) f32
+    #[pyo3(signature = (q, topk, gamma, mean_token, window=None, exact=false))]
+    #[allow(clippy::too_many_arguments)]
     fn attend<'py>(
         &self,
         py: Python<'py>,
@@ -705,6 +708,7 @@ impl PyKvCache {
         gamma: PyReadonlyArray1<'py, f64>,
         mean_token: bool,
         window: Option<usize>,
+        exact: bool,
     ) -> PyResult<Bound<'py, PyArray4<f32>>> {
         let [b, _, dk, dv] = self.dims;
         let qs = q.shape();
@@ -718,8 +722,49 @@ impl PyKvCache {
         let (h, tq) = (qs[1], qs[2]);
         let qq = slice4(&q, "q")?;
         let gs = gamma.as_slice().map_err(|_| not_contiguous("gamma"))?;
-        let out = self.with_read(py, |c| c.attend(qq, h, tq, topk, gs, mean_token, window))?;
+        let out = self.with_read(py, |c| {
+            c.attend(qq, h, tq, topk, gs, mean_token, window, exact)
+        })?;
         arr4(py, out, [b, h, tq, dv])
+    }
+
+    /// decode_packed(qkv (B, T, H*key_dim + H_kv*(key_dim + value_dim)) f32, num_heads, topk,
+    /// gamma (H,) f64, mean_token, window=None, exact=False) -> (B, T, H*value_dim) f32:
+    /// extend with the rows' keys/values, then attend their queries (`KvCache::decode_packed`).
+    #[pyo3(signature = (qkv, num_heads, topk, gamma, mean_token, window=None, exact=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn decode_packed<'py>(
+        &self,
+        py: Python<'py>,
+        qkv: PyReadonlyArray3<'py, f32>,
+        num_heads: usize,
+        topk: usize,
+        gamma: PyReadonlyArray1<'py, f64>,
+        mean_token: bool,
+        window: Option<usize>,
+        exact: bool,
+    ) -> PyResult<Bound<'py, PyArray3<f32>>> {
+        let [b, _, _, dv] = self.dims;
+        let sh = qkv.shape();
+        if sh[0] != b {
+            return Err(ZetaError::value(
+                "qkv",
+                format!("expected batch {b} (axis 0), got shape {sh:?}"),
+            )
+            .into());
+        }
+        let t = sh[1];
+        let x = qkv.as_slice().map_err(|_| not_contiguous("qkv"))?;
+        let gs = gamma.as_slice().map_err(|_| not_contiguous("gamma"))?;
+        let out = py.detach(|| {
+            let mut guard = self.write();
+            let c: &mut KvCache = &mut guard;
+            catch(|| c.decode_packed(x, t, num_heads, topk, gs, mean_token, window, exact))
+        })?;
+        let hd = num_heads * dv;
+        Ok(Array3::from_shape_vec((b, t, hd), out)
+            .map_err(|e| ZetaError::Internal(e.to_string()))?
+            .into_pyarray(py))
     }
 
     fn __len__(&self, py: Python<'_>) -> usize {
