@@ -4,8 +4,9 @@ Usage: python benches/bench_decode.py [--quick] [--out DIR]
 
 H_kv = H = 8, d_k=3, d_v=128, topk=32; S = 16k, 64k, 256k, 1M (quick: 16k, 64k); float32
 values (float16 too at the largest S). Reports extend throughput, bytes per token, median
-attend latency over 50 steps, dense decode in numpy and torch over the same arrays, and the
-recall@32 of the decode path at the largest S.
+attend latency over 50 steps (the window search, the default, and ``exact=True``), dense
+decode in numpy and torch over the same arrays, and the recall@32 of the decode path at the
+largest S.
 
 Writes ``benches/results/decode-<machine tag>-<date>.json`` and a ``.png``.
 """
@@ -190,7 +191,7 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
             # zeta first, in a loop of its own: the dense baselines' BLAS/OpenMP threads keep
             # spinning for a while after each call and would steal the 2 cores from zeta's pool
             time.sleep(0.5)
-            lz, le, ln, lt, diff = [], [], [], [], 0.0
+            lz, lx, le, ln, lt, diff = [], [], [], [], [], 0.0
             for _ in range(steps):
                 p = len(cache)
                 kb, vb = keys[:, :, p : p + 1], vals.get(p, p + 1)
@@ -201,6 +202,9 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
                 t1 = time.perf_counter()
                 cache.attend(q, topk=TOPK)
                 lz.append(time.perf_counter() - t1)
+                t1 = time.perf_counter()
+                cache.attend(q, topk=TOPK, exact=True)
+                lx.append(time.perf_counter() - t1)
             # then dense decode over the same cache contents (all n = len(cache) tokens)
             n = len(cache)
             while len(ln) < 3 or (sum(ln) + sum(lt) < 2 * dense_budget and len(ln) < steps):
@@ -220,6 +224,8 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
                     "zeta_us_per_token": med(lz) * 1e6,
                     "zeta_us_per_token_per_head": med(lz) * 1e6 / H,
                     "zeta_steps": len(lz),
+                    "zeta_exact_us_per_token": med(lx) * 1e6,
+                    "zeta_exact_us_per_token_per_head": med(lx) * 1e6 / H,
                     "extend_one_us": med(le) * 1e6,
                     "dense_numpy_us_per_token": med(ln) * 1e6 * scale,
                     "dense_numpy_steps": len(ln),
@@ -310,12 +316,13 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
 
     print(
         f"  {'S':>6s} {'extend tok/s':>13s} {'B/token':>8s} | {'zeta/token':>11s} {'per head':>9s} | "
-        f"{'numpy dense':>12s} {'x':>7s} | {'torch dense':>12s} {'x':>7s}"
+        f"{'exact/head':>10s} | {'numpy dense':>12s} {'x':>7s} | {'torch dense':>12s} {'x':>7s}"
     )
     for r in rows:
         print(
             f"  {kib(r['S']):>6s} {r['extend_tokens_per_s']:>13,.0f} {r['bytes_per_token']:>8,.0f} | "
             f"{fmt_s(r['zeta_us_per_token'] * 1e-6):>11s} {r['zeta_us_per_token_per_head']:>6.1f} us | "
+            f"{r['zeta_exact_us_per_token_per_head']:>7.1f} us | "
             f"{fmt_s(r['dense_numpy_us_per_token'] * 1e-6):>12s} "
             f"{fmt_x(r['dense_numpy_us_per_token'] / r['zeta_us_per_token']):>7s} | "
             f"{fmt_s(r['dense_torch_us_per_token'] * 1e-6 if r['dense_torch_us_per_token'] else None):>12s} "
@@ -347,6 +354,12 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
         goals["x_dense_1M"] = goal(
             f">= {GOAL_DENSE_X:.0f}x faster than dense at S=1M", None, None, "S=1M not run"
         )
+        goals["exact_us_per_head_1M"] = goal(
+            f"exact=True: <= {GOAL_US_PER_HEAD:.0f} us per token per head at S=1M",
+            None,
+            None,
+            "S=1M not run",
+        )
     else:
         v = big["zeta_us_per_token_per_head"]
         goals["us_per_head_1M"] = goal(
@@ -354,6 +367,14 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
             v,
             v <= GOAL_US_PER_HEAD,
             f"{v:.1f} us per head ({big['zeta_us_per_token']:.0f} us per token, {H} heads)",
+        )
+        vx = big["zeta_exact_us_per_token_per_head"]
+        goals["exact_us_per_head_1M"] = goal(
+            f"exact=True: <= {GOAL_US_PER_HEAD:.0f} us per token per head at S=1M",
+            vx,
+            vx <= GOAL_US_PER_HEAD,
+            f"{vx:.1f} us per head ({big['zeta_exact_us_per_token']:.0f} us per token, {H} heads; "
+            "recall 1 by construction)",
         )
         r = big["dense_best_x"]
         goals["x_dense_1M"] = goal(
@@ -386,6 +407,9 @@ def _plot_decode(rep: Dict[str, Any], png: Path) -> bool:
         color="tab:blue",
         label="zeta KVCache.attend (float32 values)",
     )
+    ex = [(r["S"], r["zeta_exact_us_per_token"]) for r in rows if r.get("zeta_exact_us_per_token")]
+    if ex:
+        ax.plot(*zip(*ex), "o-", color="tab:purple", label="zeta, exact=True (recall 1)")
     ax.plot(
         S,
         [r["dense_numpy_us_per_token"] for r in rows],

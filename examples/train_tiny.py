@@ -31,11 +31,21 @@ def corpus() -> str:
 class TinyLM(nn.Module):
     """(B, N) token ids -> (B, N, V) logits."""
 
-    def __init__(self, vocab: int, width: int = 64, heads: int = 4, layers: int = 2, max_len: int = 256, topk: int = 16):
+    def __init__(
+        self,
+        vocab: int,
+        width: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        max_len: int = 256,
+        topk: int = 16,
+    ):
         super().__init__()
         self.tok = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(max_len, width)
-        self.blocks = nn.ModuleList(zeta.nn.ZetaBlock(width, heads, key_dim=3, topk=topk) for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            zeta.nn.ZetaBlock(width, heads, key_dim=3, topk=topk) for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab)
 
@@ -60,12 +70,14 @@ def main():
     gen = torch.Generator().manual_seed(a.seed)
     model = TinyLM(len(chars), max_len=a.seq)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    print(f"{len(text):,} characters, vocabulary {len(chars)}; uniform loss would be {torch.tensor(len(chars)).log():.2f}")
+    print(
+        f"{len(text):,} characters, vocabulary {len(chars)}; uniform loss would be {torch.tensor(len(chars)).log():.2f}"
+    )
     t0 = time.time()
     for step in range(1, a.steps + 1):
         start = torch.randint(0, len(data) - a.seq - 1, (a.batch,), generator=gen)
-        x = torch.stack([data[s:s + a.seq] for s in start])
-        y = torch.stack([data[s + 1:s + a.seq + 1] for s in start])
+        x = torch.stack([data[s : s + a.seq] for s in start])
+        y = torch.stack([data[s + 1 : s + a.seq + 1] for s in start])
         loss = nn.functional.cross_entropy(model(x).reshape(-1, len(chars)), y.reshape(-1))
         opt.zero_grad()
         loss.backward()

@@ -9,14 +9,14 @@
 //! positions <= p (non-causal: over all keys).
 //!
 //! Work splits over (batch, kv-head) groups, and inside a group over queries; the index of
-//! a group is built once and shared by its H / Hkv query heads. The backward is two passes:
-//! per query (dq, dgamma and per-slot coefficients), then per key through an inverse index
-//! (CSR of which query slots picked each key), so dK/dV are gathers, race-free and
-//! bit-reproducible whatever the thread count.
-use crate::error::{numel, try_vec, try_with_capacity, vec_or_unwind, Result, ZetaError};
+//! a group is built once and shared by its H / Hkv query heads. The backward is in
+//! [`crate::backward`].
+pub use crate::backward::backward;
+use crate::error::{numel, try_vec, vec_or_unwind, Result, ZetaError};
 use crate::exact::{ExactIndex, Scratch};
-use crate::index::{prefetch, select_topk, sq_dist, KeyIndex, Params, TopK};
+use crate::index::{select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
+use crate::score::combine;
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -74,7 +74,7 @@ impl Shape {
     }
 }
 
-fn check_len(arg: &'static str, got: usize, want: usize) -> Result<()> {
+pub(crate) fn check_len(arg: &'static str, got: usize, want: usize) -> Result<()> {
     if got != want {
         return Err(ZetaError::value(
             arg,
@@ -84,7 +84,7 @@ fn check_len(arg: &'static str, got: usize, want: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_finite<T: Real>(arg: &'static str, x: &[T]) -> Result<()> {
+pub(crate) fn check_finite<T: Real>(arg: &'static str, x: &[T]) -> Result<()> {
     if let Some(p) = first_non_finite(x) {
         return Err(ZetaError::value(
             arg,
@@ -94,7 +94,7 @@ fn check_finite<T: Real>(arg: &'static str, x: &[T]) -> Result<()> {
     Ok(())
 }
 
-fn check_gamma(gamma: &[f64], h: usize) -> Result<()> {
+pub(crate) fn check_gamma(gamma: &[f64], h: usize) -> Result<()> {
     if gamma.len() != h {
         return Err(ZetaError::value(
             "gamma",
@@ -111,7 +111,7 @@ fn check_gamma(gamma: &[f64], h: usize) -> Result<()> {
 }
 
 /// Prefix sums (f64) of rows: out[(p+1)*d..] = sum of rows 0..=p; out[0..d] = 0.
-fn prefix_sums<T: Real>(x: &[T], d: usize) -> Result<Vec<f64>> {
+pub(crate) fn prefix_sums<T: Real>(x: &[T], d: usize) -> Result<Vec<f64>> {
     let s = x.len() / d;
     let mut out = try_vec(0.0f64, (s + 1) * d, "mean_token prefix sums")?;
     for p in 0..s {
@@ -123,7 +123,14 @@ fn prefix_sums<T: Real>(x: &[T], d: usize) -> Result<Vec<f64>> {
 }
 
 /// Mean over positions 0..=p (causal) or all (non-causal) from prefix sums.
-fn mean_row<T: Float>(pre: &[f64], d: usize, p: usize, causal: bool, s: usize, out: &mut [T]) {
+pub(crate) fn mean_row<T: Float>(
+    pre: &[f64],
+    d: usize,
+    p: usize,
+    causal: bool,
+    s: usize,
+    out: &mut [T],
+) {
     let upto = if causal { p + 1 } else { s };
     let inv = 1.0 / upto as f64;
     for j in 0..d {
@@ -151,11 +158,26 @@ fn validate<T: Real>(
     if topk == 0 {
         return Err(ZetaError::value("topk", "must be >= 1"));
     }
+    // The query order packs (code << 32 | query) with query < group * N (the backward
+    // checks the same bound on its (query, slot) pairs).
+    if sh.group() * sh.n > u32::MAX as usize {
+        return Err(ZetaError::value(
+            "q",
+            format!(
+                "(H / H_kv) * N = {} * {} queries per kv head: must be < 2^32",
+                sh.group(),
+                sh.n
+            ),
+        ));
+    }
     check_len("q", q.len(), sh.b * sh.h * sh.n * sh.dk)?;
     check_len("k", k.len(), sh.b * sh.hkv * sh.s * sh.dk)?;
     check_finite("q", q)?;
     check_finite("k", k)?;
     if let Some(v) = v {
+        if sh.dv == 0 {
+            return Err(ZetaError::value("v", "value_dim must be >= 1"));
+        }
         check_len("v", v.len(), sh.b * sh.hkv * sh.s * sh.dv)?;
         check_finite("v", v)?;
     }
@@ -418,325 +440,20 @@ pub fn forward_with<T: Float + Real>(
                         tk.0.drain_sorted(cands);
                         // SAFETY: `order` is a permutation: each row is written by one task.
                         let (o, io) = unsafe { (orows.row(qi), irows.row(qi)) };
-                        let mut z = T::zero();
-                        // The rows are scattered: ask for all of them before the first use.
-                        for &(_, pos) in cands.iter() {
-                            prefetch(&vv[pos as usize * dv..(pos as usize + 1) * dv]);
-                        }
-                        for (slot, &(d2, pos)) in cands.iter().enumerate() {
-                            io[slot] = pos as i32;
-                            let s = T::one() / (d2 + g2);
-                            z = z + s;
-                            let vr = &vv[pos as usize * dv..(pos as usize + 1) * dv];
-                            for (a, &x) in o.iter_mut().zip(vr) {
-                                *a = *a + s * x;
-                            }
-                        }
-                        if opts.mean_token {
+                        let mean = if opts.mean_token {
                             mean_row(&pk, dk, p, prm.causal, sh.s, kbar);
                             mean_row(&pv, dv, p, prm.causal, sh.s, vbar);
-                            let s = T::one() / (sq_dist(qrow, kbar) + g2);
-                            z = z + s;
-                            for (a, &x) in o.iter_mut().zip(vbar.iter()) {
-                                *a = *a + s * x;
-                            }
-                        }
-                        let inv = T::one() / z;
-                        for a in o.iter_mut() {
-                            *a = *a * inv;
-                        }
+                            Some((sq_dist(qrow, kbar), &vbar[..]))
+                        } else {
+                            None
+                        };
+                        combine(cands, g2, vv, mean, o, |slot, pos| io[slot] = pos as i32);
                     }
                 },
             );
             Ok(())
         })?;
     Ok((out, idx))
-}
-
-/// Gradients of the forward: (dq, dk, dv, dgamma (H,)).
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
-pub fn backward<T: Float + Real>(
-    sh: &Shape,
-    prm: &Params,
-    opts: &AttnOpts,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    gamma: &[f64],
-    idx: &[i32],
-    dout: &[T],
-) -> Result<(Vec<T>, Vec<T>, Vec<T>, Vec<f64>)> {
-    let topk = opts.topk;
-    sh.check(prm.causal)?;
-    check_gamma(gamma, sh.h)?;
-    let (dk, dv, n, s) = (sh.dk, sh.dv, sh.n, sh.s);
-    check_len("q", q.len(), sh.b * sh.h * n * dk)?;
-    check_len("k", k.len(), sh.b * sh.hkv * s * dk)?;
-    check_len("v", v.len(), sh.b * sh.hkv * s * dv)?;
-    check_len("indices", idx.len(), sh.b * sh.h * n * topk)?;
-    check_len("grad_out", dout.len(), sh.b * sh.h * n * dv)?;
-    check_finite("grad_out", dout)?;
-    if let Some(bad) = idx.iter().find(|&&j| j < -1 || j as i64 >= s as i64) {
-        return Err(ZetaError::value(
-            "indices",
-            format!("index {bad} out of range for S={s}"),
-        ));
-    }
-    let g = sh.group();
-    if g * n * topk > u32::MAX as usize {
-        return Err(ZetaError::value(
-            "topk",
-            "too many (query, slot) pairs in one kv-head group",
-        ));
-    }
-    let mut dq = try_vec(T::zero(), q.len(), "dq")?;
-    let mut dkk = try_vec(T::zero(), k.len(), "dk")?;
-    let mut dvv = try_vec(T::zero(), v.len(), "dv")?;
-    let mut dgamma_q = try_vec(0.0f64, sh.b * sh.h * n, "dgamma")?;
-    let two = T::from(2.0).unwrap();
-
-    dq.par_chunks_mut(g * n * dk)
-        .zip(dkk.par_chunks_mut(s * dk))
-        .zip(dvv.par_chunks_mut(s * dv))
-        .zip(dgamma_q.par_chunks_mut(g * n))
-        .enumerate()
-        .try_for_each(|(gi, (((dq_g, dk_g), dv_g), dgam_g))| -> Result<()> {
-            let (b, hkv) = (gi / sh.hkv, gi % sh.hkv);
-            let kk = &k[gi * s * dk..(gi + 1) * s * dk];
-            let vv = &v[gi * s * dv..(gi + 1) * s * dv];
-            let q_g = &q[(b * sh.h + hkv * g) * n * dk..][..g * n * dk];
-            let do_g = &dout[(b * sh.h + hkv * g) * n * dv..][..g * n * dv];
-            let idx_g = &idx[(b * sh.h + hkv * g) * n * topk..][..g * n * topk];
-            let (pk, pv) = if opts.mean_token {
-                (prefix_sums(kk, dk)?, prefix_sums(vv, dv)?)
-            } else {
-                (Vec::new(), Vec::new())
-            };
-            // Pass 1, per query: dq, dgamma, and per-slot coefficients a (for dv) and
-            // gd = dL/d(d2) (for dk). Mean-token gradients per query go to mk/mv.
-            let mut coef_a = try_vec(T::zero(), g * n * topk, "backward scratch")?;
-            let mut coef_g = try_vec(T::zero(), g * n * topk, "backward scratch")?;
-            let mut mean_a = try_vec(T::zero(), g * n, "backward scratch")?;
-            let mut mean_g = try_vec(T::zero(), g * n, "backward scratch")?;
-            dq_g.par_chunks_mut(dk)
-                .zip(coef_a.par_chunks_mut(topk))
-                .zip(coef_g.par_chunks_mut(topk))
-                .zip(dgam_g.par_iter_mut())
-                .zip(mean_a.par_iter_mut())
-                .zip(mean_g.par_iter_mut())
-                .enumerate()
-                .for_each_init(
-                    || {
-                        (
-                            vec_or_unwind(T::zero(), topk, "backward scratch"),
-                            vec_or_unwind(T::zero(), topk, "backward scratch"),
-                            vec_or_unwind(T::zero(), dk, "backward scratch"),
-                            vec_or_unwind(T::zero(), dv, "backward scratch"),
-                        )
-                    },
-                    |(sc, da, kbar, vbar), (qi, (((((dqr, ca), cg), dgam), ma), mg))| {
-                        let hl = qi / n;
-                        let i = qi % n;
-                        let h = hkv * g + hl;
-                        let p = s - n + i;
-                        let qr = &q_g[qi * dk..(qi + 1) * dk];
-                        let dor = &do_g[qi * dv..(qi + 1) * dv];
-                        let ir = &idx_g[qi * topk..(qi + 1) * topk];
-                        let gm = T::from(gamma[h]).unwrap();
-                        let g2 = gm * gm;
-                        let mut z = T::zero();
-                        // The rows are scattered: ask for all of them before the first use.
-                        for &j in ir.iter().filter(|&&j| j >= 0) {
-                            prefetch(&vv[j as usize * dv..(j as usize + 1) * dv]);
-                        }
-                        for (slot, &j) in ir.iter().enumerate() {
-                            if j < 0 {
-                                sc[slot] = T::zero();
-                                da[slot] = T::zero();
-                                continue;
-                            }
-                            let j = j as usize;
-                            let d2 = sq_dist(qr, &kk[j * dk..(j + 1) * dk]);
-                            sc[slot] = T::one() / (d2 + g2);
-                            z = z + sc[slot];
-                            let vr = &vv[j * dv..(j + 1) * dv];
-                            da[slot] = vr
-                                .iter()
-                                .zip(dor)
-                                .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                        }
-                        let (mut sm, mut dam) = (T::zero(), T::zero());
-                        if opts.mean_token {
-                            mean_row(&pk, dk, p, prm.causal, s, kbar);
-                            mean_row(&pv, dv, p, prm.causal, s, vbar);
-                            sm = T::one() / (sq_dist(qr, kbar) + g2);
-                            z = z + sm;
-                            dam = vbar
-                                .iter()
-                                .zip(dor)
-                                .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                        }
-                        let invz = T::one() / z;
-                        // t = sum_j a_j da_j = o . dO
-                        let mut t = sm * invz * dam;
-                        for slot in 0..topk {
-                            t = t + sc[slot] * invz * da[slot];
-                        }
-                        let mut dgs = T::zero();
-                        for (slot, &j) in ir.iter().enumerate() {
-                            if j < 0 {
-                                ca[slot] = T::zero();
-                                cg[slot] = T::zero();
-                                continue;
-                            }
-                            let j = j as usize;
-                            let a = sc[slot] * invz;
-                            let ds = (da[slot] - t) * invz;
-                            let gd = -ds * sc[slot] * sc[slot];
-                            ca[slot] = a;
-                            cg[slot] = gd;
-                            dgs = dgs + gd;
-                            let kr = &kk[j * dk..(j + 1) * dk];
-                            for d in 0..dk {
-                                dqr[d] = dqr[d] + two * gd * (qr[d] - kr[d]);
-                            }
-                        }
-                        if opts.mean_token {
-                            let a = sm * invz;
-                            let ds = (dam - t) * invz;
-                            let gd = -ds * sm * sm;
-                            dgs = dgs + gd;
-                            *ma = a;
-                            *mg = gd;
-                            for d in 0..dk {
-                                dqr[d] = dqr[d] + two * gd * (qr[d] - kbar[d]);
-                            }
-                        }
-                        *dgam = (dgs * two * gm).to_f64();
-                    },
-                );
-            // Inverse index: for each key, the (query, slot) pairs that selected it.
-            let mut start = try_vec(0u32, s + 1, "backward inverse index")?;
-            for &j in idx_g {
-                if j >= 0 {
-                    start[j as usize + 1] += 1;
-                }
-            }
-            for j in 0..s {
-                start[j + 1] += start[j];
-            }
-            let mut fill = try_with_capacity(s + 1, "backward inverse index")?;
-            fill.extend_from_slice(&start);
-            let mut pairs = try_vec(0u32, start[s] as usize, "backward inverse index")?;
-            for (e, &j) in idx_g.iter().enumerate() {
-                if j >= 0 {
-                    let f = &mut fill[j as usize];
-                    pairs[*f as usize] = e as u32;
-                    *f += 1;
-                }
-            }
-            // Pass 2, per key: dv_j = sum a dO, dk_j = sum -2 gd (q - k_j).
-            dk_g.par_chunks_mut(dk)
-                .zip(dv_g.par_chunks_mut(dv))
-                .enumerate()
-                .for_each(|(j, (dkr, dvr))| {
-                    let kr = &kk[j * dk..(j + 1) * dk];
-                    let mine = &pairs[start[j] as usize..start[j + 1] as usize];
-                    // The dO rows are scattered: ask for all of them before the first use.
-                    for &e in mine {
-                        let qi = e as usize / topk;
-                        prefetch(&do_g[qi * dv..(qi + 1) * dv]);
-                    }
-                    for &e in mine {
-                        let e = e as usize;
-                        let qi = e / topk;
-                        let a = coef_a[e];
-                        let gd = coef_g[e];
-                        let dor = &do_g[qi * dv..(qi + 1) * dv];
-                        for (x, &y) in dvr.iter_mut().zip(dor) {
-                            *x = *x + a * y;
-                        }
-                        let qr = &q_g[qi * dk..(qi + 1) * dk];
-                        for d in 0..dk {
-                            dkr[d] = dkr[d] - two * gd * (qr[d] - kr[d]);
-                        }
-                    }
-                });
-            if opts.mean_token {
-                // d mean_p / d x_j = 1/(p+1) for j <= p (causal), 1/S for all (non-causal).
-                let mut acc_k = try_vec(0.0f64, dk, "backward scratch")?;
-                let mut acc_v = try_vec(0.0f64, dv, "backward scratch")?;
-                let mut kbar = try_vec(T::zero(), dk, "backward scratch")?;
-                // Per query: d mean_k = -2 gd (q - kbar), d mean_v = a dO.
-                let mean_grads =
-                    |qi: usize, kbar: &mut [T], gk: &mut [f64], gv: &mut [f64], w: f64| {
-                        let i = qi % n;
-                        mean_row(&pk, dk, s - n + i, prm.causal, s, kbar);
-                        let qr = &q_g[qi * dk..(qi + 1) * dk];
-                        let dor = &do_g[qi * dv..(qi + 1) * dv];
-                        for d in 0..dk {
-                            gk[d] += (-two * mean_g[qi] * (qr[d] - kbar[d])).to_f64() * w;
-                        }
-                        for d in 0..dv {
-                            gv[d] += (mean_a[qi] * dor[d]).to_f64() * w;
-                        }
-                    };
-                if prm.causal {
-                    // Sum of per-query mean gradients / (p+1) over queries at positions >= j.
-                    let mut per_pos_k = try_vec(0.0f64, n * dk, "backward scratch")?;
-                    let mut per_pos_v = try_vec(0.0f64, n * dv, "backward scratch")?;
-                    for qi in 0..g * n {
-                        let i = qi % n;
-                        let w = 1.0 / (s - n + i + 1) as f64;
-                        let (gk, gv) = (
-                            &mut per_pos_k[i * dk..(i + 1) * dk],
-                            &mut per_pos_v[i * dv..(i + 1) * dv],
-                        );
-                        mean_grads(qi, &mut kbar, gk, gv, w);
-                    }
-                    for j in (0..s).rev() {
-                        if j >= s - n {
-                            let i = j - (s - n);
-                            for d in 0..dk {
-                                acc_k[d] += per_pos_k[i * dk + d];
-                            }
-                            for d in 0..dv {
-                                acc_v[d] += per_pos_v[i * dv + d];
-                            }
-                        }
-                        for d in 0..dk {
-                            dk_g[j * dk + d] = dk_g[j * dk + d] + T::from(acc_k[d]).unwrap();
-                        }
-                        for d in 0..dv {
-                            dv_g[j * dv + d] = dv_g[j * dv + d] + T::from(acc_v[d]).unwrap();
-                        }
-                    }
-                } else {
-                    let w = 1.0 / s as f64;
-                    for qi in 0..g * n {
-                        mean_grads(qi, &mut kbar, &mut acc_k, &mut acc_v, w);
-                    }
-                    for j in 0..s {
-                        for d in 0..dk {
-                            dk_g[j * dk + d] = dk_g[j * dk + d] + T::from(acc_k[d]).unwrap();
-                        }
-                        for d in 0..dv {
-                            dv_g[j * dv + d] = dv_g[j * dv + d] + T::from(acc_v[d]).unwrap();
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })?;
-    let mut dgamma = try_vec(0.0f64, sh.h, "dgamma")?;
-    for b in 0..sh.b {
-        for h in 0..sh.h {
-            dgamma[h] += dgamma_q[(b * sh.h + h) * n..(b * sh.h + h + 1) * n]
-                .iter()
-                .sum::<f64>();
-        }
-    }
-    Ok((dq, dkk, dvv, dgamma))
 }
 
 /// Brute-force exact top-k (no index): the oracle behind `zeta.recall`.
@@ -751,6 +468,18 @@ pub fn exact_knn<T: Float + Real>(
     sh.check(causal)?;
     if topk == 0 {
         return Err(ZetaError::value("topk", "must be >= 1"));
+    }
+    // The query order packs (code << 32 | query) with query < group * N (the backward
+    // checks the same bound on its (query, slot) pairs).
+    if sh.group() * sh.n > u32::MAX as usize {
+        return Err(ZetaError::value(
+            "q",
+            format!(
+                "(H / H_kv) * N = {} * {} queries per kv head: must be < 2^32",
+                sh.group(),
+                sh.n
+            ),
+        ));
     }
     check_len("q", q.len(), sh.b * sh.h * sh.n * sh.dk)?;
     check_len("k", k.len(), sh.b * sh.hkv * sh.s * sh.dk)?;
@@ -795,10 +524,14 @@ pub fn exact_knn<T: Float + Real>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) use tests::points as tests_points;
+
+#[cfg(test)]
+pub(crate) mod tests {
     use super::*;
 
-    fn points(n: usize, seed: u64) -> Vec<f64> {
+    /// `n` values in [-2, 2) from a xorshift seeded with `seed`.
+    pub(crate) fn points(n: usize, seed: u64) -> Vec<f64> {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..n)
             .map(|_| {
@@ -864,5 +597,151 @@ mod tests {
             };
             assert_eq!(fwd(big), fwd(s), "causal={causal}");
         }
+    }
+
+    /// A readable reference: top-k by (d2, position) over all visible keys by brute force,
+    /// then the Cauchy-softmax sum (with the mean item when asked), in f64.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn reference_forward(
+        sh: &Shape,
+        causal: bool,
+        topk: usize,
+        mean_token: bool,
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        gamma: &[f64],
+    ) -> Vec<f64> {
+        let (g, dk, dv) = (sh.group(), sh.dk, sh.dv);
+        let mut out = vec![0.0; sh.b * sh.h * sh.n * dv];
+        for b in 0..sh.b {
+            for (h, &gm) in gamma.iter().enumerate() {
+                let gi = b * sh.hkv + h / g;
+                let kk = &k[gi * sh.s * dk..(gi + 1) * sh.s * dk];
+                let vv = &v[gi * sh.s * dv..(gi + 1) * sh.s * dv];
+                for i in 0..sh.n {
+                    let row = (b * sh.h + h) * sh.n + i;
+                    let qr = &q[row * dk..(row + 1) * dk];
+                    let p = sh.s - sh.n + i;
+                    let upto = if causal { p + 1 } else { sh.s };
+                    let mut d: Vec<(f64, usize)> = (0..upto)
+                        .map(|j| (sq_dist(qr, &kk[j * dk..(j + 1) * dk]), j))
+                        .collect();
+                    d.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    d.truncate(topk);
+                    let g2 = gm * gm;
+                    let mut items: Vec<(f64, Vec<f64>)> = d
+                        .iter()
+                        .map(|&(d2, j)| (1.0 / (d2 + g2), vv[j * dv..(j + 1) * dv].to_vec()))
+                        .collect();
+                    if mean_token {
+                        let kb: Vec<f64> = (0..dk)
+                            .map(|c| (0..upto).map(|j| kk[j * dk + c]).sum::<f64>() / upto as f64)
+                            .collect();
+                        let vb: Vec<f64> = (0..dv)
+                            .map(|c| (0..upto).map(|j| vv[j * dv + c]).sum::<f64>() / upto as f64)
+                            .collect();
+                        items.push((1.0 / (sq_dist(qr, &kb) + g2), vb));
+                    }
+                    let z: f64 = items.iter().map(|x| x.0).sum();
+                    let o = &mut out[row * dv..(row + 1) * dv];
+                    for (s, vr) in &items {
+                        for (a, x) in o.iter_mut().zip(vr) {
+                            *a += s / z * x;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    pub(crate) fn small_case(causal: bool) -> (Shape, Params) {
+        let sh = Shape {
+            b: 2,
+            h: 4,
+            hkv: 2,
+            n: 13,
+            s: 17,
+            dk: 3,
+            dv: 5,
+        };
+        // window >= S: the window search sees every key, so the forward is exact top-k
+        let prm = Params {
+            chunk: 4,
+            window: 64,
+            n_curves: 2,
+            n_sink: 1,
+            causal,
+            bits: 10,
+            scale: 1.0,
+        };
+        (sh, prm)
+    }
+
+    /// The forward equals the brute-force reference (window >= S), causal or not, with and
+    /// without the mean item, GQA, S > N; and exact search equals it with a tiny window.
+    #[test]
+    fn forward_equals_the_reference() {
+        for causal in [true, false] {
+            for mean_token in [false, true] {
+                let (sh, prm) = small_case(causal);
+                let q = points(sh.b * sh.h * sh.n * sh.dk, 4);
+                let k = points(sh.b * sh.hkv * sh.s * sh.dk, 5);
+                let v = points(sh.b * sh.hkv * sh.s * sh.dv, 6);
+                let gamma = [0.5, 1.0, 1.5, 0.8];
+                let topk = 6;
+                let opts = AttnOpts { topk, mean_token };
+                let want = reference_forward(&sh, causal, topk, mean_token, &q, &k, &v, &gamma);
+                let (out, idx) = forward(&sh, &prm, &opts, &q, &k, &v, &gamma).unwrap();
+                let tiny = Params { window: 1, ..prm };
+                let (ex, _) =
+                    forward_with(&sh, &tiny, Search::Exact, &opts, &q, &k, &v, &gamma).unwrap();
+                let (approx, _) = forward(&sh, &tiny, &opts, &q, &k, &v, &gamma).unwrap();
+                for ((a, b), c) in out.iter().zip(&want).zip(&ex) {
+                    assert!((a - b).abs() < 1e-12, "causal={causal} mean={mean_token}");
+                    assert!((c - b).abs() < 1e-12, "exact, causal={causal}");
+                }
+                // the oracle can fail: window 1 misses some of the top-k here
+                let worst = approx
+                    .iter()
+                    .zip(&want)
+                    .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    worst > 1e-6,
+                    "window 1 found every neighbour: a weak test case"
+                );
+                assert!(idx.iter().all(|&j| j >= -1 && (j as i64) < sh.s as i64));
+            }
+        }
+    }
+
+    /// Bad sizes are errors, not panics: d_v = 0, topk = 0, too many queries per kv head.
+    #[test]
+    fn forward_rejects_bad_shapes() {
+        let (sh, prm) = small_case(true);
+        let q = points(sh.b * sh.h * sh.n * sh.dk, 1);
+        let k = points(sh.b * sh.hkv * sh.s * sh.dk, 2);
+        let opts = AttnOpts {
+            topk: 4,
+            mean_token: false,
+        };
+        let g = [1.0; 4];
+        let sh0 = Shape { dv: 0, ..sh };
+        assert!(forward(&sh0, &prm, &opts, &q, &k, &[], &g).is_err());
+        let v = points(sh.b * sh.hkv * sh.s * sh.dv, 3);
+        let o0 = AttnOpts { topk: 0, ..opts };
+        assert!(forward(&sh, &prm, &o0, &q, &k, &v, &g).is_err());
+        assert!(knn(&sh, &prm, 0, &q, &k).is_err());
+        // (H / H_kv) * N >= 2^32: refused from the shape alone (no buffers of that size)
+        let huge = Shape {
+            h: 2,
+            hkv: 1,
+            n: 1 << 31,
+            s: 1 << 31,
+            ..sh
+        };
+        let err = knn(&huge, &prm, 4, &q, &k).unwrap_err();
+        assert!(format!("{err:?}").contains("2^32"), "{err:?}");
     }
 }

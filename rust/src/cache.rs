@@ -16,10 +16,11 @@
 use crate::error::{numel, probe_bytes, try_vec, try_with_capacity, Result, ZetaError};
 use crate::exact::{search_runs, BoxTree, ExactIndex, Scratch, LEAF as EXACT_LEAF};
 use crate::index::{
-    fence_of, gather_coords, merge_into, prefetch, sorted_entries, sq_dist, KeyIndex, Params,
-    Probe, ProbeList, RunView, TopK,
+    fence_of, gather_coords, merge_into, offer_own_and_sinks, offer_rows, prefetch, sorted_entries,
+    sq_dist, KeyIndex, Params, Probe, ProbeList, RunView, TopK,
 };
 use crate::quantize::{first_non_finite, Grid};
+use crate::score::{combine, ValueRows};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::io::{Read, Write};
@@ -105,9 +106,12 @@ impl Values {
             Values::BF16(v) => v.extend(src.iter().map(|&x| bf16::from_f32(x))),
         }
     }
-    /// acc += s * row(pos)
+}
+
+impl ValueRows<f32> for Values {
     #[inline]
-    fn axpy(&self, pos: usize, dv: usize, s: f32, acc: &mut [f32]) {
+    fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
+        let dv = acc.len();
         match self {
             Values::F32(v) => {
                 for (a, &x) in acc.iter_mut().zip(&v[pos * dv..(pos + 1) * dv]) {
@@ -126,7 +130,6 @@ impl Values {
             }
         }
     }
-    /// Hints the CPU to load row `pos` (see [`prefetch`]).
     #[inline]
     fn prefetch_row(&self, pos: usize, dv: usize) {
         match self {
@@ -135,6 +138,9 @@ impl Values {
             Values::BF16(v) => prefetch(&v[pos * dv..(pos + 1) * dv]),
         }
     }
+}
+
+impl Values {
     fn get_f64(&self, i: usize) -> f64 {
         match self {
             Values::F32(v) => v[i] as f64,
@@ -645,26 +651,13 @@ impl KvCache {
                 }
                 tk.drain_sorted(cands);
                 let g2 = (gamma[hq] * gamma[hq]) as f32;
-                let mut z = 0.0f32;
-                // The rows are scattered: ask for all of them before the first use.
-                for &(_, pos) in cands.iter() {
-                    g.values.prefetch_row(pos as usize, dv);
-                }
-                for &(d2, pos) in cands.iter() {
-                    let sc = 1.0 / (d2 + g2);
-                    z += sc;
-                    g.values.axpy(pos as usize, dv, sc, o);
-                }
-                if mean_token {
+                let mean = if mean_token {
                     let kb = &kbar[i * dk..(i + 1) * dk];
-                    let sc = 1.0 / (sq_dist(qr, kb) + g2);
-                    z += sc;
-                    for (a, &x) in o.iter_mut().zip(&vbar[i * dv..(i + 1) * dv]) {
-                        *a += sc * x;
-                    }
-                }
-                let inv = 1.0 / z;
-                o.iter_mut().for_each(|a| *a *= inv);
+                    Some((sq_dist(qr, kb), &vbar[i * dv..(i + 1) * dv]))
+                } else {
+                    None
+                };
+                combine(cands, g2, &g.values, mean, o, |_, _| {});
             };
             if parallel {
                 out_g
@@ -1093,7 +1086,6 @@ impl Group {
         p: usize,
         mut f: impl FnMut(u32, f32),
     ) {
-        let dk = q.len();
         let mut probes = ProbeList::new();
         for (ci, g) in grids.iter().enumerate() {
             let qcode = g.code(q) as u32;
@@ -1108,12 +1100,8 @@ impl Group {
             }
         }
         probes.flush(q, prm.window, &mut f);
-        for j in self.indexed_chunks * prm.chunk..=p {
-            f(j as u32, sq_dist(q, &self.keys[j * dk..(j + 1) * dk]));
-        }
-        for j in 0..prm.n_sink.min(p + 1) {
-            f(j as u32, sq_dist(q, &self.keys[j * dk..(j + 1) * dk]));
-        }
+        let own = self.indexed_chunks * prm.chunk..p + 1;
+        offer_own_and_sinks(q, &self.keys, own, prm.n_sink, p, &mut f);
     }
 
     /// The exact top-k candidates of a query at position `p` in the tail chunk: the
@@ -1127,7 +1115,6 @@ impl Group {
         tk: &mut TopK<f32>,
         sc: &mut Scratch<f32>,
     ) {
-        let dk = q.len();
         let runs: Vec<(RunView<'_, f32>, &BoxTree<f32>)> = self
             .runs
             .iter()
@@ -1142,9 +1129,8 @@ impl Group {
             })
             .collect();
         let own = |tk: &mut TopK<f32>| {
-            for j in self.indexed_chunks * prm.chunk..=p {
-                tk.push(j as u32, sq_dist(q, &self.keys[j * dk..(j + 1) * dk]));
-            }
+            let rows = self.indexed_chunks * prm.chunk..p + 1;
+            offer_rows(q, &self.keys, rows, &mut |pos, d2| tk.push(pos, d2));
         };
         search_runs(&runs, grid0.code(q) as u32, q, prm.window, own, tk, sc);
     }
@@ -1183,7 +1169,7 @@ impl Group {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::{forward, AttnOpts, Shape};
+    use crate::attention::{forward_with, AttnOpts, Search, Shape};
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -1215,7 +1201,7 @@ mod tests {
             data(hkv * s * dv, 3),
         );
         let gamma = vec![0.5, 0.7, 1.0, 1.3];
-        for mean_token in [false, true] {
+        for (mean_token, exact) in [(false, false), (true, false), (false, true), (true, true)] {
             let sh = Shape {
                 b: 1,
                 h,
@@ -1225,9 +1211,11 @@ mod tests {
                 dk,
                 dv,
             };
-            let (want, _) = forward(
+            let search = if exact { Search::Exact } else { Search::Window };
+            let (want, _) = forward_with(
                 &sh,
                 &prm,
+                search,
                 &AttnOpts { topk, mean_token },
                 &q,
                 &k,
@@ -1248,13 +1236,16 @@ mod tests {
                     .flat_map(|hh| q[(hh * s + t) * dk..(hh * s + t + 1) * dk].to_vec())
                     .collect();
                 let got = c
-                    .attend(&qt, h, 1, topk, &gamma, mean_token, None, false)
+                    .attend(&qt, h, 1, topk, &gamma, mean_token, None, exact)
                     .unwrap();
                 for hh in 0..h {
                     let w = &want[(hh * s + t) * dv..(hh * s + t + 1) * dv];
                     let g = &got[hh * dv..(hh + 1) * dv];
                     for (a, b) in w.iter().zip(g) {
-                        assert!((a - b).abs() <= 1e-6, "t={t} h={hh}: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() <= 1e-6,
+                            "t={t} h={hh} exact={exact}: {a} vs {b}"
+                        );
                     }
                 }
             }

@@ -20,7 +20,7 @@
 //!
 //! Perf notes: see [`ExactIndex::search`].
 use crate::error::{numel, try_vec, Result};
-use crate::index::{scan_probes_ranges, sq_dist, CurveTree, KeyIndex, Probe, RunView, FENCE};
+use crate::index::{offer_rows, scan_probes_ranges, CurveTree, KeyIndex, Probe, RunView, FENCE};
 use crate::quantize::Real;
 use crate::topk::TopK;
 use num_traits::Float;
@@ -276,9 +276,7 @@ impl<T: Float + Real> ExactIndex<T> {
             &mut |pos, d2| tk.push(pos, d2),
             |i, lo, hi| win[i] = (runs[i].1 + lo, runs[i].1 + hi),
         );
-        for j in own {
-            tk.push(j as u32, sq_dist(q, &k[j * D..(j + 1) * D]));
-        }
+        offer_rows(q, k, own, &mut |pos, d2| tk.push(pos, d2));
         // 2. Every block of every run whose box meets the ball, skipping the windows.
         let qa: [T; D] = std::array::from_fn(|i| q[i]);
         tk.tighten();

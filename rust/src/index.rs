@@ -18,6 +18,7 @@ use crate::error::{try_vec, try_with_capacity, Result, ZetaError};
 use crate::quantize::{Grid, Real};
 use num_traits::Float;
 use rayon::prelude::*;
+use std::ops::Range;
 
 pub use crate::topk::{select_topk, TopK};
 
@@ -94,6 +95,31 @@ pub fn sq_dist<T: Float>(a: &[T], b: &[T]) -> T {
         s = s + d * d;
     }
     s
+}
+
+/// Offers `f` the keys at positions `rows` with their squared distance to `q` (row-major
+/// keys of `q.len()` coordinates): the parts of the sequence that are scanned whole.
+#[inline]
+pub fn offer_rows<T: Float>(q: &[T], k: &[T], rows: Range<usize>, f: &mut impl FnMut(u32, T)) {
+    let dk = q.len();
+    for j in rows {
+        f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
+    }
+}
+
+/// What a causal query at position `p` takes besides its runs: its own chunk `own`
+/// (positions `..= p`) and the first `n_sink` positions (`<= p`).
+#[inline]
+pub fn offer_own_and_sinks<T: Float>(
+    q: &[T],
+    k: &[T],
+    own: Range<usize>,
+    n_sink: usize,
+    p: usize,
+    f: &mut impl FnMut(u32, T),
+) {
+    offer_rows(q, k, own, f);
+    offer_rows(q, k, 0..n_sink.min(p + 1), f);
 }
 
 /// A run of sorted entries and their coordinates (a view).
@@ -425,9 +451,7 @@ impl<T: Float + Real> KeyIndex<T> {
                 );
             }
             probes.flush(q, w, &mut f);
-            for j in 0..prm.n_sink.min(self.s) {
-                f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
-            }
+            offer_rows(q, k, 0..prm.n_sink.min(self.s), &mut f);
             return;
         }
         let chunk = prm.chunk;
@@ -459,12 +483,7 @@ impl<T: Float + Real> KeyIndex<T> {
             }
             probes.flush(q, w, &mut f);
         }
-        for j in c * chunk..=p {
-            f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
-        }
-        for j in 0..prm.n_sink.min(p + 1) {
-            f(j as u32, sq_dist(q, &k[j * dk..(j + 1) * dk]));
-        }
+        offer_own_and_sinks(q, k, c * chunk..p + 1, prm.n_sink, p, &mut f);
     }
 }
 

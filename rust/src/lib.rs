@@ -9,9 +9,14 @@
 //! - [`sort`]: stable radix argsort of codes, parallel over rows and within large rows
 //! - [`search`]: batched searchsorted of codes
 //! - [`index`]: the causal dyadic-run Z-order index (merge-sort tree)
-//! - [`attention`]: candidate rerank, Cauchy-softmax forward and backward
+//! - [`attention`]: candidate rerank, Cauchy-softmax forward, knn
+//! - [`score`]: the Cauchy-softmax weighted sum shared by the forward and the cache
+//! - [`backward`]: the gradients (per-query pass, inverse index, per-key pass)
+//! - [`exact`]: exact top-k search over the index's block boxes
+//! - [`topk`]: the k-selection
 //! - [`cache`]: the incremental KV cache for decoding, save/load
 pub mod attention;
+pub mod backward;
 pub mod cache;
 pub mod error;
 pub mod exact;
@@ -19,6 +24,7 @@ pub mod index;
 pub mod morton;
 pub mod pool;
 pub mod quantize;
+pub mod score;
 pub mod search;
 pub mod simd;
 pub mod sort;

@@ -1,0 +1,473 @@
+//! Backward of top-k Cauchy-softmax attention (layouts and scores: [`crate::attention`]).
+//!
+//! Per (batch, kv-head) group, with the forward's selected indices:
+//! 1. [`query_pass`], per query: dq, dgamma, and per-slot coefficients (`a_j`, for dV, and
+//!    `dL/d(d2_j)`, for dK); with `mean_token` the same for the mean item.
+//! 2. [`InverseIndex`]: for each key, the (query, slot) pairs that selected it (CSR).
+//! 3. [`key_pass`], per key: dV and dK as gathers over those pairs: race-free and
+//!    bit-reproducible whatever the thread count.
+//! 4. [`mean_token_grads`]: the mean item's gradients spread over the keys it averages.
+use crate::attention::{
+    check_finite, check_gamma, check_len, mean_row, prefix_sums, AttnOpts, Shape,
+};
+use crate::error::{try_vec, try_with_capacity, vec_or_unwind, Result, ZetaError};
+use crate::index::{prefetch, sq_dist, Params};
+use crate::quantize::Real;
+use num_traits::Float;
+use rayon::prelude::*;
+
+/// Gradients of the forward: (dq, dk, dv, dgamma (H,)).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn backward<T: Float + Real>(
+    sh: &Shape,
+    prm: &Params,
+    opts: &AttnOpts,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    gamma: &[f64],
+    idx: &[i32],
+    dout: &[T],
+) -> Result<(Vec<T>, Vec<T>, Vec<T>, Vec<f64>)> {
+    let topk = opts.topk;
+    sh.check(prm.causal)?;
+    check_gamma(gamma, sh.h)?;
+    if topk == 0 {
+        return Err(ZetaError::value("topk", "must be >= 1"));
+    }
+    let (dk, dv, n, s) = (sh.dk, sh.dv, sh.n, sh.s);
+    check_len("q", q.len(), sh.b * sh.h * n * dk)?;
+    check_len("k", k.len(), sh.b * sh.hkv * s * dk)?;
+    check_len("v", v.len(), sh.b * sh.hkv * s * dv)?;
+    check_len("indices", idx.len(), sh.b * sh.h * n * topk)?;
+    check_len("grad_out", dout.len(), sh.b * sh.h * n * dv)?;
+    check_finite("grad_out", dout)?;
+    if let Some(bad) = idx.iter().find(|&&j| j < -1 || j as i64 >= s as i64) {
+        return Err(ZetaError::value(
+            "indices",
+            format!("index {bad} out of range for S={s}"),
+        ));
+    }
+    let g = sh.group();
+    if g * n * topk > u32::MAX as usize {
+        return Err(ZetaError::value(
+            "topk",
+            "too many (query, slot) pairs in one kv-head group",
+        ));
+    }
+    let mut dq = try_vec(T::zero(), q.len(), "dq")?;
+    let mut dkk = try_vec(T::zero(), k.len(), "dk")?;
+    let mut dvv = try_vec(T::zero(), v.len(), "dv")?;
+    let mut dgamma_q = try_vec(0.0f64, sh.b * sh.h * n, "dgamma")?;
+
+    dq.par_chunks_mut(g * n * dk)
+        .zip(dkk.par_chunks_mut(s * dk))
+        .zip(dvv.par_chunks_mut(s * dv))
+        .zip(dgamma_q.par_chunks_mut(g * n))
+        .enumerate()
+        .try_for_each(|(gi, (((dq_g, dk_g), dv_g), dgam_g))| -> Result<()> {
+            let (b, hkv) = (gi / sh.hkv, gi % sh.hkv);
+            let rows = (b * sh.h + hkv * g) * n;
+            let kk = &k[gi * s * dk..(gi + 1) * s * dk];
+            let vv = &v[gi * s * dv..(gi + 1) * s * dv];
+            let (pk, pv) = if opts.mean_token {
+                (prefix_sums(kk, dk)?, prefix_sums(vv, dv)?)
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            let grp = Group {
+                sh,
+                causal: prm.causal,
+                mean_token: opts.mean_token,
+                topk,
+                hkv,
+                q: &q[rows * dk..][..g * n * dk],
+                dout: &dout[rows * dv..][..g * n * dv],
+                idx: &idx[rows * topk..][..g * n * topk],
+                k: kk,
+                v: vv,
+                pk: &pk,
+                pv: &pv,
+            };
+            let coefs = query_pass(&grp, gamma, dq_g, dgam_g)?;
+            let inv = InverseIndex::build(grp.idx, s)?;
+            key_pass(&grp, &coefs, &inv, dk_g, dv_g);
+            if opts.mean_token {
+                mean_token_grads(&grp, &coefs, dk_g, dv_g)?;
+            }
+            Ok(())
+        })?;
+    let mut dgamma = try_vec(0.0f64, sh.h, "dgamma")?;
+    for b in 0..sh.b {
+        for h in 0..sh.h {
+            dgamma[h] += dgamma_q[(b * sh.h + h) * n..(b * sh.h + h + 1) * n]
+                .iter()
+                .sum::<f64>();
+        }
+    }
+    Ok((dq, dkk, dvv, dgamma))
+}
+
+/// One (batch, kv-head) group's inputs: its `g = H / H_kv` query heads' rows (q, dO,
+/// indices; query `qi` = head `qi / N`, position `qi % N`), its keys and values, and their
+/// prefix sums when `mean_token`.
+struct Group<'a, T> {
+    sh: &'a Shape,
+    causal: bool,
+    mean_token: bool,
+    topk: usize,
+    hkv: usize,
+    q: &'a [T],
+    dout: &'a [T],
+    idx: &'a [i32],
+    k: &'a [T],
+    v: &'a [T],
+    pk: &'a [f64],
+    pv: &'a [f64],
+}
+
+/// Per (query, slot): the attention weight `a` and `gd = dL/d(d2)`; per query, the same for
+/// the mean item.
+struct Coefs<T> {
+    a: Vec<T>,
+    gd: Vec<T>,
+    mean_a: Vec<T>,
+    mean_gd: Vec<T>,
+}
+
+/// Pass 1, per query: dq and dgamma (written into `dq_g`, `dgam_g`), and the coefficients
+/// the key pass needs.
+fn query_pass<T: Float + Real>(
+    grp: &Group<'_, T>,
+    gamma: &[f64],
+    dq_g: &mut [T],
+    dgam_g: &mut [f64],
+) -> Result<Coefs<T>> {
+    let (dk, dv, n, s, topk) = (grp.sh.dk, grp.sh.dv, grp.sh.n, grp.sh.s, grp.topk);
+    let rows = grp.q.len() / dk;
+    let mut c = Coefs {
+        a: try_vec(T::zero(), rows * topk, "backward scratch")?,
+        gd: try_vec(T::zero(), rows * topk, "backward scratch")?,
+        mean_a: try_vec(T::zero(), rows, "backward scratch")?,
+        mean_gd: try_vec(T::zero(), rows, "backward scratch")?,
+    };
+    let two = T::from(2.0).unwrap();
+    let g = grp.sh.group();
+    dq_g.par_chunks_mut(dk)
+        .zip(c.a.par_chunks_mut(topk))
+        .zip(c.gd.par_chunks_mut(topk))
+        .zip(dgam_g.par_iter_mut())
+        .zip(c.mean_a.par_iter_mut())
+        .zip(c.mean_gd.par_iter_mut())
+        .enumerate()
+        .for_each_init(
+            || {
+                (
+                    vec_or_unwind(T::zero(), topk, "backward scratch"),
+                    vec_or_unwind(T::zero(), topk, "backward scratch"),
+                    vec_or_unwind(T::zero(), dk, "backward scratch"),
+                    vec_or_unwind(T::zero(), dv, "backward scratch"),
+                )
+            },
+            |(sc, da, kbar, vbar), (qi, (((((dqr, ca), cg), dgam), ma), mg))| {
+                let (h, p) = (grp.hkv * g + qi / n, s - n + qi % n);
+                let qr = &grp.q[qi * dk..(qi + 1) * dk];
+                let dor = &grp.dout[qi * dv..(qi + 1) * dv];
+                let ir = &grp.idx[qi * topk..(qi + 1) * topk];
+                let gm = T::from(gamma[h]).unwrap();
+                let g2 = gm * gm;
+                let mut z = T::zero();
+                // The rows are scattered: ask for all of them before the first use.
+                for &j in ir.iter().filter(|&&j| j >= 0) {
+                    prefetch(&grp.v[j as usize * dv..(j as usize + 1) * dv]);
+                }
+                for (slot, &j) in ir.iter().enumerate() {
+                    if j < 0 {
+                        sc[slot] = T::zero();
+                        da[slot] = T::zero();
+                        continue;
+                    }
+                    let j = j as usize;
+                    sc[slot] = T::one() / (sq_dist(qr, &grp.k[j * dk..(j + 1) * dk]) + g2);
+                    z = z + sc[slot];
+                    da[slot] = dot(&grp.v[j * dv..(j + 1) * dv], dor);
+                }
+                let (mut sm, mut dam) = (T::zero(), T::zero());
+                if grp.mean_token {
+                    mean_row(grp.pk, dk, p, grp.causal, s, kbar);
+                    mean_row(grp.pv, dv, p, grp.causal, s, vbar);
+                    sm = T::one() / (sq_dist(qr, kbar) + g2);
+                    z = z + sm;
+                    dam = dot(vbar, dor);
+                }
+                let invz = T::one() / z;
+                // t = sum_j a_j da_j = o . dO
+                let mut t = sm * invz * dam;
+                for slot in 0..topk {
+                    t = t + sc[slot] * invz * da[slot];
+                }
+                let mut dgs = T::zero();
+                for (slot, &j) in ir.iter().enumerate() {
+                    if j < 0 {
+                        ca[slot] = T::zero();
+                        cg[slot] = T::zero();
+                        continue;
+                    }
+                    let j = j as usize;
+                    let ds = (da[slot] - t) * invz;
+                    let gd = -ds * sc[slot] * sc[slot];
+                    ca[slot] = sc[slot] * invz;
+                    cg[slot] = gd;
+                    dgs = dgs + gd;
+                    let kr = &grp.k[j * dk..(j + 1) * dk];
+                    for d in 0..dk {
+                        dqr[d] = dqr[d] + two * gd * (qr[d] - kr[d]);
+                    }
+                }
+                if grp.mean_token {
+                    let ds = (dam - t) * invz;
+                    let gd = -ds * sm * sm;
+                    dgs = dgs + gd;
+                    *ma = sm * invz;
+                    *mg = gd;
+                    for d in 0..dk {
+                        dqr[d] = dqr[d] + two * gd * (qr[d] - kbar[d]);
+                    }
+                }
+                *dgam = (dgs * two * gm).to_f64();
+            },
+        );
+    Ok(c)
+}
+
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    a.iter().zip(b).fold(T::zero(), |acc, (&x, &y)| acc + x * y)
+}
+
+/// For each key `j`, the flat (query * topk + slot) entries that selected it:
+/// `pairs[start[j]..start[j + 1]]`, in entry order.
+struct InverseIndex {
+    start: Vec<u32>,
+    pairs: Vec<u32>,
+}
+
+impl InverseIndex {
+    fn build(idx: &[i32], s: usize) -> Result<Self> {
+        let mut start = try_vec(0u32, s + 1, "backward inverse index")?;
+        for &j in idx {
+            if j >= 0 {
+                start[j as usize + 1] += 1;
+            }
+        }
+        for j in 0..s {
+            start[j + 1] += start[j];
+        }
+        let mut fill = try_with_capacity(s + 1, "backward inverse index")?;
+        fill.extend_from_slice(&start);
+        let mut pairs = try_vec(0u32, start[s] as usize, "backward inverse index")?;
+        for (e, &j) in idx.iter().enumerate() {
+            if j >= 0 {
+                let f = &mut fill[j as usize];
+                pairs[*f as usize] = e as u32;
+                *f += 1;
+            }
+        }
+        Ok(InverseIndex { start, pairs })
+    }
+
+    fn of(&self, j: usize) -> &[u32] {
+        &self.pairs[self.start[j] as usize..self.start[j + 1] as usize]
+    }
+}
+
+/// Pass 2, per key: dv_j = sum a dO, dk_j = sum -2 gd (q - k_j) over the pairs that
+/// selected key j.
+fn key_pass<T: Float + Real>(
+    grp: &Group<'_, T>,
+    c: &Coefs<T>,
+    inv: &InverseIndex,
+    dk_g: &mut [T],
+    dv_g: &mut [T],
+) {
+    let (dk, dv, topk) = (grp.sh.dk, grp.sh.dv, grp.topk);
+    let two = T::from(2.0).unwrap();
+    dk_g.par_chunks_mut(dk)
+        .zip(dv_g.par_chunks_mut(dv))
+        .enumerate()
+        .for_each(|(j, (dkr, dvr))| {
+            let kr = &grp.k[j * dk..(j + 1) * dk];
+            let mine = inv.of(j);
+            // The dO rows are scattered: ask for all of them before the first use.
+            for &e in mine {
+                let qi = e as usize / topk;
+                prefetch(&grp.dout[qi * dv..(qi + 1) * dv]);
+            }
+            for &e in mine {
+                let e = e as usize;
+                let qi = e / topk;
+                let (a, gd) = (c.a[e], c.gd[e]);
+                let dor = &grp.dout[qi * dv..(qi + 1) * dv];
+                for (x, &y) in dvr.iter_mut().zip(dor) {
+                    *x = *x + a * y;
+                }
+                let qr = &grp.q[qi * dk..(qi + 1) * dk];
+                for d in 0..dk {
+                    dkr[d] = dkr[d] - two * gd * (qr[d] - kr[d]);
+                }
+            }
+        });
+}
+
+/// The mean item's gradients: d mean_p / d x_j = 1/(p+1) for j <= p (causal), 1/S for all
+/// keys (non-causal); per query, d mean_k = -2 gd (q - kbar) and d mean_v = a dO.
+fn mean_token_grads<T: Float + Real>(
+    grp: &Group<'_, T>,
+    c: &Coefs<T>,
+    dk_g: &mut [T],
+    dv_g: &mut [T],
+) -> Result<()> {
+    let (dk, dv, n, s) = (grp.sh.dk, grp.sh.dv, grp.sh.n, grp.sh.s);
+    let rows = grp.q.len() / dk;
+    let two = T::from(2.0).unwrap();
+    let mut acc_k = try_vec(0.0f64, dk, "backward scratch")?;
+    let mut acc_v = try_vec(0.0f64, dv, "backward scratch")?;
+    let mut kbar = try_vec(T::zero(), dk, "backward scratch")?;
+    let mean_grads = |qi: usize, kbar: &mut [T], gk: &mut [f64], gv: &mut [f64], w: f64| {
+        mean_row(grp.pk, dk, s - n + qi % n, grp.causal, s, kbar);
+        let qr = &grp.q[qi * dk..(qi + 1) * dk];
+        let dor = &grp.dout[qi * dv..(qi + 1) * dv];
+        for d in 0..dk {
+            gk[d] += (-two * c.mean_gd[qi] * (qr[d] - kbar[d])).to_f64() * w;
+        }
+        for d in 0..dv {
+            gv[d] += (c.mean_a[qi] * dor[d]).to_f64() * w;
+        }
+    };
+    let add_row = |dk_g: &mut [T], dv_g: &mut [T], j: usize, ak: &[f64], av: &[f64]| {
+        for d in 0..dk {
+            dk_g[j * dk + d] = dk_g[j * dk + d] + T::from(ak[d]).unwrap();
+        }
+        for d in 0..dv {
+            dv_g[j * dv + d] = dv_g[j * dv + d] + T::from(av[d]).unwrap();
+        }
+    };
+    if grp.causal {
+        // Key j gets the per-query mean gradients / (p+1) of the queries at positions >= j.
+        let mut per_pos_k = try_vec(0.0f64, n * dk, "backward scratch")?;
+        let mut per_pos_v = try_vec(0.0f64, n * dv, "backward scratch")?;
+        for qi in 0..rows {
+            let i = qi % n;
+            let w = 1.0 / (s - n + i + 1) as f64;
+            let (gk, gv) = (
+                &mut per_pos_k[i * dk..(i + 1) * dk],
+                &mut per_pos_v[i * dv..(i + 1) * dv],
+            );
+            mean_grads(qi, &mut kbar, gk, gv, w);
+        }
+        for j in (0..s).rev() {
+            if j >= s - n {
+                let i = j - (s - n);
+                for d in 0..dk {
+                    acc_k[d] += per_pos_k[i * dk + d];
+                }
+                for d in 0..dv {
+                    acc_v[d] += per_pos_v[i * dv + d];
+                }
+            }
+            add_row(dk_g, dv_g, j, &acc_k, &acc_v);
+        }
+    } else {
+        let w = 1.0 / s as f64;
+        for qi in 0..rows {
+            mean_grads(qi, &mut kbar, &mut acc_k, &mut acc_v, w);
+        }
+        for j in 0..s {
+            add_row(dk_g, dv_g, j, &acc_k, &acc_v);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::tests::{reference_forward, small_case};
+    use crate::attention::{forward, tests_points as points};
+
+    /// Gradients equal central differences of the brute-force reference forward (an
+    /// independent implementation), for q, k, v and gamma: causal or not, with and without
+    /// the mean item, GQA, S > N.
+    #[test]
+    fn backward_equals_finite_differences_of_the_reference() {
+        for causal in [true, false] {
+            for mean_token in [false, true] {
+                let (sh, prm) = small_case(causal);
+                let q = points(sh.b * sh.h * sh.n * sh.dk, 7);
+                let k = points(sh.b * sh.hkv * sh.s * sh.dk, 8);
+                let v = points(sh.b * sh.hkv * sh.s * sh.dv, 9);
+                let w = points(sh.b * sh.h * sh.n * sh.dv, 10); // dL/d out
+                let gamma = vec![0.7, 1.1, 0.9, 1.4];
+                let topk = 5;
+                let opts = AttnOpts { topk, mean_token };
+                let (_, idx) = forward(&sh, &prm, &opts, &q, &k, &v, &gamma).unwrap();
+                let (dq, dk, dv, dg) =
+                    backward(&sh, &prm, &opts, &q, &k, &v, &gamma, &idx, &w).unwrap();
+                let loss = |q: &[f64], k: &[f64], v: &[f64], g: &[f64]| -> f64 {
+                    reference_forward(&sh, causal, topk, mean_token, q, k, v, g)
+                        .iter()
+                        .zip(&w)
+                        .map(|(a, b)| a * b)
+                        .sum()
+                };
+                let eps = 1e-6;
+                let fd = |x: &[f64], i: usize, f: &dyn Fn(&[f64]) -> f64| {
+                    let (mut a, mut b) = (x.to_vec(), x.to_vec());
+                    a[i] += eps;
+                    b[i] -= eps;
+                    (f(&a) - f(&b)) / (2.0 * eps)
+                };
+                let close = |got: f64, want: f64, what: &str| {
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{what}: {got} vs {want} (causal={causal}, mean={mean_token})"
+                    );
+                };
+                for i in (0..q.len()).step_by(7) {
+                    close(dq[i], fd(&q, i, &|x| loss(x, &k, &v, &gamma)), "dq");
+                }
+                for i in (0..k.len()).step_by(5) {
+                    close(dk[i], fd(&k, i, &|x| loss(&q, x, &v, &gamma)), "dk");
+                }
+                for i in (0..v.len()).step_by(9) {
+                    close(dv[i], fd(&v, i, &|x| loss(&q, &k, x, &gamma)), "dv");
+                }
+                for (i, &g) in dg.iter().enumerate() {
+                    close(g, fd(&gamma, i, &|x| loss(&q, &k, &v, x)), "dgamma");
+                }
+            }
+        }
+    }
+
+    /// Bad inputs are errors: indices out of range, topk 0, a wrong-sized grad_out.
+    #[test]
+    fn backward_rejects_bad_inputs() {
+        let (sh, prm) = small_case(true);
+        let q = points(sh.b * sh.h * sh.n * sh.dk, 1);
+        let k = points(sh.b * sh.hkv * sh.s * sh.dk, 2);
+        let v = points(sh.b * sh.hkv * sh.s * sh.dv, 3);
+        let w = points(sh.b * sh.h * sh.n * sh.dv, 4);
+        let g = [1.0; 4];
+        let opts = AttnOpts {
+            topk: 3,
+            mean_token: false,
+        };
+        let (_, idx) = forward(&sh, &prm, &opts, &q, &k, &v, &g).unwrap();
+        let mut bad = idx.clone();
+        bad[5] = sh.s as i32;
+        assert!(backward(&sh, &prm, &opts, &q, &k, &v, &g, &bad, &w).is_err());
+        let o0 = AttnOpts { topk: 0, ..opts };
+        assert!(backward(&sh, &prm, &o0, &q, &k, &v, &g, &[], &w).is_err());
+        assert!(backward(&sh, &prm, &opts, &q, &k, &v, &g, &idx, &w[1..]).is_err());
+        assert!(backward(&sh, &prm, &opts, &q, &k, &v, &g, &idx, &w).is_ok());
+    }
+}
