@@ -157,6 +157,17 @@ def test_lean_step_follows_weight_updates():
     assert (out - full).abs().max().item() <= TOL
 
 
+def test_decode_with_a_layer_built_in_inference_mode():
+    """Inference tensors have no version counter: the lean step then rebuilds its memos."""
+    with torch.inference_mode():
+        torch.manual_seed(7)
+        layer = ZetaAttention(16, 4, topk=6, chunk=4)
+        x = _x(b=1, n=12, seed=8)
+        full = layer(x)
+        out = _decode(lambda xs, c: layer(xs, cache=c), x, layer.make_cache(), [7] + [1] * 5)
+    assert (out - full).abs().max().item() <= TOL
+
+
 def test_decode_without_the_cache_extension_would_differ():
     """The oracle can fail: a cache that misses the prompt gives other outputs."""
     torch.manual_seed(3)

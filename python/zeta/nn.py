@@ -170,9 +170,9 @@ class ZetaAttention(nn.Module):
         """gamma as a float64 numpy array (H,), recomputed only when log_gamma changes
         (in-place updates bump its version): a decode step needs it every call."""
         p = self._parameters["log_gamma"]
-        key = (p._version, p.data_ptr())
+        key = _version_key(p)
         memo = self.__dict__.get("_gamma_memo")
-        if memo is None or memo[0] != key:
+        if key is None or memo is None or memo[0] != key:
             memo = (key, gamma_array(self.gamma.detach().float(), self.num_heads))
             self._gamma_memo = memo
         return memo[1]
@@ -240,9 +240,9 @@ class ZetaAttention(nn.Module):
         """q/k/v weights (and biases) stacked, rebuilt only when one of them changes (an
         in-place update bumps a tensor's version; ``.to()`` changes its storage)."""
         ts = [p[nm] for nm in ("weight", "bias") for p in params if p[nm] is not None]
-        key = [(t._version, t.data_ptr()) for t in ts]
+        key = [_version_key(t) for t in ts]
         memo = self.__dict__.get("_qkv_memo")
-        if memo is None or memo[0] != key:
+        if None in key or memo is None or memo[0] != key:
             with torch.no_grad():
                 w = torch.cat([p["weight"] for p in params], 0)
                 bias = (
@@ -284,6 +284,16 @@ class ZetaBlock(nn.Module):
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         x = x + self.attn(self.norm1(x), cache=cache)
         return x + self.mlp(self.norm2(x))
+
+
+def _version_key(t: Tensor) -> Optional[tuple]:
+    """What identifies a tensor's contents for a memo: its version counter (bumped by
+    in-place updates) and storage (changed by ``.to()``); None for an inference tensor,
+    which has no version counter (the memo is then rebuilt every call)."""
+    try:
+        return (t._version, t.data_ptr())
+    except RuntimeError:
+        return None
 
 
 def _unhooked(m: nn.Module) -> bool:

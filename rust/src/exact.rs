@@ -350,8 +350,17 @@ impl<T: Float + Real> ExactIndex<T> {
                 let first = (node - bt.leaves) * leaf;
                 let s0 = a.max(first);
                 let s1 = b.min(first + leaf);
-                level.scan_range(q, s0, s1.min(wlo).max(s0), |pos, d2| tk.push(pos, d2));
-                level.scan_range(q, whi.max(s0).min(s1), s1, |pos, d2| tk.push(pos, d2));
+                // Most keys of a leaf at the ball's edge lie outside it: a float compare
+                // with the k-th distance known now rejects them before the top-k's store
+                // (which filters again, exactly, with ties by position).
+                let r = tk.bound();
+                let mut offer = |pos: u32, d2: T| {
+                    if d2 <= r {
+                        tk.push(pos, d2)
+                    }
+                };
+                level.scan_range(q, s0, s1.min(wlo).max(s0), &mut offer);
+                level.scan_range(q, whi.max(s0).min(s1), s1, &mut offer);
                 tk.tighten_over(SLACK);
             }
         }
