@@ -469,18 +469,6 @@ pub fn exact_knn<T: Float + Real>(
     if topk == 0 {
         return Err(ZetaError::value("topk", "must be >= 1"));
     }
-    // The query order packs (code << 32 | query) with query < group * N (the backward
-    // checks the same bound on its (query, slot) pairs).
-    if sh.group() * sh.n > u32::MAX as usize {
-        return Err(ZetaError::value(
-            "q",
-            format!(
-                "(H / H_kv) * N = {} * {} queries per kv head: must be < 2^32",
-                sh.group(),
-                sh.n
-            ),
-        ));
-    }
     check_len("q", q.len(), sh.b * sh.h * sh.n * sh.dk)?;
     check_len("k", k.len(), sh.b * sh.hkv * sh.s * sh.dk)?;
     check_finite("q", q)?;

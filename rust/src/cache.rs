@@ -563,15 +563,7 @@ impl KvCache {
                 ),
             ));
         }
-        if topk == 0 {
-            return Err(ZetaError::value("topk", "must be >= 1"));
-        }
-        if gamma.len() != h || gamma.iter().any(|g| !(g.is_finite() && *g > 0.0)) {
-            return Err(ZetaError::value(
-                "gamma",
-                format!("must be {h} finite values > 0 (one per query head)"),
-            ));
-        }
+        check_topk_gamma(topk, gamma, h)?;
         if let Some(p) = first_non_finite(q) {
             return Err(ZetaError::value(
                 "q",
@@ -726,15 +718,7 @@ impl KvCache {
                 ),
             ));
         }
-        if topk == 0 {
-            return Err(ZetaError::value("topk", "must be >= 1"));
-        }
-        if gamma.len() != h || gamma.iter().any(|g| !(g.is_finite() && *g > 0.0)) {
-            return Err(ZetaError::value(
-                "gamma",
-                format!("must be {h} finite values > 0 (one per query head)"),
-            ));
-        }
+        check_topk_gamma(topk, gamma, h)?;
         if window == Some(0) || (window.is_none() && self.params.window == 0) {
             return Err(ZetaError::value("window", "must be >= 1"));
         }
@@ -978,6 +962,20 @@ impl KvCache {
                         .all(|(x, y)| x.curves == y.curves)
             }))
     }
+}
+
+/// `topk >= 1`, and one finite gamma > 0 per query head.
+fn check_topk_gamma(topk: usize, gamma: &[f64], h: usize) -> Result<()> {
+    if topk == 0 {
+        return Err(ZetaError::value("topk", "must be >= 1"));
+    }
+    if gamma.len() != h || gamma.iter().any(|g| !(g.is_finite() && *g > 0.0)) {
+        return Err(ZetaError::value(
+            "gamma",
+            format!("must be {h} finite values > 0 (one per query head)"),
+        ));
+    }
+    Ok(())
 }
 
 /// Two adjacent runs of equal size merged into one.
