@@ -233,3 +233,23 @@ def test_big_extend_in_the_pool_equals_token_by_token():
     assert big.same_contents(small)
     q = rng.standard_normal((b, 2 * hkv, 1, 3)).astype(np.float32)
     np.testing.assert_array_equal(big.attend(q, topk=8), small.attend(q, topk=8))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_pool_and_calling_thread_attends_agree(exact):
+    """A decode call with few (batch, head) rows runs on the calling thread, one with many
+    in zeta's pool: a batch of 4 sequences (8 rows, the pool) gives, bit for bit, what each
+    sequence gives alone (2 rows, the calling thread)."""
+    kw = dict(chunk=8, window=2, n_curves=2, n_sink=1)
+    q, k, v = _data("gauss", 4, 2, 2, 300, 3, 6, seed=11)
+    both = zeta.KVCache(2, 3, 6, batch=4, **kw)
+    both.extend(k[:, :, :-1], v[:, :, :-1])
+    alone = [zeta.KVCache(2, 3, 6, **kw) for _ in range(4)]
+    for i, c in enumerate(alone):
+        c.extend(k[i : i + 1, :, :-1], v[i : i + 1, :, :-1])
+    both.extend(k[:, :, -1:], v[:, :, -1:])
+    got = both.attend(q[:, :, -1:], topk=7, mean_token=True, exact=exact)
+    for i, c in enumerate(alone):
+        c.extend(k[i : i + 1, :, -1:], v[i : i + 1, :, -1:])
+        one = c.attend(q[i : i + 1, :, -1:], topk=7, mean_token=True, exact=exact)
+        np.testing.assert_array_equal(got[i : i + 1], one)
