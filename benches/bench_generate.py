@@ -57,7 +57,8 @@ MODEL = dict(
 )
 CONTEXTS, CONTEXTS_QUICK = [16384, 65536, 262144], [4096, 16384]
 STEPS = 32
-PIECE = 8192  # prefill tokens per forward call
+PIECE = 32768  # prefill tokens per forward call (8192: 6.4 s for 262k tokens, 32768: 4.6 s; each
+# multi-token call rebuilds the index over the whole cache for its queries)
 GOAL_CONTEXT, GOAL_X = 262144, 50.0
 
 
@@ -240,14 +241,17 @@ def report(rows: List[Dict[str, Any]], suite: str, quick: bool, extra: Dict[str,
         },
     )
     rep["results"] = rows
-    big = [r for r in rows if r["context"] >= GOAL_CONTEXT]
-    x = big[0]["speedup"] if big else None
+    at = [r for r in rows if r["context"] == GOAL_CONTEXT]
+    x = at[0]["speedup"] if at else None
+    ran = ", ".join(f"{r['context']:,}: {fmt_x(r['speedup'])}" for r in rows)
     rep["goals"] = {
         "decode_speedup_256k": goal(
             f"per-token decode >= {GOAL_X:.0f}x faster than dense at {GOAL_CONTEXT:,} tokens",
             x,
             None if x is None else x >= GOAL_X,
-            "whole-model latency, same run",
+            "whole-model latency, same run"
+            if at
+            else f"not run at {GOAL_CONTEXT:,} tokens (ran at {ran})",
         )
     }
     return rep
