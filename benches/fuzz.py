@@ -181,7 +181,12 @@ def use_loaded(c: Any, r: random.Random, tmp: str) -> None:
             .standard_normal((c.batch, c.num_kv_heads, min(n, r.randint(1, 3)), c.key_dim))
             .astype(np.float32)
         )
-        c.attend(q, topk=r.choice([1, 4, 2**40]), mean_token=r.random() < 0.5)
+        c.attend(
+            q,
+            topk=r.choice([1, 4, 2**40]),
+            mean_token=r.random() < 0.5,
+            exact=r.random() < 0.5,
+        )
     k = np.ones((c.batch, c.num_kv_heads, 2, c.key_dim), np.float32)
     v = np.ones((c.batch, c.num_kv_heads, 2, c.value_dim), np.float32)
     c.extend(k, v)
@@ -397,6 +402,27 @@ def api_case(r: random.Random) -> Tuple[str, Callable[[], None]]:
                     array(d, shape4(d, c.batch, c.num_kv_heads, t, c.key_dim)),
                     array(d, shape4(d, c.batch, c.num_kv_heads, t, c.value_dim)),
                 )
+            elif r.random() < 0.25:
+                # The fused decode call ZetaAttention makes (private: the layer hands it a
+                # contiguous float32 (B, T, W) array and ints, so only shapes and values vary).
+                sizes = [x for x in EDGE_INT if 0 <= x < 2**63]  # a layer's head count: 64 bits
+                hq = c.num_kv_heads * r.randint(1, 2) if not d.wrong(0.2) else r.choice(sizes)
+                small = 0 <= hq <= 64
+                w = ((hq if small else 1) + c.num_kv_heads) * c.key_dim
+                w += c.num_kv_heads * c.value_dim + (r.choice([-1, 1]) if d.wrong(0.2) else 0)
+                g = np.random.default_rng(r.getrandbits(32))
+                qkv = g.standard_normal((c.batch, t, w)).astype(np.float32)
+                if d.wrong(0.15) and qkv.size:
+                    qkv.flat[r.randrange(qkv.size)] = r.choice([np.nan, np.inf])
+                c._c.decode_packed(
+                    qkv,
+                    hq,
+                    r.choice([1, 4, 2**40]),
+                    np.full(hq if small else 1, 0.9),
+                    r.random() < 0.3,
+                    r.choice([None, 1, 4, 2**40]),
+                    r.random() < 0.3,
+                )
             else:
                 hq = c.num_kv_heads * r.randint(1, 2)
                 c.attend(
@@ -404,6 +430,7 @@ def api_case(r: random.Random) -> Tuple[str, Callable[[], None]]:
                     topk=some_int(d, 1, 12),
                     mean_token=r.random() < 0.3,
                     gamma=r.choice([1.0, 0.5]) if not d.wrong(0.2) else -1.0,
+                    exact=r.random() < 0.3 if not d.wrong(0.1) else "yes",
                 )
 
     return fn, go
@@ -551,7 +578,8 @@ def main(argv: List[str]) -> int:
     for d, u in unnamed.items():
         print(f"  message without an argument name x{u['count']} ({u['kind']}): {d}")
     if not a.no_save:
-        from zeta.benchmarks import machine_tag
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _common import machine_tag
 
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

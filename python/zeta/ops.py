@@ -7,6 +7,7 @@ v (B, H_kv, S, d_v); H % H_kv == 0 (GQA); with S > N the queries are the last N 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -70,6 +71,12 @@ def _np_float(a: np.ndarray) -> np.ndarray:
 
 def _no_neighbours(q: Any, shape: Tuple[int, ...]):
     """knn's answer when there is nothing to search: every slot missing (-1 / +inf)."""
+    total = math.prod(shape)
+    if total * 8 > 2**62:  # numpy/torch would fail with a message that names no argument
+        raise MemoryError(
+            f"topk: {shape[-1]} slots for each of {math.prod(shape[:-1])} queries: "
+            f"{total:,} results do not fit in memory"
+        )
     if is_torch(q):
         import torch
 
@@ -141,7 +148,7 @@ def knn(
         inputs (B, H or N = 0) give empty outputs; no keys (S = 0) gives only missing slots.
     """
     kind, device, dtype = _kind([q, k], ["q", "k"])
-    topk = _topk(topk)
+    topk = _topk(topk, slots=True)
     b, h, _, n, s, _, _ = check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal)
     p = index_params(
         q.shape[-1],
@@ -162,11 +169,15 @@ def knn(
     return be.knn(q, k, topk, p)
 
 
-def _topk(topk: Any) -> int:
+def _topk(topk: Any, *, slots: bool = False) -> int:
+    """topk checked: an int >= 1. ``slots``: it sizes an output (knn's (B, H, N, topk)),
+    so a value no buffer could hold is refused here rather than deep in an allocator."""
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
         raise TypeError(f"topk: expected an int, got {type(topk).__name__}")
     if topk < 1:
         raise ValueError(f"topk: must be >= 1, got {topk}")
+    if slots and topk > 2**62:
+        raise ValueError(f"topk: {topk} result slots per query is more than any memory holds")
     return int(topk)
 
 
@@ -277,7 +288,7 @@ def exact_knn(q: Any, k: Any, topk: int, *, causal: bool = True):
     Same shapes, tie rule and padding as :func:`knn`. Runs in Rust on the CPU.
     """
     kind, _device, _dtype = _kind([q, k], ["q", "k"])
-    topk = _topk(topk)
+    topk = _topk(topk, slots=True)
     b, h, _, n, s, _, _ = check_qkv_shapes(tuple(q.shape), tuple(k.shape), causal=causal)
     if b * h * n == 0 or s == 0:
         return _no_neighbours(q, (b, h, n, topk))

@@ -707,7 +707,11 @@ impl KvCache {
                 format!("{h} query heads are not a multiple of the cache's {hkv} kv heads"),
             ));
         }
-        let w = (h + hkv) * dk + hkv * dv;
+        let w = h
+            .checked_add(hkv)
+            .and_then(|x| x.checked_mul(dk))
+            .and_then(|x| x.checked_add(hkv * dv))
+            .ok_or_else(|| ZetaError::value("num_heads", format!("{h} heads is too many")))?;
         if t == 0 || qkv.len() != numel(&[b, t, w], "qkv")? {
             return Err(ZetaError::value(
                 "qkv",
@@ -722,6 +726,7 @@ impl KvCache {
         if window == Some(0) || (window.is_none() && self.params.window == 0) {
             return Err(ZetaError::value("window", "must be >= 1"));
         }
+        // qkv holds b*t*w >= each of these: no overflow below.
         let mut q = try_vec(0.0f32, b * h * t * dk, "decode queries")?;
         let mut k = try_vec(0.0f32, b * hkv * t * dk, "decode keys")?;
         let mut v = try_vec(0.0f32, b * hkv * t * dv, "decode values")?;
