@@ -253,3 +253,24 @@ def test_pool_and_calling_thread_attends_agree(exact):
         c.extend(k[i : i + 1, :, -1:], v[i : i + 1, :, -1:])
         one = c.attend(q[i : i + 1, :, -1:], topk=7, mean_token=True, exact=exact)
         np.testing.assert_array_equal(got[i : i + 1], one)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 16])
+def test_multi_token_attends_across_many_counter_merges(chunk, exact):
+    """Extends of random sizes, each followed by an attend of all its tokens: the runs
+    those queries need are cut out of the counter's bigger runs or merged for the call;
+    the outputs equal one parallel call over the whole sequence."""
+    kw = dict(chunk=chunk, window=2, n_curves=2, n_sink=1)
+    t = 1500
+    q, k, v = _data("gauss", 1, 4, 2, t, 3, 3, seed=12 + chunk)
+    full = zeta.attention(q, k, v, topk=5, gamma=0.9, exact=exact, mean_token=True, **kw)
+    cache = zeta.KVCache(2, 3, 3, **kw)
+    rng = np.random.default_rng(chunk)
+    at = 0
+    while at < t:
+        n = int(min(t - at, rng.choice([1, 2, 7, 40, 129, 300])))
+        cache.extend(k[:, :, at : at + n], v[:, :, at : at + n])
+        got = cache.attend(q[:, :, at : at + n], topk=5, gamma=0.9, exact=exact, mean_token=True)
+        np.testing.assert_allclose(got, full[:, :, at : at + n], rtol=0, atol=TOL)
+        at += n

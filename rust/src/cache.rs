@@ -11,19 +11,22 @@
 //! O(log T) per token; `attend` for the newest token searches every run plus the tail.
 //!
 //! Queries that lie in an older chunk than the tail (a multi-token `attend` that spans
-//! chunks, e.g. a prefill) need runs the counter has merged away; for those the cache
-//! builds the full merge-sort tree over its keys for that call (O(T log T)).
+//! chunks, e.g. a prefill) need the runs of their own chunk index, which the counter has
+//! merged on; the call makes those from the counter's runs (cut out of a run that contains
+//! them, or merged from halves), so its work grows with the new tokens, not the cache.
 use crate::error::{numel, probe_bytes, try_vec, try_with_capacity, Result, ZetaError};
-use crate::exact::{search_runs, BoxTree, ExactIndex, Scratch, LEAF as EXACT_LEAF};
+use crate::exact::{search_runs, BoxTree, Scratch, LEAF as EXACT_LEAF};
 use crate::index::{
     fence_of, gather_coords, merge_into, offer_own_and_sinks, offer_rows, prefetch, sorted_entries,
-    sq_dist, KeyIndex, Params, Probe, ProbeList, RunView, TopK,
+    sq_dist, unpack_pos, Params, Probe, ProbeList, RunView, TopK,
 };
 use crate::quantize::{first_non_finite, Grid};
 use crate::score::{combine, ValueRows};
 use half::{bf16, f16};
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::ops::Range;
 use std::path::Path;
 
 /// Storage of values.
@@ -589,34 +592,38 @@ impl KvCache {
         }
         let prm = &prm;
         let first = s - tq;
-        // Fast path: every query in the tail chunk sees exactly the counter's runs; older
-        // queries need the full index (built per call, in parallel).
-        let needs_full = first / chunk < self.groups[0].indexed_chunks;
+        // Fast path: every query in the tail chunk sees exactly the counter's runs. Queries
+        // in older chunks (a multi-token attend spanning chunks) need the runs of their own
+        // chunk index, made for the call from the counter's runs (see `Group::runs_for`).
+        let (c_lo, c_hi) = (first / chunk, (s - 1) / chunk);
+        let needs_more = c_lo < self.groups[0].indexed_chunks;
         let n_queries = self.groups.len() * grp * tq;
-        let parallel = needs_full || n_queries >= PARALLEL_MIN_QUERIES;
+        let parallel = needs_more || n_queries >= PARALLEL_MIN_QUERIES;
         // No more than s distinct keys can be kept, whatever topk asks for. Exact search
         // offers each position once; the window search once per curve (and sinks).
         let mult = if exact { 1 } else { prm.multiplicity() };
         let init = || (TopK::new(topk.min(s), mult), Vec::new(), Scratch::default());
-        // Exact search over older chunks: curve 0 alone, no sinks (the scan covers them).
-        let p1 = Params {
-            n_curves: 1,
-            n_sink: 0,
-            ..*prm
-        };
         let one_group = |gi: usize, out_g: &mut [f32]| -> Result<()> {
             let g = &self.groups[gi];
             let (b, hkv) = (gi / self.kv_heads, gi % self.kv_heads);
-            let full = if needs_full {
-                let ix = KeyIndex::build(&g.keys, dk, if exact { &p1 } else { prm })?;
-                let ex = if exact {
-                    Some(ExactIndex::build(&ix)?)
-                } else {
-                    None
-                };
-                Some((ix, ex))
+            let made = if needs_more {
+                g.runs_for(c_lo, c_hi, chunk, dk)?
             } else {
-                None
+                HashMap::new()
+            };
+            // Per query chunk: its runs (high level first) and where its own chunk starts.
+            let counter: Vec<&Run> = g.runs.iter().collect();
+            let lists: Vec<Vec<&Run>> = if needs_more {
+                (c_lo..=c_hi)
+                    .map(|c| {
+                        decomposition(c)
+                            .map(|key| g.run_at(key).or_else(|| made.get(&key)))
+                            .collect::<Option<Vec<&Run>>>()
+                            .ok_or_else(|| ZetaError::Internal("a run was not made".into()))
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                Vec::new()
             };
             // Means at positions >= first: total minus the keys after p.
             let (kbar, vbar) = if mean_token {
@@ -630,16 +637,19 @@ impl KvCache {
                 let hq = hkv * grp + hl;
                 let qr = &q[((b * h + hq) * tq + i) * dk..][..dk];
                 let p = first + i;
+                let (runs, own) = if needs_more {
+                    let c = p / chunk;
+                    (&lists[c - c_lo][..], c * chunk..p + 1)
+                } else {
+                    (&counter[..], g.indexed_chunks * chunk..p + 1)
+                };
                 tk.clear();
-                match &full {
-                    Some((ix, Some(ex))) => ex.search(ix, qr, p, &g.keys, tk, sc),
-                    Some((ix, None)) => {
-                        ix.for_each_candidate(qr, p, &g.keys, |pos, d2| tk.push(pos, d2))
-                    }
-                    None if exact => g.exact_candidates(&self.grids[0], prm, qr, p, tk, sc),
-                    None => {
-                        g.for_each_candidate(&self.grids, prm, qr, p, |pos, d2| tk.push(pos, d2))
-                    }
+                if exact {
+                    g.exact_candidates(runs, own, &self.grids[0], prm, qr, tk, sc)
+                } else {
+                    g.for_each_candidate(runs, own, &self.grids, prm, qr, p, |pos, d2| {
+                        tk.push(pos, d2)
+                    })
                 }
                 tk.drain_sorted(cands);
                 let g2 = (gamma[hq] * gamma[hq]) as f32;
@@ -983,6 +993,45 @@ fn check_topk_gamma(topk: usize, gamma: &[f64], h: usize) -> Result<()> {
     Ok(())
 }
 
+/// The runs (level, first chunk) a query in chunk `c` searches: the binary decomposition of
+/// chunks `0..c`, the largest first (the parallel index's runs for that chunk).
+fn decomposition(c: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut start = 0usize;
+    (0..usize::BITS as usize).rev().filter_map(move |l| {
+        if (c >> l) & 1 == 1 {
+            let key = (l, start);
+            start += 1 << l;
+            Some(key)
+        } else {
+            None
+        }
+    })
+}
+
+/// The run of chunks `first..end` cut out of `r`, which contains them: its entries at those
+/// positions (filtering keeps the sort order).
+fn cut_run(r: &Run, first: usize, end: usize, chunk: usize, dk: usize) -> Result<Run> {
+    let (lo, hi) = (first * chunk, end * chunk);
+    let mut curves = try_with_capacity(r.curves.len(), "KV cache runs")?;
+    for (e, c, _) in &r.curves {
+        let n = e
+            .iter()
+            .filter(|&&x| (lo..hi).contains(&(unpack_pos(x) as usize)))
+            .count();
+        let mut ne = try_with_capacity(n, "KV cache run entries")?;
+        let mut nc = try_with_capacity(n * dk, "KV cache run coordinates")?;
+        for (x, xc) in e.iter().zip(c.chunks_exact(dk)) {
+            if (lo..hi).contains(&(unpack_pos(*x) as usize)) {
+                ne.push(*x);
+                nc.extend_from_slice(xc);
+            }
+        }
+        let fe = fence_of(&ne)?;
+        curves.push((ne, nc, fe));
+    }
+    Run::new(end - first, curves, dk)
+}
+
 /// Two adjacent runs of equal size merged into one.
 fn merge_runs(a: &Run, b: &Run, keys: &[f32], dk: usize) -> Result<Run> {
     let mut curves = try_with_capacity(a.curves.len(), "KV cache runs")?;
@@ -1079,10 +1128,14 @@ impl Group {
         Run::new(1, curves, dk)
     }
 
-    /// Candidates of a query at position `p` in the tail chunk (same set as the parallel
-    /// index: the counter's runs are the binary decomposition of the tail's chunk index).
+    /// Candidates of a query at position `p`: the window of every run of `runs` (the binary
+    /// decomposition of p's chunk index, as in the parallel index), its own chunk `own`
+    /// (`..= p`) and the sinks.
+    #[allow(clippy::too_many_arguments)]
     fn for_each_candidate(
         &self,
+        runs: &[&Run],
+        own: Range<usize>,
         grids: &[Grid],
         prm: &Params,
         q: &[f32],
@@ -1092,7 +1145,7 @@ impl Group {
         let mut probes = ProbeList::new();
         for (ci, g) in grids.iter().enumerate() {
             let qcode = g.code(q) as u32;
-            for r in &self.runs {
+            for r in runs {
                 let (e, c, fe) = &r.curves[ci];
                 let run = RunView {
                     entries: e,
@@ -1103,23 +1156,24 @@ impl Group {
             }
         }
         probes.flush(q, prm.window, &mut f);
-        let own = self.indexed_chunks * prm.chunk..p + 1;
         offer_own_and_sinks(q, &self.keys, own, prm.n_sink, p, &mut f);
     }
 
-    /// The exact top-k candidates of a query at position `p` in the tail chunk: the
-    /// brute-force answer over positions 0..=p (see [`crate::exact::search_runs`]).
+    /// The exact top-k candidates of a query whose runs are `runs` and own chunk `own`: the
+    /// brute-force answer over positions `..= own.end - 1` (see
+    /// [`crate::exact::search_runs`]).
+    #[allow(clippy::too_many_arguments)]
     fn exact_candidates(
         &self,
+        runs: &[&Run],
+        own: Range<usize>,
         grid0: &Grid,
         prm: &Params,
         q: &[f32],
-        p: usize,
         tk: &mut TopK<f32>,
         sc: &mut Scratch<f32>,
     ) {
-        let runs: Vec<(RunView<'_, f32>, &BoxTree<f32>)> = self
-            .runs
+        let views: Vec<(RunView<'_, f32>, &BoxTree<f32>)> = runs
             .iter()
             .map(|r| {
                 let (e, c, fe) = &r.curves[0];
@@ -1132,10 +1186,82 @@ impl Group {
             })
             .collect();
         let own = |tk: &mut TopK<f32>| {
-            let rows = self.indexed_chunks * prm.chunk..p + 1;
-            offer_rows(q, &self.keys, rows, &mut |pos, d2| tk.push(pos, d2));
+            offer_rows(q, &self.keys, own, &mut |pos, d2| tk.push(pos, d2));
         };
-        search_runs(&runs, grid0.code(q) as u32, q, prm.window, own, tk, sc);
+        search_runs(&views, grid0.code(q) as u32, q, prm.window, own, tk, sc);
+    }
+
+    /// The counter's run covering chunks `start .. start + 2^l`, if it has that one.
+    fn run_at(&self, (l, start): (usize, usize)) -> Option<&Run> {
+        let mut at = 0;
+        for r in &self.runs {
+            if at == start {
+                return (r.n_chunks == 1 << l).then_some(r);
+            }
+            at += r.n_chunks;
+            if at > start {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// The runs that the queries of chunks `c_lo..=c_hi` search and the counter does not hold
+    /// (the counter holds the decomposition of its own chunk count only), keyed by
+    /// (level, first chunk). A run inside one of the counter's runs is cut out of it (its
+    /// entries filtered by position: still sorted), any other is merged from its halves
+    /// (single chunks sorted at the bottom): work linear in what is made, no full rebuild.
+    fn runs_for(
+        &self,
+        c_lo: usize,
+        c_hi: usize,
+        chunk: usize,
+        dk: usize,
+    ) -> Result<HashMap<(usize, usize), Run>> {
+        let mut made = HashMap::new();
+        for c in c_lo..=c_hi {
+            for key in decomposition(c) {
+                self.make_run(key, chunk, dk, &mut made)?;
+            }
+        }
+        Ok(made)
+    }
+
+    fn make_run(
+        &self,
+        (l, start): (usize, usize),
+        chunk: usize,
+        dk: usize,
+        made: &mut HashMap<(usize, usize), Run>,
+    ) -> Result<()> {
+        if made.contains_key(&(l, start)) || self.run_at((l, start)).is_some() {
+            return Ok(());
+        }
+        let end = start + (1 << l);
+        // A counter run that contains it: cut it out.
+        let mut at = 0;
+        for r in &self.runs {
+            if at <= start && end <= at + r.n_chunks {
+                let run = cut_run(r, start, end, chunk, dk)?;
+                made.insert((l, start), run);
+                return Ok(());
+            }
+            at += r.n_chunks;
+        }
+        let run = if l == 0 {
+            self.chunk_run(start * chunk, end * chunk, dk)?
+        } else {
+            let half = 1 << (l - 1);
+            self.make_run((l - 1, start), chunk, dk, made)?;
+            self.make_run((l - 1, start + half), chunk, dk, made)?;
+            let get = |key| self.run_at(key).or_else(|| made.get(&key));
+            match (get((l - 1, start)), get((l - 1, start + half))) {
+                (Some(a), Some(b)) => merge_runs(a, b, &self.keys, dk)?,
+                _ => return Err(ZetaError::Internal("a half run was not made".into())),
+            }
+        };
+        made.insert((l, start), run);
+        Ok(())
     }
 
     /// Means of keys and values over positions 0..=p for p in first..s, rows (p - first).
