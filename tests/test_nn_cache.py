@@ -128,6 +128,19 @@ def test_hooked_or_replaced_projection_takes_the_module_path():
     hook.remove()
     assert seen == [9] + [1] * 16  # the hook saw every call
     assert (out - full).abs().max().item() <= TOL
+    # a hook on every module (register_module_forward_hook) sees the projections too
+    names = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: names.append(type(m).__name__)
+    )
+    try:
+        out = _decode(
+            lambda xs, c: layer(xs, cache=c), x[:, :10], layer.make_cache(batch=2), [9, 1]
+        )
+    finally:
+        hook.remove()
+    assert names.count("Linear") == 2 * 4
+    assert (out - full[:, :10]).abs().max().item() <= TOL
 
     class Scaled(torch.nn.Linear):  # a subclass may compute something else: not "plain"
         def forward(self, x):

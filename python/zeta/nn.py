@@ -210,13 +210,15 @@ class ZetaAttention(nn.Module):
         """The cache path of :meth:`forward`: one fused q/k/v projection, one core call
         (append, then attend) and no submodule calls, since a one-token step of a small model
         is dominated by per-call overhead (``benches/bench_generate.py``). Returns None when a
-        projection is not a plain, unhooked ``nn.Linear``; :meth:`forward` then takes the
-        module-by-module path (same result)."""
+        projection is not a plain, unhooked ``nn.Linear`` or a global module hook exists;
+        :meth:`forward` then takes the module-by-module path (same result)."""
         m = self._modules
         qp, kp, vp, op = m["q_proj"], m["k_proj"], m["v_proj"], m["out_proj"]
         for lin in (qp, kp, vp, op):
             if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
                 return None
+        if _global_hooks():
+            return None
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x: expected (B, N, {self.embed_dim}), got {tuple(x.shape)}")
         self._check_cache(cache, x)
