@@ -26,6 +26,47 @@ use crate::topk::TopK;
 use num_traits::Float;
 use rayon::prelude::*;
 
+/// `$body` with the const `$D` set to the key dimension `$d` (1..=8, which the callers' shape
+/// checks guarantee): one monomorphised search per dimension.
+macro_rules! by_dim {
+    ($d:expr, $D:ident => $body:expr) => {
+        match $d {
+            1 => {
+                const $D: usize = 1;
+                $body
+            }
+            2 => {
+                const $D: usize = 2;
+                $body
+            }
+            3 => {
+                const $D: usize = 3;
+                $body
+            }
+            4 => {
+                const $D: usize = 4;
+                $body
+            }
+            5 => {
+                const $D: usize = 5;
+                $body
+            }
+            6 => {
+                const $D: usize = 6;
+                $body
+            }
+            7 => {
+                const $D: usize = 7;
+                $body
+            }
+            _ => {
+                const $D: usize = 8;
+                $body
+            }
+        }
+    };
+}
+
 /// Boxes of the `leaf`-entry blocks of one level: node 1 is the root, node `i` has
 /// children `2i` and `2i + 1`, leaf `b` (block `b`) is node `leaves + b`. A node stores its
 /// box as `lo[0..dk], hi[0..dk]`; nodes past the last block hold an empty box.
@@ -209,16 +250,7 @@ impl<T: Float + Real> ExactIndex<T> {
         sc: &mut Scratch<T>,
     ) {
         let st = &mut sc.stack;
-        match q.len() {
-            1 => self.search_d::<1>(ix, q, p, k, tk, st),
-            2 => self.search_d::<2>(ix, q, p, k, tk, st),
-            3 => self.search_d::<3>(ix, q, p, k, tk, st),
-            4 => self.search_d::<4>(ix, q, p, k, tk, st),
-            5 => self.search_d::<5>(ix, q, p, k, tk, st),
-            6 => self.search_d::<6>(ix, q, p, k, tk, st),
-            7 => self.search_d::<7>(ix, q, p, k, tk, st),
-            _ => self.search_d::<8>(ix, q, p, k, tk, st),
-        }
+        by_dim!(q.len(), D => self.search_d::<D>(ix, q, p, k, tk, st))
     }
 
     fn search_d<const D: usize>(
@@ -382,16 +414,7 @@ pub fn search_runs<T: Float + Real>(
     tk: &mut TopK<T>,
     sc: &mut Scratch<T>,
 ) {
-    match q.len() {
-        1 => search_runs_d::<T, 1>(runs, qcode, q, window, own, tk, sc),
-        2 => search_runs_d::<T, 2>(runs, qcode, q, window, own, tk, sc),
-        3 => search_runs_d::<T, 3>(runs, qcode, q, window, own, tk, sc),
-        4 => search_runs_d::<T, 4>(runs, qcode, q, window, own, tk, sc),
-        5 => search_runs_d::<T, 5>(runs, qcode, q, window, own, tk, sc),
-        6 => search_runs_d::<T, 6>(runs, qcode, q, window, own, tk, sc),
-        7 => search_runs_d::<T, 7>(runs, qcode, q, window, own, tk, sc),
-        _ => search_runs_d::<T, 8>(runs, qcode, q, window, own, tk, sc),
-    }
+    by_dim!(q.len(), D => search_runs_d::<T, D>(runs, qcode, q, window, own, tk, sc))
 }
 
 fn search_runs_d<T: Float + Real, const D: usize>(
