@@ -613,18 +613,18 @@ impl KvCache {
             };
             // Per query chunk: its runs (high level first) and where its own chunk starts.
             let counter: Vec<&Run> = g.runs.iter().collect();
-            let lists: Vec<Vec<&Run>> = if needs_more {
-                (c_lo..=c_hi)
-                    .map(|c| {
-                        decomposition(c)
-                            .map(|key| g.run_at(key).or_else(|| made.get(&key)))
-                            .collect::<Option<Vec<&Run>>>()
-                            .ok_or_else(|| ZetaError::Internal("a run was not made".into()))
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                Vec::new()
-            };
+            let mut lists: Vec<Vec<&Run>> = Vec::new();
+            if needs_more {
+                // One list per query chunk (at most one run per bit of the chunk index).
+                lists = try_with_capacity(c_hi - c_lo + 1, "attend run lists")?;
+                for c in c_lo..=c_hi {
+                    let list = decomposition(c)
+                        .map(|key| g.run_at(key).or_else(|| made.get(&key)))
+                        .collect::<Option<Vec<&Run>>>()
+                        .ok_or_else(|| ZetaError::Internal("a run was not made".into()))?;
+                    lists.push(list);
+                }
+            }
             // Means at positions >= first: total minus the keys after p.
             let (kbar, vbar) = if mean_token {
                 g.suffix_means(first, s, dk, dv)?
@@ -1243,6 +1243,7 @@ impl Group {
         for r in &self.runs {
             if at <= start && end <= at + r.n_chunks {
                 let run = cut_run(r, start, end, chunk, dk)?;
+                made.try_reserve(1).map_err(oom("KV cache runs", 1))?;
                 made.insert((l, start), run);
                 return Ok(());
             }
@@ -1260,6 +1261,7 @@ impl Group {
                 _ => return Err(ZetaError::Internal("a half run was not made".into())),
             }
         };
+        made.try_reserve(1).map_err(oom("KV cache runs", 1))?;
         made.insert((l, start), run);
         Ok(())
     }

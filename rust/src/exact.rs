@@ -21,51 +21,11 @@
 //! Perf notes: see [`ExactIndex::search`].
 use crate::error::{numel, try_vec, Result};
 use crate::index::{offer_rows, scan_probes_ranges, CurveTree, KeyIndex, Probe, RunView, FENCE};
+use crate::morton::with_dims;
 use crate::quantize::Real;
 use crate::topk::TopK;
 use num_traits::Float;
 use rayon::prelude::*;
-
-/// `$body` with the const `$D` set to the key dimension `$d` (1..=8, which the callers' shape
-/// checks guarantee): one monomorphised search per dimension.
-macro_rules! by_dim {
-    ($d:expr, $D:ident => $body:expr) => {
-        match $d {
-            1 => {
-                const $D: usize = 1;
-                $body
-            }
-            2 => {
-                const $D: usize = 2;
-                $body
-            }
-            3 => {
-                const $D: usize = 3;
-                $body
-            }
-            4 => {
-                const $D: usize = 4;
-                $body
-            }
-            5 => {
-                const $D: usize = 5;
-                $body
-            }
-            6 => {
-                const $D: usize = 6;
-                $body
-            }
-            7 => {
-                const $D: usize = 7;
-                $body
-            }
-            _ => {
-                const $D: usize = 8;
-                $body
-            }
-        }
-    };
-}
 
 /// Boxes of the `leaf`-entry blocks of one level: node 1 is the root, node `i` has
 /// children `2i` and `2i + 1`, leaf `b` (block `b`) is node `leaves + b`. A node stores its
@@ -250,7 +210,7 @@ impl<T: Float + Real> ExactIndex<T> {
         sc: &mut Scratch<T>,
     ) {
         let st = &mut sc.stack;
-        by_dim!(q.len(), D => self.search_d::<D>(ix, q, p, k, tk, st))
+        with_dims!(q.len(), D => self.search_d::<D>(ix, q, p, k, tk, st))
     }
 
     fn search_d<const D: usize>(
@@ -414,7 +374,7 @@ pub fn search_runs<T: Float + Real>(
     tk: &mut TopK<T>,
     sc: &mut Scratch<T>,
 ) {
-    by_dim!(q.len(), D => search_runs_d::<T, D>(runs, qcode, q, window, own, tk, sc))
+    with_dims!(q.len(), D => search_runs_d::<T, D>(runs, qcode, q, window, own, tk, sc))
 }
 
 fn search_runs_d<T: Float + Real, const D: usize>(
