@@ -40,6 +40,7 @@ from .cache import KVCache  # noqa: E402
 from .nn import (  # noqa: E402
     ZetaAttention,
     _global_hooks,
+    _plain,
     load_caches,
     make_caches,
     save_caches,
@@ -139,7 +140,7 @@ class ZetaConfig(_PretrainedConfig):
             n_sink=self.n_sink,
             mean_token=self.mean_token,
             bits=self.bits,
-            exact=bool(getattr(self, "exact", False)),
+            exact=bool(self.exact),
         )
 
 
@@ -241,12 +242,6 @@ class ZetaDecoderLayer(nn.Module):
         h = F.linear(_layer_norm(norm2, x), p1["weight"], p1["bias"])
         h = F.linear(F.gelu(h, approximate=act.approximate), p2["weight"], p2["bias"])
         return x + h, new_state
-
-
-def _plain(m: Any, cls: type) -> bool:
-    """``m`` is exactly a ``cls`` (not a subclass that may compute something else) and has no
-    forward hooks: a lean path may then do its work without calling it."""
-    return type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks)
 
 
 def _shape_of(x: Any) -> str:

@@ -214,10 +214,7 @@ class ZetaAttention(nn.Module):
         :meth:`forward` then takes the module-by-module path (same result)."""
         m = self._modules
         qp, kp, vp, op = m["q_proj"], m["k_proj"], m["v_proj"], m["out_proj"]
-        for lin in (qp, kp, vp, op):
-            if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
-                return None
-        if _global_hooks():
+        if not all(_plain(lin, nn.Linear) for lin in (qp, kp, vp, op)) or _global_hooks():
             return None
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x: expected (B, N, {self.embed_dim}), got {tuple(x.shape)}")
@@ -298,9 +295,10 @@ def _version_key(t: Tensor) -> Optional[tuple]:
         return None
 
 
-def _unhooked(m: nn.Module) -> bool:
-    """No forward hooks on ``m`` (a fast path that skips ``m(...)`` must not skip them)."""
-    return not (m._forward_hooks or m._forward_pre_hooks)
+def _plain(m: Any, cls: type) -> bool:
+    """``m`` is exactly a ``cls`` (not a subclass that may compute something else) and has no
+    forward hooks: a lean path may then do its work without calling it."""
+    return type(m) is cls and not (m._forward_hooks or m._forward_pre_hooks)
 
 
 def _global_hooks() -> bool:
