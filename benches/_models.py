@@ -416,7 +416,9 @@ def make_parser(doc: str, quick: dict, full: dict, name: str):
     p.add_argument("--n-sink", type=int, default=0)
     p.add_argument("--mean-token", action="store_true")
     p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--window", type=int, default=0, help="index window (0: zeta's default, = topk)")
+    p.add_argument(
+        "--window", type=int, default=0, help="index window (0: zeta's default, 4 * topk)"
+    )
     p.add_argument(
         "--out", default=None, help=f"result file stem (default {name}-<machine>-<date>)"
     )

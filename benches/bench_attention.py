@@ -4,7 +4,9 @@ Usage: python benches/bench_attention.py [--quick] [--out DIR]
 
 B=1, H=8, d_k=3, d_v=64, topk=32, float32, causal; N = 4k..128k (quick: 4k..16k). SDPA runs
 with head dim 64 (for q, k and v, same H) up to N=32k (forward) and 16k (forward+backward).
-The forward with exact search (``exact=True``) runs at N=32k (quick: 16k) in the same run.
+"zeta" is ``zeta.attention``'s defaults (2 curves, window 4 * topk: recall@32 ~0.94). The
+forward with exact search (``exact=True``) and with 1 curve, window 32 (the fast approximate
+setting, the defaults before: recall@32 ~0.56) run at N=32k (quick: 16k) in the same run.
 Each config runs in a fresh subprocess (this script with ``--worker``): the time is the
 median of repeats, the memory the peak RSS increase per call (``ru_maxrss`` delta; the Rust
 allocations are invisible to tracemalloc).
@@ -66,7 +68,7 @@ def _attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str, An
 
     def make(nn: int):
         rng = np.random.default_rng(SEED + nn)
-        if method in ("zeta", "zeta_exact"):
+        if method.startswith("zeta"):
             shapes = [(1, ATTN_H, nn, DK), (1, ATTN_H, nn, DK), (1, ATTN_H, nn, ATTN_DV)]
         else:
             shapes = [(1, ATTN_H, nn, ATTN_DV)] * 3
@@ -84,6 +86,8 @@ def _attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str, An
             out = zeta.attention(*ts, topk=TOPK, causal=True)
         elif method == "zeta_exact":
             out = zeta.attention(*ts, topk=TOPK, causal=True, exact=True)
+        elif method == "zeta_1c":
+            out = zeta.attention(*ts, topk=TOPK, causal=True, n_curves=1, window=TOPK)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(*ts, is_causal=True)
         if mode == "fwdbwd":
@@ -133,7 +137,7 @@ def _run_attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str
 
 
 def _attn_reps(method: str, n: int, quick: bool) -> int:
-    if method == "zeta_exact":
+    if method in ("zeta_exact", "zeta_1c"):
         return 2
     if method == "sdpa":
         return 1 if n > 8192 else (3 if n <= 4096 or not quick else 2)
@@ -174,8 +178,9 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
     )
     if torch is None:
         print(f"  SDPA and forward+backward skipped: {why}")
-    res: Dict[str, Any] = {m: {"fwd": {}, "fwdbwd": {}} for m in ("zeta", "sdpa", "zeta_exact")}
-    jobs = [("zeta_exact", "fwd", n) for n in exact_ns]
+    methods = ("zeta", "sdpa", "zeta_exact", "zeta_1c")
+    res: Dict[str, Any] = {m: {"fwd": {}, "fwdbwd": {}} for m in methods}
+    jobs = [(m, "fwd", n) for n in exact_ns for m in ("zeta_exact", "zeta_1c")]
     for mode in ("fwd", "fwdbwd"):
         for n in ns:
             jobs.append(("zeta", mode, n))
@@ -218,7 +223,7 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
             f"{fmt_s(t('zeta', 'fwdbwd', n)):>9s} {fmt_s(t('sdpa', 'fwdbwd', n)):>9s} "
             f"{fmt_x(ratio(t('sdpa', 'fwdbwd', n), t('zeta', 'fwdbwd', n))):>7s} | {mems}"
         )
-    for m in ("zeta", "sdpa", "zeta_exact"):
+    for m in methods:
         for mode in ("fwd", "fwdbwd"):
             for n, r in res[m][mode].items():
                 if r.get("status", "ok").startswith("error"):
@@ -278,6 +283,12 @@ def bench_attention(quick: bool) -> Dict[str, Any]:
             if r is not None
             else "not run",
         )
+    for n in exact_ns:
+        t1, ts_ = t("zeta_1c", "fwd", n), t("sdpa", "fwd", n)
+        print(
+            f"  1 curve, window {TOPK} forward N={kib(n)}: {fmt_s(t1)}; SDPA {fmt_s(ts_)}: "
+            f"{fmt_x(ratio(ts_, t1))} (the defaults: {fmt_x(ratio(ts_, t('zeta', 'fwd', n)))})"
+        )
     print_goals(goals)
     rep["results"] = res
     rep["goals"] = goals
@@ -295,14 +306,16 @@ def _plot_attention(rep: Dict[str, Any], png: Path) -> bool:
         "zeta": dict(color="tab:blue", marker="o"),
         "sdpa": dict(color="tab:red", marker="s"),
         "zeta_exact": dict(color="tab:green", marker="*", ms=12),
+        "zeta_1c": dict(color="tab:cyan", marker="^", ms=9),
     }
     label = {
-        "zeta": f"zeta top-{TOPK} (d_k={DK})",
+        "zeta": f"zeta top-{TOPK} (d_k={DK}), defaults (2 curves, window {4 * TOPK})",
         "sdpa": f"torch SDPA causal (head dim {ATTN_DV})",
         "zeta_exact": f"zeta top-{TOPK}, exact=True",
+        "zeta_1c": f"zeta top-{TOPK}, 1 curve, window {TOPK}",
     }
     for ax, mode, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward + backward")):
-        for m in ("zeta", "sdpa", "zeta_exact"):
+        for m in ("zeta", "sdpa", "zeta_exact", "zeta_1c"):
             if m not in res:
                 continue
             pts = [

@@ -138,7 +138,7 @@ def bench_decode(quick: bool) -> Dict[str, Any]:
             "d_v": dv,
             "topk": TOPK,
             "gamma": 1.0,
-            "cache": "zeta.KVCache defaults (chunk 64, window = topk, n_curves 1)",
+            "cache": "zeta.KVCache defaults (chunk 64, window = 4 * topk, n_curves 2)",
             "S": sizes,
             "decode_steps": steps,
             "values": "float32 (float16 cache also at the largest S)",

@@ -11,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import zeta  # noqa: E402
+from zeta._validate import default_window  # noqa: E402
 from zeta.backends import torch_ref as T  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_rust_matches_torch_reference(c):
     assert torch.equal(i_r, i_t)
     torch.testing.assert_close(d_r, d_t, **tol)
     # the Rust indices also match the reference module called directly
-    win = topk if kw["window"] is None else kw["window"]
+    win = default_window(topk) if kw["window"] is None else kw["window"]
     i_direct, _ = T.knn(q, k, topk, **{**kw, "window": win})
     assert torch.equal(i_r, i_direct)
 

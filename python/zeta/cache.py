@@ -48,7 +48,9 @@ class KVCache:
         batch: B.
         chunk, window, n_curves, n_sink, bits, scale: the index settings, as in
             :func:`zeta.attention` (the same settings give the same outputs). ``window=None``
-            takes :func:`zeta.attention`'s default for each ``attend``'s ``topk``.
+            takes :func:`zeta.attention`'s default for each ``attend``'s ``topk`` (and
+            ``exact``); ``n_curves=None``: 2, the default of the window search (a cache that
+            only serves ``exact=True`` attends needs 1: less memory, faster ``extend``).
         dtype: storage of values: "float32", "float16" or "bfloat16" (keys are float32).
 
     Methods:
@@ -76,7 +78,7 @@ class KVCache:
         batch: int = 1,
         chunk: int = 64,
         window: Optional[int] = None,
-        n_curves: int = 1,
+        n_curves: Optional[int] = None,
         n_sink: int = 0,
         bits: Optional[int] = None,
         scale: float = 1.0,
@@ -221,12 +223,12 @@ class KVCache:
         if topk < 1:
             raise ValueError(f"topk: must be >= 1, got {topk}")
         topk = min(int(topk), _MAX_INT)  # more than the cache holds means all of them
-        if window is None:
-            window = self._window if self._window > 0 else default_window(int(topk))
-        elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-            raise ValueError(f"window: must be an int >= 1, got {window!r}")
         if not isinstance(exact, (bool, np.bool_)):
             raise TypeError(f"exact: expected a bool, got {type(exact).__name__}")
+        if window is None:
+            window = self._window if self._window > 0 else default_window(int(topk), bool(exact))
+        elif isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+            raise ValueError(f"window: must be an int >= 1, got {window!r}")
         qn = _f32(q, "q")
         g = gamma_array(gamma, qn.shape[1])
         b, h, tq, dk = qn.shape
@@ -265,7 +267,7 @@ class KVCache:
             if x.device.type != "cpu":
                 raise TypeError(f"qkv: tensor on {x.device}; the KV cache runs on the CPU")
             x = x.float().contiguous()
-        window = self._window if self._window > 0 else default_window(topk)
+        window = self._window if self._window > 0 else default_window(topk, exact)
         out = self._c.decode_packed(x.numpy(), num_heads, topk, gamma, mean_token, window, exact)
         return torch.from_numpy(out).to(qkv.dtype)
 

@@ -89,7 +89,7 @@ class ZetaConfig(_PretrainedConfig):
         topk: int = 32,
         chunk: int = 64,
         window: Optional[int] = None,
-        n_curves: int = 1,
+        n_curves: Optional[int] = None,
         n_sink: int = 0,
         mean_token: bool = False,
         bits: Optional[int] = None,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import check_dims, gamma_array
+from ._validate import check_dims, default_n_curves, gamma_array
 from .cache import KVCache
 from .ops import attention
 
@@ -139,6 +139,9 @@ class ZetaAttention(nn.Module):
                 "cache: a KV cache needs causal attention; this layer has causal=False"
             )
         index = {k: v for k, v in self.zeta_kwargs.items() if k in _INDEX_KEYS}
+        # An exact layer searches curve 0 only: its cache needs no second curve.
+        if index.get("n_curves") is None:
+            index["n_curves"] = default_n_curves(bool(self.zeta_kwargs.get("exact", False)))
         return KVCache(
             self.num_kv_heads, self.key_dim, self.head_dim, batch=batch, dtype=dtype, **index
         )
