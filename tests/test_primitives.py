@@ -488,6 +488,22 @@ _PROBE = textwrap.dedent(
     a = rng.integers(0, 1000, size=(3, 50001), dtype=np.uint32)
     h.update(zeta.argsort(a).tobytes())
     h.update(zeta.searchsorted(np.sort(a, -1), a[:, :999], side="right").tobytes())
+    # the distance scans (3-D float32: the SIMD kernel; else the portable loop): the same
+    # distances bit for bit, so the same neighbours and outputs
+    for dk, scale in ((3, 1.0), (3, 1e-20), (3, 1e19), (2, 1.0), (4, 1.0)):
+        q = (rng.standard_normal((1, 2, 3001, dk)) * scale).astype(np.float32)
+        k = (rng.standard_normal((1, 2, 3001, dk)) * scale).astype(np.float32)
+        v = rng.standard_normal((1, 2, 3001, 5)).astype(np.float32)
+        k[0, 0, 100:200] = k[0, 0, 50]  # duplicates: ties by position
+        for kw in ({}, {"exact": True}, {"n_curves": 1, "window": 3}, {"causal": False}):
+            idx, d2 = zeta.knn(q, k, 17, **kw)
+            h.update(idx.tobytes())
+            h.update(d2.tobytes())
+            h.update(zeta.attention(q, k, v, topk=17, **kw).tobytes())
+        c = zeta.KVCache(2, dk, 5)
+        c.extend(k, v)
+        h.update(c.attend(q[:, :, -9:], topk=17).tobytes())
+        h.update(c.attend(q[:, :, -9:], topk=17, exact=True).tobytes())
     out["digest"] = h.hexdigest()
     print(json.dumps(out))
     """
@@ -505,6 +521,8 @@ def _run_py(code, env_extra, timeout=120):
 
 
 def test_every_simd_path_gives_identical_results():
+    """Morton codes, sorts and the distance scans of knn / attention / KVCache: every path
+    this CPU has (ZETA_SIMD, read once per process for the scans) gives the same bits."""
     paths = zeta._core.cpu_features()["paths"]
     assert "portable" in paths
     results = {}

@@ -297,9 +297,7 @@ impl<T: Float + Real> Searcher<T> {
         tk.clear();
         match &self.exact {
             Some(ex) => ex.search(&self.index, q, p, k, tk, sc),
-            None => self
-                .index
-                .for_each_candidate(q, p, k, |pos, d2| tk.push(pos, d2)),
+            None => self.index.for_each_candidate(q, p, k, tk),
         }
     }
 }

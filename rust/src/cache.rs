@@ -18,7 +18,7 @@ use crate::error::{numel, probe_bytes, try_vec, try_with_capacity, Result, ZetaE
 use crate::exact::{search_runs, BoxTree, Scratch, LEAF as EXACT_LEAF};
 use crate::index::{
     fence_of, gather_coords, merge_into, offer_own_and_sinks, offer_rows, prefetch, sorted_entries,
-    sq_dist, unpack_pos, Params, Probe, ProbeList, RunView, TopK,
+    sq_dist, unpack_pos, Offer, Params, Probe, ProbeList, RunView, TopK,
 };
 use crate::quantize::{first_non_finite, Grid};
 use crate::score::{combine, ValueRows};
@@ -647,9 +647,7 @@ impl KvCache {
                 if exact {
                     g.exact_candidates(runs, own, &self.grids[0], prm, qr, tk, sc)
                 } else {
-                    g.for_each_candidate(runs, own, &self.grids, prm, qr, p, |pos, d2| {
-                        tk.push(pos, d2)
-                    })
+                    g.for_each_candidate(runs, own, &self.grids, prm, qr, p, tk)
                 }
                 tk.drain_sorted(cands);
                 let g2 = (gamma[hq] * gamma[hq]) as f32;
@@ -1140,7 +1138,7 @@ impl Group {
         prm: &Params,
         q: &[f32],
         p: usize,
-        mut f: impl FnMut(u32, f32),
+        f: &mut (impl Offer<f32> + ?Sized),
     ) {
         let mut probes = ProbeList::new();
         for (ci, g) in grids.iter().enumerate() {
@@ -1152,11 +1150,11 @@ impl Group {
                     coords: c,
                     fence: fe,
                 };
-                probes.push(Probe { run, qcode }, q, prm.window, &mut f);
+                probes.push(Probe { run, qcode }, q, prm.window, f);
             }
         }
-        probes.flush(q, prm.window, &mut f);
-        offer_own_and_sinks(q, &self.keys, own, prm.n_sink, p, &mut f);
+        probes.flush(q, prm.window, f);
+        offer_own_and_sinks(q, &self.keys, own, prm.n_sink, p, f);
     }
 
     /// The exact top-k candidates of a query whose runs are `runs` and own chunk `own`: the
@@ -1186,7 +1184,7 @@ impl Group {
             })
             .collect();
         let own = |tk: &mut TopK<f32>| {
-            offer_rows(q, &self.keys, own, &mut |pos, d2| tk.push(pos, d2));
+            offer_rows(q, &self.keys, own, tk);
         };
         search_runs(&views, grid0.code(q) as u32, q, prm.window, own, tk, sc);
     }

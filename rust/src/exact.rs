@@ -261,14 +261,10 @@ impl<T: Float + Real> ExactIndex<T> {
             pr.run = run_view(tree, l, a, b, D);
         }
         let mut win = [(0usize, 0usize); MAX_RUNS];
-        scan_probes_ranges(
-            &probes[..nr],
-            q,
-            prm.window,
-            &mut |pos, d2| tk.push(pos, d2),
-            |i, lo, hi| win[i] = (runs[i].1 + lo, runs[i].1 + hi),
-        );
-        offer_rows(q, k, own, &mut |pos, d2| tk.push(pos, d2));
+        scan_probes_ranges(&probes[..nr], q, prm.window, tk, |i, lo, hi| {
+            win[i] = (runs[i].1 + lo, runs[i].1 + hi)
+        });
+        offer_rows(q, k, own, tk);
         // 2. Every block of every run whose box meets the ball, skipping the windows.
         let qa: [T; D] = std::array::from_fn(|i| q[i]);
         tk.tighten();
@@ -342,17 +338,11 @@ impl<T: Float + Real> ExactIndex<T> {
                 let first = (node - bt.leaves) * leaf;
                 let s0 = a.max(first);
                 let s1 = b.min(first + leaf);
-                // Most keys of a leaf at the ball's edge lie outside it: a float compare
-                // with the k-th distance known now rejects them before the top-k's store
-                // (which filters again, exactly, with ties by position).
-                let r = tk.bound();
-                let mut offer = |pos: u32, d2: T| {
-                    if d2 <= r {
-                        tk.push(pos, d2)
-                    }
-                };
-                level.scan_range(q, s0, s1.min(wlo).max(s0), &mut offer);
-                level.scan_range(q, whi.max(s0).min(s1), s1, &mut offer);
+                // Most keys of a leaf at the ball's edge lie outside it: the scan compares
+                // them with the k-th distance known now (`tk`'s bound) before the top-k's
+                // store (which filters again, exactly, with ties by position).
+                level.scan_range(q, s0, s1.min(wlo).max(s0), tk);
+                level.scan_range(q, whi.max(s0).min(s1), s1, tk);
                 tk.tighten_over(SLACK);
             }
         }
@@ -404,13 +394,7 @@ fn search_runs_d<T: Float + Real, const D: usize>(
         pr.run = *rv;
     }
     let mut win = [(0usize, 0usize); MAX_RUNS];
-    scan_probes_ranges(
-        &probes[..nr],
-        q,
-        window,
-        &mut |pos, d2| tk.push(pos, d2),
-        |i, lo, hi| win[i] = (lo, hi),
-    );
+    scan_probes_ranges(&probes[..nr], q, window, tk, |i, lo, hi| win[i] = (lo, hi));
     own(tk);
     let qa: [T; D] = std::array::from_fn(|i| q[i]);
     tk.tighten();
@@ -601,7 +585,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         for &(_, i) in &order {
             tk.clear();
-            ix.for_each_candidate(&q[i * dk..(i + 1) * dk], i, &k, |p, d| tk.push(p, d));
+            ix.for_each_candidate(&q[i * dk..(i + 1) * dk], i, &k, &mut tk);
             tk.drain_sorted(&mut out);
         }
         let base = t0.elapsed().as_secs_f64() * 1e6 / n as f64;

@@ -46,6 +46,18 @@ pub trait Real: Copy + Send + Sync + 'static {
     /// their values, so `(bits << 32) | pos` orders by d2 and then by position.
     fn key(self, pos: u32) -> Self::Key;
     fn from_key(key: Self::Key) -> (Self, u32);
+    /// Whether [`Real::dist3_mask`] is the SIMD scan (f32) rather than absent.
+    const DIST3: bool = false;
+    /// [`crate::simd::dist3_mask`] for this type (only called when [`Real::DIST3`]).
+    #[inline(always)]
+    fn dist3_mask(
+        _q: &[Self; 3],
+        _coords: &[Self],
+        _bound: Self,
+        _d2: &mut [Self; crate::simd::SCAN_BLOCK],
+    ) -> u64 {
+        unreachable!("no 3-D scan kernel for this type")
+    }
 }
 impl Real for f32 {
     type Key = u64;
@@ -62,6 +74,16 @@ impl Real for f32 {
     #[inline(always)]
     fn from_key(key: u64) -> (f32, u32) {
         (f32::from_bits((key >> 32) as u32), key as u32)
+    }
+    const DIST3: bool = true;
+    #[inline(always)]
+    fn dist3_mask(
+        q: &[f32; 3],
+        coords: &[f32],
+        bound: f32,
+        d2: &mut [f32; crate::simd::SCAN_BLOCK],
+    ) -> u64 {
+        crate::simd::dist3_mask(q, coords, bound, d2)
     }
 }
 impl Real for f64 {

@@ -89,15 +89,19 @@ impl<T: Float + Real> TopK<T> {
         }
     }
 
-    /// Cuts the buffer to the best k distinct items and tightens the threshold.
+    /// Cuts the buffer back and tightens the threshold.
     fn compact(&mut self) {
-        if self.mult == 1 {
-            // No duplicates: the k-th smallest is the threshold, no sort needed.
-            let k = self.k;
+        let m = self.k * self.mult;
+        if self.n > m {
+            // The m-th smallest key: a key repeats at most `mult` times, so at least k
+            // distinct keys are <= it and a larger one cannot be among the best k. With
+            // mult = 1 that is the k-th best itself; with several curves it is a little
+            // looser than the k-th distinct key but needs no sort and no dedupe (which made
+            // the cuts of a 2-curve search ~2x dearer).
             let v = &mut self.buf[..self.n];
-            v.select_nth_unstable(k - 1);
-            self.thresh = v[k - 1];
-            self.n = k;
+            v.select_nth_unstable(m - 1);
+            self.thresh = v[m - 1];
+            self.n = m;
             return;
         }
         self.best_k();
