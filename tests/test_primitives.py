@@ -505,6 +505,7 @@ _PROBE = textwrap.dedent(
         h.update(c.attend(q[:, :, -9:], topk=17).tobytes())
         h.update(c.attend(q[:, :, -9:], topk=17, exact=True).tobytes())
     out["digest"] = h.hexdigest()
+    out["scan"] = zeta._core.cpu_features()["scan"]
     print(json.dumps(out))
     """
 )
@@ -529,6 +530,8 @@ def test_every_simd_path_gives_identical_results():
     for p in paths:
         res = json.loads(_run_py(_PROBE, {"ZETA_SIMD": p}).strip().splitlines()[-1])
         assert res["path"] == p
+        has_avx2 = zeta._core.cpu_features()["avx2"]
+        assert res["scan"] == ("avx2" if has_avx2 and p != "portable" else "portable")
         results[p] = res["digest"]
     assert len(set(results.values())) == 1, results
 

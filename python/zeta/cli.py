@@ -22,7 +22,8 @@ def info() -> None:
     feats = _core.cpu_features()
     print(
         f"cpu: avx2={feats['avx2']} bmi2={feats['bmi2']} slow_pdep={feats['slow_pdep']}; "
-        f"paths {', '.join(feats['paths'])}; in use: {_core.simd_path()} (ZETA_SIMD overrides)"
+        f"paths {', '.join(feats['paths'])}; in use: {_core.simd_path()}, distance scans: "
+        f"{feats['scan']} (ZETA_SIMD overrides)"
     )
     print(f"threads: {_core.num_threads()} (ZETA_NUM_THREADS overrides)")
     gpu = "none"

@@ -838,6 +838,15 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
             .map(|p| p.name())
             .collect::<Vec<_>>(),
     )?;
+    // The distance scans' kernel (3-D float32), fixed for the process at its first use.
+    d.set_item(
+        "scan",
+        if simd::scan_avx2() {
+            "avx2"
+        } else {
+            "portable"
+        },
+    )?;
     Ok(d)
 }
 
