@@ -68,7 +68,8 @@ class ZetaConfig(_PretrainedConfig):
         num_attention_heads: query heads H (E % H == 0).
         num_key_value_heads: key/value heads (GQA); None: H.
         key_dim: width of queries/keys per head (1..8).
-        topk, chunk, window, n_curves, n_sink, mean_token, bits, gamma_init: ZetaAttention's.
+        topk, chunk, window, n_curves, n_sink, mean_token, bits, gamma_init: ZetaAttention's
+            (None: its defaults; a saved config keeps the values it was saved with).
         exact: exact top-k search (the brute-force top-k, in training and through the
             cache) instead of the window search.
         mlp_ratio: MLP width / E.
