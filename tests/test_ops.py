@@ -459,6 +459,76 @@ def test_half_precision_inputs(half, atol):
         np.testing.assert_allclose(o_np.astype(np.float32), ref.numpy(), rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mean_token,exact", [(False, False), (True, False), (False, True)])
+def test_half_values_read_natively_equal_the_widened_values(half, mean_token, exact):
+    """The core reads float16/bfloat16 values in their dtype (q, k widened to float32): the
+    result is bit for bit that of widening v to float32 first, forward and gradients."""
+    q, k, v = make_qkv(2, 4, 2, 40, 300, 3, 24, torch.float32, seed=21)
+    qh, kh, vh = q.to(half), k.to(half), v.to(half)
+    kw = dict(topk=7, gamma=torch.tensor([0.5, 0.8, 1.1, 1.4]), mean_token=mean_token, exact=exact)
+    out = zeta.attention(qh, kh, vh, **kw)
+    wide = zeta.attention(qh.float(), kh.float(), vh.float(), **kw).to(half)
+    assert out.dtype == half and torch.equal(out, wide)
+    if half == torch.float16:  # numpy float16: the same path
+        o_np = zeta.attention(qh.numpy(), kh.numpy(), vh.numpy(), **kw)
+        assert o_np.dtype == np.float16 and np.array_equal(o_np, wide.numpy())
+    # gradients: v widened inside the backward, dv back in v's dtype
+    grads = []
+    for widen in (False, True):
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (qh, kh, vh))
+        if widen:
+            o = zeta.attention(qg.float(), kg.float(), vg.float(), **kw).to(half)
+        else:
+            o = zeta.attention(qg, kg, vg, **kw)
+        (o.float() * torch.linspace(-1, 1, o.shape[-1])).sum().backward()
+        grads.append((qg.grad, kg.grad, vg.grad))
+    for a, b in zip(*grads):
+        assert a.dtype == half and torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_opcheck_attention_fwd_half_values():
+    import zeta._torch_ops  # noqa: F401  (registers the ops)
+
+    q, k, v = make_qkv(1, 2, 1, 8, 10, 3, 4, torch.float32, seed=6)
+    for half in (torch.float16, torch.bfloat16):
+        vh = v.to(half)
+        q1, k1, v1 = leaf(q, k, vh)
+        gamma = torch.tensor([0.7, 1.2], dtype=torch.float64, requires_grad=True)
+        args = (q1, k1, v1, gamma, 3, False, 4, 3, 2, 1, True, 10, 1.0, False)
+        torch.library.opcheck(torch.ops.zeta.attention_fwd.default, args)
+
+
+def test_half_values_bad_input():
+    q, k, v = make_qkv(1, 2, 1, 8, 10, 3, 4, torch.float32, seed=7)
+    vh = v.to(torch.bfloat16)
+    vh[0, 0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="v: contains NaN or inf"):
+        zeta.attention(q.bfloat16(), k.bfloat16(), vh, topk=3)
+    from zeta import _core
+
+    with pytest.raises(ValueError, match="v_dtype"):
+        _core.attention_forward_half(
+            q.numpy(),
+            k.numpy(),
+            v.half().numpy().view(np.uint16),
+            "float8",
+            np.ones(2),
+            3,
+            False,
+            {
+                "chunk": 4,
+                "window": 3,
+                "n_curves": 1,
+                "n_sink": 0,
+                "causal": True,
+                "bits": 10,
+                "scale": 1.0,
+            },
+        )
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_numpy_and_torch_kinds(dtype):
     q, k, v = make_qkv(1, 2, 2, 10, 10, 3, 4, torch.float64, seed=1)

@@ -14,6 +14,7 @@ __all__ = [
     "argsort",
     "attention_backward",
     "attention_forward",
+    "attention_forward_half",
     "cpu_features",
     "exact_knn",
     "knn",
@@ -76,6 +77,18 @@ def attention_forward(
     params: _Params,
 ) -> Tuple[npt.NDArray[Any], npt.NDArray[np.int32]]:
     """-> out (B,H,N,dv), indices (B,H,N,topk)."""
+
+def attention_forward_half(
+    q: npt.NDArray[np.float32],
+    k: npt.NDArray[np.float32],
+    v: npt.NDArray[np.uint16],
+    v_dtype: str,
+    gamma: npt.NDArray[np.float64],
+    topk: int,
+    mean_token: bool,
+    params: _Params,
+) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """v: the bits of float16 / bfloat16 values (``v_dtype``) -> out float32, indices."""
 
 def attention_backward(
     q: npt.NDArray[Any],

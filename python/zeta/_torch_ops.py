@@ -26,6 +26,16 @@ def _np(t: Tensor):
     return t.detach().contiguous().numpy()
 
 
+_HALF = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _bits(t: Tensor):
+    """A float16/bfloat16 tensor's bits as a uint16 numpy array (numpy has no bfloat16)."""
+    import numpy as np
+
+    return t.detach().contiguous().view(torch.int16).numpy().view(np.uint16)
+
+
 @torch.library.custom_op("zeta::attention_fwd", mutates_args=(), device_types="cpu")
 def attention_fwd(
     q: Tensor,
@@ -43,7 +53,22 @@ def attention_fwd(
     scale: float,
     exact: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """q (B,H,N,dk), k (B,Hkv,S,dk), v (B,Hkv,S,dv), gamma (H,) -> out (B,H,N,dv), idx (B,H,N,topk) int32."""
+    """q (B,H,N,dk), k (B,Hkv,S,dk), v (B,Hkv,S,dv), gamma (H,) -> out (B,H,N,dv), idx (B,H,N,topk) int32.
+
+    On the CPU, v may be float16/bfloat16 with float32 q and k: read natively, summed in
+    float32 (out float32)."""
+    if v.dtype in _HALF and q.dtype == torch.float32:
+        out, idx = _core.attention_forward_half(
+            _np(q),
+            _np(k),
+            _bits(v),
+            _HALF[v.dtype],
+            _np(gamma.to(torch.float64)),
+            topk,
+            mean_token,
+            _params(chunk, window, n_curves, n_sink, causal, bits, scale, exact),
+        )
+        return torch.from_numpy(out), torch.from_numpy(idx)
     out, idx = _core.attention_forward(
         _np(q),
         _np(k),
@@ -61,7 +86,11 @@ def _(
     q, k, v, gamma, topk, mean_token, chunk, window, n_curves, n_sink, causal, bits, scale, exact
 ):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
-    torch._check(q.dtype == k.dtype == v.dtype, lambda: "q, k, v must share a dtype")
+    torch._check(
+        q.dtype == k.dtype
+        and (v.dtype == q.dtype or (v.dtype in _HALF and q.dtype == torch.float32)),
+        lambda: "q, k, v must share a dtype (or, on the CPU, float32 q/k with half v)",
+    )
     torch._check(q.shape[3] == k.shape[3], lambda: "q and k must share key_dim")
     torch._check(gamma.dim() == 1 and gamma.shape[0] == q.shape[1], lambda: "gamma must be (H,)")
     b, h, n, _ = q.shape
@@ -87,11 +116,12 @@ def attention_bwd(
     bits: int,
     scale: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv, dgamma) for :func:`attention_fwd`'s output, given its indices."""
+    """Gradients (dq, dk, dv, dgamma) for :func:`attention_fwd`'s output, given its indices
+    (a half-precision v, as the forward took it, is widened here; dv comes back in its dtype)."""
     dq, dk, dv, dg = _core.attention_backward(
         _np(q),
         _np(k),
-        _np(v),
+        _np(v.float() if v.dtype != q.dtype else v),
         _np(gamma.to(torch.float64)),
         _np(idx),
         _np(grad_out.to(q.dtype)),
@@ -101,7 +131,7 @@ def attention_bwd(
     return (
         torch.from_numpy(dq),
         torch.from_numpy(dk),
-        torch.from_numpy(dv),
+        torch.from_numpy(dv).to(v.dtype),
         torch.from_numpy(dg).to(gamma.dtype),
     )
 
@@ -189,11 +219,11 @@ def _(
 def attention(
     q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, topk: int, mean_token: bool, p
 ) -> Tensor:
-    """The custom op: Rust on CPU tensors (half precisions computed in float32), the CUDA
-    kernels on CUDA tensors (queries/keys in float32 inside, values read in their dtype)."""
+    """The custom op: Rust on CPU tensors, the CUDA kernels on CUDA tensors; on both, half
+    precisions compute queries/keys in float32 and read the values in their dtype."""
     dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16) and q.device.type == "cpu":
-        q, k, v = q.float(), k.float(), v.float()
+    if dtype in _HALF and q.device.type == "cpu":
+        q, k = q.float(), k.float()
     out, _ = attention_fwd(
         q.contiguous(),
         k.contiguous(),

@@ -16,7 +16,7 @@ use crate::error::{numel, try_vec, vec_or_unwind, Result, ZetaError};
 use crate::exact::{ExactIndex, Scratch};
 use crate::index::{select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
-use crate::score::combine;
+use crate::score::{combine, first_non_finite_value, ValueElem, ValueRows};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -111,12 +111,12 @@ pub(crate) fn check_gamma(gamma: &[f64], h: usize) -> Result<()> {
 }
 
 /// Prefix sums (f64) of rows: out[(p+1)*d..] = sum of rows 0..=p; out[0..d] = 0.
-pub(crate) fn prefix_sums<T: Real>(x: &[T], d: usize) -> Result<Vec<f64>> {
+pub(crate) fn prefix_sums<T: ValueElem>(x: &[T], d: usize) -> Result<Vec<f64>> {
     let s = x.len() / d;
     let mut out = try_vec(0.0f64, (s + 1) * d, "mean_token prefix sums")?;
     for p in 0..s {
         for j in 0..d {
-            out[(p + 1) * d + j] = out[p * d + j] + x[p * d + j].to_f64();
+            out[(p + 1) * d + j] = out[p * d + j] + x[p * d + j].value_f64();
         }
     }
     Ok(out)
@@ -145,12 +145,12 @@ pub struct AttnOpts {
     pub mean_token: bool,
 }
 
-fn validate<T: Real>(
+fn validate<T: Real, E: ValueElem>(
     sh: &Shape,
     prm: &Params,
     q: &[T],
     k: &[T],
-    v: Option<&[T]>,
+    v: Option<&[E]>,
     topk: usize,
 ) -> Result<()> {
     sh.check(prm.causal)?;
@@ -179,7 +179,12 @@ fn validate<T: Real>(
             return Err(ZetaError::value("v", "value_dim must be >= 1"));
         }
         check_len("v", v.len(), sh.b * sh.hkv * sh.s * sh.dv)?;
-        check_finite("v", v)?;
+        if let Some(p) = first_non_finite_value(v) {
+            return Err(ZetaError::value(
+                "v",
+                format!("contains NaN or inf (flat index {p})"),
+            ));
+        }
     }
     if sh.s > u32::MAX as usize {
         return Err(ZetaError::value("k", "sequence longer than 2^32"));
@@ -323,7 +328,7 @@ pub fn knn_with<T: Float + Real>(
     q: &[T],
     k: &[T],
 ) -> Result<(Vec<i64>, Vec<T>)> {
-    validate(sh, prm, q, k, None, topk)?;
+    validate(sh, prm, q, k, None::<&[T]>, topk)?;
     let total = numel(&[sh.b, sh.h, sh.n, topk], "knn indices")?;
     let mut idx = try_vec(-1i64, total, "knn indices")?;
     let mut dist = try_vec(T::infinity(), total, "knn distances")?;
@@ -378,18 +383,22 @@ pub fn forward<T: Float + Real>(
     forward_with(sh, prm, Search::Window, opts, q, k, v, gamma)
 }
 
-/// [`forward`] with a choice of search (`Search::Exact`: the brute-force top-k).
+/// [`forward`] with a choice of search (`Search::Exact`: the brute-force top-k), and values
+/// of the queries' type or, with f32 queries, float16 / bfloat16 values read natively.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_with<T: Float + Real>(
+pub fn forward_with<T: Float + Real, E: ValueElem>(
     sh: &Shape,
     prm: &Params,
     search: Search,
     opts: &AttnOpts,
     q: &[T],
     k: &[T],
-    v: &[T],
+    v: &[E],
     gamma: &[f64],
-) -> Result<(Vec<T>, Vec<i32>)> {
+) -> Result<(Vec<T>, Vec<i32>)>
+where
+    [E]: ValueRows<T>,
+{
     let topk = opts.topk;
     validate(sh, prm, q, k, Some(v), topk)?;
     check_gamma(gamma, sh.h)?;

@@ -17,8 +17,8 @@
 use crate::error::{numel, probe_bytes, try_vec, try_with_capacity, Result, ZetaError};
 use crate::exact::{search_runs, BoxTree, Scratch, LEAF as EXACT_LEAF};
 use crate::index::{
-    fence_of, gather_coords, merge_into, offer_own_and_sinks, offer_rows, prefetch, sorted_entries,
-    sq_dist, unpack_pos, Offer, Params, Probe, ProbeList, RunView, TopK,
+    fence_of, gather_coords, merge_into, offer_own_and_sinks, offer_rows, sorted_entries, sq_dist,
+    unpack_pos, Offer, Params, Probe, ProbeList, RunView, TopK,
 };
 use crate::quantize::{first_non_finite, Grid};
 use crate::score::{combine, ValueRows};
@@ -114,31 +114,18 @@ impl Values {
 impl ValueRows<f32> for Values {
     #[inline]
     fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
-        let dv = acc.len();
         match self {
-            Values::F32(v) => {
-                for (a, &x) in acc.iter_mut().zip(&v[pos * dv..(pos + 1) * dv]) {
-                    *a += s * x;
-                }
-            }
-            Values::F16(v) => {
-                for (a, &x) in acc.iter_mut().zip(&v[pos * dv..(pos + 1) * dv]) {
-                    *a += s * x.to_f32();
-                }
-            }
-            Values::BF16(v) => {
-                for (a, &x) in acc.iter_mut().zip(&v[pos * dv..(pos + 1) * dv]) {
-                    *a += s * x.to_f32();
-                }
-            }
+            Values::F32(v) => v[..].axpy_row(pos, s, acc),
+            Values::F16(v) => v[..].axpy_row(pos, s, acc),
+            Values::BF16(v) => v[..].axpy_row(pos, s, acc),
         }
     }
     #[inline]
     fn prefetch_row(&self, pos: usize, dv: usize) {
         match self {
-            Values::F32(v) => prefetch(&v[pos * dv..(pos + 1) * dv]),
-            Values::F16(v) => prefetch(&v[pos * dv..(pos + 1) * dv]),
-            Values::BF16(v) => prefetch(&v[pos * dv..(pos + 1) * dv]),
+            Values::F32(v) => v[..].prefetch_row(pos, dv),
+            Values::F16(v) => v[..].prefetch_row(pos, dv),
+            Values::BF16(v) => v[..].prefetch_row(pos, dv),
         }
     }
 }

@@ -532,6 +532,55 @@ fn attention_forward<'py>(
     )
 }
 
+/// attention_forward_half(q float32, k float32, v uint16 (the bits of `v_dtype` values),
+/// v_dtype "float16" | "bfloat16", gamma, topk, mean_token, params) -> (out float32, indices):
+/// the forward reading half-precision values natively (half the bytes gathered).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn attention_forward_half<'py>(
+    py: Python<'py>,
+    q: PyReadonlyArray4<'py, f32>,
+    k: PyReadonlyArray4<'py, f32>,
+    v: PyReadonlyArray4<'py, u16>,
+    v_dtype: &str,
+    gamma: PyReadonlyArray1<'py, f64>,
+    topk: usize,
+    mean_token: bool,
+    params: PyParams,
+) -> PyResult<Bound<'py, PyAny>> {
+    use half::slice::HalfBitsSliceExt;
+    let sh = shape_of(&q, &k, Some(&v))?;
+    let (qs, ks, bits) = (slice4(&q, "q")?, slice4(&k, "k")?, slice4(&v, "v")?);
+    let gs = gamma.as_slice().map_err(|_| not_contiguous("gamma"))?;
+    let p = params.get();
+    let opts = AttnOpts { topk, mean_token };
+    let search = params.search();
+    let (out, idx) = match v_dtype {
+        "float16" => {
+            let vs: &[half::f16] = bits.reinterpret_cast();
+            run(py, || {
+                attention::forward_with(&sh, &p, search, &opts, qs, ks, vs, gs)
+            })?
+        }
+        "bfloat16" => {
+            let vs: &[half::bf16] = bits.reinterpret_cast();
+            run(py, || {
+                attention::forward_with(&sh, &p, search, &opts, qs, ks, vs, gs)
+            })?
+        }
+        _ => {
+            return Err(ZetaError::value(
+                "v_dtype",
+                format!("must be 'float16' or 'bfloat16', got {v_dtype:?}"),
+            )
+            .into())
+        }
+    };
+    let o = arr4(py, out, [sh.b, sh.h, sh.n, sh.dv])?;
+    let i = arr4(py, idx, [sh.b, sh.h, sh.n, topk])?;
+    Ok((o, i).into_pyobject(py)?.into_any())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     py: Python<'py>,
@@ -878,6 +927,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKvCache>()?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_forward_half, m)?)?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     Ok(())
 }

@@ -36,7 +36,7 @@ pub fn shift_denominator(d: usize) -> u64 {
 }
 
 /// A float input type.
-pub trait Real: Copy + Send + Sync + 'static {
+pub trait Real: crate::score::ValueElem + Copy + Send + Sync + 'static {
     /// An integer that orders (d2, position) pairs like (d2, then position).
     type Key: Copy + Ord + Send + Sync + std::fmt::Debug;
     /// Larger than every key of a finite or infinite d2.

@@ -2,7 +2,37 @@
 //! ([`crate::cache`]): a query's Cauchy-softmax weights over its top-k candidates (and the
 //! optional mean item) and the weighted sum of their value rows.
 use crate::index::prefetch;
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
 use num_traits::Float;
+
+/// An element of a value array: the queries' float type, or float16 / bfloat16 values read
+/// natively (half the bytes gathered) and summed in float32.
+pub trait ValueElem: Copy + Send + Sync + 'static {
+    fn value_f64(self) -> f64;
+    fn value_finite(self) -> bool;
+}
+
+macro_rules! value_elem {
+    ($($t:ty),*) => {$(
+        impl ValueElem for $t {
+            #[inline(always)]
+            fn value_f64(self) -> f64 {
+                f64::from(self)
+            }
+            #[inline(always)]
+            fn value_finite(self) -> bool {
+                <$t>::is_finite(self)
+            }
+        }
+    )*};
+}
+value_elem!(f32, f64, f16, bf16);
+
+/// The flat index of the first NaN / inf of `x`, if any.
+pub fn first_non_finite_value<E: ValueElem>(x: &[E]) -> Option<usize> {
+    x.iter().position(|v| !v.value_finite())
+}
 
 /// Value rows a weighted sum reads: a plain slice, or the cache's f32/f16/bf16 store.
 pub trait ValueRows<T> {
@@ -22,6 +52,45 @@ impl<T: Float> ValueRows<T> for [T] {
         let dv = acc.len();
         for (a, &x) in acc.iter_mut().zip(&self[pos * dv..(pos + 1) * dv]) {
             *a = *a + s * x;
+        }
+    }
+}
+
+impl ValueRows<f32> for [bf16] {
+    #[inline]
+    fn prefetch_row(&self, pos: usize, dv: usize) {
+        prefetch(&self[pos * dv..(pos + 1) * dv]);
+    }
+    #[inline]
+    fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
+        // bfloat16 -> float32 is a shift: the loop vectorises as it is.
+        let dv = acc.len();
+        for (a, &x) in acc.iter_mut().zip(&self[pos * dv..(pos + 1) * dv]) {
+            *a += s * x.to_f32();
+        }
+    }
+}
+
+impl ValueRows<f32> for [f16] {
+    #[inline]
+    fn prefetch_row(&self, pos: usize, dv: usize) {
+        prefetch(&self[pos * dv..(pos + 1) * dv]);
+    }
+    #[inline]
+    fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
+        // float16 -> float32 one value at a time is a software conversion (or a feature check
+        // per value): `half` converts a slice with F16C where the CPU has it (runtime check
+        // once per call), into a block on the stack. Perf note (attention forward, N = 32k,
+        // H = 8, d_v = 64): per value 1,105 ms, per block of 64 below; float32 642 ms.
+        let dv = acc.len();
+        let row = &self[pos * dv..(pos + 1) * dv];
+        let mut buf = [0.0f32; 64];
+        for (src, dst) in row.chunks(64).zip(acc.chunks_mut(64)) {
+            let b = &mut buf[..src.len()];
+            src.convert_to_f32_slice(b);
+            for (a, &x) in dst.iter_mut().zip(b.iter()) {
+                *a += s * x;
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 """The Rust core on the CPU (rayon, GIL released): numpy arrays and CPU torch tensors.
 
-float16/bfloat16 inputs are computed in float32. torch tensors go through the
+float16/bfloat16 inputs: queries and keys in float32, values read in their dtype (half the
+bytes gathered) and summed in float32. torch tensors go through the
 ``torch.library`` custom ops of :mod:`zeta._torch_ops` (autograd, torch.compile).
 """
 
@@ -31,7 +32,7 @@ def _codes_2d(a: np.ndarray, name: str) -> np.ndarray:
 
 
 class RustBackend(Backend):
-    """The Rust core (rayon, CPU). float16/bfloat16 are computed in float32."""
+    """The Rust core (rayon, CPU). float16/bfloat16: q/k in float32, values read natively."""
 
     name = "rust"
     devices = ("cpu",)
@@ -69,8 +70,16 @@ class RustBackend(Backend):
         if isinstance(q, np.ndarray):
             from .. import _core
 
-            qn, kn, vn = _np_float(q), _np_float(k), _np_float(v)
-            out, _ = _core.attention_forward(qn, kn, vn, gamma, topk, mean_token, p.as_dict())
+            qn, kn = _np_float(q), _np_float(k)
+            if v.dtype == np.float16:  # read natively by the core: half the bytes gathered
+                vb = np.ascontiguousarray(v).view(np.uint16)
+                out, _ = _core.attention_forward_half(
+                    qn, kn, vb, "float16", gamma, topk, mean_token, p.as_dict()
+                )
+            else:
+                out, _ = _core.attention_forward(
+                    qn, kn, _np_float(v), gamma, topk, mean_token, p.as_dict()
+                )
             return out.astype(q.dtype, copy=False)
         from .. import _torch_ops
 
