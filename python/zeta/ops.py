@@ -223,8 +223,9 @@ def attention(
 
     Returns:
         (B, H, N, d_v), the inputs' kind, dtype and device. float16/bfloat16: queries and
-        keys are widened to float32, values are read in their dtype, sums are in float32. Differentiable in q, k, v and gamma (torch tensors). B, H, N or d_v = 0
-        gives an empty output (as SDPA); S = 0 with N > 0 is an error (nothing to attend to).
+        keys are widened to float32, values are read in their dtype, sums are in float32.
+        Differentiable in q, k, v and gamma (torch tensors). B, H, N or d_v = 0 gives an
+        empty output (as SDPA); S = 0 with N > 0 is an error (nothing to attend to).
     """
     kind, device, dtype = _kind([q, k, v], ["q", "k", "v"])
     topk = _topk(topk)
