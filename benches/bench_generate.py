@@ -55,7 +55,9 @@ MODEL = dict(
     n_curves=2,
     conv_kernel=3,
 )
-CONTEXTS, CONTEXTS_QUICK = [16384, 65536, 262144], [4096, 16384]
+# 262,080 = 2^18 - 64: its decode steps lie in the last chunk before 2^18, where the cache's
+# past is 12 runs (the costliest place near 256k); right after 2^18 it is one run (the cheapest).
+CONTEXTS, CONTEXTS_QUICK = [16384, 65536, 262144 - 64, 262144], [4096, 16384]
 STEPS = 32
 PIECE = 8192  # prefill tokens per forward call (262k prompt: 3.7 s; 2k: 4.0 s, 32k: 4.0 s)
 GOAL_CONTEXT, GOAL_X = 262144, 50.0
@@ -240,15 +242,17 @@ def report(rows: List[Dict[str, Any]], suite: str, quick: bool, extra: Dict[str,
         },
     )
     rep["results"] = rows
-    at = [r for r in rows if r["context"] == GOAL_CONTEXT]
-    x = at[0]["speedup"] if at else None
+    at = [r for r in rows if GOAL_CONTEXT - 64 <= r["context"] <= GOAL_CONTEXT]
+    x = min(r["speedup"] for r in at) if at else None
     ran = ", ".join(f"{r['context']:,}: {fmt_x(r['speedup'])}" for r in rows)
     rep["goals"] = {
         "decode_speedup_256k": goal(
             f"per-token decode >= {GOAL_X:.0f}x faster than dense at {GOAL_CONTEXT:,} tokens",
             x,
             None if x is None else x >= GOAL_X,
-            "whole-model latency, same run"
+            "whole-model latency, same run; "
+            + ", ".join(f"{r['context']:,} tokens: {fmt_x(r['speedup'])}" for r in at)
+            + " (the lower one counts)"
             if at
             else f"not run at {GOAL_CONTEXT:,} tokens (ran at {ran})",
         )
