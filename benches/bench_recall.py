@@ -112,49 +112,32 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
         _, ex_d2 = zeta.exact_knn(q.astype(np.float64), k.astype(np.float64), TOPK, causal=True)
         t_exact = time.perf_counter() - t0
         bar.update(1)
-        for w, c in settings:
+
+        def measure(budget_s: float, **kw) -> Dict[str, Any]:
+            """Times zeta.knn with ``kw`` and scores its last result."""
             idx = None
 
-            def call(w=w, c=c):
+            def call():
                 nonlocal idx
-                idx, _ = zeta.knn(q, k, TOPK, causal=True, window=w, n_curves=c)
+                idx, _ = zeta.knn(q, k, TOPK, causal=True, **kw)
 
-            times = time_calls(call, reps, budget_s=30)
-            rec = recall_from_exact(q, k, idx, ex_d2, causal=True)
-            rows.append(
-                {
-                    "window": w,
-                    "n_curves": c,
-                    "exact": False,
-                    "median_s": med(times),
-                    "times_s": times,
-                    "us_per_query": med(times) * 1e6 / n,
-                    "recall": rec,
-                    "load_avg": loadavg(),
-                }
-            )
+            times = time_calls(call, reps, budget_s=budget_s)
+            return {
+                "median_s": med(times),
+                "times_s": times,
+                "us_per_query": med(times) * 1e6 / n,
+                "recall": recall_from_exact(q, k, idx, ex_d2, causal=True),
+                "load_avg": loadavg(),
+                "_idx": idx,
+            }
+
+        for w, c in settings:
+            r = measure(30, window=w, n_curves=c)
+            r.pop("_idx")
+            rows.append({"window": w, "n_curves": c, "exact": False, **r})
             bar.update(1)
-        exact_idx = None
-
-        def call_exact():
-            nonlocal exact_idx
-            exact_idx, _ = zeta.knn(q, k, TOPK, causal=True, exact=True)
-
-        default_idx = None
-
-        def call_default():
-            nonlocal default_idx
-            default_idx, _ = zeta.knn(q, k, TOPK, causal=True)
-
-        times = time_calls(call_default, reps, budget_s=60)
-        default_row = {
-            "defaults": True,
-            "median_s": med(times),
-            "times_s": times,
-            "us_per_query": med(times) * 1e6 / n,
-            "recall": recall_from_exact(q, k, default_idx, ex_d2, causal=True),
-            "load_avg": loadavg(),
-        }
+        default_row = {"defaults": True, **measure(60)}
+        default_idx = default_row.pop("_idx")
         ref = zeta.recall(q, k, default_idx, causal=True)  # our recall == zeta.recall's
         check = {
             "setting": "defaults",
@@ -163,17 +146,8 @@ def bench_recall(quick: bool) -> Dict[str, Any]:
             "equal": abs(default_row["recall"] - ref) < 1e-12,
         }
         bar.update(1)
-        times = time_calls(call_exact, reps, budget_s=60)
-        exact_row = {
-            "window": TOPK,
-            "n_curves": 1,
-            "exact": True,
-            "median_s": med(times),
-            "times_s": times,
-            "us_per_query": med(times) * 1e6 / n,
-            "recall": recall_from_exact(q, k, exact_idx, ex_d2, causal=True),
-            "load_avg": loadavg(),
-        }
+        exact_row = {"window": TOPK, "n_curves": 1, "exact": True, **measure(60, exact=True)}
+        exact_row.pop("_idx")
         rows.append(exact_row)
         bar.update(1)
         vs = {"all_threads": exact_vs_default(n, reps)}

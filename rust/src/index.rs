@@ -659,12 +659,7 @@ impl<T: Float + Real> Default for ProbeList<'_, T> {
 mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-    }
+    use crate::testutil::lcg;
 
     #[test]
     fn candidates_are_causal_and_cover_own_chunk() {

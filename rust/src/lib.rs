@@ -14,6 +14,7 @@
 //! - [`backward`]: the gradients (per-query pass, inverse index, per-key pass)
 //! - [`exact`]: exact top-k search over the index's block boxes
 //! - [`topk`]: the k-selection
+//! - [`simd`]: CPU feature detection and the AVX2 distance-scan kernel
 //! - [`cache`]: the incremental KV cache for decoding, save/load
 pub mod attention;
 pub mod backward;
@@ -32,5 +33,17 @@ pub mod topk;
 
 #[cfg(feature = "python")]
 mod py;
+
+/// Helpers shared by the unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    /// A reproducible pseudo-random float in [-2, 2) (64-bit LCG).
+    pub fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    }
+}
 
 pub use error::{Result, ZetaError};

@@ -234,12 +234,7 @@ fn dist3_mask_portable_tail(
 mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-    }
+    use crate::testutil::lcg;
 
     /// The AVX2 kernel (where the CPU has it) and the portable loop give the same distance
     /// bits and masks as `index::sq_dist`, for every block length, scale and bound.

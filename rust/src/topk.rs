@@ -174,12 +174,7 @@ pub fn select_topk<T: Float>(c: &mut Vec<(T, u32)>, topk: usize, mult: usize) {
 mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-    }
+    use crate::testutil::lcg;
 
     #[test]
     fn topk_matches_sorting_with_and_without_duplicates() {
