@@ -34,6 +34,8 @@ pub mod topk;
 #[cfg(feature = "python")]
 mod py;
 
+pub use error::{Result, ZetaError};
+
 /// Helpers shared by the unit tests.
 #[cfg(test)]
 pub(crate) mod testutil {
@@ -45,5 +47,3 @@ pub(crate) mod testutil {
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
     }
 }
-
-pub use error::{Result, ZetaError};
