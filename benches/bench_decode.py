@@ -450,24 +450,14 @@ def _plot_decode(rep: Dict[str, Any], png: Path) -> bool:
     if ex:
         ax.plot(*zip(*ex), "o-", color="tab:purple", label="zeta, exact=True (recall 1)")
     wr = [r for r in rows if r.get("worst")]
-    if wr:
-        h = rep["config"]["H"]
-        ax.plot(
-            [r["S"] for r in wr],
-            [r["worst"]["zeta_us_per_token_per_head"] * h for r in wr],
-            "o:",
-            color="tab:blue",
-            mfc="none",
-            label="zeta, in the chunk before S (most runs)",
-        )
-        ax.plot(
-            [r["S"] for r in wr],
-            [r["worst"]["zeta_exact_us_per_token_per_head"] * h for r in wr],
-            "o:",
-            color="tab:purple",
-            mfc="none",
-            label="zeta exact, in the chunk before S",
-        )
+    h = rep["config"]["H"]
+    for key, color, label in (
+        ("zeta_us_per_token_per_head", "tab:blue", "zeta, in the chunk before S (most runs)"),
+        ("zeta_exact_us_per_token_per_head", "tab:purple", "zeta exact, in the chunk before S"),
+    ):
+        if wr:
+            pts = [(r["S"], r["worst"][key] * h) for r in wr]
+            ax.plot(*zip(*pts), "o:", color=color, mfc="none", label=label)
     ax.plot(
         S,
         [r["dense_numpy_us_per_token"] for r in rows],
