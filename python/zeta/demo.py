@@ -57,13 +57,15 @@ def run(
     rng = np.random.default_rng(seed)
     S, H, dk, dv = tokens, heads, key_dim, value_dim
     total = S + queries
+    if n_curves is None:
+        n_curves = default_n_curves(exact)
     say = (lambda *a: None) if quiet else print
     say(
         f"zeta demo: KV cache of {S:,} tokens x {H} heads, key_dim {dk}, value_dim {dv}, topk {topk}"
         + (
             ", exact search"
             if exact
-            else f", n_curves {n_curves or default_n_curves()}, window {window or default_window(topk)}"
+            else f", n_curves {n_curves}, window {window or default_window(topk)}"
         )
     )
 
@@ -76,8 +78,6 @@ def run(
     for h in range(H):
         values[h, needle_pos[h]] = sig[h]
 
-    if n_curves is None:
-        n_curves = default_n_curves(exact)
     cache = KVCache(H, dk, dv, batch=1, n_curves=n_curves, window=window)
     t0 = time.perf_counter()
     with progress(S, "building cache", "tok", disable=quiet) as bar:

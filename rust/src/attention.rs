@@ -16,7 +16,7 @@ use crate::error::{numel, try_vec, vec_or_unwind, Result, ZetaError};
 use crate::exact::{ExactIndex, Scratch};
 use crate::index::{select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
-use crate::score::{combine, first_non_finite_value, ValueElem, ValueRows};
+use crate::score::{combine, ValueElem, ValueRows};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -84,7 +84,7 @@ pub(crate) fn check_len(arg: &'static str, got: usize, want: usize) -> Result<()
     Ok(())
 }
 
-pub(crate) fn check_finite<T: Real>(arg: &'static str, x: &[T]) -> Result<()> {
+pub(crate) fn check_finite<T: ValueElem>(arg: &'static str, x: &[T]) -> Result<()> {
     if let Some(p) = first_non_finite(x) {
         return Err(ZetaError::value(
             arg,
@@ -179,12 +179,7 @@ fn validate<T: Real, E: ValueElem>(
             return Err(ZetaError::value("v", "value_dim must be >= 1"));
         }
         check_len("v", v.len(), sh.b * sh.hkv * sh.s * sh.dv)?;
-        if let Some(p) = first_non_finite_value(v) {
-            return Err(ZetaError::value(
-                "v",
-                format!("contains NaN or inf (flat index {p})"),
-            ));
-        }
+        check_finite("v", v)?;
     }
     if sh.s > u32::MAX as usize {
         return Err(ZetaError::value("k", "sequence longer than 2^32"));

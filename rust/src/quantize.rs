@@ -215,8 +215,8 @@ impl Grid {
 }
 
 /// Index of the first non-finite value, if any.
-pub fn first_non_finite<T: Real>(x: &[T]) -> Option<usize> {
-    x.iter().position(|v| !v.to_f64().is_finite())
+pub fn first_non_finite<T: crate::score::ValueElem>(x: &[T]) -> Option<usize> {
+    x.iter().position(|v| !v.value_finite())
 }
 
 fn non_finite_error<T: Real>(x: &[T]) -> ZetaError {

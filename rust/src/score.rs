@@ -29,11 +29,6 @@ macro_rules! value_elem {
 }
 value_elem!(f32, f64, f16, bf16);
 
-/// The flat index of the first NaN / inf of `x`, if any.
-pub fn first_non_finite_value<E: ValueElem>(x: &[E]) -> Option<usize> {
-    x.iter().position(|v| !v.value_finite())
-}
-
 /// Value rows a weighted sum reads: a plain slice, or the cache's f32/f16/bf16 store.
 pub trait ValueRows<T> {
     /// Hints the CPU to load row `pos` (of `dv` values).

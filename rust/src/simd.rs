@@ -140,14 +140,7 @@ pub fn dist3_mask_portable(
     bound: f32,
     d2: &mut [f32; SCAN_BLOCK],
 ) -> u64 {
-    let mut m = 0u64;
-    for (j, c) in coords.chunks_exact(3).enumerate() {
-        let (dx, dy, dz) = (q[0] - c[0], q[1] - c[1], q[2] - c[2]);
-        let s = ((0.0 + dx * dx) + dy * dy) + dz * dz;
-        d2[j] = s;
-        m |= u64::from(s <= bound) << j;
-    }
-    m
+    dist3_rows(q, coords, bound, d2, 0)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -204,26 +197,25 @@ mod avx2 {
             j += 8;
         }
         if j < n {
-            let rest = super::dist3_mask_portable_tail(q, &coords[3 * j..], bound, d2, j);
-            m |= rest;
+            m |= super::dist3_rows(q, &coords[3 * j..], bound, d2, j);
         }
         m
     }
 }
 
-/// Rows `tail` (3-D) stored at `d2[at..]`; their mask bits shifted to `at`.
+/// The rows `rows` (3-D) as rows `at..` of a block: their d2 into `d2[at..]`, their mask bits
+/// shifted to `at`.
 #[inline]
-fn dist3_mask_portable_tail(
+fn dist3_rows(
     q: &[f32; 3],
-    tail: &[f32],
+    rows: &[f32],
     bound: f32,
     d2: &mut [f32; SCAN_BLOCK],
     at: usize,
 ) -> u64 {
     let mut m = 0u64;
-    for (j, c) in tail.chunks_exact(3).enumerate() {
-        let (dx, dy, dz) = (q[0] - c[0], q[1] - c[1], q[2] - c[2]);
-        let s = ((0.0 + dx * dx) + dy * dy) + dz * dz;
+    for (j, c) in rows.chunks_exact(3).enumerate() {
+        let s = crate::index::sq_dist(q, c);
         d2[at + j] = s;
         m |= u64::from(s <= bound) << (at + j);
     }

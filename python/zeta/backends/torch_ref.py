@@ -53,6 +53,8 @@ from .._validate import (
     check_bits,
     check_dims,
     default_index_bits,
+    default_n_curves,
+    default_window,
     default_zorder_bits,
 )
 
@@ -541,8 +543,8 @@ def knn(
     *,
     causal: bool = True,
     chunk: int = 64,
-    window: int = 128,
-    n_curves: int = 2,
+    window: Optional[int] = None,
+    n_curves: Optional[int] = None,
     n_sink: int = 0,
     bits: Optional[int] = None,
     scale: float = 1.0,
@@ -554,7 +556,8 @@ def knn(
         q: (B, H, N, dk) queries, float32/float64.
         k: (B, Hkv, S, dk) keys, same dtype.
         topk: neighbours per query, >= 1.
-        causal, chunk, window, n_curves, n_sink, bits, scale: see :func:`candidates`.
+        causal, chunk, window, n_curves, n_sink, bits, scale: see :func:`candidates`; None
+            for ``window`` / ``n_curves``: zeta's defaults (``4 * topk``, 2 curves).
         exact: return the exact top-k instead (:func:`exact_knn`, brute force in blocks): what
             the Rust index's exact search returns. The index settings are then unused.
 
@@ -566,6 +569,8 @@ def knn(
     _check_positive_int("topk", topk)
     if exact:
         return exact_knn(q, k, topk, causal=causal)
+    window = default_window(topk) if window is None else window
+    n_curves = default_n_curves() if n_curves is None else n_curves
     with torch.no_grad():
         lists = candidate_lists(
             q,
@@ -688,8 +693,8 @@ def attention(
     gamma: Gamma = 1.0,
     causal: bool = True,
     chunk: int = 64,
-    window: int = 128,
-    n_curves: int = 2,
+    window: Optional[int] = None,
+    n_curves: Optional[int] = None,
     n_sink: int = 0,
     mean_token: bool = False,
     bits: Optional[int] = None,
