@@ -10,15 +10,27 @@
 //! and the same output as one parallel call (tested). `extend` costs amortised
 //! O(log T) per token; `attend` for the newest token searches every run plus the tail.
 //!
+//! Exact search (`attend(exact=True)`) needs no such match: any runs that hold the indexed
+//! chunks give the brute-force answer. The cache keeps curve 0 of the same chunks a second
+//! time as levelled runs (fan-out [`EXACT_FANOUT`]: at most 6 runs at 1M tokens, against
+//! up to 14 dyadic ones) and an exact decode searches whichever list has fewer runs, after
+//! scanning the newest [`BRUTE_KEYS`] keys row by row. At S = 1M, just before 2^20 tokens
+//! (14 dyadic runs), that took an exact step from ~27 to ~13 us per head (`bench_decode`);
+//! it costs ~4% more bytes per token and ~10-15% of `extend`'s throughput.
+//!
 //! Queries that lie in an older chunk than the tail (a multi-token `attend` that spans
 //! chunks, e.g. a prefill) need the runs of their own chunk index, which the counter has
 //! merged on; the call makes those from the counter's runs (cut out of a run that contains
 //! them, or merged from halves), so its work grows with the new tokens, not the cache.
 use crate::error::{numel, probe_bytes, try_vec, try_with_capacity, Result, ZetaError};
 use crate::exact::{search_runs, BoxTree, Scratch, LEAF as EXACT_LEAF};
+
+/// Exact search in the cache: the most recent keys, up to this many (whole runs and the
+/// own chunk), are scanned row by row instead of searched run by run.
+const BRUTE_KEYS: usize = 4096;
 use crate::index::{
-    fence_of, gather_coords, merge_into, offer_own_and_sinks, offer_rows, sorted_entries, sq_dist,
-    unpack_pos, Offer, Params, Probe, ProbeList, RunView, TopK,
+    fence_of, gather_coords, merge_with_coords, offer_own_and_sinks, offer_rows, sorted_entries,
+    sq_dist, unpack_pos, Offer, Params, Probe, ProbeList, RunView, TopK,
 };
 use crate::quantize::{first_non_finite, Grid};
 use crate::score::{combine, ValueRows};
@@ -187,6 +199,9 @@ struct Group {
     /// Codes of every key, per curve (u32; the index packs them with positions).
     codes: Vec<Vec<u32>>,
     runs: Vec<Run>,
+    /// The exact search's runs: curve 0 of the same chunks as `runs`, in fewer runs (see
+    /// [`exact_level`]).
+    xruns: Vec<Run>,
     /// Chunks already in runs.
     indexed_chunks: usize,
     ksum: Vec<f64>,
@@ -199,7 +214,22 @@ struct Group {
 struct IndexPlan {
     keep: usize,
     fresh: Vec<Run>,
+    /// The same for `xruns`.
+    xkeep: usize,
+    xfresh: Vec<Run>,
     indexed: usize,
+}
+
+/// The exact search's runs are levelled with this fan-out: a run of `n` chunks is at level
+/// `floor(log_R n)` and the levels decrease strictly along the list (a new run is merged
+/// into the last one while that one's level is not higher). So a cache of `c` chunks has
+/// at most `log_R c + 1` of them (6 at 1M tokens, against up to 14 dyadic runs that the
+/// window search needs to match the parallel index), and every chunk is merged about
+/// `R / 2` times per level.
+const EXACT_FANOUT: usize = 8;
+
+fn exact_level(n_chunks: usize) -> u32 {
+    n_chunks.max(1).ilog(EXACT_FANOUT)
 }
 
 /// An `attend` with fewer (batch, head, query) rows than this runs on the calling thread:
@@ -230,6 +260,8 @@ pub struct KvCache {
     grids: Vec<Grid>,
     len: usize,
     groups: Vec<Group>,
+    /// [`BRUTE_KEYS`] (tests set less, to search runs that small caches would scan).
+    brute_keys: usize,
 }
 
 const MAGIC: &[u8; 8] = b"ZETAKV\0\0";
@@ -318,6 +350,7 @@ impl KvCache {
                 values: values.clone(),
                 codes: try_vec(Vec::new(), params.n_curves, "KV cache codes")?,
                 runs: Vec::new(),
+                xruns: Vec::new(),
                 indexed_chunks: 0,
                 ksum: try_vec(0.0, key_dim, "KV cache key sums")?,
                 vsum: try_vec(0.0, value_dim, "KV cache value sums")?,
@@ -332,6 +365,7 @@ impl KvCache {
             grids,
             len: 0,
             groups,
+            brute_keys: BRUTE_KEYS,
         })
     }
 
@@ -345,13 +379,13 @@ impl KvCache {
         self.groups[0].values.dtype()
     }
 
-    /// Bytes held: keys, values, codes, run entries and coordinates, sums.
+    /// Bytes held: keys, values, codes, run entries and coordinates (both lists), boxes, sums.
     pub fn nbytes(&self) -> usize {
         let mut n = std::mem::size_of::<Self>();
         for g in &self.groups {
             n += g.keys.capacity() * 4 + g.values.len() * g.values.elem_size();
             n += g.codes.iter().map(|c| c.capacity() * 4).sum::<usize>();
-            for r in &g.runs {
+            for r in g.runs.iter().chain(&g.xruns) {
                 for (e, c, fe) in &r.curves {
                     n += e.capacity() * 8 + c.capacity() * 4 + fe.capacity() * 4;
                 }
@@ -599,7 +633,15 @@ impl KvCache {
                 HashMap::new()
             };
             // Per query chunk: its runs (high level first) and where its own chunk starts.
-            let counter: Vec<&Run> = g.runs.iter().collect();
+            // Exact search takes whichever list covers the indexed chunks in fewer runs
+            // (the counter's right after 2^k chunks, the levelled ones elsewhere).
+            let counter: Vec<&Run> = if exact && g.xruns.len() < g.runs.len() {
+                &g.xruns
+            } else {
+                &g.runs
+            }
+            .iter()
+            .collect();
             let mut lists: Vec<Vec<&Run>> = Vec::new();
             if needs_more {
                 // One list per query chunk (at most one run per bit of the chunk index).
@@ -632,7 +674,8 @@ impl KvCache {
                 };
                 tk.clear();
                 if exact {
-                    g.exact_candidates(runs, own, &self.grids[0], prm, qr, tk, sc)
+                    let brute = self.brute_keys;
+                    g.exact_candidates(runs, own, brute, &self.grids[0], prm, qr, tk, sc)
                 } else {
                     g.for_each_candidate(runs, own, &self.grids, prm, qr, p, tk)
                 }
@@ -951,7 +994,9 @@ impl KvCache {
         KvCache::from_bytes(&b)
     }
 
-    /// Exact equality of contents (keys, values, settings, index).
+    /// Exact equality of contents (keys, values, settings, index). The exact search's
+    /// levelled runs depend on how the tokens were appended (a loaded cache has one) and
+    /// are not compared: they hold the same keys and give the same answers.
     pub fn same_contents(&self, other: &KvCache) -> Result<bool> {
         Ok(self.to_bytes()? == other.to_bytes()?
             && self.groups.iter().zip(&other.groups).all(|(a, b)| {
@@ -1017,14 +1062,13 @@ fn cut_run(r: &Run, first: usize, end: usize, chunk: usize, dk: usize) -> Result
     Run::new(end - first, curves, dk)
 }
 
-/// Two adjacent runs of equal size merged into one.
-fn merge_runs(a: &Run, b: &Run, keys: &[f32], dk: usize) -> Result<Run> {
+/// Two runs of disjoint positions merged into one (every curve they have).
+fn merge_runs(a: &Run, b: &Run, dk: usize) -> Result<Run> {
     let mut curves = try_with_capacity(a.curves.len(), "KV cache runs")?;
-    for ((ea, _, _), (eb, _, _)) in a.curves.iter().zip(&b.curves) {
+    for ((ea, ca, _), (eb, cb, _)) in a.curves.iter().zip(&b.curves) {
         let mut e = try_vec(0u64, ea.len() + eb.len(), "KV cache run entries")?;
-        merge_into(ea, eb, &mut e);
         let mut co = try_vec(0.0f32, e.len() * dk, "KV cache run coordinates")?;
-        gather_coords(&e, keys, dk, &mut co);
+        merge_with_coords((ea, ca), (eb, cb), dk, &mut e, &mut co);
         let fe = fence_of(&e)?;
         curves.push((e, co, fe));
     }
@@ -1061,7 +1105,7 @@ impl Group {
                 if a.n_chunks != b.n_chunks {
                     break;
                 }
-                let merged = merge_runs(a, b, &self.keys, dk)?;
+                let merged = merge_runs(a, b, dk)?;
                 // The top run is always a fresh one, so the push below reuses its slot.
                 for _ in 0..2 {
                     if fresh.pop().is_none() {
@@ -1075,9 +1119,53 @@ impl Group {
         self.runs
             .try_reserve(need)
             .map_err(oom("KV cache runs", need))?;
+        // The exact search's runs: the new chunks as one run, then levelled merges.
+        let mut xkeep = self.xruns.len();
+        let mut xfresh: Vec<Run> = Vec::new();
+        if indexed > self.indexed_chunks {
+            let (lo, hi) = (self.indexed_chunks * chunk, indexed * chunk);
+            let e = sorted_entries(&self.codes[0], lo, hi)?;
+            let mut co = try_vec(0.0f32, e.len() * dk, "KV cache run coordinates")?;
+            gather_coords(&e, &self.keys, dk, &mut co);
+            let fe = fence_of(&e)?;
+            let mut curves = try_with_capacity(1, "KV cache runs")?;
+            curves.push((e, co, fe));
+            xfresh.try_reserve(1).map_err(oom("KV cache runs", 1))?;
+            xfresh.push(Run::new(indexed - self.indexed_chunks, curves, dk)?);
+            loop {
+                let n = xkeep + xfresh.len();
+                if n < 2 {
+                    break;
+                }
+                let at = |i: usize| {
+                    if i < xkeep {
+                        &self.xruns[i]
+                    } else {
+                        &xfresh[i - xkeep]
+                    }
+                };
+                let (a, b) = (at(n - 2), at(n - 1));
+                if exact_level(a.n_chunks) > exact_level(b.n_chunks) {
+                    break;
+                }
+                let merged = merge_runs(a, b, dk)?;
+                for _ in 0..2 {
+                    if xfresh.pop().is_none() {
+                        xkeep -= 1;
+                    }
+                }
+                xfresh.push(merged);
+            }
+        }
+        let need = (xkeep + xfresh.len()).saturating_sub(self.xruns.len());
+        self.xruns
+            .try_reserve(need)
+            .map_err(oom("KV cache runs", need))?;
         Ok(IndexPlan {
             keep,
             fresh,
+            xkeep,
+            xfresh,
             indexed,
         })
     }
@@ -1086,6 +1174,8 @@ impl Group {
     fn commit(&mut self, plan: IndexPlan, old: usize, new_len: usize, dk: usize, dv: usize) {
         self.runs.truncate(plan.keep);
         self.runs.extend(plan.fresh);
+        self.xruns.truncate(plan.xkeep);
+        self.xruns.extend(plan.xfresh);
         self.indexed_chunks = plan.indexed;
         for row in self.keys[old * dk..new_len * dk].chunks_exact(dk) {
             for (x, &y) in self.ksum.iter_mut().zip(row) {
@@ -1152,13 +1242,24 @@ impl Group {
         &self,
         runs: &[&Run],
         own: Range<usize>,
+        brute: usize,
         grid0: &Grid,
         prm: &Params,
         q: &[f32],
         tk: &mut TopK<f32>,
         sc: &mut Scratch<f32>,
     ) {
-        let views: Vec<(RunView<'_, f32>, &BoxTree<f32>)> = runs
+        // `runs` hold consecutive positions, in order, up to `own.start`: the last (smallest)
+        // ones hold the most recent keys. Up to `brute` keys of them and `own` are scanned
+        // row by row (a few thousand hot keys cost less than a window and a box-tree descent
+        // per run: ~10% of an exact decode step at 1M tokens).
+        let (mut cut, mut lo) = (runs.len(), own.start);
+        while cut > 0 && own.end - (lo - runs[cut - 1].curves[0].0.len()) <= brute {
+            cut -= 1;
+            lo -= runs[cut].curves[0].0.len();
+        }
+        let own = lo..own.end;
+        let views: Vec<(RunView<'_, f32>, &BoxTree<f32>)> = runs[..cut]
             .iter()
             .map(|r| {
                 let (e, c, fe) = &r.curves[0];
@@ -1242,7 +1343,7 @@ impl Group {
             self.make_run((l - 1, start + half), chunk, dk, made)?;
             let get = |key| self.run_at(key).or_else(|| made.get(&key));
             match (get((l - 1, start)), get((l - 1, start + half))) {
-                (Some(a), Some(b)) => merge_runs(a, b, &self.keys, dk)?,
+                (Some(a), Some(b)) => merge_runs(a, b, dk)?,
                 _ => return Err(ZetaError::Internal("a half run was not made".into())),
             }
         };
@@ -1363,6 +1464,102 @@ mod tests {
                             "t={t} h={hh} exact={exact}: {a} vs {b}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Exact decode over the levelled runs (`xruns`): equal to brute force (by (d2,
+    /// position), ties included: the keys sit on a coarse grid) after extends of mixed sizes,
+    /// with the recent-keys scan off, small and on; the runs keep their invariant.
+    #[test]
+    fn exact_decode_over_levelled_runs() {
+        use crate::index::sq_dist;
+        let (hkv, dk, dv, topk, chunk) = (2usize, 3usize, 2usize, 5usize, 4usize);
+        let prm = Params {
+            chunk,
+            window: 2,
+            n_curves: 2,
+            n_sink: 0,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        };
+        let steps = [
+            1usize, 3, 1, 1, 17, 64, 1, 5, 130, 1, 1, 2, 300, 7, 1, 33, 1,
+        ];
+        let total: usize = steps.iter().sum();
+        // Coordinates on a grid of 0.5: many equal distances.
+        let k: Vec<f32> = data(hkv * total * dk, 7)
+            .iter()
+            .map(|x| (x * 2.0).round() * 0.5)
+            .collect();
+        let v = data(hkv * total * dv, 8);
+        let gamma = vec![1.0, 1.0];
+        for brute in [0usize, 9, BRUTE_KEYS] {
+            let mut c = KvCache::new(1, hkv, dk, dv, prm, "float32").unwrap();
+            c.brute_keys = brute;
+            let mut at = 0;
+            for (si, &t) in steps.iter().enumerate() {
+                let slice = |x: &[f32], w: usize| -> Vec<f32> {
+                    (0..hkv)
+                        .flat_map(|g| x[(g * total + at) * w..(g * total + at + t) * w].to_vec())
+                        .collect()
+                };
+                c.extend(&slice(&k, dk), &slice(&v, dv), t).unwrap();
+                at += t;
+                for g in &c.groups {
+                    // Levels strictly decrease; the runs hold chunks 0..indexed, in order.
+                    let lv: Vec<u32> = g.xruns.iter().map(|r| exact_level(r.n_chunks)).collect();
+                    assert!(lv.windows(2).all(|w| w[0] > w[1]), "levels {lv:?}");
+                    let mut first = 0;
+                    for r in &g.xruns {
+                        let (e, co, _) = &r.curves[0];
+                        assert!(e.windows(2).all(|w| w[0] < w[1]));
+                        let mut pos: Vec<usize> =
+                            e.iter().map(|&x| unpack_pos(x) as usize).collect();
+                        pos.sort_unstable();
+                        let want: Vec<usize> =
+                            (first * chunk..(first + r.n_chunks) * chunk).collect();
+                        assert_eq!(pos, want);
+                        for (x, xc) in e.iter().zip(co.chunks_exact(dk)) {
+                            let p = unpack_pos(*x) as usize;
+                            assert_eq!(xc, &g.keys[p * dk..(p + 1) * dk]);
+                        }
+                        first += r.n_chunks;
+                    }
+                    assert_eq!(first, g.indexed_chunks);
+                }
+                let q: Vec<f32> = data(hkv * dk, 100 + si as u64)
+                    .iter()
+                    .map(|x| (x * 2.0).round() * 0.5)
+                    .collect();
+                let got = c
+                    .attend(&q, hkv, 1, topk, &gamma, false, None, true)
+                    .unwrap();
+                for hh in 0..hkv {
+                    let (qr, kg) = (&q[hh * dk..(hh + 1) * dk], &c.groups[hh].keys);
+                    let mut d: Vec<(f32, usize)> = (0..at)
+                        .map(|p| (sq_dist(qr, &kg[p * dk..(p + 1) * dk]), p))
+                        .collect();
+                    d.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    d.truncate(topk);
+                    // The output of these exact candidates: the forward's combine, in order.
+                    let cands: Vec<(f32, u32)> = d.iter().map(|&(x, p)| (x, p as u32)).collect();
+                    let mut want = vec![0.0f32; dv];
+                    combine(
+                        &cands,
+                        1.0,
+                        &c.groups[hh].values,
+                        None,
+                        &mut want,
+                        |_, _| {},
+                    );
+                    assert_eq!(
+                        &got[hh * dv..(hh + 1) * dv],
+                        &want[..],
+                        "brute {brute} step {si}"
+                    );
                 }
             }
         }

@@ -473,6 +473,30 @@ pub fn merge_into(a: &[u64], b: &[u64], out: &mut [u64]) {
     }
 }
 
+/// [`merge_into`] that carries each entry's `dk` coordinates along (`ca`, `cb` in the runs'
+/// order into `co`): sequential reads, where gathering them by position from the keys
+/// afterwards misses the cache once per entry on a long run.
+pub fn merge_with_coords<T: Copy>(
+    (a, ca): (&[u64], &[T]),
+    (b, cb): (&[u64], &[T]),
+    dk: usize,
+    out: &mut [u64],
+    co: &mut [T],
+) {
+    let (mut i, mut j) = (0, 0);
+    for (o, oc) in out.iter_mut().zip(co.chunks_exact_mut(dk)) {
+        if j >= b.len() || (i < a.len() && a[i] <= b[j]) {
+            *o = a[i];
+            oc.copy_from_slice(&ca[i * dk..(i + 1) * dk]);
+            i += 1;
+        } else {
+            *o = b[j];
+            oc.copy_from_slice(&cb[j * dk..(j + 1) * dk]);
+            j += 1;
+        }
+    }
+}
+
 /// One curve's merge-sort tree: `levels[l]` covers `(n_chunks >> l) << l` chunks.
 pub struct CurveTree<T> {
     pub levels: Vec<Vec<u64>>,
