@@ -135,7 +135,7 @@ pub struct ExactIndex<T> {
 const MAX_RUNS: usize = 34;
 
 /// Entries per leaf box. Perf note: see [`ExactIndex::search`].
-pub const LEAF: usize = 32;
+pub const LEAF: usize = 64;
 
 /// The k-th distance is brought up to date after a leaf once this many more than k
 /// candidates are kept (a select over ~k + SLACK keys).
@@ -190,7 +190,9 @@ impl<T: Float + Real> ExactIndex<T> {
     ///   2.2x with 8) meets several.
     /// - leaf 32 beat 16 (more nodes, fewer distances: +10%) and 8 (+35%); 64 was even.
     ///   Node visits, not distances, dominate: a node is two box bounds and a hard-to-predict
-    ///   branch.
+    ///   branch. Since the AVX2 distance scan (`simd::dist3_mask`) leaf 64 beats 32:
+    ///   3.8 vs 4.3 us here, 617-626 vs 673-698 ms for `zeta.attention(exact=True)` at
+    ///   N = 32k, H = 8 (interleaved runs); 128 was within noise of 64.
     /// - windows 8 / 16 / 32: 6.0 / 5.6 / 5.5 us: a tighter first radius pays for itself.
     /// - bringing the k-th distance up to date after every leaf (a select over k + SLACK
     ///   keys) cut leaves by 15% but the selects cost as much; SLACK = 16 won by ~5%.
