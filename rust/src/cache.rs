@@ -1075,6 +1075,42 @@ fn merge_runs(a: &Run, b: &Run, dk: usize) -> Result<Run> {
     Run::new(a.n_chunks + b.n_chunks, curves, dk)
 }
 
+/// The list `old[..keep]` then `fresh`: merges its last two runs while `merge(a, b)` says
+/// so, without touching `old` (a merge that takes one of its runs lowers `keep`).
+fn merge_last(
+    old: &[Run],
+    keep: &mut usize,
+    fresh: &mut Vec<Run>,
+    dk: usize,
+    merge: impl Fn(&Run, &Run) -> bool,
+) -> Result<()> {
+    loop {
+        let n = *keep + fresh.len();
+        if n < 2 {
+            return Ok(());
+        }
+        let at = |i: usize| {
+            if i < *keep {
+                &old[i]
+            } else {
+                &fresh[i - *keep]
+            }
+        };
+        let (a, b) = (at(n - 2), at(n - 1));
+        if !merge(a, b) {
+            return Ok(());
+        }
+        let merged = merge_runs(a, b, dk)?;
+        // The top run is always a fresh one, so the push below reuses its slot.
+        for _ in 0..2 {
+            if fresh.pop().is_none() {
+                *keep -= 1;
+            }
+        }
+        fresh.push(merged);
+    }
+}
+
 impl Group {
     /// The runs that index every chunk before the newest token's chunk (binary-counter
     /// merges), computed without changing the group: `commit` applies them.
@@ -1089,31 +1125,9 @@ impl Group {
             fresh.try_reserve(1).map_err(oom("KV cache runs", 1))?;
             fresh.push(run);
             indexed += 1;
-            loop {
-                let n = keep + fresh.len();
-                if n < 2 {
-                    break;
-                }
-                let at = |i: usize| {
-                    if i < keep {
-                        &self.runs[i]
-                    } else {
-                        &fresh[i - keep]
-                    }
-                };
-                let (a, b) = (at(n - 2), at(n - 1));
-                if a.n_chunks != b.n_chunks {
-                    break;
-                }
-                let merged = merge_runs(a, b, dk)?;
-                // The top run is always a fresh one, so the push below reuses its slot.
-                for _ in 0..2 {
-                    if fresh.pop().is_none() {
-                        keep -= 1;
-                    }
-                }
-                fresh.push(merged);
-            }
+            merge_last(&self.runs, &mut keep, &mut fresh, dk, |a, b| {
+                a.n_chunks == b.n_chunks
+            })?;
         }
         let need = (keep + fresh.len()).saturating_sub(self.runs.len());
         self.runs
@@ -1132,30 +1146,9 @@ impl Group {
             curves.push((e, co, fe));
             xfresh.try_reserve(1).map_err(oom("KV cache runs", 1))?;
             xfresh.push(Run::new(indexed - self.indexed_chunks, curves, dk)?);
-            loop {
-                let n = xkeep + xfresh.len();
-                if n < 2 {
-                    break;
-                }
-                let at = |i: usize| {
-                    if i < xkeep {
-                        &self.xruns[i]
-                    } else {
-                        &xfresh[i - xkeep]
-                    }
-                };
-                let (a, b) = (at(n - 2), at(n - 1));
-                if exact_level(a.n_chunks) > exact_level(b.n_chunks) {
-                    break;
-                }
-                let merged = merge_runs(a, b, dk)?;
-                for _ in 0..2 {
-                    if xfresh.pop().is_none() {
-                        xkeep -= 1;
-                    }
-                }
-                xfresh.push(merged);
-            }
+            merge_last(&self.xruns, &mut xkeep, &mut xfresh, dk, |a, b| {
+                exact_level(a.n_chunks) <= exact_level(b.n_chunks)
+            })?;
         }
         let need = (xkeep + xfresh.len()).saturating_sub(self.xruns.len());
         self.xruns
