@@ -15,8 +15,10 @@
 //! time as levelled runs (fan-out [`EXACT_FANOUT`]: at most 6 runs at 1M tokens, against
 //! up to 14 dyadic ones) and an exact decode searches whichever list has fewer runs, after
 //! scanning the newest [`BRUTE_KEYS`] keys row by row. At S = 1M, just before 2^20 tokens
-//! (14 dyadic runs), that took an exact step from ~27 to ~13 us per head (`bench_decode`);
-//! it costs ~4% more bytes per token and ~10-15% of `extend`'s throughput.
+//! (14 dyadic runs), that took an exact step from 20-31 to 13-14 us per head (interleaved
+//! runs of both builds; `bench_decode`'s runs at 1M vary 2x on the VM measured) and from
+//! 1.24-1.36x to 0.93-0.97x the window search's time there; it costs ~4% more bytes per
+//! token and 5-15% of `extend`'s throughput.
 //!
 //! Queries that lie in an older chunk than the tail (a multi-token `attend` that spans
 //! chunks, e.g. a prefill) need the runs of their own chunk index, which the counter has
@@ -1121,7 +1123,8 @@ impl Group {
         let mut fresh: Vec<Run> = Vec::new();
         let mut indexed = self.indexed_chunks;
         while indexed < target {
-            let run = self.chunk_run(indexed * chunk, (indexed + 1) * chunk, dk)?;
+            let n = self.codes.len();
+            let run = self.sorted_run(indexed * chunk, (indexed + 1) * chunk, chunk, n, dk)?;
             fresh.try_reserve(1).map_err(oom("KV cache runs", 1))?;
             fresh.push(run);
             indexed += 1;
@@ -1138,14 +1141,8 @@ impl Group {
         let mut xfresh: Vec<Run> = Vec::new();
         if indexed > self.indexed_chunks {
             let (lo, hi) = (self.indexed_chunks * chunk, indexed * chunk);
-            let e = sorted_entries(&self.codes[0], lo, hi)?;
-            let mut co = try_vec(0.0f32, e.len() * dk, "KV cache run coordinates")?;
-            gather_coords(&e, &self.keys, dk, &mut co);
-            let fe = fence_of(&e)?;
-            let mut curves = try_with_capacity(1, "KV cache runs")?;
-            curves.push((e, co, fe));
             xfresh.try_reserve(1).map_err(oom("KV cache runs", 1))?;
-            xfresh.push(Run::new(indexed - self.indexed_chunks, curves, dk)?);
+            xfresh.push(self.sorted_run(lo, hi, chunk, 1, dk)?);
             merge_last(&self.xruns, &mut xkeep, &mut xfresh, dk, |a, b| {
                 exact_level(a.n_chunks) <= exact_level(b.n_chunks)
             })?;
@@ -1183,17 +1180,25 @@ impl Group {
         }
     }
 
-    /// The sorted run of positions `[lo, hi)` (one chunk).
-    fn chunk_run(&self, lo: usize, hi: usize, dk: usize) -> Result<Run> {
-        let mut curves = try_with_capacity(self.codes.len(), "KV cache runs")?;
-        for codes in &self.codes {
+    /// The sorted run of positions `[lo, hi)` (whole chunks) over the first `n_curves`
+    /// curves.
+    fn sorted_run(
+        &self,
+        lo: usize,
+        hi: usize,
+        chunk: usize,
+        n_curves: usize,
+        dk: usize,
+    ) -> Result<Run> {
+        let mut curves = try_with_capacity(n_curves, "KV cache runs")?;
+        for codes in &self.codes[..n_curves] {
             let e = sorted_entries(codes, lo, hi)?;
             let mut co = try_vec(0.0f32, e.len() * dk, "KV cache run coordinates")?;
             gather_coords(&e, &self.keys, dk, &mut co);
             let fe = fence_of(&e)?;
             curves.push((e, co, fe));
         }
-        Run::new(1, curves, dk)
+        Run::new((hi - lo) / chunk, curves, dk)
     }
 
     /// Candidates of a query at position `p`: the window of every run of `runs` (the binary
@@ -1329,7 +1334,7 @@ impl Group {
             at += r.n_chunks;
         }
         let run = if l == 0 {
-            self.chunk_run(start * chunk, end * chunk, dk)?
+            self.sorted_run(start * chunk, end * chunk, chunk, self.codes.len(), dk)?
         } else {
             let half = 1 << (l - 1);
             self.make_run((l - 1, start), chunk, dk, made)?;
