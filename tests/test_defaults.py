@@ -1,5 +1,5 @@
 """The default index settings (issue 10): 2 curves and window 4 * topk for the window search,
-chosen so that recall@32 is >= 0.9 on the recall benchmark; 1 curve and window topk for the
+chosen so that recall@32 is >= 0.9 on the recall benchmark; 1 curve and window 2 * topk for the
 exact search (they change only its speed). The same on every entry point."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_resolved_defaults():
     p = index_params(3, 10)
     assert p.window == 40  # scales with topk
     p = index_params(3, 32, exact=True)
-    assert (p.n_curves, p.window, p.exact) == (1, 32, True)
+    assert (p.n_curves, p.window, p.exact) == (1, 64, True)
     # valid for every key_dim (n_curves <= d_k + 1)
     assert index_params(1, 32).n_curves == 2
     assert default_n_curves() == 2 and default_window(32) == 128
@@ -58,8 +58,8 @@ def test_exact_defaults_and_answer():
     i_x, d_x = zeta.knn(q, k, 32, exact=True)
     i_b, d_b = zeta.exact_knn(q, k, 32)
     np.testing.assert_array_equal(i_x, i_b)
-    # the exact search's own defaults (1 curve, window topk) are what it resolves to
-    i_s, _ = zeta.knn(q, k, 32, exact=True, n_curves=1, window=32)
+    # the exact search's own defaults (1 curve, window 2 * topk) are what it resolves to
+    i_s, _ = zeta.knn(q, k, 32, exact=True, n_curves=1, window=64)
     np.testing.assert_array_equal(i_x, i_s)
 
 

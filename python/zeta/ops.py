@@ -128,14 +128,14 @@ def knn(
         causal: restrict to past keys (exact at token level).
         chunk: tokens per chunk of the dyadic-run index.
         window: candidates taken on each side of the query's code in every run (default
-            ``4 * topk``; ``topk`` with ``exact``); a window >= S makes the result exact.
+            ``4 * topk``; ``2 * topk`` with ``exact``); a window >= S makes the result exact.
         n_curves: shifted Z-curves searched (1..d_k+1; default 2, 1 with ``exact``); more
             curves, more recall. The defaults find ~94% of the exact top-32 of Gaussian 3-D
             keys at N = 64k (92% at 256k; benches/bench_recall.py).
         n_sink: first positions always taken as candidates.
         bits: grid bits per coordinate (default ``32 // d_k``).
         scale: the fixed squash's scale (see :func:`zeta.zorder`).
-        exact: exact search: the windows give a first k-th distance, then every block of
+        exact: exact search: a window gives a first k-th distance, then every block of
             the index whose bounding box meets that ball is scanned, so the result equals
             the brute-force top-k (:func:`exact_knn`), ties by position included, on any
             input. ``window``, ``n_curves``, ``n_sink``, ``chunk``, ``bits`` and ``scale``

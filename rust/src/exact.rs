@@ -3,11 +3,16 @@
 //! Each sorted run of the index is a spatial hierarchy: consecutive Z-order blocks of
 //! [`FENCE`] entries have small bounding boxes. [`ExactIndex`] keeps, for every level of the
 //! curve-0 tree, the boxes of its blocks as a complete binary tree (a node's box covers its
-//! children's). A query first takes the usual window in every run and its own chunk, which
-//! gives a k-th distance `r`; then, in every run, it descends the box tree and scans only
-//! the blocks whose box lies within `r` (nearer child first, `r` shrinking as it goes).
+//! children's). A causal query searches few runs: the smallest aligned block of the index
+//! that holds every key it may see (most queries: one run, the prefix `[0, 2^l chunks)`),
+//! with the positions after its own dropped, or, where that block is not a run (the tail of
+//! a length that is not a power of two), the whole runs before it and then such a block.
+//! The window of the first run gives a k-th distance `r`; then, in every run, the query
+//! descends the box tree and scans only the blocks whose box lies within `r` (nearer child
+//! first, `r` shrinking as it goes).
 //!
-//! Exactness: every visible key lies in a run or in the own chunk, and a block is skipped
+//! Exactness: every visible key lies in a searched run (or the own chunk, scanned whole when
+//! no run holds it), a key is dropped only for its position, and a block is skipped
 //! only when the lower bound of its box exceeds `r` (strictly: a key at distance exactly `r`
 //! can still win its tie by position). The bound is computed with the same float operations
 //! in the same order as the distance itself (`((0 + g0*g0) + g1*g1) + ...`, `g` the gap from
@@ -20,7 +25,9 @@
 //!
 //! Perf notes: see [`ExactIndex::search`].
 use crate::error::{numel, try_vec, Result};
-use crate::index::{offer_rows, scan_probes_ranges, CurveTree, KeyIndex, Probe, RunView, FENCE};
+use crate::index::{
+    offer_rows, scan_probes_ranges, CurveTree, KeyIndex, Offer, Probe, RunView, FENCE,
+};
 use crate::morton::with_dims;
 use crate::quantize::Real;
 use crate::topk::TopK;
@@ -200,8 +207,18 @@ impl<T: Float + Real> ExactIndex<T> {
     /// - walking down the nearer child instead of pushing both children and popping one:
     ///   -15% (5.7-5.9 -> 4.9-5.1 us; leaf 32 still beat 16 and 64 after it).
     ///
-    /// Not tried yet: a best-first order over all runs at once, SIMD box bounds (AVX2, 8
-    /// children per node), per-level leaf sizes.
+    /// - one run with its invisible keys dropped (the smallest aligned block that holds the
+    ///   query's keys) instead of the ~log2(c) dyadic runs of its chunk index `c` plus the
+    ///   own chunk, the window on that run only: 4.1 -> 2.8 us (window 64, leaf 64; ~20
+    ///   leaves and ~55 nodes per query); `zeta.attention(exact=True)` at N = 32k, H = 8:
+    ///   ~600 -> ~470 ms. The wider window pays now that there is one: windows 32 / 64 / 128
+    ///   3.1 / 2.8 / 2.9 us; no window (the descent from r = inf): 5.7 us.
+    /// - a top-k kept sorted (insertion per accepted key, always the tightest r) instead of
+    ///   the select once k + SLACK are kept: 4% fewer leaves, no faster.
+    ///
+    /// Not tried yet: leaves cut at Morton cell boundaries (a fixed 64-entry block that
+    /// crosses a high cell boundary has a box as wide as that cell; most of the ~20 leaves a
+    /// query scans hold no top-k key), SIMD box bounds (AVX2, 8 children per node).
     pub fn search(
         &self,
         ix: &KeyIndex<T>,
@@ -227,61 +244,74 @@ impl<T: Float + Real> ExactIndex<T> {
         debug_assert_eq!(q.len(), D);
         let prm = &ix.params;
         let tree = &ix.curves[0];
-        // The runs (level, first entry, end) that hold the visible keys outside the own chunk.
-        let mut runs = [(0usize, 0usize, 0usize); MAX_RUNS];
-        let mut nr = 0;
-        let own = if !prm.causal {
-            if !tree.levels.is_empty() {
-                runs[0] = (0, 0, tree.levels[0].len());
-                nr = 1;
-            }
-            0..0
-        } else {
-            let chunk = prm.chunk;
-            let c = p / chunk;
-            let mut start = 0usize;
-            for l in (0..tree.levels.len()).rev() {
-                if (c >> l) & 1 == 1 {
-                    runs[nr] = (l, start * chunk, (start + (1 << l)) * chunk);
-                    nr += 1;
-                    start += 1 << l;
-                }
-            }
-            c * chunk..p + 1
-        };
-        // 1. The window of every run and the own chunk: a first k-th distance.
-        let qc = ix.grids[0].code(q) as u32;
-        let mut probes = [Probe {
-            run: RunView {
-                entries: &[],
-                coords: &[],
-                fence: &[],
-            },
-            qcode: qc,
-        }; MAX_RUNS];
-        for (pr, &(l, a, b)) in probes.iter_mut().zip(&runs[..nr]) {
-            pr.run = run_view(tree, l, a, b, D);
-        }
-        let mut win = [(0usize, 0usize); MAX_RUNS];
-        scan_probes_ranges(&probes[..nr], q, prm.window, tk, |i, lo, hi| {
-            win[i] = (runs[i].1 + lo, runs[i].1 + hi)
-        });
-        offer_rows(q, k, own, tk);
-        // 2. Every block of every run whose box meets the ball, skipping the windows.
         let qa: [T; D] = std::array::from_fn(|i| q[i]);
-        tk.tighten();
-        for (&(l, a, b), &(wlo, whi)) in runs[..nr].iter().zip(&win[..nr]) {
-            let level = RunView {
-                entries: &tree.levels[l],
-                coords: &tree.coords[l],
-                fence: &[],
+        let qcode = ix.grids[0].code(q) as u32;
+        let mut run =
+            |(l, a, b, lim): (usize, usize, usize, u32), first: bool, tk: &mut TopK<T>| {
+                let level = RunView {
+                    entries: &tree.levels[l],
+                    coords: &tree.coords[l],
+                    fence: &[],
+                };
+                // The first run's window gives a first k-th distance (the rest start from it).
+                let mut win = (b, b);
+                if first && prm.window > 0 {
+                    let probe = [Probe {
+                        run: run_view(tree, l, a, b, D),
+                        qcode,
+                    }];
+                    let mut f = |pos: u32, d2: T| {
+                        if pos <= lim {
+                            tk.push(pos, d2)
+                        }
+                    };
+                    scan_probes_ranges(&probe, q, prm.window, &mut f, |_, lo, hi| {
+                        win = (a + lo, a + hi)
+                    });
+                    tk.tighten();
+                }
+                Self::descend::<D>(&self.trees[l], &level, &qa, (a, b), win, lim, tk, stack);
             };
-            Self::descend::<D>(&self.trees[l], &level, &qa, (a, b), (wlo, whi), tk, stack);
+        if !prm.causal {
+            if !tree.levels.is_empty() {
+                run((0, 0, tree.levels[0].len(), u32::MAX), true, tk);
+            }
+            return;
         }
+        // The runs that hold the visible keys, as (level, first entry, end, last visible
+        // position): the chunks before the query's split at the set bits of its chunk index
+        // (whole runs), except that as soon as the aligned block of 2^l chunks that holds
+        // all the rest (own chunk included) is one run of the index, that block is searched
+        // instead with the positions after `p` dropped. More than 2^(l-1) of its chunks are
+        // visible, so at most half of its keys are scanned for nothing, and one descent
+        // replaces up to l + 1 of them.
+        let chunk = prm.chunk;
+        let c = p / chunk;
+        let mut start = 0usize;
+        let mut first = true;
+        while start < c {
+            let rem = c - start;
+            let l = (usize::BITS - rem.leading_zeros()) as usize; // 2^(l-1) <= rem < 2^l
+            let end = (start + (1 << l)) * chunk;
+            if l < tree.levels.len() && end <= tree.levels[l].len() {
+                run((l, start * chunk, end, p as u32), first, tk);
+                return;
+            }
+            let t = l - 1;
+            run(
+                (t, start * chunk, (start + (1 << t)) * chunk, u32::MAX),
+                first,
+                tk,
+            );
+            first = false;
+            start += 1 << t;
+        }
+        offer_rows(q, k, c * chunk..p + 1, &mut Upto { tk, lim: u32::MAX });
     }
 
     /// Scans the blocks of entries `a..b` of one level that can hold a top-k key, except
-    /// the entries `wlo..whi` (already offered).
+    /// the entries `wlo..whi` (already offered), dropping the positions after `lim`.
+    #[allow(clippy::too_many_arguments)]
     #[inline]
     pub(crate) fn descend<const D: usize>(
         bt: &BoxTree<T>,
@@ -289,6 +319,7 @@ impl<T: Float + Real> ExactIndex<T> {
         q: &[T; D],
         (a, b): (usize, usize),
         (wlo, whi): (usize, usize),
+        lim: u32,
         tk: &mut TopK<T>,
         stack: &mut Vec<(usize, T)>,
     ) {
@@ -343,8 +374,9 @@ impl<T: Float + Real> ExactIndex<T> {
                 // Most keys of a leaf at the ball's edge lie outside it: the scan compares
                 // them with the k-th distance known now (`tk`'s bound) before the top-k's
                 // store (which filters again, exactly, with ties by position).
-                level.scan_range(q, s0, s1.min(wlo).max(s0), tk);
-                level.scan_range(q, whi.max(s0).min(s1), s1, tk);
+                let mut f = Upto { tk: &mut *tk, lim };
+                level.scan_range(q, s0, s1.min(wlo).max(s0), &mut f);
+                level.scan_range(q, whi.max(s0).min(s1), s1, &mut f);
                 tk.tighten_over(SLACK);
             }
         }
@@ -407,7 +439,25 @@ fn search_runs_d<T: Float + Real, const D: usize>(
             fence: &[],
         };
         let n = rv.entries.len();
-        ExactIndex::descend::<D>(bt, &level, &qa, (0, n), w, tk, &mut sc.stack);
+        ExactIndex::descend::<D>(bt, &level, &qa, (0, n), w, u32::MAX, tk, &mut sc.stack);
+    }
+}
+
+/// A [`TopK`] that drops the positions after `lim` (the invisible keys of a run that holds
+/// the query's own chunk).
+struct Upto<'a, T: Real> {
+    tk: &'a mut TopK<T>,
+    lim: u32,
+}
+
+impl<T: Float + Real> Offer<T> for Upto<'_, T> {
+    #[inline(always)]
+    fn offer(&mut self, pos: u32, d2: T) {
+        self.tk.push_if(pos, d2, pos <= self.lim)
+    }
+    #[inline(always)]
+    fn bound(&self) -> T {
+        self.tk.bound()
     }
 }
 
@@ -584,30 +634,52 @@ mod tests {
         let mut tk = TopK::<f32>::new(topk, 1);
         let mut sc = super::Scratch::default();
         let mut out = Vec::new();
-        let t0 = std::time::Instant::now();
-        for &(_, i) in &order {
-            tk.clear();
-            ix.for_each_candidate(&q[i * dk..(i + 1) * dk], i, &k, &mut tk);
-            tk.drain_sorted(&mut out);
-        }
-        let base = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
-        println!("window 32: {base:.3} us/query");
-        for window in [8usize, 16, 32] {
-            let ix = KeyIndex::build(&k, dk, &prm(window)).unwrap();
-            for leaf in [16usize, 32, 64] {
-                let ex = super::ExactIndex::build_with(&ix, leaf).unwrap();
+        // (window, leaf) pairs; ZETA_EXACT_TIMING="64:64,32:128" overrides. Best of 3
+        // rounds, the configurations interleaved (this machine's speed drifts).
+        let configs: Vec<(usize, usize)> = std::env::var("ZETA_EXACT_TIMING")
+            .map(|v| {
+                v.split(',')
+                    .map(|c| {
+                        let (w, l) = c.split_once(':').unwrap();
+                        (w.parse().unwrap(), l.parse().unwrap())
+                    })
+                    .collect()
+            })
+            .unwrap_or_else(|_| vec![(32, 64), (64, 64), (64, 128), (128, 128)]);
+        let built: Vec<_> = configs
+            .iter()
+            .map(|&(w, l)| {
+                let ix = KeyIndex::build(&k, dk, &prm(w)).unwrap();
+                let ex = super::ExactIndex::build_with(&ix, l).unwrap();
+                (ix, ex)
+            })
+            .collect();
+        let mut base = f64::INFINITY;
+        let mut best = vec![f64::INFINITY; configs.len()];
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            for &(_, i) in &order {
+                tk.clear();
+                ix.for_each_candidate(&q[i * dk..(i + 1) * dk], i, &k, &mut tk);
+                tk.drain_sorted(&mut out);
+            }
+            base = base.min(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
+            for ((ix, ex), b) in built.iter().zip(best.iter_mut()) {
                 let t0 = std::time::Instant::now();
                 for &(_, i) in &order {
                     tk.clear();
-                    ex.search(&ix, &q[i * dk..(i + 1) * dk], i, &k, &mut tk, &mut sc);
+                    ex.search(ix, &q[i * dk..(i + 1) * dk], i, &k, &mut tk, &mut sc);
                     tk.drain_sorted(&mut out);
                 }
-                let t = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
-                println!(
-                    "exact window {window} leaf {leaf}: {t:.3} us/query ({:.2}x)",
-                    t / base
-                );
+                *b = b.min(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
             }
+        }
+        println!("window 32: {base:.3} us/query");
+        for (&(window, leaf), t) in configs.iter().zip(&best) {
+            println!(
+                "exact window {window} leaf {leaf}: {t:.3} us/query ({:.2}x)",
+                t / base
+            );
         }
     }
 }

@@ -61,6 +61,17 @@ impl<T: Float + Real> TopK<T> {
             self.compact();
         }
     }
+    /// [`TopK::push`] when `ok`, else nothing (branchless).
+    #[inline(always)]
+    pub fn push_if(&mut self, pos: u32, d2: T, ok: bool) {
+        let key = d2.key(pos);
+        self.buf[self.n] = key;
+        self.n += usize::from(ok & (key < self.thresh));
+        if self.n == self.cap {
+            self.compact();
+        }
+    }
+
     /// The k-th smallest d2 known so far (+inf until k distinct candidates are known): no
     /// candidate with a larger d2 can enter, one with an equal d2 still may (smaller
     /// position). Only as tight as the last cut; see [`TopK::tighten`].
