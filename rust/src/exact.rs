@@ -534,6 +534,10 @@ mod tests {
                 (4, 400, 50, 64, 32, 64),
                 (8, 200, 200, 16, 3, 7),
                 (3, 130, 130, 64, 1, 200),
+                // 16 chunks (the prefix blocks are runs up to the whole) and 17 plus a
+                // partial chunk (the tail's queries search whole runs, then a block)
+                (3, 1024, 1024, 64, 8, 32),
+                (3, 1093, 1093, 64, 16, 16),
             ] {
                 for causal in [true, false] {
                     let sh = Shape {
@@ -571,7 +575,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 9 * 7 * 2);
+        assert_eq!(checked, 9 * 9 * 2);
     }
 
     /// The bound never exceeds the float distance of a point in the box, even where the
