@@ -127,7 +127,9 @@ fn box_lb<T: Float, const D: usize>(q: &[T; D], bx: &[T]) -> T {
     for i in 0..D {
         // lo - q > 0 below the box, q - hi > 0 above it, both <= 0 inside; -fl(a - b) is
         // fl(b - a), so the square is that of the key's difference at the box's face.
-        let g = (bx[i] - q[i]).max(q[i] - bx[D + i]).max(T::zero());
+        let (a, b) = (bx[i] - q[i], q[i] - bx[D + i]);
+        let g = if a > b { a } else { b };
+        let g = if g > T::zero() { g } else { T::zero() };
         s = s + g * g;
     }
     s
