@@ -13,7 +13,7 @@
 //! [`crate::backward`].
 pub use crate::backward::backward;
 use crate::error::{numel, try_vec, vec_or_unwind, Result, ZetaError};
-use crate::exact::{ExactIndex, Scratch};
+use crate::exact::{Batch, ExactIndex, Scratch};
 use crate::index::{select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
 use crate::score::{combine, ValueElem, ValueRows};
@@ -286,18 +286,38 @@ impl<T: Float + Real> Searcher<T> {
         })
     }
 
-    /// Per-thread state of [`Searcher::run`].
-    fn topk(&self, topk: usize) -> (TopK<T>, Scratch<T>) {
-        (TopK::new(topk, self.mult), Scratch::default())
+    /// Per-thread state of [`Searcher::run`] and [`Searcher::run_block`].
+    fn topk(&self, topk: usize) -> (TopK<T>, Scratch<T>, Option<Batch<T>>) {
+        let batch = self.exact.as_ref().map(|_| Batch::new(topk));
+        (TopK::new(topk, self.mult), Scratch::default(), batch)
     }
 
-    /// Fills `tk` (cleared first) with the query's candidates.
-    #[inline]
-    fn run(&self, q: &[T], p: usize, k: &[T], (tk, sc): &mut (TopK<T>, Scratch<T>)) {
-        tk.clear();
-        match &self.exact {
-            Some(ex) => ex.search(&self.index, q, p, k, tk, sc),
-            None => self.index.for_each_candidate(q, p, k, tk),
+    /// Runs the queries `ids` (in curve order) and calls `f(id, top-k)` for each:
+    /// `query(id)` is its coordinates and position. Exact search takes them in groups
+    /// ([`ExactIndex::search_block`]).
+    ///
+    /// Perf note (`exact_timing`, N = 64k): groups of 8 queries that walk the box tree
+    /// together: 2.46 -> 2.27 us per query (16: the same; blocks of 1,024: the same).
+    fn run_block<'q>(
+        &self,
+        ids: &[u32],
+        query: impl Fn(u32) -> (&'q [T], usize),
+        k: &[T],
+        st: &mut (TopK<T>, Scratch<T>, Option<Batch<T>>),
+        mut f: impl FnMut(u32, &mut TopK<T>),
+    ) where
+        T: 'q,
+    {
+        match (&self.exact, &mut st.2) {
+            (Some(ex), Some(batch)) => ex.search_block(&self.index, ids, query, k, batch, f),
+            _ => {
+                for &id in ids {
+                    let (q, p) = query(id);
+                    st.0.clear();
+                    self.index.for_each_candidate(q, p, k, &mut st.0);
+                    f(id, &mut st.0);
+                }
+            }
         }
     }
 }
@@ -339,23 +359,24 @@ pub fn knn_with<T: Float + Real>(
             let qg = &q[(b * sh.h + hkv * g) * sh.n * sh.dk..][..g * sh.n * sh.dk];
             let order = query_order(&sr.index, qg, sh.dk)?;
             let (irows, drows) = (Rows::new(idx_g, topk), Rows::new(dist_g, topk));
+            let query = |qi: u32| {
+                let qi = qi as usize;
+                (&qg[qi * sh.dk..(qi + 1) * sh.dk], sh.s - sh.n + qi % sh.n)
+            };
             order.par_chunks(QUERY_BLOCK).for_each_init(
                 // No more than S distinct keys can be kept, whatever topk asks for.
                 || (sr.topk(topk.min(sh.s)), Vec::new()),
-                |(tk, cands), block| {
-                    for &qi in block {
-                        let qi = qi as usize;
-                        let qrow = &qg[qi * sh.dk..(qi + 1) * sh.dk];
-                        let p = sh.s - sh.n + qi % sh.n;
-                        sr.run(qrow, p, kk, tk);
-                        tk.0.drain_sorted(cands);
+                |(st, cands), block| {
+                    sr.run_block(block, query, kk, st, |qi, tk| {
+                        tk.drain_sorted(cands);
                         // SAFETY: `order` is a permutation: each row is written by one task.
-                        let (io, dout) = unsafe { (irows.row(qi), drows.row(qi)) };
+                        let (io, dout) =
+                            unsafe { (irows.row(qi as usize), drows.row(qi as usize)) };
                         for (slot, &(d2, pos)) in cands.iter().enumerate() {
                             io[slot] = pos as i64;
                             dout[slot] = d2;
                         }
-                    }
+                    });
                 },
             );
             Ok(())
@@ -422,6 +443,10 @@ where
             let qg = &q[(b * sh.h + hkv * g) * sh.n * dk..][..g * sh.n * dk];
             let order = query_order(&sr.index, qg, dk)?;
             let (orows, irows) = (Rows::new(out_g, dv), Rows::new(idx_g, topk));
+            let query = |qi: u32| {
+                let qi = qi as usize;
+                (&qg[qi * dk..(qi + 1) * dk], sh.s - sh.n + qi % sh.n)
+            };
             order.par_chunks(QUERY_BLOCK).for_each_init(
                 || {
                     (
@@ -431,15 +456,14 @@ where
                         vec_or_unwind(T::zero(), dv, "attention scratch"),
                     )
                 },
-                |(tk, cands, kbar, vbar), block| {
-                    for &qi in block {
+                |(st, cands, kbar, vbar), block| {
+                    sr.run_block(block, query, kk, st, |qi, tk| {
                         let qi = qi as usize;
                         let h = hkv * g + qi / sh.n;
                         let qrow = &qg[qi * dk..(qi + 1) * dk];
                         let p = sh.s - sh.n + qi % sh.n;
                         let g2 = T::from(gamma[h] * gamma[h]).unwrap();
-                        sr.run(qrow, p, kk, tk);
-                        tk.0.drain_sorted(cands);
+                        tk.drain_sorted(cands);
                         // SAFETY: `order` is a permutation: each row is written by one task.
                         let (o, io) = unsafe { (orows.row(qi), irows.row(qi)) };
                         let mean = if opts.mean_token {
@@ -450,7 +474,7 @@ where
                             None
                         };
                         combine(cands, g2, vv, mean, o, |slot, pos| io[slot] = pos as i32);
-                    }
+                    });
                 },
             );
             Ok(())

@@ -163,6 +163,48 @@ impl<T> Default for Scratch<T> {
     }
 }
 
+/// Most queries searched together by [`ExactIndex::search_group`].
+pub const GROUP: usize = 8;
+
+/// Per-thread state of [`ExactIndex::search_block`].
+pub struct Batch<T: Real> {
+    /// The top-k of each query of a group.
+    pub tks: Vec<TopK<T>>,
+    sc: Scratch<T>,
+    /// (run level + 1, or 0 for a query searched alone; query id), a block's queries.
+    plan: Vec<(u32, u32, u32)>,
+    qs: Vec<T>,
+    lims: Vec<u32>,
+}
+
+impl<T: Float + Real> Batch<T> {
+    /// For top-`k` searches (multiplicity 1).
+    pub fn new(k: usize) -> Self {
+        Batch {
+            tks: (0..GROUP).map(|_| TopK::new(k, 1)).collect(),
+            sc: Scratch::default(),
+            plan: Vec::new(),
+            qs: Vec::new(),
+            lims: Vec::new(),
+        }
+    }
+}
+
+/// The lower bound of [`box_lb`] for every query inside the box `qlo..=qhi` at once: per
+/// coordinate the gap to the nearest query, which is no larger (in floats too: subtraction
+/// rounds monotonically) than any one query's gap.
+#[inline(always)]
+fn box_box_lb<T: Float, const D: usize>(qlo: &[T; D], qhi: &[T; D], bx: &[T]) -> T {
+    let mut s = T::zero();
+    for i in 0..D {
+        let (a, b) = (bx[i] - qhi[i], qlo[i] - bx[D + i]);
+        let g = if a > b { a } else { b };
+        let g = if g > T::zero() { g } else { T::zero() };
+        s = s + g * g;
+    }
+    s
+}
+
 impl<T: Float + Real> ExactIndex<T> {
     pub fn build(ix: &KeyIndex<T>) -> Result<Self> {
         Self::build_with(ix, LEAF)
@@ -309,6 +351,224 @@ impl<T: Float + Real> ExactIndex<T> {
             start += 1 << t;
         }
         offer_rows(q, k, c * chunk..p + 1, &mut Upto { tk, lim: u32::MAX });
+    }
+
+    /// The one run `(level, first entry, end)` that holds every key a query at position `p`
+    /// may see, with `lim` the last visible position, when the index has one (the first
+    /// choice of [`ExactIndex::search`]); None: search the query alone.
+    pub fn single_run(&self, ix: &KeyIndex<T>, p: usize) -> Option<((usize, usize, usize), u32)> {
+        let tree = &ix.curves[0];
+        let prm = &ix.params;
+        if !prm.causal {
+            return (!tree.levels.is_empty()).then(|| ((0, 0, tree.levels[0].len()), u32::MAX));
+        }
+        let c = p / prm.chunk;
+        if c == 0 {
+            return None;
+        }
+        let l = (usize::BITS - c.leading_zeros()) as usize;
+        let end = (1usize << l) * prm.chunk;
+        (l < tree.levels.len() && end <= tree.levels[l].len()).then_some(((l, 0, end), p as u32))
+    }
+
+    /// [`ExactIndex::search`] of the queries `ids` (`query(id)` = its coordinates and
+    /// position), calling `f(id, top-k)` with each one's brute-force top-k. Queries whose
+    /// keys lie in one run are searched in groups of [`GROUP`] with the same run, in the
+    /// order of `ids` otherwise (pass them in curve order: a group then shares its blocks).
+    pub fn search_block<'q>(
+        &self,
+        ix: &KeyIndex<T>,
+        ids: &[u32],
+        query: impl Fn(u32) -> (&'q [T], usize),
+        k: &[T],
+        bt: &mut Batch<T>,
+        mut f: impl FnMut(u32, &mut TopK<T>),
+    ) where
+        T: 'q,
+    {
+        let Batch {
+            tks,
+            sc,
+            plan,
+            qs,
+            lims,
+        } = bt;
+        plan.clear();
+        for &id in ids {
+            let (q, p) = query(id);
+            match self.single_run(ix, p) {
+                Some(((l, _, _), lim)) => plan.push((l as u32 + 1, id, lim)),
+                None => {
+                    tks[0].clear();
+                    self.search(ix, q, p, k, &mut tks[0], sc);
+                    f(id, &mut tks[0]);
+                }
+            }
+        }
+        plan.sort_by_key(|x| x.0); // stable: curve order within a run
+        let dk = ix.dk;
+        for same in plan.chunk_by(|x, y| x.0 == y.0) {
+            let l = (same[0].0 - 1) as usize;
+            let (_, a, b) = self.single_run(ix, query(same[0].1).1).unwrap().0;
+            debug_assert_eq!(l, self.single_run(ix, query(same[0].1).1).unwrap().0 .0);
+            for grp in same.chunks(GROUP) {
+                qs.clear();
+                lims.clear();
+                for &(_, id, lim) in grp {
+                    qs.extend_from_slice(&query(id).0[..dk]);
+                    lims.push(lim);
+                }
+                self.search_group(ix, (l, a, b), qs, lims, tks, sc);
+                for (&(_, id, _), tk) in grp.iter().zip(tks.iter_mut()) {
+                    f(id, tk);
+                }
+            }
+        }
+    }
+
+    /// [`ExactIndex::search`] of up to [`GROUP`] queries whose keys all lie in one run
+    /// (`run` and their `lims`, from [`ExactIndex::single_run`]): `qs` holds their
+    /// coordinates (d_k each), `tks[i]` ends up with query i's brute-force top-k. Each query
+    /// takes its own window, then the box tree is walked once for the group (a node is left
+    /// when its bound to the group's box exceeds every query's k-th distance) and each leaf
+    /// is scanned for the queries whose own bound it meets.
+    pub fn search_group(
+        &self,
+        ix: &KeyIndex<T>,
+        run: (usize, usize, usize),
+        qs: &[T],
+        lims: &[u32],
+        tks: &mut [TopK<T>],
+        sc: &mut Scratch<T>,
+    ) {
+        let st = &mut sc.stack;
+        with_dims!(ix.dk, D => self.search_group_d::<D>(ix, run, qs, lims, tks, st))
+    }
+
+    fn search_group_d<const D: usize>(
+        &self,
+        ix: &KeyIndex<T>,
+        (l, a, b): (usize, usize, usize),
+        qs: &[T],
+        lims: &[u32],
+        tks: &mut [TopK<T>],
+        stack: &mut Vec<(usize, T)>,
+    ) {
+        let g = lims.len();
+        assert!(g <= GROUP && qs.len() == g * D && tks.len() >= g);
+        let tree = &ix.curves[0];
+        let prm = &ix.params;
+        let mut wins = [(b, b); GROUP];
+        let mut qa = [[T::zero(); D]; GROUP];
+        let mut qlo = [T::infinity(); D];
+        let mut qhi = [T::neg_infinity(); D];
+        let view = run_view(tree, l, a, b, D);
+        for i in 0..g {
+            let q = &qs[i * D..(i + 1) * D];
+            for j in 0..D {
+                qa[i][j] = q[j];
+                qlo[j] = if q[j] < qlo[j] { q[j] } else { qlo[j] };
+                qhi[j] = if q[j] > qhi[j] { q[j] } else { qhi[j] };
+            }
+            let tk = &mut tks[i];
+            tk.clear();
+            if prm.window > 0 {
+                let probe = [Probe {
+                    run: view,
+                    qcode: ix.grids[0].code(q) as u32,
+                }];
+                let lim = lims[i];
+                let mut f = |pos: u32, d2: T| {
+                    if pos <= lim {
+                        tk.push(pos, d2)
+                    }
+                };
+                let w = &mut wins[i];
+                scan_probes_ranges(&probe, q, prm.window, &mut f, |_, lo, hi| {
+                    *w = (a + lo, a + hi)
+                });
+                tk.tighten();
+            }
+        }
+        let bt = &self.trees[l];
+        let level = RunView {
+            entries: &tree.levels[l],
+            coords: &tree.coords[l],
+            fence: &[],
+        };
+        let w = 2 * D;
+        let leaf = bt.leaf;
+        // The largest k-th distance of the group: a node farther than it from the group's
+        // box holds no key for any of them.
+        let radius = |tks: &[TopK<T>]| {
+            tks[..g].iter().fold(T::neg_infinity(), |m, t| {
+                let r = t.bound();
+                if r > m {
+                    r
+                } else {
+                    m
+                }
+            })
+        };
+        stack.clear();
+        let (mut lo, mut hi) = (a / leaf + bt.leaves, b.div_ceil(leaf) + bt.leaves);
+        while lo < hi {
+            if lo & 1 == 1 {
+                stack.push((lo, box_box_lb(&qlo, &qhi, &bt.boxes[lo * w..(lo + 1) * w])));
+                lo += 1;
+            }
+            if hi & 1 == 1 {
+                hi -= 1;
+                stack.push((hi, box_box_lb(&qlo, &qhi, &bt.boxes[hi * w..(hi + 1) * w])));
+            }
+            lo >>= 1;
+            hi >>= 1;
+        }
+        while let Some((mut node, lb)) = stack.pop() {
+            let r = radius(tks);
+            if lb > r {
+                continue;
+            }
+            while node < bt.leaves {
+                let (c0, c1) = (2 * node, 2 * node + 1);
+                let lb0 = box_box_lb(&qlo, &qhi, &bt.boxes[c0 * w..(c0 + 1) * w]);
+                let lb1 = box_box_lb(&qlo, &qhi, &bt.boxes[c1 * w..(c1 + 1) * w]);
+                let ((far, lf), (near, ln)) = if lb0 <= lb1 {
+                    ((c1, lb1), (c0, lb0))
+                } else {
+                    ((c0, lb0), (c1, lb1))
+                };
+                if lf <= r {
+                    stack.push((far, lf));
+                }
+                if ln > r {
+                    node = 0;
+                    break;
+                }
+                node = near;
+            }
+            if node >= bt.leaves {
+                let first = (node - bt.leaves) * leaf;
+                let s0 = a.max(first);
+                let s1 = b.min(first + leaf);
+                let bx = &bt.boxes[node * w..(node + 1) * w];
+                for i in 0..g {
+                    let tk = &mut tks[i];
+                    if box_lb(&qa[i], bx) > tk.bound() {
+                        continue;
+                    }
+                    let (wlo, whi) = wins[i];
+                    let q = &qs[i * D..(i + 1) * D];
+                    let mut f = Upto {
+                        tk: &mut *tk,
+                        lim: lims[i],
+                    };
+                    level.scan_range(q, s0, s1.min(wlo).max(s0), &mut f);
+                    level.scan_range(q, whi.max(s0).min(s1), s1, &mut f);
+                    tk.tighten_over(SLACK);
+                }
+            }
+        }
     }
 
     /// Scans the blocks of entries `a..b` of one level that can hold a top-k key, except
@@ -661,7 +921,9 @@ mod tests {
             })
             .collect();
         let mut base = f64::INFINITY;
-        let mut best = vec![f64::INFINITY; configs.len()];
+        let mut best = vec![(f64::INFINITY, f64::INFINITY); configs.len()];
+        let ids: Vec<u32> = order.iter().map(|&(_, i)| i as u32).collect();
+        let mut batch = super::Batch::new(topk);
         for _ in 0..3 {
             let t0 = std::time::Instant::now();
             for &(_, i) in &order {
@@ -677,14 +939,25 @@ mod tests {
                     ex.search(ix, &q[i * dk..(i + 1) * dk], i, &k, &mut tk, &mut sc);
                     tk.drain_sorted(&mut out);
                 }
-                *b = b.min(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
+                b.0 = b.0.min(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
+                let t0 = std::time::Instant::now();
+                for blk in ids.chunks(256) {
+                    let query =
+                        |id: u32| (&q[id as usize * dk..(id as usize + 1) * dk], id as usize);
+                    ex.search_block(ix, blk, query, &k, &mut batch, |_, tk| {
+                        tk.drain_sorted(&mut out)
+                    });
+                }
+                b.1 = b.1.min(t0.elapsed().as_secs_f64() * 1e6 / n as f64);
             }
         }
         println!("window 32: {base:.3} us/query");
-        for (&(window, leaf), t) in configs.iter().zip(&best) {
+        for (&(window, leaf), &(t, tg)) in configs.iter().zip(&best) {
             println!(
-                "exact window {window} leaf {leaf}: {t:.3} us/query ({:.2}x)",
-                t / base
+                "exact window {window} leaf {leaf}: {t:.3} us/query ({:.2}x), in groups of {} {tg:.3} us/query ({:.2}x)",
+                t / base,
+                super::GROUP,
+                tg / base
             );
         }
     }
