@@ -483,11 +483,17 @@ impl<T: Float + Real> ExactIndex<T> {
                         tk.push(pos, d2)
                     }
                 };
-                let w = &mut wins[i];
-                scan_probes_ranges(&probe, q, prm.window, &mut f, |_, lo, hi| {
-                    *w = (a + lo, a + hi)
-                });
+                let inner = (prm.window / 4).max(1);
+                let (mut lo, mut hi) = (0, 0);
+                scan_probes_ranges(&probe, q, inner, &mut f, |_, l0, h0| (lo, hi) = (l0, h0));
                 tk.tighten();
+                let ext = prm.window - inner;
+                let (lo2, hi2) = (lo.saturating_sub(ext), (hi + ext).min(b - a));
+                let mut f = Upto { tk: &mut *tk, lim };
+                view.scan_range(q, lo2, lo, &mut f);
+                view.scan_range(q, hi, hi2, &mut f);
+                tk.tighten();
+                wins[i] = (a + lo2, a + hi2);
             }
         }
         let bt = &self.trees[l];
