@@ -108,6 +108,71 @@ impl<T: Float + Send + Sync> BoxTree<T> {
     pub fn nbytes(&self) -> usize {
         self.boxes.len() * std::mem::size_of::<T>()
     }
+
+    /// Calls `leaf(st, box, s0, s1)` for every leaf block `s0..s1` of entries `a..b` whose
+    /// bound `lb(box)` does not exceed `radius(st)` (boxes of `w` values). Depth-first,
+    /// nearer child first: it walks down the nearer child and pushes the farther one with
+    /// its bound, checked again when popped (the radius may have shrunk since). The roots
+    /// are the canonical nodes that cover the run's blocks exactly (one when the run is
+    /// aligned, as with chunk 64); below them every node lies inside the run.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn walk<S>(
+        &self,
+        (a, b): (usize, usize),
+        w: usize,
+        stack: &mut Vec<(usize, T)>,
+        st: &mut S,
+        lb: impl Fn(&[T]) -> T,
+        radius: impl Fn(&S) -> T,
+        mut leaf: impl FnMut(&mut S, &[T], usize, usize),
+    ) {
+        let bx = |node: usize| &self.boxes[node * w..(node + 1) * w];
+        stack.clear();
+        let (mut lo, mut hi) = (
+            a / self.leaf + self.leaves,
+            b.div_ceil(self.leaf) + self.leaves,
+        );
+        while lo < hi {
+            if lo & 1 == 1 {
+                stack.push((lo, lb(bx(lo))));
+                lo += 1;
+            }
+            if hi & 1 == 1 {
+                hi -= 1;
+                stack.push((hi, lb(bx(hi))));
+            }
+            lo >>= 1;
+            hi >>= 1;
+        }
+        while let Some((mut node, l)) = stack.pop() {
+            let r = radius(st);
+            if l > r {
+                continue;
+            }
+            while node < self.leaves {
+                let (c0, c1) = (2 * node, 2 * node + 1);
+                let (lb0, lb1) = (lb(bx(c0)), lb(bx(c1)));
+                let ((far, lf), (near, ln)) = if lb0 <= lb1 {
+                    ((c1, lb1), (c0, lb0))
+                } else {
+                    ((c0, lb0), (c1, lb1))
+                };
+                if lf <= r {
+                    stack.push((far, lf));
+                }
+                if ln > r {
+                    node = 0;
+                    break;
+                }
+                node = near;
+            }
+            if node >= self.leaves {
+                let first = (node - self.leaves) * self.leaf;
+                leaf(st, bx(node), a.max(first), b.min(first + self.leaf));
+            }
+        }
+    }
 }
 
 /// The box `lo[0..dk], hi[0..dk]` of the points `block` (already set to the empty box).
@@ -512,11 +577,9 @@ impl<T: Float + Real> ExactIndex<T> {
             coords: &tree.coords[l],
             fence: &[],
         };
-        let w = 2 * D;
-        let leaf = bt.leaf;
         // The largest k-th distance of the group: a node farther than it from the group's
         // box holds no key for any of them.
-        let radius = |tks: &[TopK<T>]| {
+        let radius = |tks: &&mut [TopK<T>]| {
             tks[..g].iter().fold(T::neg_infinity(), |m, t| {
                 let r = t.bound();
                 if r > m {
@@ -526,48 +589,15 @@ impl<T: Float + Real> ExactIndex<T> {
                 }
             })
         };
-        stack.clear();
-        let (mut lo, mut hi) = (a / leaf + bt.leaves, b.div_ceil(leaf) + bt.leaves);
-        while lo < hi {
-            if lo & 1 == 1 {
-                stack.push((lo, box_box_lb(&qlo, &qhi, &bt.boxes[lo * w..(lo + 1) * w])));
-                lo += 1;
-            }
-            if hi & 1 == 1 {
-                hi -= 1;
-                stack.push((hi, box_box_lb(&qlo, &qhi, &bt.boxes[hi * w..(hi + 1) * w])));
-            }
-            lo >>= 1;
-            hi >>= 1;
-        }
-        while let Some((mut node, lb)) = stack.pop() {
-            let r = radius(tks);
-            if lb > r {
-                continue;
-            }
-            while node < bt.leaves {
-                let (c0, c1) = (2 * node, 2 * node + 1);
-                let lb0 = box_box_lb(&qlo, &qhi, &bt.boxes[c0 * w..(c0 + 1) * w]);
-                let lb1 = box_box_lb(&qlo, &qhi, &bt.boxes[c1 * w..(c1 + 1) * w]);
-                let ((far, lf), (near, ln)) = if lb0 <= lb1 {
-                    ((c1, lb1), (c0, lb0))
-                } else {
-                    ((c0, lb0), (c1, lb1))
-                };
-                if lf <= r {
-                    stack.push((far, lf));
-                }
-                if ln > r {
-                    node = 0;
-                    break;
-                }
-                node = near;
-            }
-            if node >= bt.leaves {
-                let first = (node - bt.leaves) * leaf;
-                let s0 = a.max(first);
-                let s1 = b.min(first + leaf);
-                let bx = &bt.boxes[node * w..(node + 1) * w];
+        let mut tks = tks;
+        bt.walk(
+            (a, b),
+            2 * D,
+            stack,
+            &mut tks,
+            |bx| box_box_lb(&qlo, &qhi, bx),
+            radius,
+            |tks, bx, s0, s1| {
                 for i in 0..g {
                     let tk = &mut tks[i];
                     if box_lb(&qa[i], bx) > tk.bound() {
@@ -583,8 +613,8 @@ impl<T: Float + Real> ExactIndex<T> {
                     level.scan_range(q, whi.max(s0).min(s1), s1, &mut f);
                     tk.tighten_over(SLACK);
                 }
-            }
-        }
+            },
+        );
     }
 
     /// Scans the blocks of entries `a..b` of one level that can hold a top-k key, except
@@ -601,54 +631,14 @@ impl<T: Float + Real> ExactIndex<T> {
         tk: &mut TopK<T>,
         stack: &mut Vec<(usize, T)>,
     ) {
-        let w = 2 * D;
-        let leaf = bt.leaf;
-        // Depth-first, nearer child first: walk down the nearer child, pushing the farther
-        // one with its bound, checked again when popped (r may have shrunk since). The roots are the canonical nodes that
-        // cover the run's blocks exactly (one when the run is aligned, as with chunk 64);
-        // below them every node lies inside the run.
-        stack.clear();
-        let (mut lo, mut hi) = (a / leaf + bt.leaves, b.div_ceil(leaf) + bt.leaves);
-        while lo < hi {
-            if lo & 1 == 1 {
-                stack.push((lo, box_lb(q, &bt.boxes[lo * w..(lo + 1) * w])));
-                lo += 1;
-            }
-            if hi & 1 == 1 {
-                hi -= 1;
-                stack.push((hi, box_lb(q, &bt.boxes[hi * w..(hi + 1) * w])));
-            }
-            lo >>= 1;
-            hi >>= 1;
-        }
-        while let Some((mut node, lb)) = stack.pop() {
-            if lb > tk.bound() {
-                continue;
-            }
-            // Walk down the nearer child, leaving the farther one on the stack.
-            while node < bt.leaves {
-                let (c0, c1) = (2 * node, 2 * node + 1);
-                let lb0 = box_lb(q, &bt.boxes[c0 * w..(c0 + 1) * w]);
-                let lb1 = box_lb(q, &bt.boxes[c1 * w..(c1 + 1) * w]);
-                let ((far, lf), (near, ln)) = if lb0 <= lb1 {
-                    ((c1, lb1), (c0, lb0))
-                } else {
-                    ((c0, lb0), (c1, lb1))
-                };
-                let r = tk.bound();
-                if lf <= r {
-                    stack.push((far, lf));
-                }
-                if ln > r {
-                    node = 0;
-                    break;
-                }
-                node = near;
-            }
-            if node >= bt.leaves {
-                let first = (node - bt.leaves) * leaf;
-                let s0 = a.max(first);
-                let s1 = b.min(first + leaf);
+        bt.walk(
+            (a, b),
+            2 * D,
+            stack,
+            tk,
+            |bx| box_lb(q, bx),
+            |tk| tk.bound(),
+            |tk, _, s0, s1| {
                 // Most keys of a leaf at the ball's edge lie outside it: the scan compares
                 // them with the k-th distance known now (`tk`'s bound) before the top-k's
                 // store (which filters again, exactly, with ties by position).
@@ -656,8 +646,8 @@ impl<T: Float + Real> ExactIndex<T> {
                 level.scan_range(q, s0, s1.min(wlo).max(s0), &mut f);
                 level.scan_range(q, whi.max(s0).min(s1), s1, &mut f);
                 tk.tighten_over(SLACK);
-            }
-        }
+            },
+        );
     }
 }
 
