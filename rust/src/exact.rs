@@ -189,16 +189,9 @@ fn leaf_box<T: Float>(node: &mut [T], block: &[T], dk: usize) {
 /// `bx = lo[0..D], hi[0..D]`, in the distance's own operation order (see the module notes).
 #[inline(always)]
 fn box_lb<T: Float, const D: usize>(q: &[T; D], bx: &[T]) -> T {
-    let mut s = T::zero();
-    for i in 0..D {
-        // lo - q > 0 below the box, q - hi > 0 above it, both <= 0 inside; -fl(a - b) is
-        // fl(b - a), so the square is that of the key's difference at the box's face.
-        let (a, b) = (bx[i] - q[i], q[i] - bx[D + i]);
-        let g = if a > b { a } else { b };
-        let g = if g > T::zero() { g } else { T::zero() };
-        s = s + g * g;
-    }
-    s
+    // lo - q > 0 below the box, q - hi > 0 above it, both <= 0 inside; -fl(a - b) is
+    // fl(b - a), so the square is that of the key's difference at the box's face.
+    box_box_lb(q, q, bx)
 }
 
 /// The exact-search companion of a [`KeyIndex`]: block boxes of every level of curve 0.
