@@ -228,9 +228,9 @@ pub const GROUP: usize = 16;
 /// Per-thread state of [`ExactIndex::search_block`].
 pub struct Batch<T: Real> {
     /// The top-k of each query of a group.
-    pub tks: Vec<TopK<T>>,
+    tks: Vec<TopK<T>>,
     sc: Scratch<T>,
-    /// (run level + 1, or 0 for a query searched alone; query id), a block's queries.
+    /// (level of the run, query id, last visible position) of a block's grouped queries.
     plan: Vec<(u32, u32, u32)>,
     qs: Vec<T>,
     lims: Vec<u32>,
@@ -318,7 +318,6 @@ impl<T: Float + Real> ExactIndex<T> {
     ///   3.1 / 2.8 / 2.9 us; no window (the descent from r = inf): 5.7 us.
     /// - a top-k kept sorted (insertion per accepted key, always the tightest r) instead of
     ///   the select once k + SLACK are kept: 4% fewer leaves, no faster.
-    ///
     /// - queries in groups ([`ExactIndex::search_group`], the forward and knn): see
     ///   `Searcher::run_block` in attention.rs; 2.46 -> 2.2 us.
     /// - leaves cut at Morton cell boundaries (32-64 entries, cut where the code changes in
@@ -421,14 +420,14 @@ impl<T: Float + Real> ExactIndex<T> {
         offer_rows(q, k, c * chunk..p + 1, &mut Upto { tk, lim: u32::MAX });
     }
 
-    /// The one run `(level, first entry, end)` that holds every key a query at position `p`
-    /// may see, with `lim` the last visible position, when the index has one (the first
-    /// choice of [`ExactIndex::search`]); None: search the query alone.
-    pub fn single_run(&self, ix: &KeyIndex<T>, p: usize) -> Option<((usize, usize, usize), u32)> {
+    /// The level `l` of the one run that holds every key a query at position `p` may see,
+    /// [`ExactIndex::prefix_run`]`(l)`, and the last visible position, when the index has
+    /// that run (the first choice of [`ExactIndex::search`]); None: search the query alone.
+    pub fn single_run(&self, ix: &KeyIndex<T>, p: usize) -> Option<(usize, u32)> {
         let tree = &ix.curves[0];
         let prm = &ix.params;
         if !prm.causal {
-            return (!tree.levels.is_empty()).then(|| ((0, 0, tree.levels[0].len()), u32::MAX));
+            return (!tree.levels.is_empty()).then_some((0, u32::MAX));
         }
         let c = p / prm.chunk;
         if c == 0 {
@@ -436,7 +435,18 @@ impl<T: Float + Real> ExactIndex<T> {
         }
         let l = (usize::BITS - c.leading_zeros()) as usize;
         let end = (1usize << l) * prm.chunk;
-        (l < tree.levels.len() && end <= tree.levels[l].len()).then_some(((l, 0, end), p as u32))
+        (l < tree.levels.len() && end <= tree.levels[l].len()).then_some((l, p as u32))
+    }
+
+    /// The run `(level, first entry, end)` of [`ExactIndex::single_run`]'s level `l`: the
+    /// first block of that level (the whole sorted keys without causality).
+    fn prefix_run(ix: &KeyIndex<T>, l: usize) -> (usize, usize, usize) {
+        let prm = &ix.params;
+        if prm.causal {
+            (l, 0, (1usize << l) * prm.chunk)
+        } else {
+            (0, 0, ix.curves[0].levels[0].len())
+        }
     }
 
     /// [`ExactIndex::search`] of the queries `ids` (`query(id)` = its coordinates and
@@ -465,7 +475,7 @@ impl<T: Float + Real> ExactIndex<T> {
         for &id in ids {
             let (q, p) = query(id);
             match self.single_run(ix, p) {
-                Some(((l, _, _), lim)) => plan.push((l as u32 + 1, id, lim)),
+                Some((l, lim)) => plan.push((l as u32, id, lim)),
                 None => {
                     tks[0].clear();
                     self.search(ix, q, p, k, &mut tks[0], sc);
@@ -476,9 +486,7 @@ impl<T: Float + Real> ExactIndex<T> {
         plan.sort_by_key(|x| x.0); // stable: curve order within a run
         let dk = ix.dk;
         for same in plan.chunk_by(|x, y| x.0 == y.0) {
-            let l = (same[0].0 - 1) as usize;
-            let (_, a, b) = self.single_run(ix, query(same[0].1).1).unwrap().0;
-            debug_assert_eq!(l, self.single_run(ix, query(same[0].1).1).unwrap().0 .0);
+            let run = Self::prefix_run(ix, same[0].0 as usize);
             for grp in same.chunks(GROUP) {
                 qs.clear();
                 lims.clear();
@@ -486,7 +494,7 @@ impl<T: Float + Real> ExactIndex<T> {
                     qs.extend_from_slice(&query(id).0[..dk]);
                     lims.push(lim);
                 }
-                self.search_group(ix, (l, a, b), qs, lims, tks, sc);
+                self.search_group(ix, run, qs, lims, tks, sc);
                 for (&(_, id, _), tk) in grp.iter().zip(tks.iter_mut()) {
                     f(id, tk);
                 }
