@@ -13,7 +13,7 @@
 //! [`crate::backward`].
 pub use crate::backward::backward;
 use crate::error::{numel, try_vec, vec_or_unwind, Result, ZetaError};
-use crate::exact::{Batch, ExactIndex, Scratch};
+use crate::exact::{Batch, ExactIndex};
 use crate::index::{select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
 use crate::score::{combine, ValueElem, ValueRows};
@@ -286,10 +286,11 @@ impl<T: Float + Real> Searcher<T> {
         })
     }
 
-    /// Per-thread state of [`Searcher::run`] and [`Searcher::run_block`].
-    fn topk(&self, topk: usize) -> (TopK<T>, Scratch<T>, Option<Batch<T>>) {
+    /// Per-thread state of [`Searcher::run_block`]: the window search's top-k, or the
+    /// exact search's groups.
+    fn topk(&self, topk: usize) -> (TopK<T>, Option<Batch<T>>) {
         let batch = self.exact.as_ref().map(|_| Batch::new(topk));
-        (TopK::new(topk, self.mult), Scratch::default(), batch)
+        (TopK::new(topk, self.mult), batch)
     }
 
     /// Runs the queries `ids` (in curve order) and calls `f(id, top-k)` for each:
@@ -305,12 +306,12 @@ impl<T: Float + Real> Searcher<T> {
         ids: &[u32],
         query: impl Fn(u32) -> (&'q [T], usize),
         k: &[T],
-        st: &mut (TopK<T>, Scratch<T>, Option<Batch<T>>),
+        st: &mut (TopK<T>, Option<Batch<T>>),
         mut f: impl FnMut(u32, &mut TopK<T>),
     ) where
         T: 'q,
     {
-        match (&self.exact, &mut st.2) {
+        match (&self.exact, &mut st.1) {
             (Some(ex), Some(batch)) => ex.search_block(&self.index, ids, query, k, batch, f),
             _ => {
                 for &id in ids {
