@@ -70,8 +70,10 @@ def default_window(topk: int, exact: bool = False) -> int:
 
     ``4 * topk`` for the window search (with 2 curves, recall@32 0.94 at N = 64k, 0.92 at
     256k on Gaussian 3-D keys); ``2 * topk`` for the exact search, where the window only gives
-    the first k-th distance (N = 64k, top-32, per query: window 32 / 64 / 128 took 3.1 / 2.8 /
-    2.9 us; the KV cache's exact step was no slower with 64 than with 32).
+    the first k-th distance (N = 64k, top-32, one thread, `exact_timing` in rust/src/exact.rs
+    with ZETA_EXACT_TIMING=32:64,64:64,128:64: windows 32 / 64 / 128 took 2.72 / 2.46 / 2.72
+    us per query alone, 2.60 / 2.23 / 2.22 us in groups; the KV cache's exact step was no
+    slower with 64 than with 32).
     """
     return (EXACT_WINDOW_PER_TOPK if exact else DEFAULT_WINDOW_PER_TOPK) * int(topk)
 

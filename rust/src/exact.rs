@@ -315,7 +315,8 @@ impl<T: Float + Real> ExactIndex<T> {
     ///   own chunk, the window on that run only: 4.1 -> 2.8 us (window 64, leaf 64; ~20
     ///   leaves and ~55 nodes per query); `zeta.attention(exact=True)` at N = 32k, H = 8:
     ///   ~600 -> ~470 ms. The wider window pays now that there is one: windows 32 / 64 / 128
-    ///   3.1 / 2.8 / 2.9 us; no window (the descent from r = inf): 5.7 us.
+    ///   (leaf 64, final code) 2.72 / 2.46 / 2.72 us alone, 2.60 / 2.23 / 2.22 us in groups;
+    ///   no window (the descent from r = inf): 5.7 us.
     /// - a top-k kept sorted (insertion per accepted key, always the tightest r) instead of
     ///   the select once k + SLACK are kept: 4% fewer leaves, no faster.
     /// - queries in groups ([`ExactIndex::search_group`], the forward and knn): see
