@@ -3,7 +3,8 @@
 Usage: python benches/gpu_bench.py [--quick] [--out DIR]
 
 B=1, H=8, d_k=3, d_v=64 (SDPA: head dim 64), topk=32, causal, bf16 inputs (zeta computes
-queries/keys in float32 inside and reads bf16 values), plus zeta with float32 inputs.
+queries/keys in float32 inside and reads bf16 values), plus zeta with float32 inputs and zeta
+with ``exact=True`` (bf16, N <= 256k).
 N = 4k..128k for everything, zeta alone up to 1M. Forward, and forward+backward (the backward
 of sum(out * grad)). Times: CUDA events, median of repeats after warm-up. Peak memory: the
 largest torch allocation during the call minus what the inputs already held.
@@ -85,13 +86,15 @@ def measure(
     return row
 
 
-def zeta_case(n: int, dtype, reps: int, backward: bool) -> Dict[str, float]:
+def zeta_case(n: int, dtype, reps: int, backward: bool, exact: bool = False) -> Dict[str, float]:
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, n, DK, device="cuda", generator=g).to(dtype).requires_grad_()
     k = torch.randn(B, H, n, DK, device="cuda", generator=g).to(dtype).requires_grad_()
     v = torch.randn(B, H, n, DV, device="cuda", generator=g).to(dtype).requires_grad_()
     grad = torch.randn(B, H, n, DV, device="cuda", dtype=dtype)
-    return measure(lambda: zeta.attention(q, k, v, topk=TOPK), grad, [q, k, v], reps, backward)
+    return measure(
+        lambda: zeta.attention(q, k, v, topk=TOPK, exact=exact), grad, [q, k, v], reps, backward
+    )
 
 
 def sdpa_case(n: int, backend, reps: int, backward: bool) -> Optional[Dict[str, float]]:
@@ -124,6 +127,7 @@ def plot(res: dict, path: Path) -> None:
     series = [
         ("zeta bf16", "zeta_bf16"),
         ("zeta fp32", "zeta_fp32"),
+        ("zeta exact bf16", "zeta_exact_bf16"),
         ("SDPA flash bf16", "sdpa_flash"),
         ("SDPA cuDNN bf16", "sdpa_cudnn"),
     ]
@@ -202,6 +206,8 @@ def main(argv=None) -> int:
         row = {"n": n}
         row["zeta_bf16"] = zeta_case(n, torch.bfloat16, reps, True)
         row["zeta_fp32"] = zeta_case(n, torch.float32, reps, True)
+        if n <= 1 << 18:
+            row["zeta_exact_bf16"] = zeta_case(n, torch.bfloat16, reps, True, exact=True)
         if n in both:
             row["sdpa_flash"] = sdpa_case(n, SDPBackend.FLASH_ATTENTION, reps, True)
             row["sdpa_cudnn"] = sdpa_case(n, SDPBackend.CUDNN_ATTENTION, reps, True)

@@ -20,6 +20,9 @@ for causal, dtype, mean_token in (
     idx, d2 = zeta.knn(q, k, 70, **kw)  # topk > 64: the larger best list
     out = zeta.attention(q, k, v, topk=20, mean_token=mean_token, **kw)
     out.float().square().sum().backward()
+    zeta.knn(q, k, 40, exact=True, **kw)  # the exact search's leaf boxes and pruned scans
+    out = zeta.attention(q, k, v, topk=20, mean_token=mean_token, exact=True, **kw)
+    out.float().square().sum().backward()
     codes = zeta.zorder(q.detach().float())
     zeta.argsort(codes)
     zeta.searchsorted(zeta.zorder(torch.sort(q.detach().float(), dim=-2).values), codes)

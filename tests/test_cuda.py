@@ -53,6 +53,35 @@ def test_knn_matches_cpu_bit_for_bit(kw, shape):
     assert torch.equal(d2.cpu(), rd2)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 5000, 5000, 3), (2, 2, 1, 900, 2000, 2)])
+def test_exact_knn_is_brute_force(shape, causal):
+    """exact=True runs the CUDA kernels (no fallback) and returns the brute-force top-k."""
+    from zeta.backends import CallInfo, select
+
+    b, h, hkv, n, s, dk = shape
+    n = n if causal else s
+    q, k, _ = _qkv(b, h, hkv, n, s, dk, 1, seed=12)
+    info = CallInfo("torch", "cuda", "float32", dk, topk=32, op="knn", exact=True)
+    assert select(info, "auto").name == "cupy"
+    idx, d2 = zeta.knn(q.cuda(), k.cuda(), 32, causal=causal, exact=True)
+    eidx, ed2 = zeta.exact_knn(q.numpy(), k.numpy(), 32, causal=causal)
+    np.testing.assert_array_equal(idx.cpu().numpy(), eidx)
+    np.testing.assert_array_equal(d2.cpu().numpy(), ed2)
+
+
+def test_exact_attention_matches_cpu():
+    q, k, v = _qkv(1, 4, 2, 3000, 3000, 3, 64, seed=13)
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        qq, kk, vv = (x.detach().clone().to(dev).requires_grad_() for x in (q, k, v))
+        o = zeta.attention(qq, kk, vv, topk=32, exact=True)
+        o.square().sum().backward()
+        outs[dev] = [t.detach().cpu() for t in (o, qq.grad, kk.grad, vv.grad)]
+    for a, b_ in zip(outs["cuda"], outs["cpu"]):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mean_token", [False, True])
 @pytest.mark.parametrize("kw", CONFIGS)
 def test_attention_forward_backward_match_cpu(kw, mean_token):

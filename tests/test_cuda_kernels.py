@@ -106,6 +106,73 @@ def test_knn_with_a_window_covering_everything_is_exact(rt):
     np.testing.assert_array_equal(d2, ed2)
 
 
+from adversarial import KINDS, points  # noqa: E402
+
+EXACT_CASES = [
+    # b, h, hkv, n, s, dk, topk, chunk, window, n_curves, causal
+    (1, 2, 1, 300, 300, 3, 8, 8, 2, 1, True),  # runs up to 256 entries: several leaves each
+    (1, 1, 1, 150, 700, 3, 16, 4, 1, 1, True),  # n < s, the largest run has 512 entries
+    (1, 2, 2, 80, 400, 2, 5, 16, 3, 2, False),  # one run of 400 keys per slice
+    (2, 4, 2, 60, 260, 5, 7, 1, 2, 1, True),  # any-d_k kernel, chunk 1: single-entry runs
+    (1, 1, 1, 100, 100, 3, 40, 64, 4, 1, True),  # two chunks; topk > 32
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", EXACT_CASES)
+def test_exact_knn_is_brute_force(rt, case, kind):
+    """exact=True on the device: the brute-force top-k by (d2, position), bit for bit, on the
+    adversarial point sets (ties, equal keys, cell edges, clusters, heavy tails, overflow)."""
+    b, h, hkv, n, s, dk, topk, chunk, window, nc, causal = case
+    rng = np.random.default_rng(abs(hash((case, kind))) % 2**32)
+    q = points(kind, (b, h, n, dk), rng).astype(np.float32)
+    k = points(kind, (b, hkv, s, dk), rng).astype(np.float32)
+    shape = (b, h, hkv, n, s, dk)
+    p = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc, exact=True)
+    idx, d2 = search.knn(rt, q, k, shape, p, topk)
+    eidx, ed2 = zeta.exact_knn(q, k, topk, causal=causal)
+    np.testing.assert_array_equal(idx, eidx)
+    np.testing.assert_array_equal(d2, ed2)
+    if kind == "gauss":  # the windows alone are not the answer: the leaf scans made it exact
+        wp = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc)
+        widx, _ = search.knn(rt, q, k, shape, wp, topk)
+        assert not np.array_equal(widx, eidx)
+
+
+@pytest.mark.parametrize("mean_token", [False, True])
+@pytest.mark.parametrize("case", [EXACT_CASES[0], EXACT_CASES[2], EXACT_CASES[3]])
+def test_exact_forward_and_backward(rt, case, mean_token):
+    """The exact forward against the Rust core's exact forward and the torch reference's
+    (brute force, float64), and its gradients (the backward only sees the indices)."""
+    b, h, hkv, n, s, dk, topk, chunk, window, nc, causal = case
+    rng = np.random.default_rng(31 + abs(hash(case)) % 1000)
+    q, k = _qk(rng, b, h, hkv, n, s, dk)
+    dv = 6
+    v = rng.standard_normal((b, hkv, s, dv)).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, h)
+    kw = dict(causal=causal, chunk=chunk, window=window, n_curves=nc, exact=True)
+    p = index_params(dk, topk, **kw)
+    shape = (b, h, hkv, n, s, dk)
+    out, idx = cuda_attention.forward(rt, q, k, v, "float32", gamma, shape, dv, p, topk, mean_token)
+    eidx, _ = zeta.exact_knn(q, k, topk, causal=causal)
+    np.testing.assert_array_equal(idx, eidx.astype(np.int32))
+    rust = zeta.attention(
+        q, k, v, topk=topk, gamma=gamma, mean_token=mean_token, backend="rust", **kw
+    )
+    np.testing.assert_allclose(out, rust, rtol=2e-6, atol=2e-6)
+    qt, kt, vt, gt = _torch64(q, k, v, gamma)
+    ref = torch_ref.attention(qt, kt, vt, topk=topk, gamma=gt, mean_token=mean_token, **kw)
+    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
+    grad = rng.standard_normal(out.shape).astype(np.float32)
+    ref.backward(torch.from_numpy(grad).double())
+    dq, dk_, dv_, dg = cuda_attention.backward(
+        rt, q, k, v, "float32", gamma, idx, grad, shape, dv, p, mean_token
+    )
+    for got, want in ((dq, qt.grad), (dk_, kt.grad), (dv_, vt.grad), (dg, gt.grad)):
+        want = want.numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
 def _torch64(*xs):
     return [torch.from_numpy(np.asarray(x, dtype=np.float64)).requires_grad_() for x in xs]
 
@@ -274,9 +341,10 @@ def shim_device(rt, monkeypatch):
     return cb
 
 
+@pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mean_token", [False, True])
-def test_torch_glue_of_the_custom_op_runs_on_the_shim(shim_device, dtype, mean_token):
+def test_torch_glue_of_the_custom_op_runs_on_the_shim(shim_device, dtype, mean_token, exact):
     """The CUDA kernels of zeta::attention_fwd/bwd (torch <-> device arrays, dtypes, gamma, the
     mean token's gradients) with the device swapped for the shim: CPU tensors, numpy views."""
     cb = shim_device
@@ -285,10 +353,10 @@ def test_torch_glue_of_the_custom_op_runs_on_the_shim(shim_device, dtype, mean_t
     k = torch.randn(1, 2, 60, 3, generator=g)
     v = torch.randn(1, 2, 60, 16, generator=g).to(dtype)
     gamma = torch.tensor([0.6, 0.9, 1.1, 1.5], dtype=torch.float32)
-    p = index_params(3, 8, chunk=8, window=4, n_curves=2, n_sink=2)
+    p = index_params(3, 8, chunk=8, window=4, n_curves=2, n_sink=2, exact=exact)
     out, idx = cb.torch_attention_fwd(q, k, v, gamma, 8, mean_token, p)
     assert out.dtype == dtype and idx.dtype == torch.int32
-    kw = dict(chunk=8, window=4, n_curves=2, n_sink=2, mean_token=mean_token)
+    kw = dict(chunk=8, window=4, n_curves=2, n_sink=2, mean_token=mean_token, exact=exact)
     want = zeta.attention(q, k, v.float(), topk=8, gamma=gamma.double(), backend="rust", **kw)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.float(), want, rtol=tol, atol=tol)

@@ -191,14 +191,10 @@ def test_zeta_attention_module_takes_exact():
     assert all(p.grad is not None for p in m.parameters())
 
 
-def test_cuda_backend_declines_exact():
+def test_cuda_backend_takes_exact():
+    """The CUDA kernels have the exact search (tests/test_cuda_kernels.py runs it on the CPU)."""
     info = CallInfo("torch", "cuda", "float32", 3, topk=32, op="attention", exact=True)
-    reasons = CupyBackend().not_supported_reasons(info)
-    assert "exact search is not in the CUDA kernels yet" in reasons
-    info.exact = False
-    assert "exact search is not in the CUDA kernels yet" not in CupyBackend().not_supported_reasons(
-        info
-    )
+    assert not any("exact" in r for r in CupyBackend().not_supported_reasons(info))
 
 
 @pytest.mark.parametrize("fn", ["knn", "attention"])

@@ -200,9 +200,7 @@ def _(
 ):
     from .backends import cupy_backend
 
-    if exact:  # the CUDA backend declines exact calls (not_supported_reasons)
-        raise NotImplementedError("exact search is not in the CUDA kernels yet")
-    p = _index_params(chunk, window, n_curves, n_sink, causal, bits, scale)
+    p = _index_params(chunk, window, n_curves, n_sink, causal, bits, scale, exact)
     return cupy_backend.torch_attention_fwd(q, k, v, gamma, topk, mean_token, p)
 
 

@@ -4,6 +4,9 @@ Level ``l`` holds, for each (batch, kv head, curve) slice, the runs of ``2**l`` 
 sorted by ``code << 32 | position``; slice width ``(n_full >> l << l) * chunk``. Level 0 sorts
 every chunk; level ``l + 1`` merges pairs of level-``l`` runs. Non-causal: one sorted run of all
 keys per slice.
+
+For the exact search, :func:`exact_boxes` adds the bounding box of every leaf of
+:data:`LEAF` entries of curve 0's runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ import numpy as np
 from .runtime import Runtime, blocks
 
 THREADS = 256
+
+#: Entries per leaf box of the exact search (as the Rust core's ``exact::LEAF``). Runs of at
+#: most this many entries get no boxes: the exact search scans them whole.
+LEAF = 64
 
 
 def codes(
@@ -103,3 +110,64 @@ def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool) -
             (src, dst, np.int64(gc), np.int64(w_in), np.int64(w_out), np.int64(chunk << lv)),
         )
     return levels, n_full
+
+
+def level_layout(s: int, chunk: int, causal: bool) -> List[Tuple[int, int]]:
+    """(slice width, run length) of every level :func:`build` makes (non-causal: one level of
+    one run of all keys)."""
+    if not causal:
+        return [(s, s)]
+    n_full = s // chunk
+    return [(((n_full >> lv) << lv) * chunk, chunk << lv) for lv in range(n_levels(s, chunk))]
+
+
+def exact_boxes(
+    rt: Runtime, levels: Any, k: Any, g: int, n_curves: int, s: int, chunk: int, causal: bool
+) -> Tuple[Any, Any]:
+    """Leaf boxes of curve 0 for the exact search: (boxes f32, box_offs int64 per level).
+
+    ``levels`` from :func:`build` over ``g * n_curves`` slices, ``k`` the (g, s, dk) float32
+    keys. Level ``l``'s boxes start at ``box_offs[l]`` floats ((g, runs, leaves, 2, dk), see
+    ``exact_boxes_kernel``); -1: its runs are at most :data:`LEAF` entries, no boxes.
+    """
+    dk = k.size // max(1, g * s)
+    layout = level_layout(s, chunk, causal)
+    offs = np.full(max(1, len(layout)), -1, dtype=np.int64)
+    sizes = []
+    total = 0
+    level_off = 0
+    for lv, (width, run_len) in enumerate(layout):
+        n_boxes = 0
+        if run_len > LEAF and width > 0:
+            n_boxes = g * (width // run_len) * ((run_len + LEAF - 1) // LEAF)
+            offs[lv] = total
+        sizes.append((level_off, n_boxes))
+        total += n_boxes * 2 * dk
+        level_off += g * n_curves * width
+    boxes = rt.empty((max(total, 1),), np.float32)
+    for lv, (width, run_len) in enumerate(layout):
+        level_off, n_boxes = sizes[lv]
+        if n_boxes == 0:
+            continue
+        src = levels[level_off : level_off + g * n_curves * width]
+        dst = boxes[int(offs[lv]) : int(offs[lv]) + n_boxes * 2 * dk]
+        rt.launch(
+            "index.cu",
+            "zeta::exact_boxes_kernel",
+            blocks(n_boxes, THREADS),
+            THREADS,
+            (
+                src,
+                k,
+                dst,
+                np.int64(g),
+                np.int32(n_curves),
+                np.int64(width),
+                np.int64(run_len),
+                np.int64(s),
+                np.int32(dk),
+                np.int32(LEAF),
+            ),
+        )
+    xp = rt.xp
+    return boxes, xp.asarray(offs)

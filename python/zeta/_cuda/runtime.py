@@ -27,7 +27,11 @@ NAME_EXPRESSIONS: Dict[str, List[str]] = {
         "zeta::searchsorted_kernel<unsigned int>",
         "zeta::searchsorted_kernel<unsigned long long>",
     ],
-    "index.cu": ["zeta::index_level0_kernel", "zeta::index_merge_kernel"],
+    "index.cu": [
+        "zeta::index_level0_kernel",
+        "zeta::index_merge_kernel",
+        "zeta::exact_boxes_kernel",
+    ],
     "search.cu": [f"zeta::knn_kernel<{d}>" for d in (0, 2, 3, 4)]
     + [
         f"zeta::forward_kernel<{t}, {d}>"

@@ -2,6 +2,9 @@
 
 One warp per query: probe every run of the index (and the own chunk, and the sinks), keep the
 ``topk`` smallest ``(d2, position)`` keys, then (forward) the Cauchy-weighted sum of values.
+With ``p.exact`` the windows only give a first k-th distance: every run is then scanned leaf by
+leaf through the leaf boxes of :func:`index.exact_boxes`, skipping leaves beyond it, so the
+result is the brute-force top-k.
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ def _prepare(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: 
         order if order is not None else rt.zeros((1,), np.int64),
         np.int32(order is not None),
     )
+    if p.exact:
+        boxes, box_offs = index.exact_boxes(
+            rt, levels, k, b * hkv, p.n_curves, s, p.chunk, p.causal
+        )
+        args += (np.int32(1), boxes, box_offs)
+    else:
+        args += (np.int32(0), rt.zeros((1,), np.float32), rt.zeros((1,), np.int64))
     return args, kp
 
 

@@ -354,8 +354,6 @@ class CupyBackend(Backend):
             r.append(
                 f"topk {info.topk} > {MAX_TOPK} (the kernels keep a query's top-k in shared memory)"
             )
-        if info.exact:
-            r.append("exact search is not in the CUDA kernels yet")
         return r
 
     def knn(self, q, k, topk, p):

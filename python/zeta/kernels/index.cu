@@ -45,4 +45,34 @@ __global__ void index_merge_kernel(const uint64_t* __restrict__ src, uint64_t* _
     dst[gc * width_out + pair * 2 * run_len + i + rank] = e;
 }
 
+/// Leaf boxes of one level for the exact search: every run of curve 0 of each kv slice
+/// (level slice g * n_curves) cut into leaves of `leaf` entries (the last one shorter), and
+/// per leaf the per-coordinate min and max of its keys: boxes (G, runs, leaves, 2, dk) f32,
+/// runs = width / run_len, leaves = ceil(run_len / leaf). keys (G, S, dk) f32.
+__global__ void exact_boxes_kernel(const uint64_t* __restrict__ level, const float* __restrict__ keys,
+                                   float* __restrict__ boxes, long long g_count, int n_curves,
+                                   long long width, long long run_len, long long s, int dk,
+                                   int leaf) {
+    const long long n_runs = width / run_len;
+    const long long n_leaves = (run_len + leaf - 1) / leaf;
+    long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (t >= g_count * n_runs * n_leaves) return;
+    const long long g = t / (n_runs * n_leaves), rest = t % (n_runs * n_leaves);
+    const long long m = rest / n_leaves, j = rest % n_leaves;
+    const uint64_t* run = level + g * n_curves * width + m * run_len;
+    const float* kg = keys + g * s * dk;
+    const long long lo = j * leaf, hi = lo + leaf < run_len ? lo + leaf : run_len;
+    float* bx = boxes + t * 2 * dk;
+    for (int d = 0; d < dk; ++d) {
+        float mn = kg[static_cast<long long>(run[lo] & 0xffffffffull) * dk + d], mx = mn;
+        for (long long e = lo + 1; e < hi; ++e) {
+            const float x = kg[static_cast<long long>(run[e] & 0xffffffffull) * dk + d];
+            mn = x < mn ? x : mn;
+            mx = x > mx ? x : mx;
+        }
+        bx[d] = mn;
+        bx[dk + d] = mx;
+    }
+}
+
 }  // namespace zeta

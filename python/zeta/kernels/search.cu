@@ -10,6 +10,11 @@
 // best; a full queue is merged by a bitonic sort of (best ++ queue), then duplicates (a
 // position found by several curves, or also a sink) are dropped. The k-th best only falls,
 // so most candidates of a long scan are rejected by one compare.
+// Exact search (exact = 1): after the windows, the k-th best so far is a radius; every run
+// of curve 0 that holds the query's keys is then scanned leaf by leaf (LEAF entries, boxes
+// from index.cu's exact_boxes_kernel), skipping the leaves whose box is farther than the
+// current k-th best. Distances and the box bound round the same way, so nothing that could
+// enter the top-k is skipped: the result is the brute-force top-k by (d2, position).
 #include "common.cuh"
 
 // Blocks of 128 threads kept resident per SM: caps registers at 65536 / (128 * n).
@@ -32,11 +37,13 @@ namespace zeta {
         long long a_n, long long a_s,                                                          \
         long long a_n_full, int a_b, int a_h, int a_hkv, int a_dk, int a_chunk, int a_window, \
         int a_n_curves, int a_n_sink, int a_causal, int a_n_levels, int a_topk, int a_kp,     \
-        const long long *__restrict__ a_order, int a_use_order
+        const long long *__restrict__ a_order, int a_use_order, int a_exact,                   \
+        const float *__restrict__ a_boxes, const long long *__restrict__ a_box_offs
 #define ZETA_SEARCH_ARGS                                                                       \
     SearchArgs{a_q,   a_k,     a_qcodes, a_levels, a_n, a_s, a_n_full,          \
                a_b,   a_h,     a_hkv,    a_dk,     a_chunk,     a_window, a_n_curves,         \
-               a_n_sink, a_causal, a_n_levels, a_topk, a_kp, a_order, a_use_order}
+               a_n_sink, a_causal, a_n_levels, a_topk, a_kp, a_order, a_use_order,           \
+               a_exact, a_boxes, a_box_offs}
 
 struct SearchArgs {
     const float* q;            // (B, H, N, dk)
@@ -47,7 +54,13 @@ struct SearchArgs {
     int b, h, hkv, dk, chunk, window, n_curves, n_sink, causal, n_levels, topk, kp;
     const long long* order;  // use_order: warp j handles query order[j] (queries in Z-order)
     int use_order;
+    int exact;                  // exact search: prune-scan every run through its leaf boxes
+    const float* boxes;         // leaf boxes of curve 0 (index.cu exact_boxes_kernel)
+    const long long* box_offs;  // per level: first float of its boxes; -1: no boxes (short runs)
 };
+
+/// Entries per leaf box (zeta/_cuda/index.py LEAF).
+#define ZETA_LEAF 64
 
 __device__ __forceinline__ uint64_t umin64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ uint64_t umax64(uint64_t a, uint64_t b) { return a < b ? b : a; }
@@ -257,6 +270,93 @@ __device__ __forceinline__ void scan_range(int lo, int hi, const float* kg, cons
     }
 }
 
+/// Squared distance from q to the nearest point of the box (lo[d], hi[d]), rounded as the
+/// distances are: per coordinate the gap max(lo - q, q - hi, 0) is no larger than |q - k|
+/// for any key k in the box (subtraction rounds monotonically), so the bound is no larger
+/// than the key's d2 in floats too.
+template <int DK>
+__device__ __forceinline__ float box_lb(const float* qv, const float* bx, int dk) {
+    const int d = DK > 0 ? DK : dk;
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < (DK > 0 ? DK : ZETA_MAX_DK); ++j) {
+        if (DK > 0 || j < d) {
+            const float a = __fsub_rn(bx[j], qv[j]), b = __fsub_rn(qv[j], bx[d + j]);
+            float g = a > b ? a : b;
+            g = g > 0.0f ? g : 0.0f;
+            s = __fadd_rn(s, __fmul_rn(g, g));
+        }
+    }
+    return s;
+}
+
+/// Exact search of one sorted run: offers every entry of each leaf whose box bound is below
+/// the current k-th best key (a leaf is tested again just before its scan: the k-th best
+/// only falls). `box`: the run's leaf boxes, or null: offer the whole run.
+template <int DK>
+__device__ void scan_run_pruned(const uint64_t* run, int run_len, const float* box, const float* kg,
+                                const float* qv, int dk, WarpSelect& ws) {
+    if (box == nullptr) {
+        scan_entries<DK>(run, 0, run_len, kg, qv, dk, ws);
+        return;
+    }
+    const int d = DK > 0 ? DK : dk;
+    const int n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
+    const int lane = static_cast<int>(lane_id());
+    for (int base = 0; base < n_leaves; base += 32) {
+        const int t = base + lane;
+        // Any key of the leaf is >= (bits(bound) << 32): positions only add low bits.
+        const uint64_t lb =
+            t < n_leaves
+                ? static_cast<uint64_t>(__float_as_uint(box_lb<DK>(qv, box + static_cast<long long>(t) * 2 * d, dk))) << 32
+                : ZETA_KEY_NONE;
+        unsigned m = __ballot_sync(ZETA_FULL_MASK, lb < ws.kth);
+        while (m != 0u) {
+            const int j = __ffs(static_cast<int>(m)) - 1;
+            m &= m - 1u;
+            const uint64_t lbj = __shfl_sync(ZETA_FULL_MASK, lb, j);
+            if (lbj >= ws.kth) continue;  // warp-uniform: kth is read from the shared list
+            const int lo = (base + j) * ZETA_LEAF;
+            scan_entries<DK>(run, lo, lo + ZETA_LEAF < run_len ? lo + ZETA_LEAF : run_len, kg, qv,
+                             dk, ws);
+        }
+    }
+}
+
+/// The exact part of a search (after the windows): every run of curve 0 that holds keys the
+/// query sees, prune-scanned. `g`: kv slice, `cq`: chunk index (causal).
+template <int DK>
+__device__ void search_exact(const SearchArgs& a, long long g, long long cq, const float* kg,
+                             const float* qv, WarpSelect& ws) {
+    ws.flush();  // the windows' k-th best: the first radius
+    const long long slices = static_cast<long long>(a.b) * a.hkv * a.n_curves;
+    const int d = a.dk;
+    if (!a.causal) {  // one run of all keys per slice
+        const long long bo = a.box_offs[0];
+        const long long n_leaves = (a.s + ZETA_LEAF - 1) / ZETA_LEAF;
+        scan_run_pruned<DK>(a.levels + g * a.n_curves * a.s, static_cast<int>(a.s),
+                            bo >= 0 ? a.boxes + bo + g * n_leaves * 2 * d : nullptr, kg, qv,
+                            a.dk, ws);
+        return;
+    }
+    long long off = 0;  // start of level l: the levels below it, all slices
+    for (int l = 0; l < a.n_levels; ++l) {
+        const long long width = ((a.n_full >> l) << l) * a.chunk;
+        if ((cq >> l) & 1) {
+            const long long run_len = static_cast<long long>(a.chunk) << l;
+            const long long m = (cq >> l) - 1;
+            const uint64_t* run = a.levels + off + g * a.n_curves * width + m * run_len;
+            const long long bo = a.box_offs[l];
+            const long long n_runs = width / run_len;
+            const long long n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
+            const float* box =
+                bo >= 0 ? a.boxes + bo + (g * n_runs + m) * n_leaves * 2 * d : nullptr;
+            scan_run_pruned<DK>(run, static_cast<int>(run_len), box, kg, qv, a.dk, ws);
+        }
+        off += slices * width;
+    }
+}
+
 /// Runs the candidate search of query w = (b, h, i) and leaves its top-k in ws.work[0, topk).
 template <int DK>
 __device__ void search_query(const SearchArgs& a, long long w, const float* qv, WarpSelect& ws) {
@@ -314,6 +414,7 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
                              static_cast<int>(thi), kg, qv, a.dk, ws);
         }
     }
+    if (a.exact) search_exact<DK>(a, g, cq, kg, qv, ws);
     if (a.causal)  // own chunk [c*chunk, p]
         scan_range<DK>(static_cast<int>(cq * a.chunk), static_cast<int>(p + 1), kg, qv, a.dk, ws);
     if (a.n_sink > 0) {  // sinks [0, min(n_sink, last + 1))
