@@ -504,6 +504,16 @@ _PROBE = textwrap.dedent(
         c.extend(k, v)
         h.update(c.attend(q[:, :, -9:], topk=17).tobytes())
         h.update(c.attend(q[:, :, -9:], topk=17, exact=True).tobytes())
+    # the value sums (float32 and float16 rows; d_v with a tail of every kernel width)
+    q = rng.standard_normal((1, 2, 2001, 3)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 2001, 3)).astype(np.float32)
+    for dv in (1, 8, 16, 37, 64):
+        v = rng.standard_normal((1, 2, 2001, dv)).astype(np.float32)
+        h.update(zeta.attention(q, k, v, topk=9).tobytes())
+        for vdt in ("float16", "bfloat16"):  # rows stored in 16 bits, summed in float32
+            c = zeta.KVCache(2, 3, dv, dtype=vdt)
+            c.extend(k, v)
+            h.update(c.attend(q[:, :, -5:], topk=9).tobytes())
     out["digest"] = h.hexdigest()
     out["scan"] = zeta._core.cpu_features()["scan"]
     print(json.dumps(out))
@@ -522,16 +532,21 @@ def _run_py(code, env_extra, timeout=120):
 
 
 def test_every_simd_path_gives_identical_results():
-    """Morton codes, sorts and the distance scans of knn / attention / KVCache: every path
-    this CPU has (ZETA_SIMD, read once per process for the scans) gives the same bits."""
-    paths = zeta._core.cpu_features()["paths"]
-    assert "portable" in paths
+    """Morton codes, sorts, the distance scans and value sums of knn / attention / KVCache:
+    every path this CPU has (ZETA_SIMD; read once per process for the vector kernels) gives
+    the same bits."""
+    feats = zeta._core.cpu_features()
+    paths, vectors = feats["paths"], feats["vectors"]
+    assert "portable" in paths and vectors[0] == "portable"
+    assert ("avx2" in vectors) == feats["avx2"] and ("avx512" in vectors) == feats["avx512f"]
     results = {}
-    for p in paths:
+    for p in dict.fromkeys(paths + vectors):
         res = json.loads(_run_py(_PROBE, {"ZETA_SIMD": p}).strip().splitlines()[-1])
-        assert res["path"] == p
-        has_avx2 = zeta._core.cpu_features()["avx2"]
-        assert res["scan"] == ("avx2" if has_avx2 and p != "portable" else "portable")
+        if p in paths:
+            assert res["path"] == p
+        # the vector kernels: the named one if this CPU has it, else the best one below it
+        want = {"portable": "portable", "avx2": "avx2" if "avx2" in vectors else "portable"}
+        assert res["scan"] == want.get(p, vectors[-1]), (p, res["scan"])
         results[p] = res["digest"]
     assert len(set(results.values())) == 1, results
 

@@ -21,9 +21,10 @@ def info() -> None:
     print(f"zeta {zeta.__version__} (python {platform.python_version()}, {platform.machine()})")
     feats = _core.cpu_features()
     print(
-        f"cpu: avx2={feats['avx2']} bmi2={feats['bmi2']} slow_pdep={feats['slow_pdep']}; "
-        f"paths {', '.join(feats['paths'])}; in use: {_core.simd_path()}, distance scans: "
-        f"{feats['scan']} (ZETA_SIMD overrides)"
+        f"cpu: avx2={feats['avx2']} avx512f={feats['avx512f']} f16c={feats['f16c']} "
+        f"bmi2={feats['bmi2']} slow_pdep={feats['slow_pdep']}; Morton paths "
+        f"{', '.join(feats['paths'])}, in use: {_core.simd_path()}; vector kernels "
+        f"{', '.join(feats['vectors'])}, in use: {feats['scan']} (ZETA_SIMD overrides)"
     )
     print(f"threads: {_core.num_threads()} (ZETA_NUM_THREADS overrides)")
     gpu = "none"

@@ -40,7 +40,7 @@ impl Shape {
         if self.b == 0 || self.h == 0 || self.hkv == 0 {
             return Err(ZetaError::value("q", "batch and head counts must be >= 1"));
         }
-        if self.h % self.hkv != 0 {
+        if !self.h.is_multiple_of(self.hkv) {
             return Err(ZetaError::value(
                 "k",
                 format!(

@@ -564,7 +564,7 @@ impl KvCache {
                 "the cache is empty: extend it before attend",
             ));
         }
-        if h == 0 || h % self.kv_heads != 0 {
+        if h == 0 || !h.is_multiple_of(self.kv_heads) {
             return Err(ZetaError::value(
                 "q",
                 format!(
@@ -741,7 +741,7 @@ impl KvCache {
         exact: bool,
     ) -> Result<Vec<f32>> {
         let (b, hkv, dk, dv) = (self.batch, self.kv_heads, self.key_dim, self.value_dim);
-        if h == 0 || h % hkv != 0 {
+        if h == 0 || !h.is_multiple_of(hkv) {
             return Err(ZetaError::value(
                 "num_heads",
                 format!("{h} query heads are not a multiple of the cache's {hkv} kv heads"),

@@ -733,7 +733,7 @@ impl<T: Float + Real> Offer<T> for Upto<'_, T> {
 
 /// The run of entries `a..b` of level `l` (its fence when it starts on a fence stride).
 fn run_view<T>(tree: &CurveTree<T>, l: usize, a: usize, b: usize, dk: usize) -> RunView<'_, T> {
-    let fence: &[u32] = if a % FENCE == 0 {
+    let fence: &[u32] = if a.is_multiple_of(FENCE) {
         &tree.fences[l][a / FENCE..b.div_ceil(FENCE)]
     } else {
         &[]

@@ -644,7 +644,7 @@ impl<T: Float + Real> KeyIndex<T> {
                         let a = start * chunk;
                         let b = (start + (1 << l)) * chunk;
                         // The level's fence serves runs that start on a fence stride.
-                        let fence: &[u32] = if a % FENCE == 0 {
+                        let fence: &[u32] = if a.is_multiple_of(FENCE) {
                             &tree.fences[l][a / FENCE..b.div_ceil(FENCE)]
                         } else {
                             &[]

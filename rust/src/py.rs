@@ -880,6 +880,8 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("avx2", f.avx2)?;
     d.set_item("bmi2", f.bmi2)?;
     d.set_item("slow_pdep", f.slow_pdep)?;
+    d.set_item("avx512f", f.avx512f)?;
+    d.set_item("f16c", f.f16c)?;
     d.set_item(
         "paths",
         simd::available_paths()
@@ -887,15 +889,16 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
             .map(|p| p.name())
             .collect::<Vec<_>>(),
     )?;
-    // The distance scans' kernel (3-D float32), fixed for the process at its first use.
+    // The vector kernels (distance scans, value sums) this CPU can run, and the one in use
+    // (fixed for the process at its first use).
     d.set_item(
-        "scan",
-        if simd::scan_avx2() {
-            "avx2"
-        } else {
-            "portable"
-        },
+        "vectors",
+        simd::available_vectors()
+            .iter()
+            .map(|v| v.name())
+            .collect::<Vec<_>>(),
     )?;
+    d.set_item("scan", simd::vector().name())?;
     Ok(d)
 }
 

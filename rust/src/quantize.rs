@@ -58,6 +58,16 @@ pub trait Real: crate::score::ValueElem + Copy + Send + Sync + 'static {
     ) -> u64 {
         unreachable!("no 3-D scan kernel for this type")
     }
+    /// `acc[i] = acc[i] + s * row[i]` (the value sum; [`crate::simd::axpy_f32`] for f32).
+    #[inline(always)]
+    fn axpy(acc: &mut [Self], row: &[Self], s: Self)
+    where
+        Self: num_traits::Float,
+    {
+        for (a, &x) in acc.iter_mut().zip(row) {
+            *a = *a + s * x;
+        }
+    }
 }
 impl Real for f32 {
     type Key = u64;
@@ -84,6 +94,10 @@ impl Real for f32 {
         d2: &mut [f32; crate::simd::SCAN_BLOCK],
     ) -> u64 {
         crate::simd::dist3_mask(q, coords, bound, d2)
+    }
+    #[inline(always)]
+    fn axpy(acc: &mut [f32], row: &[f32], s: f32) {
+        crate::simd::axpy_f32(acc, row, s)
     }
 }
 impl Real for f64 {

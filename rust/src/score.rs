@@ -2,7 +2,6 @@
 //! ([`crate::cache`]): a query's Cauchy-softmax weights over its top-k candidates (and the
 //! optional mean item) and the weighted sum of their value rows.
 use crate::index::prefetch;
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use num_traits::Float;
 
@@ -37,7 +36,7 @@ pub trait ValueRows<T> {
     fn axpy_row(&self, pos: usize, s: T, acc: &mut [T]);
 }
 
-impl<T: Float> ValueRows<T> for [T] {
+impl<T: Float + crate::quantize::Real> ValueRows<T> for [T] {
     #[inline]
     fn prefetch_row(&self, pos: usize, dv: usize) {
         prefetch(&self[pos * dv..(pos + 1) * dv]);
@@ -45,9 +44,7 @@ impl<T: Float> ValueRows<T> for [T] {
     #[inline]
     fn axpy_row(&self, pos: usize, s: T, acc: &mut [T]) {
         let dv = acc.len();
-        for (a, &x) in acc.iter_mut().zip(&self[pos * dv..(pos + 1) * dv]) {
-            *a = *a + s * x;
-        }
+        T::axpy(acc, &self[pos * dv..(pos + 1) * dv], s);
     }
 }
 
@@ -58,11 +55,8 @@ impl ValueRows<f32> for [bf16] {
     }
     #[inline]
     fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
-        // bfloat16 -> float32 is a shift: the loop vectorises as it is.
         let dv = acc.len();
-        for (a, &x) in acc.iter_mut().zip(&self[pos * dv..(pos + 1) * dv]) {
-            *a += s * x.to_f32();
-        }
+        crate::simd::axpy_bf16(acc, &self[pos * dv..(pos + 1) * dv], s);
     }
 }
 
@@ -73,20 +67,11 @@ impl ValueRows<f32> for [f16] {
     }
     #[inline]
     fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
-        // float16 -> float32 one value at a time is a software conversion (or a feature check
-        // per value): `half` converts a slice with F16C where the CPU has it (runtime check
-        // once per call), into a block on the stack. Perf note (attention forward, N = 32k,
-        // H = 8, d_v = 64): per value 1,105 ms, per block of 64 below; float32 642 ms.
+        // Perf note (attention forward, N = 32k, H = 8, d_v = 64): float16 converted per
+        // value 1,105 ms, per block of 64 (`half`'s slice conversion) 642 ms as float32; now
+        // the AVX2 (F16C) / AVX-512 kernels convert in registers (`simd::axpy_f16`).
         let dv = acc.len();
-        let row = &self[pos * dv..(pos + 1) * dv];
-        let mut buf = [0.0f32; 64];
-        for (src, dst) in row.chunks(64).zip(acc.chunks_mut(64)) {
-            let b = &mut buf[..src.len()];
-            src.convert_to_f32_slice(b);
-            for (a, &x) in dst.iter_mut().zip(b.iter()) {
-                *a += s * x;
-            }
-        }
+        crate::simd::axpy_f16(acc, &self[pos * dv..(pos + 1) * dv], s);
     }
 }
 

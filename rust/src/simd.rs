@@ -2,6 +2,14 @@
 //!
 //! `ZETA_SIMD=portable` forces the plain-Rust paths (what a baseline x86-64 wheel runs on a
 //! CPU without AVX2); `ZETA_SIMD=avx2` / `bmi2` ask for one path if the CPU has it.
+//!
+//! The vector kernels of the search and the scoring (3-D float32 distance scans, the value
+//! sums over float32 / bfloat16 / float16 rows) have their own choice, [`vector`]: AVX-512
+//! where the CPU has it, else AVX2, else portable loops, fixed at the first use;
+//! `ZETA_SIMD=portable` / `avx2` / `avx512` then cap it. Every kernel rounds each operation
+//! on its own, in the portable loop's order (no fused multiply-add), so all of them give the
+//! same bits.
+use half::{bf16, f16};
 use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +35,9 @@ pub struct Features {
     pub bmi2: bool,
     /// BMI2 present but `pdep`/`pext` microcoded (AMD before Zen 3): slower than shifts.
     pub slow_pdep: bool,
+    pub avx512f: bool,
+    /// Half-precision conversions (`vcvtph2ps`) in AVX registers.
+    pub f16c: bool,
 }
 
 pub fn features() -> Features {
@@ -42,6 +53,8 @@ fn detect() -> Features {
         avx2,
         bmi2,
         slow_pdep: bmi2 && amd_before_zen3(),
+        avx512f: std::arch::is_x86_feature_detected!("avx512f"),
+        f16c: std::arch::is_x86_feature_detected!("f16c"),
     }
 }
 
@@ -103,11 +116,51 @@ pub fn selected() -> Path {
     }
 }
 
-/// Whether the distance scans use their AVX2 kernel: the CPU has AVX2 and `ZETA_SIMD` does
-/// not ask for the portable paths. Read once (the scans ask per block of keys).
-pub fn scan_avx2() -> bool {
-    static S: OnceLock<bool> = OnceLock::new();
-    *S.get_or_init(|| features().avx2 && selected() != Path::Portable)
+/// The kernels of the distance scans and value sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Vector {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Vector {
+    pub fn name(self) -> &'static str {
+        match self {
+            Vector::Portable => "portable",
+            Vector::Avx2 => "avx2",
+            Vector::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The vector kernels this CPU can run, best last.
+pub fn available_vectors() -> Vec<Vector> {
+    let f = features();
+    let mut v = vec![Vector::Portable];
+    if f.avx2 {
+        v.push(Vector::Avx2);
+    }
+    if f.avx512f {
+        v.push(Vector::Avx512);
+    }
+    v
+}
+
+/// The vector kernels in use: the best this CPU has, capped by `ZETA_SIMD` (`portable`,
+/// `avx2`, `avx512`; other values: no cap). Read once per process (the scans ask per block of
+/// keys, the value sums per row).
+pub fn vector() -> Vector {
+    static S: OnceLock<Vector> = OnceLock::new();
+    *S.get_or_init(|| {
+        let best = *available_vectors().last().unwrap_or(&Vector::Portable);
+        let cap = match std::env::var("ZETA_SIMD").ok().as_deref().map(str::trim) {
+            Some("portable") => Vector::Portable,
+            Some("avx2") => Vector::Avx2,
+            _ => Vector::Avx512,
+        };
+        best.min(cap)
+    })
 }
 
 /// Rows per call of [`dist3_mask`].
@@ -124,12 +177,82 @@ pub fn dist3_mask(q: &[f32; 3], coords: &[f32], bound: f32, d2: &mut [f32; SCAN_
     let n = coords.len() / 3;
     assert!(n <= SCAN_BLOCK && coords.len() == 3 * n);
     #[cfg(target_arch = "x86_64")]
-    if scan_avx2() {
-        // SAFETY: the CPU has AVX2 (checked at run time by `scan_avx2`); the slices' bounds
+    match vector() {
+        // SAFETY: the CPU has AVX-512F (checked at run time by `vector`); the slices' bounds
         // are asserted above and inside.
-        return unsafe { avx2::dist3_mask(q, coords, bound, d2) };
+        Vector::Avx512 => return unsafe { avx512::dist3_mask(q, coords, bound, d2) },
+        // SAFETY: the CPU has AVX2 (checked at run time by `vector`); bounds as above.
+        Vector::Avx2 => return unsafe { avx2::dist3_mask(q, coords, bound, d2) },
+        Vector::Portable => {}
     }
     dist3_mask_portable(q, coords, bound, d2)
+}
+
+/// `acc[i] = acc[i] + s * row[i]` over `acc.len()` values (`row` at least as long): the value
+/// sum of the scoring. The product and the sum are each rounded, in this order, on every
+/// path (no fused multiply-add), so the kernels give the portable loop's bits.
+#[inline]
+pub fn axpy_f32(acc: &mut [f32], row: &[f32], s: f32) {
+    let row = &row[..acc.len()];
+    #[cfg(target_arch = "x86_64")]
+    match vector() {
+        // SAFETY: the CPU has AVX-512F (checked by `vector`); `row` and `acc` have one length.
+        Vector::Avx512 => return unsafe { avx512::axpy_f32(acc, row, s) },
+        // SAFETY: the CPU has AVX2 (checked by `vector`); lengths as above.
+        Vector::Avx2 => return unsafe { avx2::axpy_f32(acc, row, s) },
+        Vector::Portable => {}
+    }
+    for (a, &x) in acc.iter_mut().zip(row) {
+        *a += s * x;
+    }
+}
+
+/// [`axpy_f32`] over bfloat16 values (widened exactly: a shift).
+#[inline]
+pub fn axpy_bf16(acc: &mut [f32], row: &[bf16], s: f32) {
+    let row = &row[..acc.len()];
+    #[cfg(target_arch = "x86_64")]
+    match vector() {
+        // SAFETY: the CPU has AVX-512F (checked by `vector`); `row` and `acc` have one length.
+        Vector::Avx512 => return unsafe { avx512::axpy_bf16(acc, row, s) },
+        // SAFETY: the CPU has AVX2 (checked by `vector`); lengths as above.
+        Vector::Avx2 => return unsafe { avx2::axpy_bf16(acc, row, s) },
+        Vector::Portable => {}
+    }
+    for (a, &x) in acc.iter_mut().zip(row) {
+        *a += s * x.to_f32();
+    }
+}
+
+/// [`axpy_f32`] over float16 values (widened exactly).
+#[inline]
+pub fn axpy_f16(acc: &mut [f32], row: &[f16], s: f32) {
+    let row = &row[..acc.len()];
+    #[cfg(target_arch = "x86_64")]
+    match vector() {
+        // SAFETY: the CPU has AVX-512F (checked by `vector`); `row` and `acc` have one length.
+        Vector::Avx512 => return unsafe { avx512::axpy_f16(acc, row, s) },
+        // SAFETY: the CPU has AVX2 and F16C (both checked here and by `vector`); lengths as
+        // above.
+        Vector::Avx2 if features().f16c => return unsafe { avx2::axpy_f16(acc, row, s) },
+        _ => {}
+    }
+    axpy_f16_portable(acc, row, s);
+}
+
+/// The portable loop of [`axpy_f16`]: float16 -> float32 one value at a time is a software
+/// conversion (or a feature check per value); `half` converts a slice with F16C where the CPU
+/// has it (one check per call), into a block on the stack.
+fn axpy_f16_portable(acc: &mut [f32], row: &[f16], s: f32) {
+    use half::slice::HalfFloatSliceExt;
+    let mut buf = [0.0f32; 64];
+    for (src, dst) in row.chunks(64).zip(acc.chunks_mut(64)) {
+        let b = &mut buf[..src.len()];
+        src.convert_to_f32_slice(b);
+        for (a, &x) in dst.iter_mut().zip(b.iter()) {
+            *a += s * x;
+        }
+    }
 }
 
 /// The portable loop of [`dist3_mask`].
@@ -201,6 +324,232 @@ mod avx2 {
         }
         m
     }
+
+    /// [`super::axpy_f32`], 8 values at a time; `acc.len() == row.len()`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn axpy_f32(acc: &mut [f32], row: &[f32], s: f32) {
+        let n = acc.len();
+        assert_eq!(row.len(), n);
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY (of the loads and the store): i + 8 <= n, both slices n long.
+            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+            let x = _mm256_loadu_ps(row.as_ptr().add(i));
+            _mm256_storeu_ps(
+                acc.as_mut_ptr().add(i),
+                _mm256_add_ps(a, _mm256_mul_ps(sv, x)),
+            );
+            i += 8;
+        }
+        for (a, &x) in acc[i..].iter_mut().zip(&row[i..]) {
+            *a += s * x;
+        }
+    }
+
+    /// [`super::axpy_bf16`], 8 values at a time; `acc.len() == row.len()`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn axpy_bf16(acc: &mut [f32], row: &[super::bf16], s: f32) {
+        let n = acc.len();
+        assert_eq!(row.len(), n);
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY (of the loads and the store): i + 8 <= n; 8 bfloat16 values are 16 bytes.
+            let h = _mm_loadu_si128(row.as_ptr().add(i) as *const __m128i);
+            let x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+            _mm256_storeu_ps(
+                acc.as_mut_ptr().add(i),
+                _mm256_add_ps(a, _mm256_mul_ps(sv, x)),
+            );
+            i += 8;
+        }
+        for (a, &x) in acc[i..].iter_mut().zip(&row[i..]) {
+            *a += s * x.to_f32();
+        }
+    }
+
+    /// [`super::axpy_f16`], 8 values at a time (F16C conversion); `acc.len() == row.len()`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn axpy_f16(acc: &mut [f32], row: &[super::f16], s: f32) {
+        let n = acc.len();
+        assert_eq!(row.len(), n);
+        let sv = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY (of the loads and the store): i + 8 <= n; 8 float16 values are 16 bytes.
+            let x = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
+            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
+            _mm256_storeu_ps(
+                acc.as_mut_ptr().add(i),
+                _mm256_add_ps(a, _mm256_mul_ps(sv, x)),
+            );
+            i += 8;
+        }
+        super::axpy_f16_portable(&mut acc[i..], &row[i..], s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::SCAN_BLOCK;
+    use std::arch::x86_64::*;
+
+    /// Lane j of `perm(a, b)` for the rows' de-interleave: 16 rows (x, y, z) are 48 floats in
+    /// three registers a, b, c; coordinate `c0` of row r is float 3r + c0.
+    const fn idx_ab(c0: usize) -> [i32; 16] {
+        // lanes of rows whose coordinate lies in a or b (float < 32), their float index
+        let mut v = [0i32; 16];
+        let mut r = 0;
+        while r < 16 {
+            let f = 3 * r + c0;
+            v[r] = if f < 32 { f as i32 } else { 0 };
+            r += 1;
+        }
+        v
+    }
+    const fn idx_c(c0: usize) -> [i32; 16] {
+        // keep the lanes from a/b (0..16 of the first source), take the rest from c
+        let mut v = [0i32; 16];
+        let mut r = 0;
+        while r < 16 {
+            let f = 3 * r + c0;
+            v[r] = if f < 32 {
+                r as i32
+            } else {
+                (f - 32 + 16) as i32
+            };
+            r += 1;
+        }
+        v
+    }
+
+    #[inline(always)]
+    unsafe fn coord(a: __m512, b: __m512, c: __m512, iab: &[i32; 16], ic: &[i32; 16]) -> __m512 {
+        // SAFETY (of the index loads): both arrays are 16 i32 (64 bytes).
+        let ab = _mm512_permutex2var_ps(a, _mm512_loadu_si512(iab.as_ptr() as *const _), b);
+        _mm512_permutex2var_ps(ab, _mm512_loadu_si512(ic.as_ptr() as *const _), c)
+    }
+
+    /// [`super::dist3_mask`] with AVX-512: 16 rows at a time, de-interleaved by two
+    /// two-source permutes per coordinate.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dist3_mask(
+        q: &[f32; 3],
+        coords: &[f32],
+        bound: f32,
+        d2: &mut [f32; SCAN_BLOCK],
+    ) -> u64 {
+        const IX: ([i32; 16], [i32; 16]) = (idx_ab(0), idx_c(0));
+        const IY: ([i32; 16], [i32; 16]) = (idx_ab(1), idx_c(1));
+        const IZ: ([i32; 16], [i32; 16]) = (idx_ab(2), idx_c(2));
+        let n = coords.len() / 3;
+        assert!(n <= SCAN_BLOCK);
+        let (qx, qy, qz) = (
+            _mm512_set1_ps(q[0]),
+            _mm512_set1_ps(q[1]),
+            _mm512_set1_ps(q[2]),
+        );
+        let b = _mm512_set1_ps(bound);
+        let mut m = 0u64;
+        let mut j = 0;
+        while j + 16 <= n {
+            let p = coords.as_ptr().add(3 * j);
+            // SAFETY (of the loads): rows j..j+16 are 48 floats inside `coords` (j + 16 <= n).
+            let (ra, rb, rc) = (
+                _mm512_loadu_ps(p),
+                _mm512_loadu_ps(p.add(16)),
+                _mm512_loadu_ps(p.add(32)),
+            );
+            let x = coord(ra, rb, rc, &IX.0, &IX.1);
+            let y = coord(ra, rb, rc, &IY.0, &IY.1);
+            let z = coord(ra, rb, rc, &IZ.0, &IZ.1);
+            let dx = _mm512_sub_ps(qx, x);
+            let dy = _mm512_sub_ps(qy, y);
+            let dz = _mm512_sub_ps(qz, z);
+            let s = _mm512_add_ps(
+                _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy)),
+                _mm512_mul_ps(dz, dz),
+            );
+            _mm512_storeu_ps(d2.as_mut_ptr().add(j), s);
+            let k = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(s, b) as u64;
+            m |= k << j;
+            j += 16;
+        }
+        if j < n {
+            m |= super::dist3_rows(q, &coords[3 * j..], bound, d2, j);
+        }
+        m
+    }
+
+    /// [`super::axpy_f32`], 16 values at a time (the tail masked); `acc.len() == row.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_f32(acc: &mut [f32], row: &[f32], s: f32) {
+        let n = acc.len();
+        assert_eq!(row.len(), n);
+        let sv = _mm512_set1_ps(s);
+        let mut i = 0;
+        while i < n {
+            let k: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                (1u16 << (n - i)) - 1
+            };
+            // SAFETY (of the masked loads and store): only lanes i..min(i + 16, n) are touched.
+            let a = _mm512_maskz_loadu_ps(k, acc.as_ptr().add(i));
+            let x = _mm512_maskz_loadu_ps(k, row.as_ptr().add(i));
+            _mm512_mask_storeu_ps(
+                acc.as_mut_ptr().add(i),
+                k,
+                _mm512_add_ps(a, _mm512_mul_ps(sv, x)),
+            );
+            i += 16;
+        }
+    }
+
+    /// [`super::axpy_bf16`], 16 values at a time; `acc.len() == row.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_bf16(acc: &mut [f32], row: &[super::bf16], s: f32) {
+        let n = acc.len();
+        assert_eq!(row.len(), n);
+        let sv = _mm512_set1_ps(s);
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY (of the loads and the store): i + 16 <= n; 16 bfloat16 values are 32 bytes.
+            let h = _mm256_loadu_si256(row.as_ptr().add(i) as *const __m256i);
+            let x = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
+            let a = _mm512_loadu_ps(acc.as_ptr().add(i));
+            _mm512_storeu_ps(
+                acc.as_mut_ptr().add(i),
+                _mm512_add_ps(a, _mm512_mul_ps(sv, x)),
+            );
+            i += 16;
+        }
+        for (a, &x) in acc[i..].iter_mut().zip(&row[i..]) {
+            *a += s * x.to_f32();
+        }
+    }
+
+    /// [`super::axpy_f16`], 16 values at a time; `acc.len() == row.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_f16(acc: &mut [f32], row: &[super::f16], s: f32) {
+        let n = acc.len();
+        assert_eq!(row.len(), n);
+        let sv = _mm512_set1_ps(s);
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY (of the loads and the store): i + 16 <= n; 16 float16 values are 32 bytes.
+            let x = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(i) as *const __m256i));
+            let a = _mm512_loadu_ps(acc.as_ptr().add(i));
+            _mm512_storeu_ps(
+                acc.as_mut_ptr().add(i),
+                _mm512_add_ps(a, _mm512_mul_ps(sv, x)),
+            );
+            i += 16;
+        }
+        super::axpy_f16_portable(&mut acc[i..], &row[i..], s);
+    }
 }
 
 /// The rows `rows` (3-D) as rows `at..` of a block: their d2 into `d2[at..]`, their mask bits
@@ -260,7 +609,82 @@ mod tests {
                             assert_eq!(da[j].to_bits(), dp[j].to_bits(), "n={n} j={j}");
                         }
                     }
+                    #[cfg(target_arch = "x86_64")]
+                    if features().avx512f {
+                        let mut da = [f32::NAN; SCAN_BLOCK];
+                        // SAFETY: the CPU has AVX-512F (checked just above).
+                        let ma = unsafe { avx512::dist3_mask(&q, &c, bound, &mut da) };
+                        assert_eq!(ma, mp, "avx512 n={n} scale={scale} bound={bound}");
+                        for j in 0..n {
+                            assert_eq!(da[j].to_bits(), dp[j].to_bits(), "avx512 n={n} j={j}");
+                        }
+                    }
                     assert_eq!(dist3_mask(&q, &c, bound, &mut dp), mp);
+                }
+            }
+        }
+    }
+
+    /// The value sums: every kernel this CPU has gives the portable loop's bits, for every
+    /// length (tails included) and float32 / bfloat16 / float16 rows.
+    #[test]
+    fn axpy_paths_agree_bit_for_bit() {
+        let mut s = 5u64;
+        for n in 0..=70usize {
+            for &scale in &[1.0f32, 1e-30, 1e30] {
+                let row: Vec<f32> = (0..n).map(|_| lcg(&mut s) * scale).collect();
+                let rb: Vec<bf16> = row.iter().map(|&x| bf16::from_f32(x)).collect();
+                let rh: Vec<f16> = row.iter().map(|&x| f16::from_f32(x)).collect();
+                let acc0: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+                let w = lcg(&mut s) * 3.0;
+                // the portable loops
+                let mut want = acc0.clone();
+                for (a, &x) in want.iter_mut().zip(&row) {
+                    *a += w * x;
+                }
+                let mut want_b = acc0.clone();
+                for (a, &x) in want_b.iter_mut().zip(&rb) {
+                    *a += w * x.to_f32();
+                }
+                let mut want_h = acc0.clone();
+                for (a, &x) in want_h.iter_mut().zip(&rh) {
+                    *a += w * x.to_f32();
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let mut got = acc0.clone();
+                axpy_f16_portable(&mut got, &rh, w);
+                assert_eq!(bits(&got), bits(&want_h), "f16 portable n={n}");
+                let mut got = acc0.clone();
+                axpy_f32(&mut got, &row, w);
+                assert_eq!(bits(&got), bits(&want), "f32 n={n}");
+                #[cfg(target_arch = "x86_64")]
+                {
+                    let f = features();
+                    for v in available_vectors() {
+                        let (mut a, mut b, mut h) = (acc0.clone(), acc0.clone(), acc0.clone());
+                        match v {
+                            Vector::Portable => continue,
+                            // SAFETY: the CPU has AVX2 (available_vectors).
+                            Vector::Avx2 => unsafe {
+                                avx2::axpy_f32(&mut a, &row, w);
+                                avx2::axpy_bf16(&mut b, &rb, w);
+                                if f.f16c {
+                                    avx2::axpy_f16(&mut h, &rh, w);
+                                } else {
+                                    axpy_f16_portable(&mut h, &rh, w);
+                                }
+                            },
+                            // SAFETY: the CPU has AVX-512F (available_vectors).
+                            Vector::Avx512 => unsafe {
+                                avx512::axpy_f32(&mut a, &row, w);
+                                avx512::axpy_bf16(&mut b, &rb, w);
+                                avx512::axpy_f16(&mut h, &rh, w);
+                            },
+                        }
+                        assert_eq!(bits(&a), bits(&want), "{} f32 n={n}", v.name());
+                        assert_eq!(bits(&b), bits(&want_b), "{} bf16 n={n}", v.name());
+                        assert_eq!(bits(&h), bits(&want_h), "{} f16 n={n}", v.name());
+                    }
                 }
             }
         }
