@@ -240,8 +240,27 @@ fn query_pass<T: Float + Real>(
     Ok(c)
 }
 
+/// Dot product in 8 interleaved partial sums (lane i sums the products i, i + 8, ...; then
+/// the lanes are added in order): the products vectorise and no chain of d_v dependent
+/// additions serialises the query pass. Perf note (backward of `zeta.attention(exact=True)`,
+/// N = 16k, H = 8, d_v = 64, interleaved runs): 227-237 -> 193-205 ms on one thread, 125-128
+/// -> 107-114 ms on two, against the one-chain fold.
+#[inline]
 fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    a.iter().zip(b).fold(T::zero(), |acc, (&x, &y)| acc + x * y)
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::zero(); 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] = acc[i] + x[i] * y[i];
+        }
+    }
+    for (i, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[i] = acc[i] + x * y;
+    }
+    acc.iter().fold(T::zero(), |s, &x| s + x)
 }
 
 /// For each key `j`, the flat (query * topk + slot) entries that selected it:
