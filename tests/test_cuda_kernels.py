@@ -117,6 +117,8 @@ EXACT_CASES = [
     (1, 1, 1, 100, 100, 3, 40, 64, 4, 1, True),  # two chunks; topk > 32
     (1, 2, 1, 30, 30, 3, 5, 64, 2, 1, True),  # one chunk: no level, the own chunk only
     (1, 1, 1, 40, 60, 4, 6, 8, 2, 1, False),  # one run of <= 64 keys: no boxes
+    (1, 1, 1, 40, 2600, 3, 8, 16, 2, 1, True),  # runs of 2048 keys: 32 leaves, taken on round
+    (1, 1, 1, 20, 3000, 3, 8, 64, 2, 1, False),  # from the query's leaf
 ]
 
 

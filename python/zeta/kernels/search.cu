@@ -292,10 +292,12 @@ __device__ __forceinline__ float box_lb(const float* qv, const float* bx, int dk
 
 /// Exact search of one sorted run: offers every entry of each leaf whose box bound is below
 /// the current k-th best key (a leaf is tested again just before its scan: the k-th best
-/// only falls). `box`: the run's leaf boxes, or null: offer the whole run.
+/// only falls). `box`: the run's leaf boxes, or null: offer the whole run. The leaves are
+/// taken 32 at a time starting with the 32 around the query's code (its nearest keys are
+/// most likely there, so the k-th best falls early), then on round the run.
 template <int DK>
 __device__ void scan_run_pruned(const uint64_t* run, int run_len, const float* box, const float* kg,
-                                const float* qv, int dk, WarpSelect& ws) {
+                                const float* qv, int dk, uint32_t qcode, WarpSelect& ws) {
     if (box == nullptr) {
         scan_entries<DK>(run, 0, run_len, kg, qv, dk, ws);
         return;
@@ -303,8 +305,15 @@ __device__ void scan_run_pruned(const uint64_t* run, int run_len, const float* b
     const int d = DK > 0 ? DK : dk;
     const int n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
     const int lane = static_cast<int>(lane_id());
+    // every lane finds the same lower bound (uniform loads, no shuffle needed)
+    const int at = static_cast<int>(
+        lower_bound_u64(run, static_cast<uint32_t>(run_len), static_cast<uint64_t>(qcode) << 32));
+    int first = at / ZETA_LEAF - 16;
+    first = first < 0 ? 0 : first;
     for (int base = 0; base < n_leaves; base += 32) {
-        const int t = base + lane;
+        int t = first + base + lane;  // leaves first .. n_leaves - 1, then 0 .. first - 1
+        t = t >= n_leaves ? t - n_leaves : t;
+        t = base + lane < n_leaves ? t : n_leaves;  // past the last: no leaf
         // Any key of the leaf is >= (bits(bound) << 32): positions only add low bits.
         const uint64_t lb =
             t < n_leaves
@@ -316,7 +325,7 @@ __device__ void scan_run_pruned(const uint64_t* run, int run_len, const float* b
             m &= m - 1u;
             const uint64_t lbj = __shfl_sync(ZETA_FULL_MASK, lb, j);
             if (lbj >= ws.kth) continue;  // warp-uniform: kth is read from the shared list
-            const int lo = (base + j) * ZETA_LEAF;
+            const int lo = __shfl_sync(ZETA_FULL_MASK, t, j) * ZETA_LEAF;
             scan_entries<DK>(run, lo, lo + ZETA_LEAF < run_len ? lo + ZETA_LEAF : run_len, kg, qv,
                              dk, ws);
         }
@@ -324,19 +333,21 @@ __device__ void scan_run_pruned(const uint64_t* run, int run_len, const float* b
 }
 
 /// The exact part of a search (after the windows): every run of curve 0 that holds keys the
-/// query sees, prune-scanned. `g`: kv slice, `cq`: chunk index (causal).
+/// query sees, prune-scanned. `w`: the query, `g`: kv slice, `cq`: chunk index (causal).
 template <int DK>
-__device__ void search_exact(const SearchArgs& a, long long g, long long cq, const float* kg,
-                             const float* qv, WarpSelect& ws) {
+__device__ void search_exact(const SearchArgs& a, long long w, long long g, long long cq,
+                             const float* kg, const float* qv, WarpSelect& ws) {
     ws.flush();  // the windows' k-th best: the first radius
     const long long slices = static_cast<long long>(a.b) * a.hkv * a.n_curves;
     const int d = a.dk;
+    const long long i = w % a.n, bh = w / a.n;
+    const uint32_t qcode = a.qcodes[(bh * a.n_curves) * a.n + i];  // curve 0
     if (!a.causal) {  // one run of all keys per slice
         const long long bo = a.box_offs[0];
         const long long n_leaves = (a.s + ZETA_LEAF - 1) / ZETA_LEAF;
         scan_run_pruned<DK>(a.levels + g * a.n_curves * a.s, static_cast<int>(a.s),
                             bo >= 0 ? a.boxes + bo + g * n_leaves * 2 * d : nullptr, kg, qv,
-                            a.dk, ws);
+                            a.dk, qcode, ws);
         return;
     }
     long long off = 0;  // start of level l: the levels below it, all slices
@@ -351,7 +362,7 @@ __device__ void search_exact(const SearchArgs& a, long long g, long long cq, con
             const long long n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
             const float* box =
                 bo >= 0 ? a.boxes + bo + (g * n_runs + m) * n_leaves * 2 * d : nullptr;
-            scan_run_pruned<DK>(run, static_cast<int>(run_len), box, kg, qv, a.dk, ws);
+            scan_run_pruned<DK>(run, static_cast<int>(run_len), box, kg, qv, a.dk, qcode, ws);
         }
         off += slices * width;
     }
@@ -414,7 +425,7 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
                              static_cast<int>(thi), kg, qv, a.dk, ws);
         }
     }
-    if (a.exact) search_exact<DK>(a, g, cq, kg, qv, ws);
+    if (a.exact) search_exact<DK>(a, w, g, cq, kg, qv, ws);
     if (a.causal)  // own chunk [c*chunk, p]
         scan_range<DK>(static_cast<int>(cq * a.chunk), static_cast<int>(p + 1), kg, qv, a.dk, ws);
     if (a.n_sink > 0) {  // sinks [0, min(n_sink, last + 1))
