@@ -155,26 +155,9 @@ def test_exact_forward_and_backward(rt, case, mean_token):
     v = rng.standard_normal((b, hkv, s, dv)).astype(np.float32)
     gamma = rng.uniform(0.5, 1.5, h)
     kw = dict(causal=causal, chunk=chunk, window=window, n_curves=nc, exact=True)
-    p = index_params(dk, topk, **kw)
-    shape = (b, h, hkv, n, s, dk)
-    out, idx = cuda_attention.forward(rt, q, k, v, "float32", gamma, shape, dv, p, topk, mean_token)
+    idx = _forward_backward_checks(rt, rng, q, k, v, gamma, topk, mean_token, kw)
     eidx, _ = zeta.exact_knn(q, k, topk, causal=causal)
     np.testing.assert_array_equal(idx, eidx.astype(np.int32))
-    rust = zeta.attention(
-        q, k, v, topk=topk, gamma=gamma, mean_token=mean_token, backend="rust", **kw
-    )
-    np.testing.assert_allclose(out, rust, rtol=2e-6, atol=2e-6)
-    qt, kt, vt, gt = _torch64(q, k, v, gamma)
-    ref = torch_ref.attention(qt, kt, vt, topk=topk, gamma=gt, mean_token=mean_token, **kw)
-    np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
-    grad = rng.standard_normal(out.shape).astype(np.float32)
-    ref.backward(torch.from_numpy(grad).double())
-    dq, dk_, dv_, dg = cuda_attention.backward(
-        rt, q, k, v, "float32", gamma, idx, grad, shape, dv, p, mean_token
-    )
-    for got, want in ((dq, qt.grad), (dk_, kt.grad), (dv_, vt.grad), (dg, gt.grad)):
-        want = want.numpy()
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want).max()))
 
 
 def _torch64(*xs):
@@ -190,17 +173,23 @@ def test_forward_and_backward_match_the_reference(rt, case, mean_token):
     dv = 5
     v = rng.standard_normal((b, hkv, s, dv)).astype(np.float32)
     gamma = rng.uniform(0.5, 1.5, h)
-    p = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=ns)
+    kw = dict(causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=ns)
+    idx = _forward_backward_checks(rt, rng, q, k, v, gamma, topk, mean_token, kw)
+    ridx, _ = zeta.knn(q, k, topk, **kw)
+    np.testing.assert_array_equal(idx, ridx.astype(np.int32))
+
+
+def _forward_backward_checks(rt, rng, q, k, v, gamma, topk, mean_token, kw):
+    """The device forward against the Rust core and the torch reference (float64), and the
+    device backward against the reference's autograd; returns the forward's indices."""
+    (b, h, n, dk), (hkv, s, dv) = q.shape, v.shape[1:]
+    p = index_params(dk, topk, **kw)
     shape = (b, h, hkv, n, s, dk)
     out, idx = cuda_attention.forward(rt, q, k, v, "float32", gamma, shape, dv, p, topk, mean_token)
-    kw = dict(causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=ns)
     rust = zeta.attention(
         q, k, v, topk=topk, gamma=gamma, mean_token=mean_token, backend="rust", **kw
     )
     np.testing.assert_allclose(out, rust, rtol=2e-6, atol=2e-6)
-    ridx, _ = zeta.knn(q, k, topk, **kw)
-    np.testing.assert_array_equal(idx, ridx.astype(np.int32))
-
     qt, kt, vt, gt = _torch64(q, k, v, gamma)
     ref = torch_ref.attention(qt, kt, vt, topk=topk, gamma=gt, mean_token=mean_token, **kw)
     np.testing.assert_allclose(out, ref.detach().numpy(), rtol=1e-5, atol=1e-6)
@@ -212,6 +201,7 @@ def test_forward_and_backward_match_the_reference(rt, case, mean_token):
     for got, want in ((dq, qt.grad), (dk_, kt.grad), (dv_, vt.grad), (dg, gt.grad)):
         want = want.numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want).max()))
+    return idx
 
 
 @pytest.mark.parametrize("vdtype", ["float16", "bfloat16"])

@@ -188,56 +188,56 @@ pub fn dist3_mask(q: &[f32; 3], coords: &[f32], bound: f32, d2: &mut [f32; SCAN_
     dist3_mask_portable(q, coords, bound, d2)
 }
 
-/// `acc[i] = acc[i] + s * row[i]` over `acc.len()` values (`row` at least as long): the value
-/// sum of the scoring. The product and the sum are each rounded, in this order, on every
-/// path (no fused multiply-add), so the kernels give the portable loop's bits.
-#[inline]
-pub fn axpy_f32(acc: &mut [f32], row: &[f32], s: f32) {
-    let row = &row[..acc.len()];
-    #[cfg(target_arch = "x86_64")]
-    match vector() {
-        // SAFETY: the CPU has AVX-512F (checked by `vector`); `row` and `acc` have one length.
-        Vector::Avx512 => return unsafe { avx512::axpy_f32(acc, row, s) },
-        // SAFETY: the CPU has AVX2 (checked by `vector`); lengths as above.
-        Vector::Avx2 => return unsafe { avx2::axpy_f32(acc, row, s) },
-        Vector::Portable => {}
-    }
+/// A value-sum entry point: the kernel [`vector`] chose (`$avx2_ok`: what the AVX2 kernel
+/// needs beyond AVX2), else `$portable`.
+macro_rules! axpy_dispatch {
+    ($(#[$doc:meta])* $name:ident, $elem:ty, $portable:ident, $avx2_ok:expr) => {
+        $(#[$doc])*
+        #[inline]
+        pub fn $name(acc: &mut [f32], row: &[$elem], s: f32) {
+            let row = &row[..acc.len()];
+            #[cfg(target_arch = "x86_64")]
+            match vector() {
+                // SAFETY: the CPU has AVX-512F (checked by `vector`); `row` and `acc` have one
+                // length.
+                Vector::Avx512 => return unsafe { avx512::$name(acc, row, s) },
+                // SAFETY: the CPU has AVX2 (checked by `vector`) and what `$avx2_ok` checks;
+                // lengths as above.
+                Vector::Avx2 if $avx2_ok => return unsafe { avx2::$name(acc, row, s) },
+                _ => {}
+            }
+            $portable(acc, row, s);
+        }
+    };
+}
+
+axpy_dispatch!(
+    /// `acc[i] = acc[i] + s * row[i]` over `acc.len()` values (`row` at least as long): the
+    /// value sum of the scoring. The product and the sum are each rounded, in this order, on
+    /// every path (no fused multiply-add), so the kernels give the portable loop's bits.
+    axpy_f32, f32, axpy_f32_portable, true
+);
+axpy_dispatch!(
+    /// [`axpy_f32`] over bfloat16 values (widened exactly: a shift).
+    axpy_bf16, bf16, axpy_bf16_portable, true
+);
+axpy_dispatch!(
+    /// [`axpy_f32`] over float16 values (widened exactly; the AVX2 kernel needs F16C).
+    axpy_f16, f16, axpy_f16_portable, features().f16c
+);
+
+/// The portable loop of [`axpy_f32`] (also the vector kernels' tail).
+fn axpy_f32_portable(acc: &mut [f32], row: &[f32], s: f32) {
     for (a, &x) in acc.iter_mut().zip(row) {
         *a += s * x;
     }
 }
 
-/// [`axpy_f32`] over bfloat16 values (widened exactly: a shift).
-#[inline]
-pub fn axpy_bf16(acc: &mut [f32], row: &[bf16], s: f32) {
-    let row = &row[..acc.len()];
-    #[cfg(target_arch = "x86_64")]
-    match vector() {
-        // SAFETY: the CPU has AVX-512F (checked by `vector`); `row` and `acc` have one length.
-        Vector::Avx512 => return unsafe { avx512::axpy_bf16(acc, row, s) },
-        // SAFETY: the CPU has AVX2 (checked by `vector`); lengths as above.
-        Vector::Avx2 => return unsafe { avx2::axpy_bf16(acc, row, s) },
-        Vector::Portable => {}
-    }
+/// The portable loop of [`axpy_bf16`] (also the vector kernels' tail).
+fn axpy_bf16_portable(acc: &mut [f32], row: &[bf16], s: f32) {
     for (a, &x) in acc.iter_mut().zip(row) {
         *a += s * x.to_f32();
     }
-}
-
-/// [`axpy_f32`] over float16 values (widened exactly).
-#[inline]
-pub fn axpy_f16(acc: &mut [f32], row: &[f16], s: f32) {
-    let row = &row[..acc.len()];
-    #[cfg(target_arch = "x86_64")]
-    match vector() {
-        // SAFETY: the CPU has AVX-512F (checked by `vector`); `row` and `acc` have one length.
-        Vector::Avx512 => return unsafe { avx512::axpy_f16(acc, row, s) },
-        // SAFETY: the CPU has AVX2 and F16C (both checked here and by `vector`); lengths as
-        // above.
-        Vector::Avx2 if features().f16c => return unsafe { avx2::axpy_f16(acc, row, s) },
-        _ => {}
-    }
-    axpy_f16_portable(acc, row, s);
 }
 
 /// The portable loop of [`axpy_f16`]: float16 -> float32 one value at a time is a software
@@ -253,6 +253,34 @@ fn axpy_f16_portable(acc: &mut [f32], row: &[f16], s: f32) {
             *a += s * x;
         }
     }
+}
+
+/// One value-sum kernel: `$lanes` values per step (`$widen` loads them from `$p` as floats:
+/// plain, or widened from 16 bits), the product and the sum each rounded as in the portable
+/// loop, the last `< $lanes` values by `$tail`. `acc.len() == row.len()`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! axpy_kernel {
+    ($(#[$doc:meta])* $name:ident, $elem:ty, $feat:literal, $lanes:literal,
+     [$set1:ident, $load:ident, $store:ident, $add:ident, $mul:ident],
+     |$p:ident| $widen:expr, $tail:path) => {
+        $(#[$doc])*
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(acc: &mut [f32], row: &[$elem], s: f32) {
+            let n = acc.len();
+            assert_eq!(row.len(), n);
+            let sv = $set1(s);
+            let mut i = 0;
+            while i + $lanes <= n {
+                // SAFETY (of the loads and the store): i + $lanes <= n, both slices n long.
+                let $p = row.as_ptr().add(i);
+                let x = $widen;
+                let a = $load(acc.as_ptr().add(i));
+                $store(acc.as_mut_ptr().add(i), $add(a, $mul(sv, x)));
+                i += $lanes;
+            }
+            $tail(&mut acc[i..], &row[i..], s);
+        }
+    };
 }
 
 /// The portable loop of [`dist3_mask`].
@@ -325,70 +353,29 @@ mod avx2 {
         m
     }
 
-    /// [`super::axpy_f32`], 8 values at a time; `acc.len() == row.len()`.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn axpy_f32(acc: &mut [f32], row: &[f32], s: f32) {
-        let n = acc.len();
-        assert_eq!(row.len(), n);
-        let sv = _mm256_set1_ps(s);
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY (of the loads and the store): i + 8 <= n, both slices n long.
-            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
-            let x = _mm256_loadu_ps(row.as_ptr().add(i));
-            _mm256_storeu_ps(
-                acc.as_mut_ptr().add(i),
-                _mm256_add_ps(a, _mm256_mul_ps(sv, x)),
-            );
-            i += 8;
-        }
-        for (a, &x) in acc[i..].iter_mut().zip(&row[i..]) {
-            *a += s * x;
-        }
-    }
-
-    /// [`super::axpy_bf16`], 8 values at a time; `acc.len() == row.len()`.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn axpy_bf16(acc: &mut [f32], row: &[super::bf16], s: f32) {
-        let n = acc.len();
-        assert_eq!(row.len(), n);
-        let sv = _mm256_set1_ps(s);
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY (of the loads and the store): i + 8 <= n; 8 bfloat16 values are 16 bytes.
-            let h = _mm_loadu_si128(row.as_ptr().add(i) as *const __m128i);
-            let x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
-            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
-            _mm256_storeu_ps(
-                acc.as_mut_ptr().add(i),
-                _mm256_add_ps(a, _mm256_mul_ps(sv, x)),
-            );
-            i += 8;
-        }
-        for (a, &x) in acc[i..].iter_mut().zip(&row[i..]) {
-            *a += s * x.to_f32();
-        }
-    }
-
-    /// [`super::axpy_f16`], 8 values at a time (F16C conversion); `acc.len() == row.len()`.
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn axpy_f16(acc: &mut [f32], row: &[super::f16], s: f32) {
-        let n = acc.len();
-        assert_eq!(row.len(), n);
-        let sv = _mm256_set1_ps(s);
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY (of the loads and the store): i + 8 <= n; 8 float16 values are 16 bytes.
-            let x = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
-            let a = _mm256_loadu_ps(acc.as_ptr().add(i));
-            _mm256_storeu_ps(
-                acc.as_mut_ptr().add(i),
-                _mm256_add_ps(a, _mm256_mul_ps(sv, x)),
-            );
-            i += 8;
-        }
-        super::axpy_f16_portable(&mut acc[i..], &row[i..], s);
-    }
+    axpy_kernel!(
+        /// [`super::axpy_f32`], 8 values at a time.
+        axpy_f32, f32, "avx2", 8,
+        [_mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_mul_ps],
+        |p| _mm256_loadu_ps(p),
+        super::axpy_f32_portable
+    );
+    axpy_kernel!(
+        /// [`super::axpy_bf16`], 8 values at a time (8 bfloat16 values are 16 bytes).
+        axpy_bf16, super::bf16, "avx2", 8,
+        [_mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_mul_ps],
+        |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p as *const __m128i)
+        ))),
+        super::axpy_bf16_portable
+    );
+    axpy_kernel!(
+        /// [`super::axpy_f16`], 8 values at a time (F16C conversion of 16 bytes).
+        axpy_f16, super::f16, "avx2,f16c", 8,
+        [_mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_mul_ps],
+        |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        super::axpy_f16_portable
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -483,73 +470,29 @@ mod avx512 {
         m
     }
 
-    /// [`super::axpy_f32`], 16 values at a time (the tail masked); `acc.len() == row.len()`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy_f32(acc: &mut [f32], row: &[f32], s: f32) {
-        let n = acc.len();
-        assert_eq!(row.len(), n);
-        let sv = _mm512_set1_ps(s);
-        let mut i = 0;
-        while i < n {
-            let k: __mmask16 = if n - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (n - i)) - 1
-            };
-            // SAFETY (of the masked loads and store): only lanes i..min(i + 16, n) are touched.
-            let a = _mm512_maskz_loadu_ps(k, acc.as_ptr().add(i));
-            let x = _mm512_maskz_loadu_ps(k, row.as_ptr().add(i));
-            _mm512_mask_storeu_ps(
-                acc.as_mut_ptr().add(i),
-                k,
-                _mm512_add_ps(a, _mm512_mul_ps(sv, x)),
-            );
-            i += 16;
-        }
-    }
-
-    /// [`super::axpy_bf16`], 16 values at a time; `acc.len() == row.len()`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy_bf16(acc: &mut [f32], row: &[super::bf16], s: f32) {
-        let n = acc.len();
-        assert_eq!(row.len(), n);
-        let sv = _mm512_set1_ps(s);
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY (of the loads and the store): i + 16 <= n; 16 bfloat16 values are 32 bytes.
-            let h = _mm256_loadu_si256(row.as_ptr().add(i) as *const __m256i);
-            let x = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)));
-            let a = _mm512_loadu_ps(acc.as_ptr().add(i));
-            _mm512_storeu_ps(
-                acc.as_mut_ptr().add(i),
-                _mm512_add_ps(a, _mm512_mul_ps(sv, x)),
-            );
-            i += 16;
-        }
-        for (a, &x) in acc[i..].iter_mut().zip(&row[i..]) {
-            *a += s * x.to_f32();
-        }
-    }
-
-    /// [`super::axpy_f16`], 16 values at a time; `acc.len() == row.len()`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy_f16(acc: &mut [f32], row: &[super::f16], s: f32) {
-        let n = acc.len();
-        assert_eq!(row.len(), n);
-        let sv = _mm512_set1_ps(s);
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY (of the loads and the store): i + 16 <= n; 16 float16 values are 32 bytes.
-            let x = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(i) as *const __m256i));
-            let a = _mm512_loadu_ps(acc.as_ptr().add(i));
-            _mm512_storeu_ps(
-                acc.as_mut_ptr().add(i),
-                _mm512_add_ps(a, _mm512_mul_ps(sv, x)),
-            );
-            i += 16;
-        }
-        super::axpy_f16_portable(&mut acc[i..], &row[i..], s);
-    }
+    axpy_kernel!(
+        /// [`super::axpy_f32`], 16 values at a time.
+        axpy_f32, f32, "avx512f", 16,
+        [_mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_mul_ps],
+        |p| _mm512_loadu_ps(p),
+        super::axpy_f32_portable
+    );
+    axpy_kernel!(
+        /// [`super::axpy_bf16`], 16 values at a time (16 bfloat16 values are 32 bytes).
+        axpy_bf16, super::bf16, "avx512f", 16,
+        [_mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_mul_ps],
+        |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(p as *const __m256i)
+        ))),
+        super::axpy_bf16_portable
+    );
+    axpy_kernel!(
+        /// [`super::axpy_f16`], 16 values at a time (conversion of 32 bytes).
+        axpy_f16, super::f16, "avx512f", 16,
+        [_mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_mul_ps],
+        |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        super::axpy_f16_portable
+    );
 }
 
 /// The rows `rows` (3-D) as rows `at..` of a block: their d2 into `d2[at..]`, their mask bits
