@@ -577,6 +577,34 @@ def test_num_threads_env():
     assert _run_py(code, {"ZETA_NUM_THREADS": "3"}).strip() == "3"
 
 
+_CACHE_DIGEST = textwrap.dedent(
+    """
+    import hashlib
+    import numpy as np
+    import zeta
+    rng = np.random.default_rng(4)
+    k = rng.standard_normal((2, 4, 3000, 3)).astype(np.float32)
+    v = rng.standard_normal((2, 4, 3000, 7)).astype(np.float32)
+    q = rng.standard_normal((2, 8, 3000, 3)).astype(np.float32)
+    c = zeta.KVCache(4, 3, 7, batch=2, chunk=16)
+    h = hashlib.sha256()
+    for a, b in ((0, 1000), (1000, 1001), (1001, 2950), (2950, 3000)):
+        c.extend(k[:, :, a:b], v[:, :, a:b])
+        for exact in (False, True):
+            h.update(c.attend(q[:, :, b - 1 : b], topk=9, exact=exact).tobytes())
+            h.update(c.attend(q[:, :, max(0, b - 40) : b], topk=9, exact=exact).tobytes())
+    print(h.hexdigest())
+    """
+)
+
+
+def test_cache_is_the_same_on_one_thread():
+    """A one-thread pool runs the KV cache's extend and attend on the caller's thread (no
+    hand-off per call): the same bits as the parallel runs."""
+    one = _run_py(_CACHE_DIGEST, {"ZETA_NUM_THREADS": "1"}).strip()
+    assert one == _run_py(_CACHE_DIGEST, {"ZETA_NUM_THREADS": "2"}).strip()
+
+
 _FORK = textwrap.dedent(
     """
     import os, sys, threading, time
