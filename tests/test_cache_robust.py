@@ -59,6 +59,12 @@ def outcome(fn):
 """
 
 
+# zeta's Rust code allocates through mimalloc, which reserves address space in 1 GiB arenas
+# and 32 MiB segments: an address-space limit does not see each allocation. The sweeps across
+# every allocation site run with the system allocator (the error paths are the same code).
+SYSTEM_ALLOCATOR = {"ZETA_ALLOCATOR": "system"}
+
+
 def run_child(body: str, timeout: float = 120, **env_extra: str) -> subprocess.CompletedProcess:
     """Runs `body` in a fresh interpreter (2 zeta threads); the test asserts it exits 0."""
     env = dict(os.environ, ZETA_NUM_THREADS="2", PYTHONFAULTHANDLER="1", **env_extra)
@@ -200,7 +206,8 @@ def test_constructor_at_every_memory_limit():
     # Regression (fuzz input 93142): with room for the size check but not for the small
     # per-group blocks, building the error message itself aborted. Sweep the limit across
     # the cache's footprint: each try is a cache or a MemoryError, never an abort.
-    r = run_child("""
+    r = run_child(
+        """
         import gc
         base = vm_bytes()
         hard = resource.getrlimit(resource.RLIMIT_AS)[1]
@@ -212,7 +219,9 @@ def test_constructor_at_every_memory_limit():
             resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
             gc.collect()
         print("seen", "=", sorted(seen))
-    """)
+    """,
+        **SYSTEM_ALLOCATOR,
+    )
     assert results(r)["seen"] == "['MemoryError', 'ok']", r.stdout
 
 
@@ -490,6 +499,7 @@ def test_every_entry_point_at_every_memory_limit(tmp_path):
         # is what the limit sees (per-thread arenas hold reserved address space).
         MALLOC_ARENA_MAX="1",
         MALLOC_MMAP_THRESHOLD_="65536",
+        **SYSTEM_ALLOCATOR,
     )
     got = results(r)
     assert len(got) == 9, r.stdout

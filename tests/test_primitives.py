@@ -598,6 +598,15 @@ _CACHE_DIGEST = textwrap.dedent(
 )
 
 
+def test_allocator_choice():
+    """mimalloc by default; ZETA_ALLOCATOR=system at import keeps the system's; same bits."""
+    code = "import zeta; print(zeta._core.allocator())\n" + _CACHE_DIGEST
+    mi = _run_py(code, {}).split()
+    sysa = _run_py(code, {"ZETA_ALLOCATOR": "system"}).split()
+    assert mi[0] == "mimalloc" and sysa[0] == "system"
+    assert mi[1] == sysa[1]
+
+
 def test_cache_is_the_same_on_one_thread():
     """A one-thread pool runs the KV cache's extend and attend on the caller's thread (no
     hand-off per call): the same bits as the parallel runs."""

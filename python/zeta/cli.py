@@ -26,7 +26,10 @@ def info() -> None:
         f"{', '.join(feats['paths'])}, in use: {_core.simd_path()}; vector kernels "
         f"{', '.join(feats['vectors'])}, in use: {feats['scan']} (ZETA_SIMD overrides)"
     )
-    print(f"threads: {_core.num_threads()} (ZETA_NUM_THREADS overrides)")
+    print(
+        f"threads: {_core.num_threads()} (ZETA_NUM_THREADS overrides); allocator: "
+        f"{_core.allocator()} (ZETA_ALLOCATOR=system at import for the system's)"
+    )
     gpu = "none"
     try:
         import torch

@@ -34,6 +34,13 @@ pub mod topk;
 #[cfg(feature = "python")]
 mod py;
 
+#[cfg(feature = "python")]
+pub mod alloc;
+
+#[cfg(feature = "python")]
+#[global_allocator]
+static GLOBAL: alloc::ZetaAlloc = alloc::ZetaAlloc;
+
 pub use error::{Result, ZetaError};
 
 /// Helpers shared by the unit tests.

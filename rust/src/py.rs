@@ -902,6 +902,13 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
+/// The allocator of zeta's Rust code: "mimalloc", or "system" (`ZETA_ALLOCATOR=system` at
+/// import).
+#[pyfunction]
+fn allocator() -> &'static str {
+    crate::alloc::name()
+}
+
 /// Threads in zeta's pool (`ZETA_NUM_THREADS`, else the CPU count).
 #[pyfunction]
 fn num_threads() -> usize {
@@ -930,6 +937,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKvCache>()?;
     m.add_function(wrap_pyfunction!(cpu_features, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(allocator, m)?)?;
     m.add_function(wrap_pyfunction!(attention_forward_half, m)?)?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     Ok(())
