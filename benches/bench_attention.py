@@ -8,7 +8,8 @@ with head dim 64 (for q, k and v, same H) up to N=32k (forward) and 16k (forward
 forward with exact search (``exact=True``) and with 1 curve, window 32 (the fast approximate
 setting, the defaults before: recall@32 ~0.56) run at N=32k (quick: 16k) in the same run.
 Each config runs in a fresh subprocess (this script with ``--worker``): the time is the
-median of repeats, the memory the peak RSS increase per call (``ru_maxrss`` delta; the Rust
+median of repeats after a warm-up call at N=1024 and one untimed call of the same size, the
+memory the peak RSS increase of that untimed call (``ru_maxrss`` delta; the Rust
 allocations are invisible to tracemalloc).
 
 Writes ``benches/results/attention-<machine tag>-<date>.json`` and a ``.png``.
@@ -95,19 +96,22 @@ def _attention_worker(method: str, mode: str, n: int, reps: int) -> Dict[str, An
             for t in ts:
                 t.grad = None
 
-    warm = make(1024)
+    warm = make(1024)  # imports, thread pools, kernels' first use
     call(warm)
     del warm
+    # One untimed call at the measured size: the first call of a size touches fresh memory
+    # (zeta's allocator keeps it for the next calls, as in a training or decode loop). The
+    # peak RSS is read on it.
     ts = make(n)
     gc.collect()
     rss0 = maxrss_mb()
-    times, peak = [], None
-    for r in range(reps):
+    call(ts)
+    peak = maxrss_mb() - rss0
+    times = []
+    for _ in range(reps):
         t0 = time.perf_counter()
         call(ts)
         times.append(time.perf_counter() - t0)
-        if r == 0:
-            peak = maxrss_mb() - rss0
     return {
         "status": "ok",
         "median_s": med(times),
