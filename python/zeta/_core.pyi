@@ -11,6 +11,7 @@ __all__ = [
     "KVCacheCore",
     "__version__",
     "_after_fork_in_child",
+    "allocator",
     "argsort",
     "attention_backward",
     "attention_forward",
