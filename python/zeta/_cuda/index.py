@@ -82,7 +82,7 @@ def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool) -
         levels = xp.sort(keys, axis=-1).reshape(-1)
         return levels, 0
     n_full = s // chunk
-    widths: List[int] = [((n_full >> lv) << lv) * chunk for lv in range(n_levels(s, chunk))]
+    widths: List[int] = [w for w, _ in level_layout(s, chunk, causal)]
     offs = np.zeros(max(1, len(widths)), dtype=np.int64)
     for lv in range(1, len(widths)):
         offs[lv] = offs[lv - 1] + gc * widths[lv - 1]
