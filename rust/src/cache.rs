@@ -25,7 +25,7 @@
 //! merged on; the call makes those from the counter's runs (cut out of a run that contains
 //! them, or merged from halves), so its work grows with the new tokens, not the cache.
 use crate::error::{numel, probe_bytes, try_vec, try_with_capacity, Result, ZetaError};
-use crate::exact::{search_runs, BoxTree, Scratch, LEAF as EXACT_LEAF};
+use crate::exact::{search_runs, BoxTree, Scratch, RUN_LEAF as EXACT_LEAF};
 
 /// Exact search in the cache: the most recent keys, up to this many (whole runs and the
 /// own chunk), are scanned row by row instead of searched run by run.
