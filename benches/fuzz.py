@@ -317,6 +317,7 @@ def api_case(r: random.Random) -> Tuple[str, Callable[[], None]]:
         ("bits", lambda: some_int(d, 1, max(1, 32 // dk))),
         ("n_sink", lambda: some_int(d, 0, 4)),
         ("causal", lambda: r.choice([True, False]) if not d.wrong(0.3) else None),
+        ("exact", lambda: r.choice([True, False]) if not d.wrong(0.2) else 1),
     ]:
         if r.random() < 0.35:
             opts[name] = gen()

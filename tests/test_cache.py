@@ -46,31 +46,37 @@ def _id(s):
     )
 
 
-def _parallel(q, k, v, kw, topk, gamma, mt):
-    return zeta.attention(q, k, v, topk=topk, gamma=gamma, mean_token=mt, **kw)
+def _parallel(q, k, v, kw, topk, gamma, mt, exact):
+    return zeta.attention(q, k, v, topk=topk, gamma=gamma, mean_token=mt, exact=exact, **kw)
 
 
+# the window search (where the index settings decide the answer) and the exact default
+EXACT = pytest.mark.parametrize("exact", [False, True], ids=["window", "exact"])
+
+
+@EXACT
 @pytest.mark.parametrize("s", SETTINGS, ids=_id)
-def test_decode_equals_parallel(s):
+def test_decode_equals_parallel(s, exact):
     kw, (h, hkv), b, t, topk, mt, per_head = s
     dk = 3
     q, k, v = data(b, h, hkv, t, dk, 5, seed=t)
     gamma = gamma_for(h, per_head)
-    full = _parallel(q, k, v, kw, topk, gamma, mt)
+    full = _parallel(q, k, v, kw, topk, gamma, mt, exact)
     cache = zeta.KVCache(hkv, dk, 5, batch=b, **kw)
     assert len(cache) == 0
     worst = 0.0
     for i in range(t):
         cache.extend(k[:, :, i : i + 1], v[:, :, i : i + 1])
         assert len(cache) == i + 1
-        out = cache.attend(q[:, :, i : i + 1], topk=topk, gamma=gamma, mean_token=mt)
+        out = cache.attend(q[:, :, i : i + 1], topk=topk, gamma=gamma, mean_token=mt, exact=exact)
         assert out.shape == (b, h, 1, 5) and out.dtype == np.float32
         worst = max(worst, float(np.abs(out[:, :, 0] - full[:, :, i]).max()))
     assert worst <= TOL
 
 
+@EXACT
 @pytest.mark.parametrize("s", SETTINGS[1:4], ids=_id)
-def test_prefill_equals_parallel(s):
+def test_prefill_equals_parallel(s, exact):
     kw, (h, hkv), b, t, topk, mt, per_head = s
     q, k, v = data(b, h, hkv, t, 3, 4, seed=1)
     gamma = gamma_for(h, per_head)
@@ -78,18 +84,19 @@ def test_prefill_equals_parallel(s):
     cache.extend(k, v)
     assert len(cache) == t
     for tq in (t, 7, 1):
-        out = cache.attend(q[:, :, t - tq :], topk=topk, gamma=gamma, mean_token=mt)
-        want = _parallel(q[:, :, t - tq :], k, v, kw, topk, gamma, mt)
+        out = cache.attend(q[:, :, t - tq :], topk=topk, gamma=gamma, mean_token=mt, exact=exact)
+        want = _parallel(q[:, :, t - tq :], k, v, kw, topk, gamma, mt, exact)
         assert out.shape == want.shape
         assert np.abs(out - want).max() <= TOL, tq
 
 
+@EXACT
 @pytest.mark.parametrize("s", SETTINGS[:4], ids=_id)
-def test_random_sized_extends(s):
+def test_random_sized_extends(s, exact):
     kw, (h, hkv), b, t, topk, mt, per_head = s
     q, k, v = data(b, h, hkv, t, 3, 4, seed=2)
     gamma = gamma_for(h, per_head)
-    full = _parallel(q, k, v, kw, topk, gamma, mt)
+    full = _parallel(q, k, v, kw, topk, gamma, mt, exact)
     cache = zeta.KVCache(hkv, 3, 4, batch=b, **kw)
     rng = np.random.default_rng(t)
     i = 0
@@ -98,7 +105,7 @@ def test_random_sized_extends(s):
         cache.extend(k[:, :, i : i + n], v[:, :, i : i + n])
         i += n
         assert len(cache) == i
-        out = cache.attend(q[:, :, i - n : i], topk=topk, gamma=gamma, mean_token=mt)
+        out = cache.attend(q[:, :, i - n : i], topk=topk, gamma=gamma, mean_token=mt, exact=exact)
         assert np.abs(out - full[:, :, i - n : i]).max() <= TOL, i
     # an empty extend is a no-op
     before = cache.nbytes
@@ -116,21 +123,22 @@ def test_random_sized_extends(s):
     ],
     ids=["dk1", "dk2-chunk1-bits4", "dk8-9curves", "scale"],
 )
-def test_decode_deep_levels_and_key_dims(dk, kw, t, topk, mt):
+@EXACT
+def test_decode_deep_levels_and_key_dims(dk, kw, t, topk, mt, exact):
     """Many merge levels; and token-by-token extends build the same cache as one extend."""
     q, k, v = data(1, 2, 1, t, dk, 3, seed=dk)
-    full = _parallel(q, k, v, kw, topk, 0.9, mt)
+    full = _parallel(q, k, v, kw, topk, 0.9, mt, exact)
     c = zeta.KVCache(1, dk, 3, **kw)
     worst = 0.0
     for i in range(t):
         c.extend(k[:, :, i : i + 1], v[:, :, i : i + 1])
-        o = c.attend(q[:, :, i : i + 1], topk=topk, gamma=0.9, mean_token=mt)
+        o = c.attend(q[:, :, i : i + 1], topk=topk, gamma=0.9, mean_token=mt, exact=exact)
         worst = max(worst, float(np.abs(o[:, :, 0] - full[:, :, i]).max()))
     assert worst <= TOL
     once = zeta.KVCache(1, dk, 3, **kw)
     once.extend(np.repeat(k, 2, axis=2)[:, :, ::2], v)  # a non-contiguous view
     assert once.same_contents(c)
-    out = once.attend(q[:, :, t - 50 :], topk=topk, gamma=0.9, mean_token=mt)
+    out = once.attend(q[:, :, t - 50 :], topk=topk, gamma=0.9, mean_token=mt, exact=exact)
     assert np.abs(out - full[:, :, t - 50 :]).max() <= TOL
 
 

@@ -66,7 +66,9 @@ def test_knn_matches_rust_bit_for_bit(rt, case):
     b, h, hkv, n, s, dk, topk, chunk, window, nc, ns, causal, kind = case
     rng = np.random.default_rng(hash(case) % 2**32)
     q, k = _qk(rng, b, h, hkv, n, s, dk, kind)
-    p = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=ns)
+    p = index_params(
+        dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=ns, exact=False
+    )
     idx, d2 = search.knn(rt, q, k, (b, h, hkv, n, s, dk), p, topk)
     ridx, rd2 = zeta.knn(
         q,
@@ -77,6 +79,7 @@ def test_knn_matches_rust_bit_for_bit(rt, case):
         window=window,
         n_curves=nc,
         n_sink=ns,
+        exact=False,
         backend="rust",
     )
     np.testing.assert_array_equal(idx, ridx)
@@ -91,6 +94,7 @@ def test_knn_matches_rust_bit_for_bit(rt, case):
         window=window,
         n_curves=nc,
         n_sink=ns,
+        exact=False,
     )
     np.testing.assert_array_equal(idx, tidx.numpy())
 
@@ -99,7 +103,7 @@ def test_knn_with_a_window_covering_everything_is_exact(rt):
     rng = np.random.default_rng(3)
     b, h, n, s, dk, topk = 1, 2, 48, 48, 3, 6
     q, k = _qk(rng, b, h, h, n, s, dk)
-    p = index_params(dk, topk, chunk=4, window=s)
+    p = index_params(dk, topk, chunk=4, window=s, exact=False)
     idx, d2 = search.knn(rt, q, k, (b, h, h, n, s, dk), p, topk)
     eidx, ed2 = zeta.exact_knn(q, k, topk)
     np.testing.assert_array_equal(idx, eidx)
@@ -138,7 +142,9 @@ def test_exact_knn_is_brute_force(rt, case, kind):
     np.testing.assert_array_equal(idx, eidx)
     np.testing.assert_array_equal(d2, ed2)
     if kind == "gauss" and s > 64:  # windows alone are not the answer: the leaf scans made it
-        wp = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc)
+        wp = index_params(
+            dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc, exact=False
+        )
         widx, _ = search.knn(rt, q, k, shape, wp, topk)
         assert not np.array_equal(widx, eidx)
 
@@ -173,7 +179,7 @@ def test_forward_and_backward_match_the_reference(rt, case, mean_token):
     dv = 5
     v = rng.standard_normal((b, hkv, s, dv)).astype(np.float32)
     gamma = rng.uniform(0.5, 1.5, h)
-    kw = dict(causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=ns)
+    kw = dict(causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=ns, exact=False)
     idx = _forward_backward_checks(rt, rng, q, k, v, gamma, topk, mean_token, kw)
     ridx, _ = zeta.knn(q, k, topk, **kw)
     np.testing.assert_array_equal(idx, ridx.astype(np.int32))
@@ -212,12 +218,14 @@ def test_half_values_are_read_natively(rt, vdtype):
     vt = torch.randn(b, h, s, dv, dtype=getattr(torch, vdtype))
     raw = vt.view(torch.int16).numpy()
     gamma = np.array([0.7, 1.3])
-    p = index_params(dk, topk, chunk=4, window=3)
+    p = index_params(dk, topk, chunk=4, window=3, exact=False)
     out, idx = cuda_attention.forward(
         rt, q, k, raw, vdtype, gamma, (b, h, h, n, s, dk), dv, p, topk, False
     )
     got = torch.from_numpy(out).view(getattr(torch, vdtype)).float().numpy()
-    want = zeta.attention(q, k, vt.float().numpy(), topk=topk, gamma=gamma, chunk=4, window=3)
+    want = zeta.attention(
+        q, k, vt.float().numpy(), topk=topk, gamma=gamma, chunk=4, window=3, exact=False
+    )
     # computed in float32 like the float32 path, rounded once to the value dtype
     want_rounded = torch.from_numpy(want).to(getattr(torch, vdtype)).float().numpy()
     np.testing.assert_array_equal(got, want_rounded)
@@ -237,7 +245,7 @@ def test_half_values_are_read_natively(rt, vdtype):
         False,
     )
     qt, kt, v64, gt = _torch64(q, k, vt.float().numpy(), gamma)
-    ref = torch_ref.attention(qt, kt, v64, topk=topk, gamma=gt, chunk=4, window=3)
+    ref = torch_ref.attention(qt, kt, v64, topk=topk, gamma=gt, chunk=4, window=3, exact=False)
     ref.backward(grad.double())
     np.testing.assert_allclose(dv_, v64.grad.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dq, qt.grad.numpy(), rtol=1e-4, atol=1e-4)
@@ -294,7 +302,7 @@ def test_shim_detects_divergent_barriers(rt, monkeypatch):
 
     rng = np.random.default_rng(0)
     q, k = _qk(rng, 1, 1, 1, 5, 5, 3)
-    p = index_params(3, 2, chunk=4, window=2)
+    p = index_params(3, 2, chunk=4, window=2, exact=False)
     # kp below topk breaks the kernel's shared-memory layout assumption; instead make one
     # launch with a block that is not whole warps, which the shim refuses at the first barrier.
     monkeypatch.setattr(S, "WARPS", 1)
@@ -372,9 +380,11 @@ def test_cupy_backend_ops_run_on_the_shim(shim_device):
     g = torch.Generator().manual_seed(7)
     q = torch.randn(2, 4, 70, 3, generator=g)
     k = torch.randn(2, 2, 90, 3, generator=g)
-    p = index_params(3, 12, chunk=8, window=4, n_curves=2, n_sink=1)
+    p = index_params(3, 12, chunk=8, window=4, n_curves=2, n_sink=1, exact=False)
     idx, d2 = be.knn(q, k, 12, p)
-    ridx, rd2 = zeta.knn(q, k, 12, chunk=8, window=4, n_curves=2, n_sink=1, backend="rust")
+    ridx, rd2 = zeta.knn(
+        q, k, 12, chunk=8, window=4, n_curves=2, n_sink=1, exact=False, backend="rust"
+    )
     assert torch.equal(idx, ridx) and torch.equal(d2, rd2)
     bad = q.clone()
     bad[1, 2, 3, 0] = float("inf")

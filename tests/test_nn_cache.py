@@ -54,11 +54,11 @@ OPTIONS = [
     dict(topk=8, chunk=4),
     dict(topk=8, chunk=4, num_kv_heads=2),
     dict(topk=8, chunk=4, num_kv_heads=1, key_dim=2),
-    dict(topk=6, chunk=4, n_curves=3),
-    dict(topk=6, chunk=4, n_sink=3),
+    dict(topk=6, chunk=4, n_curves=3, exact=False),
+    dict(topk=6, chunk=4, n_sink=3, exact=False),
     dict(topk=6, chunk=4, mean_token=True),
-    dict(topk=5, chunk=8, window=3, gamma_init=0.6),
-    dict(topk=100, chunk=4, n_curves=2, n_sink=1, mean_token=True, num_kv_heads=2),
+    dict(topk=5, chunk=8, window=3, gamma_init=0.6, exact=False),
+    dict(topk=100, chunk=4, n_curves=2, n_sink=1, mean_token=True, num_kv_heads=2, exact=False),
     dict(topk=6, chunk=4, window=1, n_curves=2, exact=True, num_kv_heads=2),
 ]
 

@@ -81,6 +81,7 @@ AXES = {
     "dk": [1, 3, 8],
     "dtype": [torch.float64, torch.float32],
     "gamma": ["float", "tensor"],
+    "exact": [False, True],  # the window search (its options matter) and the exact default
 }
 N_CASES = 36
 
@@ -107,7 +108,7 @@ def _case_id(c):
     return (
         f"{'c' if c['causal'] else 'nc'}-ch{c['chunk']}-w{c['window']}-{c['curves']}-s{c['n_sink']}"
         f"-m{int(c['mean_token'])}-h{c['heads'][0]}x{c['heads'][1]}-x{c['extra']}-b{c['batch']}"
-        f"-dk{c['dk']}-{str(c['dtype'])[6:]}-{c['gamma']}"
+        f"-dk{c['dk']}-{str(c['dtype'])[6:]}-{c['gamma']}{'-exact' if c['exact'] else ''}"
     )
 
 
@@ -125,7 +126,12 @@ def setup_case(c):
     else:
         gamma = torch.linspace(0.5, 1.5, h, dtype=c["dtype"])
     idx_kw = dict(
-        causal=c["causal"], chunk=c["chunk"], window=window, n_curves=n_curves, n_sink=c["n_sink"]
+        causal=c["causal"],
+        chunk=c["chunk"],
+        window=window,
+        n_curves=n_curves,
+        n_sink=c["n_sink"],
+        exact=c["exact"],
     )
     return q, k, v, topk, gamma, idx_kw
 
@@ -143,7 +149,7 @@ def test_rust_matches_torch_reference(c):
     assert torch.equal(i_r, i_t)
     torch.testing.assert_close(d_r, d_t, **tol)
     # the Rust indices also match the reference module called directly
-    win = default_window(topk) if kw["window"] is None else kw["window"]
+    win = default_window(topk, kw["exact"]) if kw["window"] is None else kw["window"]
     i_direct, _ = T.knn(q, k, topk, **{**kw, "window": win})
     assert torch.equal(i_r, i_direct)
 
@@ -197,11 +203,13 @@ def test_rust_matches_torch_reference(c):
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(chunk=4, window=2),
-        dict(chunk=1, window=1, n_curves=3, n_sink=2),
-        dict(causal=False, window=2, n_curves=2),
-        dict(chunk=8, window=3, bits=3),  # coarse grid: many equal codes, ties by position
-        dict(chunk=2, window=2, scale=0.05, n_curves=2),
+        dict(chunk=4, window=2, exact=False),
+        dict(chunk=1, window=1, n_curves=3, n_sink=2, exact=False),
+        dict(causal=False, window=2, n_curves=2, exact=False),
+        dict(
+            chunk=8, window=3, bits=3, exact=False
+        ),  # coarse grid: many equal codes, ties by position
+        dict(chunk=2, window=2, scale=0.05, n_curves=2, exact=False),
     ],
     ids=["c4", "c1-curves-sink", "noncausal", "coarse-bits", "scale"],
 )
@@ -252,14 +260,20 @@ EDGE = {
     "N1-S1": (dict(shape=(1, 1, 1, 1, 3)), dict(topk=1)),
     "sink>S": (dict(shape=(2, 1, 5, 5, 3)), dict(topk=5, n_sink=50, mean_token=True)),
     "chunk>S": (dict(shape=(2, 1, 9, 9, 3)), dict(topk=3, chunk=1000)),
-    "window-huge": (dict(shape=(2, 1, 9, 9, 3)), dict(topk=3, window=10**9)),
-    "bits1": (dict(shape=(2, 1, 30, 30, 3)), dict(topk=3, bits=1, chunk=2, window=1)),
+    "window-huge": (dict(shape=(2, 1, 9, 9, 3)), dict(topk=3, window=10**9, exact=False)),
+    "bits1": (dict(shape=(2, 1, 30, 30, 3)), dict(topk=3, bits=1, chunk=2, window=1, exact=False)),
     "noncausal-S<N": (
         dict(shape=(2, 1, 30, 10, 3)),
-        dict(topk=3, causal=False, window=1, mean_token=True),
+        dict(topk=3, causal=False, window=1, mean_token=True, exact=False),
     ),
-    "dk8-9curves": (dict(shape=(2, 1, 30, 40, 8)), dict(topk=3, n_curves=9, chunk=2, window=1)),
-    "equal-keys": (dict(shape=(2, 1, 30, 30, 3), zero_k=True), dict(topk=4, chunk=4, window=1)),
+    "dk8-9curves": (
+        dict(shape=(2, 1, 30, 40, 8)),
+        dict(topk=3, n_curves=9, chunk=2, window=1, exact=False),
+    ),
+    "equal-keys": (
+        dict(shape=(2, 1, 30, 30, 3), zero_k=True),
+        dict(topk=4, chunk=4, window=1, exact=False),
+    ),
     "q==k-tiny-gamma": (dict(shape=(1, 1, 20, 20, 3), k_is_q=True), dict(topk=3, gamma=1e-6)),
     "scalar-tensor-gamma": (
         dict(shape=(2, 2, 12, 12, 3), tensor_gamma=True),
@@ -320,7 +334,7 @@ def test_full_window_is_exact(causal, chunk, n_curves, n_sink, mean_token, heads
     topk = 6
     q, k, v = make_qkv(2, h, hkv, n, s, dk, 3, torch.float64, seed=dk + extra)
     gamma = torch.linspace(0.4, 1.2, h, dtype=torch.float64)
-    kw = dict(causal=causal, chunk=chunk, window=s, n_curves=n_curves, n_sink=n_sink)
+    kw = dict(causal=causal, chunk=chunk, window=s, n_curves=n_curves, n_sink=n_sink, exact=False)
 
     def ours(qq, kk, vv, gg):
         return zeta.attention(qq, kk, vv, topk=topk, gamma=gg, mean_token=mean_token, **kw)
@@ -354,7 +368,7 @@ def test_knn_ties_and_padding_match_brute_force(causal, dtype):
     n, s, topk = 24, 24, 9
     q = rng.integers(-2, 3, size=(2, 2, n, 2)).astype(dtype)
     k = rng.integers(-2, 3, size=(2, 1, s, 2)).astype(dtype)
-    idx, d2 = zeta.knn(q, k, topk, causal=causal, window=s, chunk=4)
+    idx, d2 = zeta.knn(q, k, topk, causal=causal, window=s, chunk=4, exact=False)
     ex_i, ex_d = zeta.exact_knn(q, k, topk, causal=causal)
     bf_i, bf_d = np_brute_knn(q, k, topk, causal)
     assert idx.dtype == np.int64 and d2.dtype == dtype
@@ -362,6 +376,9 @@ def test_knn_ties_and_padding_match_brute_force(causal, dtype):
     np.testing.assert_array_equal(d2, bf_d)
     np.testing.assert_array_equal(ex_i, bf_i)
     np.testing.assert_array_equal(ex_d, bf_d)
+    di, dd = zeta.knn(q, k, topk, causal=causal, chunk=4)  # the default: exact search
+    np.testing.assert_array_equal(di, bf_i)
+    np.testing.assert_array_equal(dd, bf_d)
     if causal:
         assert (idx[:, :, 0, 1:] == -1).all() and np.isinf(d2[:, :, 0, 1:]).all()
 
@@ -377,9 +394,9 @@ def test_knn_ties_and_padding_match_brute_force(causal, dtype):
         dict(),
         dict(mean_token=True),
         dict(n_sink=2, chunk=2),
-        dict(n_curves=3, window=2, chunk=4),
-        dict(causal=False, mean_token=True, n_curves=2, window=1, n_sink=1),
-        dict(mean_token=True, n_sink=3, n_curves=4, chunk=1, window=3),
+        dict(n_curves=3, window=2, chunk=4, exact=False),
+        dict(causal=False, mean_token=True, n_curves=2, window=1, n_sink=1, exact=False),
+        dict(mean_token=True, n_sink=3, n_curves=4, chunk=1, window=3, exact=False),
     ],
     ids=["plain", "mean", "sink", "curves", "noncausal", "all"],
 )
@@ -400,7 +417,7 @@ def test_gqa_equals_repeated_kv(hkv, mean_token):
     h = 4
     q, k, v = make_qkv(2, h, hkv, 16, 20, 3, 5, torch.float64, seed=3)
     gamma = torch.tensor([0.5, 0.8, 1.1, 1.4], dtype=torch.float64)
-    kw = dict(topk=6, chunk=4, window=3, n_curves=2, n_sink=1, mean_token=mean_token)
+    kw = dict(topk=6, chunk=4, window=3, n_curves=2, n_sink=1, mean_token=mean_token, exact=False)
     q1, k1, v1 = leaf(q, k, v)
     o1 = zeta.attention(q1, k1, v1, gamma=gamma, **kw)
     q2, k2, v2 = leaf(q, k, v)
@@ -414,8 +431,10 @@ def test_gqa_equals_repeated_kv(hkv, mean_token):
     (o2 * w).sum().backward()
     for a, b_ in ((q1, q2), (k1, k2), (v1, v2)):
         torch.testing.assert_close(a.grad, b_.grad, rtol=1e-10, atol=1e-12)
-    i1, _ = zeta.knn(q, k, 6, chunk=4, window=3, n_curves=2, n_sink=1)
-    i2, _ = zeta.knn(q, k.repeat_interleave(rep, 1), 6, chunk=4, window=3, n_curves=2, n_sink=1)
+    i1, _ = zeta.knn(q, k, 6, chunk=4, window=3, n_curves=2, n_sink=1, exact=False)
+    i2, _ = zeta.knn(
+        q, k.repeat_interleave(rep, 1), 6, chunk=4, window=3, n_curves=2, n_sink=1, exact=False
+    )
     assert torch.equal(i1, i2)
 
 
@@ -560,12 +579,12 @@ def test_numpy_and_torch_kinds(dtype):
 
 def test_recall_full_window_and_range():
     q, k, _ = make_qkv(2, 2, 1, 40, 40, 3, 1, torch.float64, seed=4)
-    idx, _ = zeta.knn(q, k, 8, window=40)
+    idx, _ = zeta.knn(q, k, 8, window=40, exact=False)
     assert zeta.recall(q, k, idx) == 1.0
     assert zeta.recall(q.numpy(), k.numpy(), idx.numpy()) == 1.0
-    idx_nc, _ = zeta.knn(q, k, 8, window=40, causal=False)
+    idx_nc, _ = zeta.knn(q, k, 8, window=40, causal=False, exact=False)
     assert zeta.recall(q, k, idx_nc, causal=False) == 1.0
-    small, _ = zeta.knn(q, k, 8, window=1, chunk=16)
+    small, _ = zeta.knn(q, k, 8, window=1, chunk=16, exact=False)
     r = zeta.recall(q, k, small)
     assert 0.0 <= r <= 1.0
     bogus = torch.full_like(idx, -1)

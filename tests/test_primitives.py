@@ -495,7 +495,7 @@ _PROBE = textwrap.dedent(
         k = (rng.standard_normal((1, 2, 3001, dk)) * scale).astype(np.float32)
         v = rng.standard_normal((1, 2, 3001, 5)).astype(np.float32)
         k[0, 0, 100:200] = k[0, 0, 50]  # duplicates: ties by position
-        for kw in ({}, {"exact": True}, {"n_curves": 1, "window": 3}, {"causal": False}):
+        for kw in ({}, {"exact": False}, {"n_curves": 1, "window": 3, "exact": False}, {"causal": False}):
             idx, d2 = zeta.knn(q, k, 17, **kw)
             h.update(idx.tobytes())
             h.update(d2.tobytes())
@@ -503,6 +503,7 @@ _PROBE = textwrap.dedent(
         c = zeta.KVCache(2, dk, 5)
         c.extend(k, v)
         h.update(c.attend(q[:, :, -9:], topk=17).tobytes())
+        h.update(c.attend(q[:, :, -9:], topk=17, exact=False).tobytes())
         h.update(c.attend(q[:, :, -9:], topk=17, exact=True).tobytes())
     # the value sums (float32 and float16 rows; d_v with a tail of every kernel width)
     q = rng.standard_normal((1, 2, 2001, 3)).astype(np.float32)

@@ -223,10 +223,11 @@ def test_candidates_bits_are_limited_to_the_32_bit_index():
     q, k = rand(1, 1, 8, 5), rand(1, 1, 8, 5)
     T.knn(q, k, 2, bits=6)  # 5 * 6 = 30 bits: fine; default is 32 // 5 = 6
     T.knn(q, k, 2)
-    with pytest.raises(ValueError, match="bits"):
-        T.knn(q, k, 2, bits=7)
-    with pytest.raises(ValueError, match="n_curves"):
-        T.knn(q, k, 2, n_curves=7)
+    for exact in (True, False):
+        with pytest.raises(ValueError, match="bits"):
+            T.knn(q, k, 2, bits=7, exact=exact)
+        with pytest.raises(ValueError, match="n_curves"):
+            T.knn(q, k, 2, n_curves=7, exact=exact)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def dense_knn_by_sort(q, k, topk, causal):
 def test_knn_full_window_is_exact(dtype, causal):
     q, k = rand(2, 4, 37, 3, dtype=dtype, seed=5), rand(2, 2, 41, 3, dtype=dtype, seed=6)
     for topk in (1, 7, 50):
-        idx, d2 = T.knn(q, k, topk, causal=causal, chunk=4, window=41, n_curves=2)
+        idx, d2 = T.knn(q, k, topk, causal=causal, chunk=4, window=41, n_curves=2, exact=False)
         e_idx, e_d2 = T.exact_knn(q, k, topk, causal=causal, block_elems=3000)  # several blocks
         s_idx, s_d2 = dense_knn_by_sort(q, k, topk, causal)
         assert idx.shape == (2, 4, 37, topk) and d2.dtype == dtype
@@ -274,14 +275,14 @@ def test_ties_are_broken_by_position():
     for causal in (True, False):
         s_idx, s_d2 = dense_knn_by_sort(q, k, 6, causal)
         e_idx, e_d2 = T.exact_knn(q, k, 6, causal=causal, block_elems=100)
-        f_idx, f_d2 = T.knn(q, k, 6, causal=causal, chunk=2, window=30)
+        f_idx, f_d2 = T.knn(q, k, 6, causal=causal, chunk=2, window=30, exact=False)
         assert torch.equal(e_idx, s_idx) and torch.equal(e_d2, s_d2)
         assert torch.equal(f_idx, s_idx) and torch.equal(f_d2, s_d2)
 
 
 def test_padding_when_fewer_candidates_than_topk():
     q, k = rand(1, 1, 5, 3), rand(1, 1, 5, 3, seed=1)
-    idx, d2 = T.knn(q, k, 8, chunk=2, window=1)
+    idx, d2 = T.knn(q, k, 8, chunk=2, window=1, exact=False)
     e_idx, e_d2 = T.exact_knn(q, k, 8)
     for i in range(5):  # query i sees i + 1 keys
         assert (idx[0, 0, i] >= 0).sum() <= i + 1
@@ -310,7 +311,17 @@ def test_attention_full_window_equals_dense(case):
     gam = gamma if case["gamma"] == "tensor" else 0.7
     kw = dict(causal=case["causal"], mean_token=case["mean_token"])
     out = T.attention(
-        q, k, v, topk=topk, gamma=gam, chunk=4, window=S, n_curves=2, n_sink=case["n_sink"], **kw
+        q,
+        k,
+        v,
+        topk=topk,
+        gamma=gam,
+        chunk=4,
+        window=S,
+        n_curves=2,
+        n_sink=case["n_sink"],
+        exact=False,
+        **kw,
     )
     ref = T.dense_topk_attention(q, k, v, topk=topk, gamma=gam, **kw)
     assert out.shape == (B, H, N, dv)
@@ -349,7 +360,7 @@ def test_causality():
     B, H, N, S, dk, dv = 1, 2, 40, 48, 3, 4
     q, k, v = rand(B, H, N, dk, seed=1), rand(B, 1, S, dk, seed=2), rand(B, 1, S, dv, seed=3)
     options = [
-        dict(chunk=4, window=2, n_curves=1, n_sink=0, mean_token=False),
+        dict(chunk=4, window=2, n_curves=1, n_sink=0, mean_token=False, exact=False),
         dict(
             chunk=3,
             window=1,
@@ -357,8 +368,9 @@ def test_causality():
             n_sink=3,
             mean_token=True,
             gamma=torch.tensor([0.5, 1.5], dtype=torch.float64),
+            exact=False,
         ),
-        dict(chunk=1, window=3, n_curves=2, n_sink=1, mean_token=True, bits=2),
+        dict(chunk=1, window=3, n_curves=2, n_sink=1, mean_token=True, bits=2, exact=False),
     ]
     for opt in options:
         out = T.attention(q, k, v, topk=5, **opt)
@@ -382,10 +394,13 @@ def test_gqa_equals_repeated_kv():
     B, H, Hkv, N, S = 2, 6, 2, 20, 24
     q, k, v = rand(B, H, N, 3, seed=1), rand(B, Hkv, S, 3, seed=2), rand(B, Hkv, S, 4, seed=3)
     gamma = torch.linspace(0.5, 2.0, H, dtype=torch.float64)
-    kw = dict(topk=4, gamma=gamma, chunk=4, window=2, n_curves=2, n_sink=1, mean_token=True)
+    kw = dict(
+        topk=4, gamma=gamma, chunk=4, window=2, n_curves=2, n_sink=1, mean_token=True, exact=False
+    )
     kr, vr = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
     assert torch.equal(T.attention(q, k, v, **kw), T.attention(q, kr, vr, **kw))
-    assert torch.equal(T.knn(q, k, 4, chunk=4, window=2)[0], T.knn(q, kr, 4, chunk=4, window=2)[0])
+    w = dict(chunk=4, window=2, exact=False)
+    assert torch.equal(T.knn(q, k, 4, **w)[0], T.knn(q, kr, 4, **w)[0])
     # and query head h really reads kv head h // 3
     single = T.attention(q[:, 4:5], k[:, 1:2], v[:, 1:2], **{**kw, "gamma": gamma[4:5]})
     assert torch.equal(T.attention(q, k, v, **kw)[:, 4:5], single)
@@ -411,6 +426,7 @@ def test_gradcheck(causal):
             n_curves=2,
             n_sink=1,
             mean_token=True,
+            exact=False,
         )
 
     assert torch.autograd.gradcheck(f, (q, k, v, gamma), eps=1e-6, atol=1e-7)
@@ -418,9 +434,9 @@ def test_gradcheck(causal):
 
 def test_recall():
     q, k = rand(1, 2, 60, 3, seed=1), rand(1, 1, 64, 3, seed=2)
-    full, _ = T.knn(q, k, 8, chunk=4, window=64)
+    full, _ = T.knn(q, k, 8, chunk=4, window=64, exact=False)
     assert T.recall(q, k, full) == 1.0
-    approx, _ = T.knn(q, k, 8, chunk=4, window=1)
+    approx, _ = T.knn(q, k, 8, chunk=4, window=1, exact=False)
     r = T.recall(q, k, approx)
     exact, _ = T.exact_knn(q, k, 8)
     rows = zip(approx.reshape(-1, 8).tolist(), exact.reshape(-1, 8).tolist())
@@ -451,7 +467,8 @@ def test_validation():
         T.attention(q, k, v, gamma=torch.ones(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="gamma"):
         T.attention(q, k, v, gamma=0.0)
-    with pytest.raises(ValueError, match="window"):
-        T.knn(q, k, 2, window=0)
+    for exact in (True, False):  # the exact search checks the index settings too
+        with pytest.raises(ValueError, match="window"):
+            T.knn(q, k, 2, window=0, exact=exact)
     with pytest.raises(ValueError, match="topk"):
         T.knn(q, k, 0)

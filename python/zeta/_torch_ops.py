@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from . import _core
-from ._validate import IndexParams
+from ._validate import DEFAULT_EXACT, IndexParams
 
 
-def _params(chunk, window, n_curves, n_sink, causal, bits, scale, exact=False):
+def _params(chunk, window, n_curves, n_sink, causal, bits, scale, exact=DEFAULT_EXACT):
     """The custom ops take the settings as scalars (a schema has no dicts); back to ``_Params``."""
     return IndexParams(chunk, window, n_curves, n_sink, causal, bits, scale, exact).as_dict()
 
@@ -188,7 +188,7 @@ def _backward(ctx, grad_out, _grad_idx):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _index_params(chunk, window, n_curves, n_sink, causal, bits, scale, exact=False):
+def _index_params(chunk, window, n_curves, n_sink, causal, bits, scale, exact=DEFAULT_EXACT):
     from ._validate import IndexParams
 
     return IndexParams(chunk, window, n_curves, n_sink, causal, bits, scale, exact)

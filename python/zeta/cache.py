@@ -52,13 +52,16 @@ class KVCache:
         chunk, window, n_curves, n_sink, bits, scale: the index settings, as in
             :func:`zeta.attention` (the same settings give the same outputs). ``window=None``
             takes :func:`zeta.attention`'s default for each ``attend``'s ``topk`` (and
-            ``exact``); ``n_curves=None``: 2, the default of the window search (a cache that
-            only serves ``exact=True`` attends needs 1: less memory, faster ``extend``).
+            ``exact``); ``n_curves=None``: 2, the default of the window search, so that
+            ``attend(..., exact=False)`` too gives ``zeta.attention``'s answer (a cache that
+            only serves exact attends, the default, needs 1: less memory, faster ``extend``;
+            a ZetaAttention layer's cache takes the layer's).
         dtype: storage of values: "float32", "float16" or "bfloat16" (keys are float32).
 
     Methods:
         extend(k (B, H_kv, T, d_k), v (B, H_kv, T, d_v)): append T tokens.
-        attend(q (B, H, T_q, d_k), topk=32, gamma=1.0, mean_token=False) -> (B, H, T_q, d_v):
+        attend(q (B, H, T_q, d_k), topk=32, gamma=1.0, mean_token=False, window=None,
+            exact=True) -> (B, H, T_q, d_v):
             the last T_q positions' queries (T_q = 1 to decode), causal among them, GQA
             when H > H_kv. numpy in -> numpy out (float32); torch in -> torch out.
 
@@ -132,6 +135,9 @@ class KVCache:
             n_sink=n_sink,
             bits=bits,
             scale=scale,
+            # n_curves=None resolves to the window search's 2 curves: any attend may ask for
+            # either search and get zeta.attention's answer with the same settings
+            exact=False,
         )
         # window=None: resolved per attend() from topk, as zeta.attention does (the sorted
         # runs do not depend on the window). 0 marks "unset" in the stored settings.
@@ -203,7 +209,7 @@ class KVCache:
         gamma: Any = 1.0,
         mean_token: bool = False,
         window: Optional[int] = None,
-        exact: bool = False,
+        exact: bool = True,
     ) -> Any:
         """Top-k Cauchy attention of the last T_q positions' queries over the cache.
 
@@ -214,10 +220,10 @@ class KVCache:
             mean_token: as in :func:`zeta.attention`.
             window: overrides the cache's ``window`` for this call (the sorted runs do not
                 depend on it); None: the cache's, else :func:`zeta.attention`'s default.
-            exact: the brute-force top-k by (distance, position) instead of the window
-                search, as ``zeta.attention(..., exact=True)`` (every run keeps the block
-                boxes it needs, so any call can ask for it). Same output, bit for bit,
-                whatever runs it searches.
+            exact: the brute-force top-k by (distance, position) (the default), as
+                ``zeta.attention(..., exact=True)`` (every run keeps the block boxes it
+                needs). Same output, bit for bit, whatever runs it searches. False: the
+                window search.
 
         Returns:
             (B, H, T_q, value_dim): float32 numpy, or a torch tensor in q's dtype.

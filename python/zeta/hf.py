@@ -71,7 +71,8 @@ class ZetaConfig(_PretrainedConfig):
         topk, chunk, window, n_curves, n_sink, mean_token, bits, gamma_init: ZetaAttention's
             (None: its defaults; a saved config keeps the values it was saved with).
         exact: exact top-k search (the brute-force top-k, in training and through the
-            cache) instead of the window search.
+            cache; the default); False: the approximate window search. A config saved
+            before exact search was the default and without this key loads as exact.
         mlp_ratio: MLP width / E.
         conv_kernel: causal depthwise convolution before each attention (0: none).
         cache_dtype: storage of the cached values ("float32", "float16", "bfloat16").
@@ -95,7 +96,7 @@ class ZetaConfig(_PretrainedConfig):
         mean_token: bool = False,
         bits: Optional[int] = None,
         gamma_init: float = 1.0,
-        exact: bool = False,
+        exact: bool = True,
         mlp_ratio: int = 4,
         conv_kernel: int = 3,
         layer_norm_eps: float = 1e-5,

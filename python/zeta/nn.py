@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import check_dims, default_n_curves, gamma_array
+from ._validate import DEFAULT_EXACT, check_dims, default_n_curves, gamma_array
 from .cache import KVCache
 from .ops import attention
 
@@ -47,10 +47,11 @@ class ZetaAttention(nn.Module):
             settings D / E 7.8% / 11.4% vs 68.3% / 97.6%).
         bias: bias in the projections.
         **zeta_kwargs: passed to :func:`zeta.attention` (causal, chunk, window, n_curves,
-            n_sink, mean_token, bits, scale, exact, backend), with its defaults: the window
-            search with 2 curves and window ``4 * topk`` (recall@32 ~0.94 on Gaussian 3-D
-            keys at 64k); ``exact=True`` for the brute-force top-k (1 curve). ``mean_token``
-            is off by default: it gained nothing on MQAR (README, "Quality").
+            n_sink, mean_token, bits, scale, exact, backend), with its defaults: the exact
+            search (the brute-force top-k; 1 curve); ``exact=False`` for the window search
+            (2 curves and window ``4 * topk`` by default: recall@32 ~0.94 on Gaussian 3-D
+            keys at 64k). ``mean_token`` is off by default: it gained nothing on MQAR
+            (README, "Quality").
 
     Shapes:
         forward(x: (B, N, E), cache=None) -> (B, N, E).
@@ -143,7 +144,7 @@ class ZetaAttention(nn.Module):
         index = {k: v for k, v in self.zeta_kwargs.items() if k in _INDEX_KEYS}
         # An exact layer searches curve 0 only: its cache needs no second curve.
         if index.get("n_curves") is None:
-            index["n_curves"] = default_n_curves(bool(self.zeta_kwargs.get("exact", False)))
+            index["n_curves"] = default_n_curves(bool(self.zeta_kwargs.get("exact", DEFAULT_EXACT)))
         return KVCache(
             self.num_kv_heads, self.key_dim, self.head_dim, batch=batch, dtype=dtype, **index
         )
@@ -207,7 +208,7 @@ class ZetaAttention(nn.Module):
                 topk=self.topk,
                 gamma=self._gamma_f64(),
                 mean_token=bool(self.zeta_kwargs.get("mean_token", False)),
-                exact=bool(self.zeta_kwargs.get("exact", False)),
+                exact=bool(self.zeta_kwargs.get("exact", DEFAULT_EXACT)),
             )
         return self.out_proj(o.transpose(1, 2).reshape(b, n, self.embed_dim))
 
@@ -235,7 +236,7 @@ class ZetaAttention(nn.Module):
             self.topk,
             self._gamma_f64(),
             bool(kw.get("mean_token", False)),
-            bool(kw.get("exact", False)),
+            bool(kw.get("exact", DEFAULT_EXACT)),
         )
         po = op._parameters
         return F.linear(o, po["weight"], po["bias"])

@@ -114,10 +114,11 @@ def knn(
     n_sink: int = 0,
     bits: Optional[int] = None,
     scale: float = 1.0,
-    exact: bool = False,
+    exact: bool = True,
     backend: str = "auto",
 ):
-    """Top-k nearest keys of every query through the causal Z-order index.
+    """Top-k nearest keys of every query through the causal Z-order index: by default
+    exactly the brute-force top-k; ``exact=False`` for the approximate window search.
 
     Args:
         q: queries, (B, H, N, d_k), d_k in 1..8.
@@ -128,19 +129,22 @@ def knn(
         causal: restrict to past keys (exact at token level).
         chunk: tokens per chunk of the dyadic-run index.
         window: candidates taken on each side of the query's code in every run (default
-            ``4 * topk``; ``2 * topk`` with ``exact``); a window >= S makes the result exact.
-        n_curves: shifted Z-curves searched (1..d_k+1; default 2, 1 with ``exact``); more
-            curves, more recall. The defaults find ~94% of the exact top-32 of Gaussian 3-D
-            keys at N = 64k (92% at 256k; benches/bench_recall.py).
+            ``2 * topk``, the exact search's first k-th distance; ``4 * topk`` with
+            ``exact=False``, where a window >= S makes the result exact).
+        n_curves: shifted Z-curves searched (1..d_k+1; default 1; 2 with ``exact=False``,
+            where more curves give more recall: its defaults find ~94% of the exact top-32
+            of Gaussian 3-D keys at N = 64k, 92% at 256k; benches/bench_recall.py).
         n_sink: first positions always taken as candidates.
         bits: grid bits per coordinate (default ``32 // d_k``).
         scale: the fixed squash's scale (see :func:`zeta.zorder`).
-        exact: exact search: a window gives a first k-th distance, then every block of
-            the index whose bounding box meets that ball is scanned, so the result equals
-            the brute-force top-k (:func:`exact_knn`), ties by position included, on any
-            input. ``window``, ``n_curves``, ``n_sink``, ``chunk``, ``bits`` and ``scale``
-            then change only the speed, never the answer. CUDA inputs fall back to the
-            torch backend (brute force in blocks).
+        exact: exact search (the default): a window gives a first k-th distance, then
+            every block of the index whose bounding box meets that ball is scanned, so the
+            result equals the brute-force top-k (:func:`exact_knn`), ties by position
+            included, on any input. ``window``, ``n_curves``, ``n_sink``, ``chunk``,
+            ``bits`` and ``scale`` then change only the speed, never the answer (the CUDA
+            kernels search exactly too; the torch backend by brute force in blocks).
+            False: the window search, the top-k among the windows' candidates (faster for
+            small windows, approximate).
         backend: "auto" (Rust on the CPU, the CUDA kernels on a GPU, the torch reference
             otherwise), "rust", "cupy" or "torch".
 
@@ -198,7 +202,7 @@ def attention(
     mean_token: bool = False,
     bits: Optional[int] = None,
     scale: float = 1.0,
-    exact: bool = False,
+    exact: bool = True,
     backend: str = "auto",
 ):
     """ZETA top-k attention with Adaptive Cauchy-Softmax scores.
@@ -216,8 +220,9 @@ def attention(
         mean_token: add one attended item per query made of the running means of k and v
             over positions <= i (so every past token gets gradient).
         causal, chunk, window, n_curves, n_sink, bits, scale: as in :func:`knn`.
-        exact: attend to the exact top-k (brute-force equal, as :func:`knn`'s ``exact``);
-            the backward is the same (the selected indices are constants).
+        exact: attend to the exact top-k (the default; brute-force equal, as :func:`knn`'s
+            ``exact``); False: to the window search's top-k. The backward is the same (the
+            selected indices are constants).
         backend: "auto" (Rust on the CPU, the CUDA kernels on a GPU, the torch reference
             otherwise), "rust", "cupy" or "torch".
 

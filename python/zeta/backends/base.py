@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, FrozenSet, List, Optional, Tuple
 
-from .._validate import MAX_KEY_DIM
+from .._validate import DEFAULT_EXACT, MAX_KEY_DIM
 
 #: The operations a backend may implement.
 FLOAT_OPS = frozenset({"knn", "attention"})
@@ -28,7 +28,7 @@ class CallInfo:
     requires_grad: bool = False  # a torch input requires grad (the call must be differentiable)
     topk: int = 0  # 0: not a top-k call
     op: str = "attention"
-    exact: bool = False  # exact search requested (knn, attention)
+    exact: bool = DEFAULT_EXACT  # exact search requested (knn, attention)
 
 
 class Backend:

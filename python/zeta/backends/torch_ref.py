@@ -48,6 +48,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .._validate import (
+    DEFAULT_EXACT,
     INDEX_CODE_BITS,
     MAX_KEY_DIM,
     check_bits,
@@ -405,6 +406,20 @@ def _run_window(
     return torch.where(ok, positions, -1)
 
 
+def _check_index_options(dk, chunk, window, n_curves, n_sink, bits, scale) -> int:
+    """Validates the index settings (also for the exact search, which does not use them:
+    a bad option raises whatever the mode); returns the resolved ``bits``."""
+    bits = default_index_bits(dk) if bits is None else bits
+    check_bits(bits, dk, INDEX_CODE_BITS)
+    _check_positive_int("chunk", chunk)
+    _check_positive_int("window", window)
+    _check_positive_int("n_sink", n_sink, lo=0)
+    if not isinstance(n_curves, int) or not 1 <= n_curves <= dk + 1:
+        raise ValueError(f"n_curves: must be 1..={dk + 1} for dk={dk}, got {n_curves!r}")
+    _check_scale(scale)
+    return bits
+
+
 def candidate_lists(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -430,14 +445,7 @@ def candidate_lists(
     _check_qk(q, k, causal)
     B, H, N, dk = q.shape
     S = k.shape[2]
-    bits = default_index_bits(dk) if bits is None else bits
-    check_bits(bits, dk, INDEX_CODE_BITS)
-    _check_positive_int("chunk", chunk)
-    _check_positive_int("window", window)
-    _check_positive_int("n_sink", n_sink, lo=0)
-    if not isinstance(n_curves, int) or not 1 <= n_curves <= dk + 1:
-        raise ValueError(f"n_curves: must be 1..={dk + 1} for dk={dk}, got {n_curves!r}")
-    _check_scale(scale)
+    bits = _check_index_options(dk, chunk, window, n_curves, n_sink, bits, scale)
     dev = q.device
     key_pos = torch.arange(S, device=dev)
     query_pos = _positions(N, S, dev)  # (N,)
@@ -548,18 +556,21 @@ def knn(
     n_sink: int = 0,
     bits: Optional[int] = None,
     scale: float = 1.0,
-    exact: bool = False,
+    exact: bool = DEFAULT_EXACT,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Approximate top-k nearest keys through the Z-order index (candidates, then exact rerank).
+    """Top-k nearest keys: exact (brute force), or through the Z-order index (candidates, then
+    exact rerank) with ``exact=False``.
 
     Args:
         q: (B, H, N, dk) queries, float32/float64.
         k: (B, Hkv, S, dk) keys, same dtype.
         topk: neighbours per query, >= 1.
         causal, chunk, window, n_curves, n_sink, bits, scale: see :func:`candidates`; None
-            for ``window`` / ``n_curves``: zeta's defaults (``4 * topk``, 2 curves).
-        exact: return the exact top-k instead (:func:`exact_knn`, brute force in blocks): what
-            the Rust index's exact search returns. The index settings are then unused.
+            for ``window`` / ``n_curves``: zeta's defaults (window search: ``4 * topk``, 2
+            curves).
+        exact: the exact top-k (:func:`exact_knn`, brute force in blocks; the default, as for
+            :func:`zeta.knn`): what the Rust index's exact search returns. The index settings
+            are then checked but unused. False: the window search.
 
     Returns:
         indices: (B, H, N, topk) int64 key positions sorted by (d2, position); -1 in missing slots.
@@ -567,10 +578,12 @@ def knn(
         Neither carries gradients.
     """
     _check_positive_int("topk", topk)
+    window = default_window(topk, exact) if window is None else window
+    n_curves = default_n_curves(exact) if n_curves is None else n_curves
     if exact:
+        _check_qk(q, k, causal)
+        _check_index_options(q.shape[-1], chunk, window, n_curves, n_sink, bits, scale)
         return exact_knn(q, k, topk, causal=causal)
-    window = default_window(topk) if window is None else window
-    n_curves = default_n_curves() if n_curves is None else n_curves
     with torch.no_grad():
         lists = candidate_lists(
             q,
@@ -699,7 +712,7 @@ def attention(
     mean_token: bool = False,
     bits: Optional[int] = None,
     scale: float = 1.0,
-    exact: bool = False,
+    exact: bool = DEFAULT_EXACT,
 ) -> torch.Tensor:
     """ZETA top-k attention with Adaptive Cauchy-Softmax scores.
 
