@@ -19,8 +19,10 @@ from .runtime import Runtime, blocks
 
 THREADS = 256
 
-#: Entries per leaf box of the exact search (as the Rust core's ``exact::LEAF``). Runs of at
-#: most this many entries get no boxes: the exact search scans them whole.
+#: Entries per leaf box of the exact search (``ZETA_LEAF`` in kernels/search.cu; the Rust
+#: core's grouped CPU search uses 128, its KV cache 64: the leaf size changes only the speed,
+#: never the answer). Runs of at most this many entries get no boxes: the exact search scans
+#: them whole.
 LEAF = 64
 
 
