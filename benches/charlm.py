@@ -216,7 +216,8 @@ def table(cfg: dict, corpus: dict, results: Dict[str, Dict]) -> str:
         lines.append("")
         lines.append(
             f"ZETA index recall@top-{z['zeta_kwargs']['topk']} vs exact kNN on the learned validation "
-            f"keys/queries, as trained ({z['zeta_kwargs']['n_curves']} curves): {rec}"
+            f"keys/queries, window search with {z['zeta_kwargs']['n_curves']} curves (trained "
+            f"{'with exact search' if z['zeta_kwargs'].get('exact', True) else 'so'}): {rec}"
         )
     return "\n".join(lines)
 

@@ -544,7 +544,8 @@ def table(cfg: dict, results: Dict[str, Dict]) -> str:
         lines.append("")
         nc = z["zeta_kwargs"]["n_curves"]
         lines.append(
-            f"| ZETA layer | index recall@top-{z['zeta_kwargs']['topk']} as trained ({nc} curve(s)) | "
+            f"| ZETA layer | window search recall@top-{z['zeta_kwargs']['topk']}, {nc} curve(s) "
+            f"(trained {'with exact search' if z['zeta_kwargs'].get('exact', True) else 'so'}) | "
             f"1 curve | {z['zeta_kwargs']['key_dim'] + 1} curves | window 2k |"
         )
         lines.append("|---|---:|---:|---:|---:|")
