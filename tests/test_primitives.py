@@ -608,6 +608,40 @@ def test_allocator_choice():
     assert mi[1] == sysa[1]
 
 
+_BIG_CACHE = textwrap.dedent(
+    """
+    import hashlib
+    import numpy as np
+    import zeta
+
+    # one head of 1,024 float32 value dims: the values grow past 128 MiB (the block moves
+    # from mimalloc to the system allocator) and on (grown in place)
+    rng = np.random.default_rng(0)
+    t, blk = 40_960, 4_096
+    k = rng.standard_normal((1, 1, t, 3), dtype=np.float32)
+    v = rng.standard_normal((1, 1, t, 1024), dtype=np.float32)
+    c = zeta.KVCache(1, 3, 1024)
+    for a in range(0, t, blk):
+        c.extend(k[:, :, a : a + blk], v[:, :, a : a + blk])
+    assert c.nbytes > 128 << 20
+    q = rng.standard_normal((1, 1, 8, 3), dtype=np.float32)
+    got = c.attend(q, topk=16)
+    want = zeta.attention(q, k, v, topk=16)
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    print(zeta._core.allocator(), hashlib.sha256(got.tobytes()).hexdigest()[:16])
+    """
+)
+
+
+def test_blocks_past_the_allocator_split_keep_their_contents():
+    """Blocks of 128 MiB and more come from the system allocator also under mimalloc; a block
+    that grows across that size is moved: the cache's values survive it (both allocators)."""
+    mi = _run_py(_BIG_CACHE, {}).split()
+    sysa = _run_py(_BIG_CACHE, {"ZETA_ALLOCATOR": "system"}).split()
+    assert mi[0] == "mimalloc" and sysa[0] == "system"
+    assert mi[1] == sysa[1]
+
+
 def test_cache_is_the_same_on_one_thread():
     """A one-thread pool runs the KV cache's extend and attend on the caller's thread (no
     hand-off per call): the same bits as the parallel runs."""
