@@ -185,7 +185,7 @@ struct Run {
 
 impl Run {
     fn new(n_chunks: usize, curves: Vec<(Vec<u64>, Vec<f32>, Vec<u32>)>, dk: usize) -> Result<Run> {
-        let boxes = BoxTree::build_serial(&curves[0].1, dk, EXACT_LEAF)?;
+        let boxes = BoxTree::build_serial(&curves[0].0, &curves[0].1, dk, EXACT_LEAF)?;
         Ok(Run {
             n_chunks,
             curves,

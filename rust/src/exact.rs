@@ -1,9 +1,9 @@
 //! Exact search (DESIGN 1.9): the brute-force top-k by (d2, position) at window cost.
 //!
-//! Each sorted run of the index is a spatial hierarchy: consecutive Z-order blocks of
-//! [`FENCE`] entries have small bounding boxes. [`ExactIndex`] keeps, for every level of the
-//! curve-0 tree, the boxes of its blocks as a complete binary tree (a node's box covers its
-//! children's). A causal query searches few runs: the smallest aligned block of the index
+//! Each sorted run of the index is a spatial hierarchy: the entries whose codes share a
+//! prefix form an octree cell. [`ExactIndex`] keeps, for every run of every level of the
+//! curve-0 tree, a binary radix tree of the boxes of those cells ([`BoxTree`]: a node's
+//! box covers its children's). A causal query searches few runs: the smallest aligned block of the index
 //! that holds every key it may see (most queries: one run, the prefix `[0, 2^l chunks)`),
 //! with the positions after its own dropped, or, where that block is not a run (the tail of
 //! a length that is not a power of two), the whole runs before it and then such a block.
@@ -25,7 +25,7 @@
 //! scan, so `n_curves` and `n_sink` do not change the answer (only the work).
 //!
 //! Perf notes: see [`ExactIndex::search`].
-use crate::error::{numel, try_vec, Result};
+use crate::error::{numel, try_vec, try_with_capacity, Result};
 use crate::index::{
     offer_rows, scan_probes_ranges, CurveTree, KeyIndex, Offer, Probe, RunView, FENCE,
 };
@@ -35,86 +35,99 @@ use crate::topk::TopK;
 use num_traits::Float;
 use rayon::prelude::*;
 
-/// Boxes of the `leaf`-entry blocks of one level: node 1 is the root, node `i` has
-/// children `2i` and `2i + 1`, leaf `b` (block `b`) is node `leaves + b`. A node stores its
-/// box as `lo[0..dk], hi[0..dk]`; nodes past the last block hold an empty box.
+/// Boxes of one level's sorted runs, as one binary radix tree per run: a node covers the
+/// entries whose codes share a prefix and splits them at the next bit where they differ
+/// (an octree cell, halved one coordinate at a time), down to leaves of at most `leaf`
+/// entries (equal codes: halved by count). Each node stores the tight box of its points as
+/// `lo[0..dk], hi[0..dk]`, its entries and its children (adjacent; none for a leaf).
+///
+/// Perf note (N = 64k causal Gaussian, top-32, leaf 128, counted with the final k-th
+/// distance as radius): the ball meets 13.5 leaves (1,730 keys) per query with the fixed
+/// blocks of 128 entries this replaced (a block that straddles a cell boundary has that
+/// cell's width) and 6.9 leaves (601 keys) with radix leaves of at most 128.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BoxTree<T> {
-    /// Entries per leaf block.
-    leaf: usize,
-    leaves: usize,
+    /// Per node: `lo[0..dk], hi[0..dk]`.
     boxes: Vec<T>,
+    /// Per node: first entry, end entry, first child (`LEAF_NODE`: a leaf).
+    nodes: Vec<[u32; 3]>,
+    /// The root of each run of `run_len` entries.
+    roots: Vec<u32>,
+    run_len: usize,
 }
 
+/// [`BoxTree`]'s child link of a leaf (node 0 is a root, never a child).
+const LEAF_NODE: u32 = 0;
+
+/// One run's nodes and boxes (node indices local to the run).
+type RunNodes<T> = (Vec<[u32; 3]>, Vec<T>);
+
 impl<T: Float + Send + Sync> BoxTree<T> {
-    /// The tree over `coords` (`n` entries of `dk` coordinates, in entry order), one leaf
-    /// per `leaf` entries. Leaves in parallel (call it inside zeta's pool).
-    pub fn build(coords: &[T], dk: usize, leaf: usize) -> Result<Self> {
-        Self::build_leaves(coords, dk, leaf, |boxes, w| {
-            boxes
-                .par_chunks_mut(w)
-                .zip(coords.par_chunks(leaf * dk))
-                .for_each(|(node, block)| leaf_box(node, block, dk));
-        })
-    }
-
-    /// [`BoxTree::build`] on the calling thread (the KV cache builds one per run it makes,
-    /// and parallelises over its groups instead).
-    pub fn build_serial(coords: &[T], dk: usize, leaf: usize) -> Result<Self> {
-        Self::build_leaves(coords, dk, leaf, |boxes, w| {
-            for (node, block) in boxes.chunks_mut(w).zip(coords.chunks(leaf * dk)) {
-                leaf_box(node, block, dk);
-            }
-        })
-    }
-
-    fn build_leaves(
+    /// The trees over `entries` (sorted runs of `run_len` packed `(code, position)` entries;
+    /// a shorter last run) and their `coords` (`dk` per entry, in entry order), leaves of at
+    /// most `leaf` entries. Runs in parallel (call it inside zeta's pool).
+    pub fn build(
+        entries: &[u64],
         coords: &[T],
         dk: usize,
         leaf: usize,
-        fill: impl FnOnce(&mut [T], usize),
+        run_len: usize,
     ) -> Result<Self> {
-        let n = coords.len() / dk.max(1);
-        let nb = n.div_ceil(leaf).max(1);
-        let leaves = nb.next_power_of_two();
-        let w = 2 * dk;
-        let mut boxes = try_vec(
-            T::zero(),
-            numel(&[2, leaves, w], "exact-search boxes")?,
+        let run_len = run_len.max(1);
+        let runs = entries
+            .par_chunks(run_len)
+            .zip(coords.par_chunks(run_len * dk))
+            .map(|(e, c)| build_run(e, c, dk, leaf))
+            .collect::<Result<Vec<_>>>()?;
+        Self::join(runs, dk, run_len)
+    }
+
+    /// [`BoxTree::build`] of one run, on the calling thread (the KV cache builds one per run
+    /// it makes, and parallelises over its groups instead).
+    pub fn build_serial(entries: &[u64], coords: &[T], dk: usize, leaf: usize) -> Result<Self> {
+        let run = build_run(entries, coords, dk, leaf)?;
+        Self::join(vec![run], dk, entries.len().max(1))
+    }
+
+    fn join(runs: Vec<RunNodes<T>>, dk: usize, run_len: usize) -> Result<Self> {
+        let total: usize = runs.iter().map(|r| r.0.len()).sum();
+        let mut nodes = try_with_capacity(total, "exact-search boxes")?;
+        let mut boxes = try_with_capacity(
+            numel(&[total, 2 * dk], "exact-search boxes")?,
             "exact-search boxes",
         )?;
-        for node in boxes.chunks_exact_mut(w) {
-            node[..dk].fill(T::infinity());
-            node[dk..].fill(T::neg_infinity());
-        }
-        fill(&mut boxes[leaves * w..(leaves + nb) * w], w);
-        for i in (1..leaves).rev() {
-            let (head, tail) = boxes.split_at_mut(2 * i * w);
-            let (a, b) = tail[..2 * w].split_at(w);
-            let node = &mut head[i * w..(i + 1) * w];
-            for j in 0..dk {
-                node[j] = a[j].min(b[j]);
-                node[dk + j] = a[dk + j].max(b[dk + j]);
-            }
+        let mut roots = try_with_capacity(runs.len(), "exact-search boxes")?;
+        for (r, (rn, rb)) in runs.into_iter().enumerate() {
+            // Node and entry numbers from run-local to the level's.
+            let base = nodes.len() as u32;
+            let first = (r * run_len) as u32;
+            roots.push(base);
+            nodes.extend(rn.iter().map(|&[s0, s1, c]| {
+                let c = if c == LEAF_NODE { LEAF_NODE } else { c + base };
+                [s0 + first, s1 + first, c]
+            }));
+            boxes.extend_from_slice(&rb);
         }
         Ok(BoxTree {
-            leaf,
-            leaves,
             boxes,
+            nodes,
+            roots,
+            run_len,
         })
     }
 
     /// Bytes held.
     pub fn nbytes(&self) -> usize {
         self.boxes.len() * std::mem::size_of::<T>()
+            + self.nodes.len() * std::mem::size_of::<[u32; 3]>()
+            + self.roots.len() * 4
     }
 
-    /// Calls `leaf(st, box, s0, s1)` for every leaf block `s0..s1` of entries `a..b` whose
-    /// bound `lb(box)` does not exceed `radius(st)` (boxes of `w` values). Depth-first,
-    /// nearer child first: it walks down the nearer child and pushes the farther one with
-    /// its bound, checked again when popped (the radius may have shrunk since). The roots
-    /// are the canonical nodes that cover the run's blocks exactly (one when the run is
-    /// aligned, as with chunk 64); below them every node lies inside the run.
+    /// Calls `leaf(st, box, s0, s1)` for every leaf `s0..s1` (clipped to `a..b`) of the runs
+    /// that meet entries `a..b` whose bound `lb(box)` does not exceed `radius(st)` (boxes of
+    /// `w` values). Depth-first, nearer child first: it walks down the nearer child and
+    /// pushes the farther one with its bound, checked again when popped (the radius may
+    /// have shrunk since).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn walk<S>(
@@ -129,50 +142,111 @@ impl<T: Float + Send + Sync> BoxTree<T> {
     ) {
         let bx = |node: usize| &self.boxes[node * w..(node + 1) * w];
         stack.clear();
-        let (mut lo, mut hi) = (
-            a / self.leaf + self.leaves,
-            b.div_ceil(self.leaf) + self.leaves,
-        );
-        while lo < hi {
-            if lo & 1 == 1 {
-                stack.push((lo, lb(bx(lo))));
-                lo += 1;
-            }
-            if hi & 1 == 1 {
-                hi -= 1;
-                stack.push((hi, lb(bx(hi))));
-            }
-            lo >>= 1;
-            hi >>= 1;
+        if a >= b || self.roots.is_empty() {
+            return;
+        }
+        let last = ((b - 1) / self.run_len).min(self.roots.len().saturating_sub(1));
+        for r in (a / self.run_len..=last).rev() {
+            let root = self.roots[r] as usize;
+            stack.push((root, lb(bx(root))));
         }
         while let Some((mut node, l)) = stack.pop() {
             let r = radius(st);
             if l > r {
                 continue;
             }
-            while node < self.leaves {
-                let (c0, c1) = (2 * node, 2 * node + 1);
+            loop {
+                let [s0, s1, c] = self.nodes[node];
+                if c == LEAF_NODE {
+                    let (s0, s1) = (a.max(s0 as usize), b.min(s1 as usize));
+                    if s0 < s1 {
+                        leaf(st, bx(node), s0, s1);
+                    }
+                    break;
+                }
+                let (c0, c1) = (c as usize, c as usize + 1);
                 let (lb0, lb1) = (lb(bx(c0)), lb(bx(c1)));
                 let ((far, lf), (near, ln)) = if lb0 <= lb1 {
                     ((c1, lb1), (c0, lb0))
                 } else {
                     ((c0, lb0), (c1, lb1))
                 };
+                if ln > r {
+                    break;
+                }
                 if lf <= r {
                     stack.push((far, lf));
                 }
-                if ln > r {
-                    node = 0;
-                    break;
-                }
                 node = near;
-            }
-            if node >= self.leaves {
-                let first = (node - self.leaves) * self.leaf;
-                leaf(st, bx(node), a.max(first), b.min(first + self.leaf));
             }
         }
     }
+}
+
+/// The radix tree of one sorted run (see [`BoxTree`]): nodes in creation order (a parent
+/// before its children, so boxes are filled children first by a reverse pass).
+fn build_run<T: Float>(
+    entries: &[u64],
+    coords: &[T],
+    dk: usize,
+    leaf: usize,
+) -> Result<RunNodes<T>> {
+    let n = entries.len();
+    let leaf = leaf.max(1);
+    if n > u32::MAX as usize {
+        return Err(crate::error::ZetaError::value(
+            "k",
+            "more than 2^32 - 1 entries in one run",
+        ));
+    }
+    // About 2 n / leaf nodes for Gaussian keys; the vector grows past that if it must.
+    let mut nodes: Vec<[u32; 3]> =
+        try_with_capacity(2 * n.div_ceil(leaf) + 1, "exact-search boxes")?;
+    nodes.push([0, n as u32, LEAF_NODE]);
+    let mut i = 0;
+    while i < nodes.len() {
+        let [s0, s1, _] = nodes[i];
+        let (s0u, s1u) = (s0 as usize, s1 as usize);
+        if s1u - s0u > leaf {
+            let (c0, c1) = (entries[s0u] >> 32, entries[s1u - 1] >> 32);
+            let m = if c0 == c1 {
+                s0u + (s1u - s0u) / 2
+            } else {
+                // The first entry whose code has the highest differing bit set: both sides
+                // are non-empty (the first code has it clear, the last set).
+                let bit = 63 - (c0 ^ c1).leading_zeros();
+                let split = (c1 >> bit) << bit << 32;
+                s0u + entries[s0u..s1u].partition_point(|&e| e < split)
+            } as u32;
+            nodes[i][2] = nodes.len() as u32;
+            nodes.push([s0, m, LEAF_NODE]);
+            nodes.push([m, s1, LEAF_NODE]);
+        }
+        i += 1;
+    }
+    let w = 2 * dk;
+    let mut boxes = try_vec(
+        T::zero(),
+        numel(&[nodes.len(), w], "exact-search boxes")?,
+        "exact-search boxes",
+    )?;
+    for (i, nd) in nodes.iter().enumerate().rev() {
+        let (head, tail) = boxes.split_at_mut((i + 1) * w);
+        let node = &mut head[i * w..];
+        node[..dk].fill(T::infinity());
+        node[dk..].fill(T::neg_infinity());
+        if nd[2] == LEAF_NODE {
+            leaf_box(node, &coords[nd[0] as usize * dk..nd[1] as usize * dk], dk);
+        } else {
+            let c = (nd[2] as usize - i - 1) * w;
+            let (x, y) = tail[c..c + 2 * w].split_at(w);
+            for j in 0..dk {
+                node[j] = x[j].min(y[j]);
+                node[dk + j] = x[dk + j].max(y[dk + j]);
+            }
+        }
+    }
+    Ok((nodes, boxes))
 }
 
 /// The box `lo[0..dk], hi[0..dk]` of the points `block` (already set to the empty box).
@@ -202,13 +276,16 @@ pub struct ExactIndex<T> {
 /// Most runs of one query: levels of a u32-sized index (chunk 1, 2^32 keys) plus one.
 const MAX_RUNS: usize = 34;
 
-/// Entries per leaf box of the forward's and knn's index (searched in groups). Perf note:
-/// see [`ExactIndex::search`].
-pub const LEAF: usize = 128;
+/// Most entries per leaf box of the forward's and knn's index (searched in groups). Perf
+/// note: see [`ExactIndex::search`].
+pub const LEAF: usize = 192;
 
-/// Entries per leaf box of the KV cache's runs (one query at a time: smaller leaves won
-/// there, 8-head exact decode step at S = 1M 38-39 us with 64, 40-43 us with 128).
-pub const RUN_LEAF: usize = 64;
+/// Most entries per leaf box of the KV cache's runs (one query at a time). With the fixed
+/// blocks of before, 64 beat 128 there (8-head exact decode step at S = 1M 38-39 us against
+/// 40-43 us); with radix leaves, per head at S = 1M - 64 and 1M (two interleaved rounds):
+/// 64: 8.3-8.6 / 8.9-9.0 us, 128: 7.8-8.1 / 8.3-8.5 us, 192: 7.4-7.8 / 7.1-7.6 us (the fixed
+/// blocks of 64: 9.0-9.2 / 9.2-9.8 us).
+pub const RUN_LEAF: usize = 192;
 
 /// The k-th distance is brought up to date after a leaf once this many more than k
 /// candidates are kept (a select over ~k + SLACK keys).
@@ -279,10 +356,19 @@ impl<T: Float + Real> ExactIndex<T> {
     pub fn build_with(ix: &KeyIndex<T>, leaf: usize) -> Result<Self> {
         let dk = ix.dk;
         let leaf = leaf.max(1);
-        let trees = ix.curves[0]
-            .coords
+        let tree = &ix.curves[0];
+        let causal = ix.params.causal;
+        let chunk = ix.params.chunk;
+        let trees = tree
+            .levels
             .par_iter()
-            .map(|c| BoxTree::build(c, dk, leaf))
+            .zip(tree.coords.par_iter())
+            .enumerate()
+            .map(|(l, (e, c))| {
+                // A causal level holds runs of 2^l chunks; without causality, one run.
+                let run_len = if causal { chunk << l } else { e.len() };
+                BoxTree::build(e, c, dk, leaf, run_len)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(ExactIndex { trees })
     }
@@ -345,6 +431,14 @@ impl<T: Float + Real> ExactIndex<T> {
     ///   or 256 (finer pruning without more tree nodes): 2.42-2.48 / 2.18-2.26 us vs 2.18-2.20;
     ///   a top-k cut at 48 / 64 / 96 kept keys instead of 128: 2.33 / 2.18 / 2.12 vs 2.06 us;
     ///   the first bound from the inner window's largest kept key (no select): no faster.
+    ///
+    /// - radix leaves ([`BoxTree`]: split at the highest differing code bit, leaves of at
+    ///   most `leaf` entries) instead of fixed blocks in a complete tree: per query 8.2 leaves
+    ///   and 712 keys scanned instead of 15.6 and 2,001 (leaf 128), and the group search
+    ///   2.05-2.07 -> 1.82-1.84 us (leaf 128), 1.74-1.80 us (leaf 192; 256: 1.75 us; 64:
+    ///   1.94 us); alone 2.55 -> 2.14-2.21 us. `zeta.attention` at N = 32k, H = 8
+    ///   (interleaved `.so` builds): 350-362 -> 331-339 ms (leaf 192), 335-352 ms (128).
+    ///   Fewer keys did not pay 1:1: the windows and the selects are now most of a query.
     ///
     /// Not tried yet: SIMD box bounds (AVX2, 8 children per node), an index of the prefix
     /// blocks alone for exact search (it uses one block per level; the window search's index
@@ -885,6 +979,91 @@ mod tests {
             }
         }
         assert_eq!(checked, 9 * 9 * 2);
+    }
+
+    /// Every run's tree: leaves cover the run in order with at most `leaf` entries each, a
+    /// node's box is the tight box of its entries, and an inner node splits its entries
+    /// where their codes first differ (or, for equal codes, in halves).
+    #[test]
+    fn box_tree_splits_runs_into_cells() {
+        let mut rng = Rng(5);
+        let dk = 3;
+        for (n, run_len, leaf, dup) in [
+            (1000usize, 256usize, 16usize, false),
+            (1000, 1000, 7, true),
+            (777, 100, 1, false),
+            (64, 64, 200, false),
+        ] {
+            let mut e: Vec<u64> = (0..n)
+                .map(|p| {
+                    let code = if dup {
+                        (rng.next() % 3) as u32
+                    } else {
+                        rng.next() as u32
+                    };
+                    crate::index::pack(code, p as u32)
+                })
+                .collect();
+            for r in e.chunks_mut(run_len) {
+                r.sort_unstable();
+            }
+            let c: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
+            let t = super::BoxTree::build(&e, &c, dk, leaf, run_len).unwrap();
+            assert_eq!(t.roots.len(), n.div_ceil(run_len));
+            let w = 2 * dk;
+            for (r, &root) in t.roots.iter().enumerate() {
+                let (a, b) = (r * run_len, ((r + 1) * run_len).min(n));
+                let mut next = a;
+                let mut stack = vec![root as usize];
+                while let Some(i) = stack.pop() {
+                    let [s0, s1, ch] = t.nodes[i];
+                    let (s0, s1) = (s0 as usize, s1 as usize);
+                    let bx = &t.boxes[i * w..(i + 1) * w];
+                    for j in 0..dk {
+                        let xs = (s0..s1).map(|p| c[p * dk + j]);
+                        assert_eq!(bx[j], xs.clone().fold(f32::INFINITY, f32::min));
+                        assert_eq!(bx[dk + j], xs.fold(f32::NEG_INFINITY, f32::max));
+                    }
+                    if ch == super::LEAF_NODE {
+                        assert!(s1 - s0 <= leaf && s0 == next && s0 < s1, "leaf {s0}..{s1}");
+                        next = s1;
+                        continue;
+                    }
+                    let ch = ch as usize;
+                    let (l, h) = (t.nodes[ch], t.nodes[ch + 1]);
+                    assert!(
+                        s1 - s0 > leaf
+                            && l[0] as usize == s0
+                            && l[1] == h[0]
+                            && h[1] as usize == s1
+                    );
+                    let m = l[1] as usize;
+                    let code = |p: usize| (e[p] >> 32) as u32;
+                    if code(s0) == code(s1 - 1) {
+                        assert_eq!(m, s0 + (s1 - s0) / 2);
+                    } else {
+                        let bit = 31 - (code(s0) ^ code(s1 - 1)).leading_zeros();
+                        assert!((s0..m).all(|p| code(p) >> bit & 1 == 0));
+                        assert!((m..s1).all(|p| code(p) >> bit & 1 == 1));
+                    }
+                    stack.push(ch + 1);
+                    stack.push(ch);
+                }
+                assert_eq!(next, b);
+            }
+        }
+        let empty = super::BoxTree::<f32>::build(&[], &[], dk, 8, 64).unwrap();
+        let mut hits = 0;
+        empty.walk(
+            (0, 0),
+            6,
+            &mut Vec::new(),
+            &mut (),
+            |_| 0.0,
+            |_| 1.0,
+            |_, _, _, _| hits += 1,
+        );
+        assert_eq!(hits, 0);
     }
 
     /// The bound never exceeds the float distance of a point in the box, even where the
