@@ -628,14 +628,24 @@ _BIG_CACHE = textwrap.dedent(
     got = c.attend(q, topk=16)
     want = zeta.attention(q, k, v, topk=16)
     assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    del c  # frees the blocks that moved to the system allocator
+    # fresh blocks of 128 MiB and more (argsort's int64 output) stay mimalloc's: two in turn,
+    # the first freed before the second
+    keys = rng.integers(0, 1 << 30, size=(1 << 24) + 4096, dtype=np.uint32)
+    order = np.argsort(keys, kind="stable")
+    for _ in range(2):
+        out = zeta.argsort(keys)
+        assert out.nbytes > 128 << 20 and (out == order).all()
+        del out
     print(zeta._core.allocator(), hashlib.sha256(got.tobytes()).hexdigest()[:16])
     """
 )
 
 
 def test_blocks_past_the_allocator_split_keep_their_contents():
-    """Blocks of 128 MiB and more come from the system allocator also under mimalloc; a block
-    that grows across that size is moved: the cache's values survive it (both allocators)."""
+    """Under mimalloc a block that grows to 128 MiB or more moves to the system allocator (the
+    cache's values survive it, and are freed by it), fresh ones of that size stay mimalloc's
+    (and are freed by it): the same results as with the system allocator alone."""
     mi = _run_py(_BIG_CACHE, {}).split()
     sysa = _run_py(_BIG_CACHE, {"ZETA_ALLOCATOR": "system"}).split()
     assert mi[0] == "mimalloc" and sysa[0] == "system"

@@ -9,15 +9,18 @@
 //! 653-671 -> 541-546 ms, `exact=True` 439-466 -> 385-393 ms; exact `knn` at 64k on one thread
 //! 200-208 -> 175-178 ms.
 //!
-//! Blocks of 128 MiB and more come from the system allocator all the same: glibc grows such a
-//! block in place (`mremap`) where mimalloc copies it into fresh pages, which made the KV
-//! cache's `extend` (its key, value and index arrays grow by doubling) 2x slower: 1M tokens,
-//! 8 heads, d_v = 128, blocks of 8,192 tokens, interleaved runs: 92-114k tokens/s with
-//! mimalloc for every size, 178-253k with the split at 32 or 128 MiB, 220-238k with glibc
-//! alone; the split at 128 MiB keeps `zeta.attention(exact=True)` at N = 32k, H = 8 at mimalloc's
-//! speed (356-360 vs 358-392 ms; 410-431 ms with the split at 32 MiB, where its 64 MB output
-//! is a fresh mmap each call). A block's allocator is a function of its size, so a block
-//! that is resized across the split is moved (copied once).
+//! A block that `realloc` grows to 128 MiB or more moves to the system allocator: glibc
+//! grows such a block in place (`mremap`) where mimalloc copies it into fresh pages, which
+//! made the KV cache's `extend` (its key, value and index arrays grow by doubling) 2x slower:
+//! 1M tokens, 8 heads, d_v = 128, blocks of 8,192 tokens, interleaved runs: 92-114k tokens/s
+//! with mimalloc for every block, 178-253k with the move, 220-238k with glibc alone. Fresh
+//! blocks of any size stay mimalloc's: until 2026-11-30 every block of 128 MiB or more came
+//! from glibc, which maps such a block afresh and unmaps it when freed, so that the 256 MB
+//! output of `zeta.attention` at N = 128k, H = 8, d_v = 64 faulted its pages in on every call
+//! (7% of the call in `clear_page_erms`): 1.67-1.71 -> 1.48 s per call (32k: the same, its
+//! 64 MB output was mimalloc's already). Which allocator owns a block of 128 MiB or more is
+//! asked of mimalloc's page map (`mi_is_in_heap_region`, a lookup); smaller blocks are
+//! always mimalloc's (a block shrunk below 128 MiB moves back).
 //!
 //! `ZETA_ALLOCATOR=system` (read at the first allocation, i.e. when the module is imported)
 //! keeps glibc's: mimalloc reserves address space in 1 GiB arenas and 32 MiB segments, so an
@@ -65,23 +68,29 @@ pub fn name() -> &'static str {
     }
 }
 
-/// Blocks of at least this many bytes come from the system allocator even with mimalloc
-/// (see the perf note at the top).
+/// A block that `realloc` grows to at least this many bytes moves to the system allocator
+/// (see the perf note at the top); smaller blocks are always mimalloc's.
 const BIG: usize = 128 << 20;
 
-/// Whether a block of `size` bytes belongs to the system allocator.
+/// Whether the block at `ptr` of `size` bytes belongs to the system allocator: every block
+/// under [`BIG`] is mimalloc's (with mimalloc in use); a larger one is the system's when
+/// mimalloc's page map does not know it.
 #[inline]
-fn by_system(size: usize) -> bool {
-    system() || size >= BIG
+fn by_system(ptr: *mut u8, size: usize) -> bool {
+    // SAFETY: `mi_is_in_heap_region` only looks `ptr` up in mimalloc's page map.
+    system() || (size >= BIG && !unsafe { libmimalloc_sys::mi_is_in_heap_region(ptr.cast()) })
 }
 
-// SAFETY: a block's allocator is a function of its size alone (`by_system`, fixed for the
-// process), and every method is given the block's current size, so each block is freed and
-// resized by the allocator that made it; a resize across the threshold moves the block.
+// SAFETY: fresh blocks come from mimalloc (or, with `ZETA_ALLOCATOR=system`, from the system
+// allocator for the whole process); only `realloc` moves a block to the system allocator,
+// when it grows it to `BIG` bytes or more, and moves it back when it shrinks below. So a
+// block under `BIG` is mimalloc's, a larger one is the system's exactly when mimalloc's page
+// map does not hold it (`by_system`), and each block is freed and resized by the allocator
+// that made it.
 unsafe impl GlobalAlloc for ZetaAlloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if by_system(layout.size()) {
+        if system() {
             System.alloc(layout)
         } else {
             mimalloc::MiMalloc.alloc(layout)
@@ -89,7 +98,7 @@ unsafe impl GlobalAlloc for ZetaAlloc {
     }
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if by_system(layout.size()) {
+        if system() {
             System.alloc_zeroed(layout)
         } else {
             mimalloc::MiMalloc.alloc_zeroed(layout)
@@ -97,7 +106,7 @@ unsafe impl GlobalAlloc for ZetaAlloc {
     }
     #[inline]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        if by_system(layout.size()) {
+        if by_system(ptr, layout.size()) {
             System.dealloc(ptr, layout)
         } else {
             mimalloc::MiMalloc.dealloc(ptr, layout)
@@ -105,16 +114,26 @@ unsafe impl GlobalAlloc for ZetaAlloc {
     }
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let (old_sys, new_sys) = (by_system(layout.size()), by_system(new_size));
-        if old_sys && new_sys {
+        if system() {
             return System.realloc(ptr, layout, new_size);
         }
-        if !old_sys && !new_sys {
-            return mimalloc::MiMalloc.realloc(ptr, layout, new_size);
+        let old_sys = by_system(ptr, layout.size());
+        // Growing to BIG or more: glibc grows the block in place from then on (mremap).
+        let new_sys = new_size >= BIG && (old_sys || new_size > layout.size());
+        if old_sys == new_sys {
+            return if new_sys {
+                System.realloc(ptr, layout, new_size)
+            } else {
+                mimalloc::MiMalloc.realloc(ptr, layout, new_size)
+            };
         }
-        // Across the threshold: a new block from the other allocator, the bytes copied over.
+        // To the other allocator: a new block there, the bytes copied over.
         let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
-        let new = self.alloc(new_layout);
+        let new = if new_sys {
+            System.alloc(new_layout)
+        } else {
+            mimalloc::MiMalloc.alloc(new_layout)
+        };
         if !new.is_null() {
             std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
             self.dealloc(ptr, layout);
