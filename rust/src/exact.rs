@@ -3,8 +3,8 @@
 //! Each sorted run of the index is a spatial hierarchy: the entries whose codes share a
 //! prefix form an octree cell. [`ExactIndex`] keeps, for every run of every level of the
 //! curve-0 tree, a binary radix tree of the boxes of those cells ([`BoxTree`]: a node's
-//! box covers its children's). A causal query searches few runs: the smallest aligned block of the index
-//! that holds every key it may see (most queries: one run, the prefix `[0, 2^l chunks)`),
+//! box covers its children's). A causal query searches few runs: the smallest aligned block
+//! of the index that holds every key it may see (most queries: one run, the prefix `[0, 2^l chunks)`),
 //! with the positions after its own dropped, or, where that block is not a run (the tail of
 //! a length that is not a power of two), the whole runs before it and then such a block.
 //! The window of the first run gives a k-th distance `r`; then, in every run, the query
@@ -41,10 +41,11 @@ use rayon::prelude::*;
 /// entries (equal codes: halved by count). Each node stores the tight box of its points as
 /// `lo[0..dk], hi[0..dk]`, its entries and its children (adjacent; none for a leaf).
 ///
-/// Perf note (N = 64k causal Gaussian, top-32, leaf 128, counted with the final k-th
-/// distance as radius): the ball meets 13.5 leaves (1,730 keys) per query with the fixed
-/// blocks of 128 entries this replaced (a block that straddles a cell boundary has that
-/// cell's width) and 6.9 leaves (601 keys) with radix leaves of at most 128.
+/// Perf note (N = 64k causal Gaussian, top-32, leaf 128; counted by a temporary
+/// instrumented build of `exact_timing`'s setup, with each query's final k-th distance as
+/// the radius): the ball meets 13.5 leaves (1,730 keys) per query with the fixed blocks of
+/// 128 entries this replaced (a block that straddles a cell boundary has that cell's width)
+/// and 6.9 leaves (601 keys) with radix leaves of at most 128.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BoxTree<T> {
     /// Per node: `lo[0..dk], hi[0..dk]`.
