@@ -200,9 +200,10 @@ fn build_run<T: Float>(
             "more than 2^32 - 1 entries in one run",
         ));
     }
-    // About 2 n / leaf nodes for Gaussian keys; the vector grows past that if it must.
+    // Radix leaves hold ~leaf / 3 entries on average for Gaussian keys (2 nodes per leaf);
+    // the vector grows past that if it must.
     let mut nodes: Vec<[u32; 3]> =
-        try_with_capacity(2 * n.div_ceil(leaf) + 1, "exact-search boxes")?;
+        try_with_capacity(6 * n.div_ceil(leaf) + 1, "exact-search boxes")?;
     nodes.push([0, n as u32, LEAF_NODE]);
     let mut i = 0;
     while i < nodes.len() {
@@ -219,6 +220,13 @@ fn build_run<T: Float>(
                 let split = (c1 >> bit) << bit << 32;
                 s0u + entries[s0u..s1u].partition_point(|&e| e < split)
             } as u32;
+            // Fallible growth: running out of memory is a MemoryError, not an abort.
+            nodes
+                .try_reserve(2)
+                .map_err(|_| crate::error::ZetaError::Alloc {
+                    what: "exact-search boxes",
+                    n: 2 * nodes.len() + 2,
+                })?;
             nodes[i][2] = nodes.len() as u32;
             nodes.push([s0, m, LEAF_NODE]);
             nodes.push([m, s1, LEAF_NODE]);
