@@ -41,11 +41,11 @@ use rayon::prelude::*;
 /// entries (equal codes: halved by count). Each node stores the tight box of its points as
 /// `lo[0..dk], hi[0..dk]`, its entries and its children (adjacent; none for a leaf).
 ///
-/// Perf note (N = 64k causal Gaussian, top-32, leaf 128; counted by a temporary
-/// instrumented build of `exact_timing`'s setup, with each query's final k-th distance as
-/// the radius): the ball meets 13.5 leaves (1,730 keys) per query with the fixed blocks of
-/// 128 entries this replaced (a block that straddles a cell boundary has that cell's width)
-/// and 6.9 leaves (601 keys) with radix leaves of at most 128.
+/// Perf note (N = 64k causal Gaussian, top-32, each query's final k-th distance as the
+/// radius; the `exact_leaf_census` test): the ball meets 13.5 leaves (1,730 keys) per query
+/// with the fixed blocks of 128 entries this replaced (a block that straddles a cell
+/// boundary has that cell's width) and 6.9 leaves (601 keys) with radix leaves of at most
+/// 128; at 192: 12.1 (2,275) and 5.7 (748).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BoxTree<T> {
     /// Per node: `lo[0..dk], hi[0..dk]`.
@@ -361,10 +361,9 @@ impl<T: Float + Real> ExactIndex<T> {
         Self::build_with(ix, LEAF)
     }
 
-    /// With `leaf` entries per leaf box (>= 1).
+    /// With leaves of at most `leaf` entries (0 counts as 1).
     pub fn build_with(ix: &KeyIndex<T>, leaf: usize) -> Result<Self> {
         let dk = ix.dk;
-        let leaf = leaf.max(1);
         let tree = &ix.curves[0];
         let causal = ix.params.causal;
         let chunk = ix.params.chunk;
@@ -443,7 +442,8 @@ impl<T: Float + Real> ExactIndex<T> {
     ///
     /// - radix leaves ([`BoxTree`]: split at the highest differing code bit, leaves of at
     ///   most `leaf` entries) instead of fixed blocks in a complete tree: per query 8.2 leaves
-    ///   and 712 keys scanned instead of 15.6 and 2,001 (leaf 128), and the group search
+    ///   and 712 keys scanned instead of 15.6 and 2,001 (leaf 128; counted once by counters
+    ///   in the group's leaf callback, not kept), and the group search
     ///   2.05-2.07 -> 1.82-1.84 us (leaf 128), 1.74-1.80 us (leaf 192; 256: 1.75 us; 64:
     ///   1.94 us); alone 2.55 -> 2.14-2.21 us. `zeta.attention` at N = 32k, H = 8
     ///   (interleaved `.so` builds): 350-362 -> 331-339 ms (leaf 192), 335-352 ms (128).
@@ -1104,6 +1104,101 @@ mod tests {
                 assert!(lb <= d2, "lb {lb} > d2 {d2} for q={q:?} x={x:?}");
             }
         }
+    }
+
+    /// The leaves a query's ball of its final k-th distance meets, per query, with the
+    /// radix box trees and with fixed blocks of as many entries (what the trees replaced):
+    /// N = 64k Gaussian 3-D causal, top-32, each query's prefix run. `ZETA_CENSUS_LEAF=128
+    /// cargo test --release --lib exact_leaf_census -- --ignored --nocapture` (perf note of
+    /// [`super::BoxTree`]).
+    #[test]
+    #[ignore]
+    fn exact_leaf_census() {
+        use crate::index::KeyIndex;
+        let (n, dk, topk) = (65536usize, 3usize, 32usize);
+        let mut rng = Rng(42);
+        let k: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
+        let q: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
+        let prm = Params {
+            chunk: 64,
+            window: 64,
+            n_curves: 1,
+            n_sink: 0,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        };
+        let ix = KeyIndex::build(&k, dk, &prm).unwrap();
+        let leaf: usize = std::env::var("ZETA_CENSUS_LEAF")
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(super::LEAF);
+        let ex = super::ExactIndex::build_with(&ix, leaf).unwrap();
+        // Each query's final k-th distance.
+        let ids: Vec<u32> = (0..n as u32).collect();
+        let mut batch = super::Batch::new(topk);
+        let mut rk = vec![f32::INFINITY; n];
+        let mut out = Vec::new();
+        let query = |id: u32| (&q[id as usize * dk..(id as usize + 1) * dk], id as usize);
+        ex.search_block(&ix, &ids, query, &k, &mut batch, |id, tk| {
+            tk.drain_sorted(&mut out);
+            rk[id as usize] = out.last().map_or(f32::INFINITY, |x| x.0);
+        });
+        // Fixed blocks' boxes, per level.
+        let blocks: Vec<Vec<f32>> = ix.curves[0]
+            .coords
+            .iter()
+            .map(|c| {
+                c.chunks(leaf * dk)
+                    .flat_map(|b| {
+                        let mut bx = [f32::INFINITY; 6];
+                        bx[3..].fill(f32::NEG_INFINITY);
+                        super::leaf_box(&mut bx, b, dk);
+                        bx
+                    })
+                    .collect()
+            })
+            .collect();
+        let (mut queries, mut stack) = (0usize, Vec::new());
+        let (mut radix, mut fixed) = ([0usize; 2], [0usize; 2]);
+        for i in 0..n {
+            let Some((l, _)) = ex.single_run(&ix, i) else {
+                continue;
+            };
+            queries += 1;
+            let (l, a, b) = super::ExactIndex::<f32>::prefix_run(&ix, l);
+            let qa: [f32; 3] = std::array::from_fn(|j| q[i * dk + j]);
+            let r = rk[i];
+            let lb = |bx: &[f32]| super::box_lb(&qa, bx);
+            ex.trees[l].walk(
+                (a, b),
+                6,
+                &mut stack,
+                &mut (),
+                lb,
+                |_| r,
+                |_, _, s0, s1| {
+                    radix[0] += 1;
+                    radix[1] += s1 - s0;
+                },
+            );
+            for (bi, bx) in blocks[l].chunks(6).enumerate() {
+                let (s0, s1) = (bi * leaf, ((bi + 1) * leaf).min(b));
+                if s0 >= a && s0 < b && lb(bx) <= r {
+                    fixed[0] += 1;
+                    fixed[1] += s1 - s0;
+                }
+            }
+        }
+        let per = |x: usize| x as f64 / queries as f64;
+        println!(
+            "leaf {leaf}: per query, radix trees {:.2} leaves {:.0} keys; fixed blocks {:.2} \
+             leaves {:.0} keys",
+            per(radix[0]),
+            per(radix[1]),
+            per(fixed[0]),
+            per(fixed[1])
+        );
+        assert!(radix[1] > 0 && fixed[1] > 0);
     }
 
     /// Timing of the exact search against the window search, one thread, N = 64k Gaussian
