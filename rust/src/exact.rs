@@ -297,8 +297,11 @@ pub const LEAF: usize = 192;
 pub const RUN_LEAF: usize = 192;
 
 /// The k-th distance is brought up to date after a leaf once this many more than k
-/// candidates are kept (a select over ~k + SLACK keys).
-const SLACK: usize = 16;
+/// candidates are kept (a merge of the new keys into the sorted best, or a select over
+/// ~k + SLACK keys without AVX-512). With the merge (grouped `exact_timing`, per query,
+/// two interleaved rounds): SLACK 0 / 8 / 16 / 32: 1.30-1.31 / 1.29-1.31 / 1.33-1.34 /
+/// 1.37 us; with the select 16 had won.
+const SLACK: usize = 8;
 
 /// Per-thread scratch of [`ExactIndex::search`] (the descent's stack), reused across queries.
 pub struct Scratch<T> {
@@ -448,6 +451,12 @@ impl<T: Float + Real> ExactIndex<T> {
     ///   1.94 us); alone 2.55 -> 2.14-2.21 us. `zeta.attention` at N = 32k, H = 8
     ///   (interleaved `.so` builds): 350-362 -> 331-339 ms (leaf 192), 335-352 ms (128).
     ///   Fewer keys did not pay 1:1: the windows and the selects are now most of a query.
+    /// - the top-k's cuts as a merge of the new keys into the best 32 kept sorted in
+    ///   AVX-512 registers (sorting networks, `sortnet.rs`) instead of a select over ~48
+    ///   keys: grouped 1.80 -> 1.33 us per query, the 1-curve window-32 search 1.28-1.34 ->
+    ///   0.95-0.97 us (interleaved test binaries, two rounds). After it, windows 32 / 48 /
+    ///   64 / 96: 1.26 / 1.25 / 1.29 / 1.34 us; leaves 128 / 192 / 256: 1.33 / 1.29 /
+    ///   1.29 us (window 64 and leaf 192 kept: within 3%).
     ///
     /// Not tried yet: SIMD box bounds (AVX2, 8 children per node), an index of the prefix
     /// blocks alone for exact search (it uses one block per level; the window search's index

@@ -29,6 +29,7 @@ pub mod score;
 pub mod search;
 pub mod simd;
 pub mod sort;
+pub mod sortnet;
 pub mod topk;
 
 #[cfg(feature = "python")]

@@ -58,6 +58,16 @@ pub trait Real: crate::score::ValueElem + Copy + Send + Sync + 'static {
     ) -> u64 {
         unreachable!("no 3-D scan kernel for this type")
     }
+    /// Whether [`Real::merge_sorted`] is the vector merge of [`crate::sortnet`] for top-`k`.
+    #[inline]
+    fn merge_fast(_k: usize) -> bool {
+        false
+    }
+    /// [`crate::sortnet::merge_sorted`] for this type's keys (only called when
+    /// [`Real::merge_fast`]).
+    fn merge_sorted(_buf: &mut [Self::Key], _s: usize, _n: usize, _k: usize) -> usize {
+        unreachable!("no vector merge for this type")
+    }
     /// `acc[i] = acc[i] + s * row[i]` (the value sum; [`crate::simd::axpy_f32`] for f32).
     #[inline(always)]
     fn axpy(acc: &mut [Self], row: &[Self], s: Self)
@@ -94,6 +104,14 @@ impl Real for f32 {
         d2: &mut [f32; crate::simd::SCAN_BLOCK],
     ) -> u64 {
         crate::simd::dist3_mask(q, coords, bound, d2)
+    }
+    #[inline]
+    fn merge_fast(k: usize) -> bool {
+        k <= crate::sortnet::MERGE_MAX && crate::sortnet::merge_fast()
+    }
+    #[inline]
+    fn merge_sorted(buf: &mut [u64], s: usize, n: usize, k: usize) -> usize {
+        crate::sortnet::merge_sorted(buf, s, n, k)
     }
     #[inline(always)]
     fn axpy(acc: &mut [f32], row: &[f32], s: f32) {

@@ -1,0 +1,263 @@
+//! The top-k's merge in vector registers: the best keys kept sorted, new keys merged in by
+//! sorting networks (AVX-512F, eight u64 keys per register).
+//!
+//! [`merge_sorted`] takes a buffer whose first `s` keys are ascending (the best known) and
+//! whose keys `s..n` are new, unordered, and leaves the smallest `min(n, k)` ascending at the
+//! front. The vector path holds the sorted keys in `R = k / 8` registers (rounded up to a
+//! power of two, k <= [`MERGE_MAX`]); per 16 new keys: two 8-key sorting networks (Batcher's
+//! odd-even merge sort, 19 comparators in 6 layers), one bitonic merge of the two, then the
+//! lowest `8R` of both sets from `min(best[i], new[8R - 1 - i])` (a bitonic sequence) and a
+//! bitonic merge of the `R` registers. A layer of comparators is one permute, one min, one
+//! max and one blend. Without AVX-512F (or with `ZETA_SIMD` capping it) the top-k keeps its
+//! select (see `topk.rs`), and [`merge_sorted_portable`] is the reference the tests compare
+//! with.
+
+/// Most keys [`merge_sorted`] keeps: eight registers of eight keys.
+pub const MERGE_MAX: usize = 64;
+
+/// Whether [`merge_sorted`] runs the vector path on this CPU (and under `ZETA_SIMD`).
+pub fn merge_fast() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        crate::simd::vector() == crate::simd::Vector::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Registers of eight keys that hold `k` keys: 1, 2, 4 or 8.
+fn regs(k: usize) -> usize {
+    k.div_ceil(8).next_power_of_two()
+}
+
+/// Slots [`merge_sorted`] may write (the buffer must be at least this long, and `n`).
+pub fn merge_slots(k: usize) -> usize {
+    8 * regs(k)
+}
+
+/// `buf[..s]` ascending (`s <= k`), `buf[s..n]` any order: leaves the smallest `min(n, k)`
+/// keys of `buf[..n]` ascending in `buf[..min(n, k)]` (slots after them up to
+/// [`merge_slots`] may change) and returns that count. `1 <= k <= MERGE_MAX`,
+/// `buf.len() >= max(n, merge_slots(k))`.
+pub fn merge_sorted(buf: &mut [u64], s: usize, n: usize, k: usize) -> usize {
+    assert!((1..=MERGE_MAX).contains(&k) && s <= k && s <= n);
+    assert!(buf.len() >= n.max(merge_slots(k)));
+    #[cfg(target_arch = "x86_64")]
+    if merge_fast() {
+        // SAFETY: the CPU has AVX-512F (checked by `merge_fast`); the bounds the kernels
+        // need (s <= 8R, n and 8R within `buf`) are asserted above.
+        unsafe {
+            match regs(k) {
+                1 => avx512::merge::<1>(buf, s, n),
+                2 => avx512::merge::<2>(buf, s, n),
+                4 => avx512::merge::<4>(buf, s, n),
+                _ => avx512::merge::<8>(buf, s, n),
+            }
+        }
+        return n.min(k);
+    }
+    merge_sorted_portable(buf, s, n, k)
+}
+
+/// [`merge_sorted`] in plain Rust (a sort of the new keys and a merge).
+pub fn merge_sorted_portable(buf: &mut [u64], s: usize, n: usize, k: usize) -> usize {
+    let (old, new) = buf[..n].split_at_mut(s);
+    new.sort_unstable();
+    let mut out = Vec::with_capacity(k.min(n));
+    let (mut i, mut j) = (0, 0);
+    while out.len() < k && (i < old.len() || j < new.len()) {
+        if j == new.len() || (i < old.len() && old[i] <= new[j]) {
+            out.push(old[i]);
+            i += 1;
+        } else {
+            out.push(new[j]);
+            j += 1;
+        }
+    }
+    buf[..out.len()].copy_from_slice(&out);
+    out.len()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// One layer of comparators: lane i meets lane `idx[i]`; the lanes in `hi` keep the
+    /// larger key, the others the smaller.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn layer(x: __m512i, idx: __m512i, hi: __mmask8) -> __m512i {
+        let p = _mm512_permutexvar_epi64(idx, x);
+        _mm512_mask_blend_epi64(hi, _mm512_min_epu64(x, p), _mm512_max_epu64(x, p))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn idx(i: [i64; 8]) -> __m512i {
+        _mm512_set_epi64(i[7], i[6], i[5], i[4], i[3], i[2], i[1], i[0])
+    }
+
+    /// Sorts the eight keys of `x` (Batcher's odd-even merge sort).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sort8(x: __m512i) -> __m512i {
+        let x = layer(x, idx([1, 0, 3, 2, 5, 4, 7, 6]), 0xAA);
+        let x = layer(x, idx([2, 3, 0, 1, 6, 7, 4, 5]), 0xCC);
+        let x = layer(x, idx([0, 2, 1, 3, 4, 6, 5, 7]), 0x44);
+        let x = layer(x, idx([4, 5, 6, 7, 0, 1, 2, 3]), 0xF0);
+        let x = layer(x, idx([0, 1, 4, 5, 2, 3, 6, 7]), 0x30);
+        layer(x, idx([0, 2, 1, 4, 3, 6, 5, 7]), 0x54)
+    }
+
+    /// Sorts a bitonic sequence of eight keys.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn merge8(x: __m512i) -> __m512i {
+        let x = layer(x, idx([4, 5, 6, 7, 0, 1, 2, 3]), 0xF0);
+        let x = layer(x, idx([2, 3, 0, 1, 6, 7, 4, 5]), 0xCC);
+        layer(x, idx([1, 0, 3, 2, 5, 4, 7, 6]), 0xAA)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rev(x: __m512i) -> __m512i {
+        _mm512_permutexvar_epi64(idx([7, 6, 5, 4, 3, 2, 1, 0]), x)
+    }
+
+    /// Up to eight keys from `p` (`len` of them), the rest `u64::MAX`.
+    ///
+    /// SAFETY: `p..p + len` readable (`len <= 8`); the masked-off lanes are not read.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(p: *const u64, len: usize) -> __m512i {
+        let m = (((1u32 << len) - 1) & 0xFF) as __mmask8;
+        _mm512_mask_loadu_epi64(_mm512_set1_epi64(-1), m, p as *const i64)
+    }
+
+    /// [`super::merge_sorted`] with `R` registers (`s <= 8R`, `buf` at least
+    /// `max(n, 8R)` long).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn merge<const R: usize>(buf: &mut [u64], s: usize, n: usize) {
+        debug_assert!(s <= 8 * R && s <= n && buf.len() >= n.max(8 * R));
+        let p = buf.as_mut_ptr();
+        let mut a = [_mm512_set1_epi64(-1); R];
+        for (r, ar) in a.iter_mut().enumerate() {
+            let at = 8 * r;
+            if at < s {
+                // SAFETY: keys at..min(at + 8, s) lie inside `buf` (s <= n <= len).
+                *ar = load(p.add(at), (s - at).min(8));
+            }
+        }
+        let mut c = s;
+        while c < n {
+            let len = (n - c).min(16);
+            // SAFETY: keys c..c + len lie inside `buf` (c + len <= n <= len of `buf`).
+            let x0 = sort8(load(p.add(c), len.min(8)));
+            // The new keys ascending in (b0, b1): b0 the smaller eight.
+            let (b0, b1) = if len > 8 {
+                // SAFETY: as above, keys c + 8..c + len.
+                let x1 = rev(sort8(load(p.add(c + 8), len - 8)));
+                (
+                    merge8(_mm512_min_epu64(x0, x1)),
+                    Some(merge8(_mm512_max_epu64(x0, x1))),
+                )
+            } else {
+                (x0, None)
+            };
+            // The smallest 8R of both: min(a[i], new[8R - 1 - i]) is bitonic.
+            a[R - 1] = _mm512_min_epu64(a[R - 1], rev(b0));
+            if let (Some(b1), true) = (b1, R >= 2) {
+                a[R - 2] = _mm512_min_epu64(a[R - 2], rev(b1));
+            }
+            // Bitonic merge: registers d apart, then inside each register.
+            let mut d = R / 2;
+            while d >= 1 {
+                for i in 0..R {
+                    if i & d == 0 {
+                        let (lo, hi) = (a[i], a[i + d]);
+                        a[i] = _mm512_min_epu64(lo, hi);
+                        a[i + d] = _mm512_max_epu64(lo, hi);
+                    }
+                }
+                d /= 2;
+            }
+            for ar in a.iter_mut() {
+                *ar = merge8(*ar);
+            }
+            c += len;
+        }
+        for (r, ar) in a.iter().enumerate() {
+            // SAFETY: slots 8r..8r + 8 lie inside `buf` (8R <= len); every load is done.
+            _mm512_storeu_si512(p.add(8 * r) as *mut __m512i, *ar);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(buf0: &[u64], s: usize, k: usize) {
+        let n = buf0.len();
+        let slots = n.max(merge_slots(k));
+        let mut want = buf0.to_vec();
+        want.resize(slots, 0);
+        let mut got = want.clone();
+        let w = merge_sorted_portable(&mut want, s, n, k);
+        let g = merge_sorted(&mut got, s, n, k);
+        let mut all = buf0.to_vec();
+        all.sort_unstable();
+        all.truncate(k);
+        assert_eq!(w, all.len());
+        assert_eq!(&want[..w], &all[..], "portable s={s} n={n} k={k}");
+        assert_eq!(g, w);
+        assert_eq!(&got[..g], &all[..], "merge s={s} n={n} k={k}");
+    }
+
+    /// Every key count, prefix length and k against a plain sort, on random keys, on keys
+    /// with many equal values, and on all 0/1 sequences of eight and sixteen new keys (the
+    /// 0-1 principle: a comparator network that sorts them sorts everything).
+    #[test]
+    fn merge_matches_a_sort() {
+        let mut st = 5u64;
+        let mut next = || {
+            st = st
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            st >> 1
+        };
+        for k in [1usize, 5, 8, 9, 16, 17, 31, 32, 33, 48, 63, 64] {
+            for s in [0, 1, k / 2, k] {
+                for extra in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 40, 100] {
+                    for modulo in [u64::MAX, 3, 1 << 20] {
+                        let mut v: Vec<u64> = (0..s + extra)
+                            .map(|_| {
+                                let x = next();
+                                if modulo == u64::MAX {
+                                    x
+                                } else {
+                                    x % modulo
+                                }
+                            })
+                            .collect();
+                        v[..s].sort_unstable();
+                        check(&v, s, k);
+                    }
+                }
+            }
+        }
+        for bits in 0u32..1 << 16 {
+            let v: Vec<u64> = (0..16).map(|i| u64::from(bits >> i & 1)).collect();
+            check(&v, 0, 16);
+            if bits < 1 << 8 {
+                check(&v[..8], 0, 8);
+            }
+        }
+        // Keys near the top of the range (the padding is u64::MAX itself).
+        let v = vec![u64::MAX, u64::MAX - 1, 0, u64::MAX, 7, u64::MAX - 2];
+        check(&v, 0, 4);
+        check(&v, 0, 8);
+    }
+}
