@@ -1,25 +1,26 @@
 //! The top-k's merge in vector registers: the best keys kept sorted, new keys merged in by
-//! sorting networks (AVX-512F, eight u64 keys per register).
+//! sorting networks (AVX-512F: eight u64 keys per register; AVX2: four).
 //!
 //! [`merge_sorted`] takes a buffer whose first `s` keys are ascending (the best known) and
 //! whose keys `s..n` are new, unordered, and leaves the smallest `min(n, k)` ascending at the
-//! front. The vector path holds the sorted keys in `R = k / 8` registers (rounded up to a
+//! front. The AVX-512 path holds the sorted keys in `R = k / 8` registers (rounded up to a
 //! power of two, k <= [`MERGE_MAX`]); per 16 new keys: two 8-key sorting networks (Batcher's
 //! odd-even merge sort, 19 comparators in 6 layers), one bitonic merge of the two, then the
 //! lowest `8R` of both sets from `min(best[i], new[8R - 1 - i])` (a bitonic sequence) and a
 //! bitonic merge of the `R` registers. A layer of comparators is one permute, one min, one
-//! max and one blend. Without AVX-512F (or with `ZETA_SIMD` capping it) the top-k keeps its
-//! select (see `topk.rs`), and [`merge_sorted_portable`] is the reference the tests compare
-//! with.
+//! max and one blend. The AVX2 path is the same with registers of four keys, 8 new keys per
+//! step, and signed compares of keys with their top bit flipped. Without AVX2 (or with
+//! `ZETA_SIMD=portable`) the top-k keeps its select (see `topk.rs`), and
+//! [`merge_sorted_portable`] is the reference the tests compare with.
 
 /// Most keys [`merge_sorted`] keeps: eight registers of eight keys.
 pub const MERGE_MAX: usize = 64;
 
-/// Whether [`merge_sorted`] runs the vector path on this CPU (and under `ZETA_SIMD`).
+/// Whether [`merge_sorted`] runs a vector path on this CPU (and under `ZETA_SIMD`).
 pub fn merge_fast() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        crate::simd::vector() == crate::simd::Vector::Avx512
+        crate::simd::vector() >= crate::simd::Vector::Avx2
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -42,23 +43,47 @@ pub fn merge_slots(k: usize) -> usize {
 /// [`merge_slots`] may change) and returns that count. `1 <= k <= MERGE_MAX`,
 /// `buf.len() >= max(n, merge_slots(k))`.
 pub fn merge_sorted(buf: &mut [u64], s: usize, n: usize, k: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    let v = crate::simd::vector();
+    #[cfg(not(target_arch = "x86_64"))]
+    let v = crate::simd::Vector::Portable;
+    merge_on(v, buf, s, n, k)
+}
+
+/// [`merge_sorted`] with the kernel `v` (one this CPU has: see
+/// [`crate::simd::available_vectors`]).
+fn merge_on(v: crate::simd::Vector, buf: &mut [u64], s: usize, n: usize, k: usize) -> usize {
+    use crate::simd::Vector;
     assert!((1..=MERGE_MAX).contains(&k) && s <= k && s <= n);
     assert!(buf.len() >= n.max(merge_slots(k)));
-    #[cfg(target_arch = "x86_64")]
-    if merge_fast() {
-        // SAFETY: the CPU has AVX-512F (checked by `merge_fast`); the bounds the kernels
-        // need (s <= 8R, n and 8R within `buf`) are asserted above.
-        unsafe {
+    assert!(crate::simd::available_vectors().contains(&v));
+    match v {
+        // SAFETY: the CPU has AVX-512F (asserted: `v` is available); the bounds the kernel
+        // needs (s <= 8R, n and 8R within `buf`) are asserted above.
+        #[cfg(target_arch = "x86_64")]
+        Vector::Avx512 => unsafe {
             match regs(k) {
                 1 => avx512::merge::<1>(buf, s, n),
                 2 => avx512::merge::<2>(buf, s, n),
                 4 => avx512::merge::<4>(buf, s, n),
                 _ => avx512::merge::<8>(buf, s, n),
             }
-        }
-        return n.min(k);
+        },
+        // SAFETY: the CPU has AVX2 (asserted as above); the kernel checks its bounds
+        // (s <= 4R, n and 4R within `buf`; 4R <= merge_slots(k)).
+        #[cfg(target_arch = "x86_64")]
+        Vector::Avx2 => unsafe {
+            match k.div_ceil(4).next_power_of_two() {
+                1 => avx2::merge::<1>(buf, s, n),
+                2 => avx2::merge::<2>(buf, s, n),
+                4 => avx2::merge::<4>(buf, s, n),
+                8 => avx2::merge::<8>(buf, s, n),
+                _ => avx2::merge::<16>(buf, s, n),
+            }
+        },
+        _ => return merge_sorted_portable(buf, s, n, k),
     }
-    merge_sorted_portable(buf, s, n, k)
+    n.min(k)
 }
 
 /// [`merge_sorted`] in plain Rust (a sort of the new keys and a merge).
@@ -195,6 +220,123 @@ mod avx512 {
     }
 }
 
+/// The same merge with AVX2: four keys per register, compared as signed integers after
+/// their top bit is flipped (AVX2 has no unsigned 64-bit compare); 8 new keys per step.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Flips the top bit: unsigned order becomes signed order (and back).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn flip(x: __m256i) -> __m256i {
+        _mm256_xor_si256(x, _mm256_set1_epi64x(i64::MIN))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn min(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_blendv_epi8(a, b, _mm256_cmpgt_epi64(a, b))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn max(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_blendv_epi8(b, a, _mm256_cmpgt_epi64(a, b))
+    }
+
+    /// One layer of comparators: lane i meets lane `P`'s i-th selector; the 32-bit lanes in
+    /// `HI` keep the larger key.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn layer<const P: i32, const HI: i32>(x: __m256i) -> __m256i {
+        let p = _mm256_permute4x64_epi64::<P>(x);
+        _mm256_blend_epi32::<HI>(min(x, p), max(x, p))
+    }
+
+    /// Sorts four keys: (0,1)(2,3), (0,2)(1,3), (1,2).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sort4(x: __m256i) -> __m256i {
+        let x = layer::<0xB1, 0xCC>(x);
+        let x = layer::<0x4E, 0xF0>(x);
+        layer::<0xD8, 0x30>(x)
+    }
+
+    /// Sorts a bitonic sequence of four keys.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn merge4(x: __m256i) -> __m256i {
+        let x = layer::<0x4E, 0xF0>(x);
+        layer::<0xB1, 0xCC>(x)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn rev(x: __m256i) -> __m256i {
+        _mm256_permute4x64_epi64::<0x1B>(x)
+    }
+
+    /// Up to four keys of `src`, the rest `u64::MAX`, top bits flipped.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load(src: &[u64]) -> __m256i {
+        let mut t = [u64::MAX; 4];
+        t[..src.len()].copy_from_slice(src);
+        // SAFETY: `t` is four u64 (32 bytes).
+        flip(_mm256_loadu_si256(t.as_ptr() as *const __m256i))
+    }
+
+    /// [`super::merge_sorted`] with `R` registers of four keys (`s <= 4R`, `buf` at least
+    /// `max(n, 4R)` long).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn merge<const R: usize>(buf: &mut [u64], s: usize, n: usize) {
+        assert!(s <= 4 * R && s <= n && buf.len() >= n.max(4 * R));
+        let mut a = [flip(_mm256_set1_epi64x(-1)); R];
+        for (r, ar) in a.iter_mut().enumerate() {
+            let at = 4 * r;
+            if at < s {
+                *ar = load(&buf[at..s.min(at + 4)]);
+            }
+        }
+        let mut c = s;
+        while c < n {
+            let len = (n - c).min(8);
+            let x0 = sort4(load(&buf[c..c + len.min(4)]));
+            let (b0, b1) = if len > 4 {
+                let x1 = rev(sort4(load(&buf[c + 4..c + len])));
+                (merge4(min(x0, x1)), Some(merge4(max(x0, x1))))
+            } else {
+                (x0, None)
+            };
+            a[R - 1] = min(a[R - 1], rev(b0));
+            if let (Some(b1), true) = (b1, R >= 2) {
+                a[R - 2] = min(a[R - 2], rev(b1));
+            }
+            let mut d = R / 2;
+            while d >= 1 {
+                for i in 0..R {
+                    if i & d == 0 {
+                        let (lo, hi) = (a[i], a[i + d]);
+                        a[i] = min(lo, hi);
+                        a[i + d] = max(lo, hi);
+                    }
+                }
+                d /= 2;
+            }
+            for ar in a.iter_mut() {
+                *ar = merge4(*ar);
+            }
+            c += len;
+        }
+        for (r, ar) in a.iter().enumerate() {
+            // SAFETY: slots 4r..4r + 4 lie inside `buf` (4R <= len, asserted); every load is
+            // done.
+            _mm256_storeu_si256(buf.as_mut_ptr().add(4 * r) as *mut __m256i, flip(*ar));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,17 +348,22 @@ mod tests {
         want.resize(slots, 0);
         let mut got = want.clone();
         let w = merge_sorted_portable(&mut want, s, n, k);
-        let g = merge_sorted(&mut got, s, n, k);
         let mut all = buf0.to_vec();
         all.sort_unstable();
         all.truncate(k);
         assert_eq!(w, all.len());
         assert_eq!(&want[..w], &all[..], "portable s={s} n={n} k={k}");
-        assert_eq!(g, w);
-        assert_eq!(&got[..g], &all[..], "merge s={s} n={n} k={k}");
+        for v in crate::simd::available_vectors() {
+            let mut b = got.clone();
+            let g = merge_on(v, &mut b, s, n, k);
+            assert_eq!(g, w);
+            assert_eq!(&b[..g], &all[..], "{} s={s} n={n} k={k}", v.name());
+        }
+        let g = merge_sorted(&mut got, s, n, k);
+        assert_eq!(&got[..g], &all[..], "merge_sorted s={s} n={n} k={k}");
     }
 
-    /// Every key count, prefix length and k against a plain sort, on random keys, on keys
+    /// Every kernel this CPU has, every key count, prefix length and k against a plain sort, on random keys, on keys
     /// with many equal values, and on all 0/1 sequences of eight and sixteen new keys (the
     /// 0-1 principle: a comparator network that sorts them sorts everything).
     #[test]
@@ -253,6 +400,7 @@ mod tests {
             check(&v, 0, 16);
             if bits < 1 << 8 {
                 check(&v[..8], 0, 8);
+                check(&v[..8], 0, 4);
             }
         }
         // Keys near the top of the range (the padding is u64::MAX itself).

@@ -21,12 +21,15 @@ const SORT_ALL_SLACK: usize = 16;
 /// k-th best known so far (an unpredictable accept/reject branch cost more than the store).
 /// When `cap` keys are kept the buffer is cut back to the best k, which sets the threshold.
 ///
-/// The cut: where the CPU has AVX-512F and `k * mult <= 64` the best keys stay ascending in
-/// `buf[..sorted]` and a cut merges the new ones in with sorting networks
-/// ([`crate::sortnet::merge_sorted`]: ~30 comparator layers per 16 new keys); otherwise a
-/// select (`select_nth_unstable`, 85-215 ns over 40-128 u64 keys). The merge made the
-/// grouped exact search 26% faster per query (1.80 -> 1.33 us, N = 64k, top-32) and
-/// `zeta.attention` at N = 32k 20% faster (322-332 -> 261-268 ms).
+/// The cut: where the CPU has AVX2 or AVX-512F and `k * mult <= 64` the best keys stay
+/// ascending in `buf[..sorted]` and a cut merges the new ones in with sorting networks
+/// ([`crate::sortnet::merge_sorted`]: ~30 comparator layers per 16 new keys with AVX-512);
+/// otherwise a select (`select_nth_unstable`, 85-215 ns over 40-128 u64 keys). The AVX-512
+/// merge made the grouped exact search 26% faster per query (1.80 -> 1.33 us, N = 64k,
+/// top-32) and `zeta.attention` at N = 32k 20% faster (322-332 -> 261-268 ms); the AVX2
+/// merge (`ZETA_SIMD=avx2` on the same CPU) 1.80 -> 1.66-1.68 us (the 1-curve window-32
+/// search: 1.20-1.24 us with either cut). Selecting the new keys' best k before merging
+/// when there are more than 32 / 48 / 64 of them was slower on both paths.
 pub struct TopK<T: Real> {
     k: usize,
     mult: usize,
