@@ -105,6 +105,71 @@ pub fn merge_sorted_portable(buf: &mut [u64], s: usize, n: usize, k: usize) -> u
     out.len()
 }
 
+/// The merge of one kernel module, over that module's helpers: `$w` keys per register,
+/// `fill` (all `u64::MAX`), `load` (up to `$w` keys from a pointer, the rest `u64::MAX`),
+/// `store` (`$w` keys to a pointer), `sortw` (sorts a register), `mergew` (sorts a bitonic register),
+/// `rev`, `min`, `max` (lane by lane, unsigned order).
+#[cfg(target_arch = "x86_64")]
+macro_rules! merge_kernel {
+    ($feat:literal, $w:literal) => {
+        /// [`super::merge_sorted`] with `R` registers (`s <= R * W`, `buf` at least
+        /// `max(n, R * W)` long; W keys per register).
+        #[target_feature(enable = $feat)]
+        pub unsafe fn merge<const R: usize>(buf: &mut [u64], s: usize, n: usize) {
+            assert!(s <= $w * R && s <= n && buf.len() >= n.max($w * R));
+            let p = buf.as_mut_ptr();
+            let mut a = [fill(); R];
+            for (r, ar) in a.iter_mut().enumerate() {
+                let at = $w * r;
+                if at < s {
+                    // SAFETY: keys at..min(at + W, s) lie inside `buf` (s <= n <= its len).
+                    *ar = load(p.add(at), (s - at).min($w));
+                }
+            }
+            let mut c = s;
+            while c < n {
+                let len = (n - c).min(2 * $w);
+                // SAFETY: keys c..c + len lie inside `buf` (c + len <= n <= its len).
+                let x0 = sortw(load(p.add(c), len.min($w)));
+                // The new keys ascending in (b0, b1): b0 the smaller half.
+                let (b0, b1) = if len > $w {
+                    // SAFETY: as above, keys c + W..c + len.
+                    let x1 = rev(sortw(load(p.add(c + $w), len - $w)));
+                    (mergew(min(x0, x1)), Some(mergew(max(x0, x1))))
+                } else {
+                    (x0, None)
+                };
+                // The smallest R * W of both: min(a[i], new[R * W - 1 - i]) is bitonic.
+                a[R - 1] = min(a[R - 1], rev(b0));
+                if let (Some(b1), true) = (b1, R >= 2) {
+                    a[R - 2] = min(a[R - 2], rev(b1));
+                }
+                // Bitonic merge: registers d apart, then inside each register.
+                let mut d = R / 2;
+                while d >= 1 {
+                    for i in 0..R {
+                        if i & d == 0 {
+                            let (lo, hi) = (a[i], a[i + d]);
+                            a[i] = min(lo, hi);
+                            a[i + d] = max(lo, hi);
+                        }
+                    }
+                    d /= 2;
+                }
+                for ar in a.iter_mut() {
+                    *ar = mergew(*ar);
+                }
+                c += len;
+            }
+            for (r, ar) in a.iter().enumerate() {
+                // SAFETY: slots W r..W (r + 1) lie inside `buf` (R W <= its len, asserted);
+                // every load is done.
+                store(p.add($w * r), *ar);
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -151,73 +216,46 @@ mod avx512 {
         _mm512_permutexvar_epi64(idx([7, 6, 5, 4, 3, 2, 1, 0]), x)
     }
 
-    /// Up to eight keys from `p` (`len` of them), the rest `u64::MAX`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn min(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_min_epu64(a, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn max(a: __m512i, b: __m512i) -> __m512i {
+        _mm512_max_epu64(a, b)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn fill() -> __m512i {
+        _mm512_set1_epi64(-1)
+    }
+
+    /// `len <= 8` keys from `p`, the rest `u64::MAX`.
     ///
-    /// SAFETY: `p..p + len` readable (`len <= 8`); the masked-off lanes are not read.
+    /// SAFETY: `p..p + len` must be readable; the masked-off lanes are not read.
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn load(p: *const u64, len: usize) -> __m512i {
-        let m = (((1u32 << len) - 1) & 0xFF) as __mmask8;
-        _mm512_mask_loadu_epi64(_mm512_set1_epi64(-1), m, p as *const i64)
+        debug_assert!(len <= 8);
+        let m = ((1u32 << len) - 1) as __mmask8;
+        _mm512_mask_loadu_epi64(fill(), m, p as *const i64)
     }
 
-    /// [`super::merge_sorted`] with `R` registers (`s <= 8R`, `buf` at least
-    /// `max(n, 8R)` long).
+    /// SAFETY: `p..p + 8` must be writable.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn merge<const R: usize>(buf: &mut [u64], s: usize, n: usize) {
-        debug_assert!(s <= 8 * R && s <= n && buf.len() >= n.max(8 * R));
-        let p = buf.as_mut_ptr();
-        let mut a = [_mm512_set1_epi64(-1); R];
-        for (r, ar) in a.iter_mut().enumerate() {
-            let at = 8 * r;
-            if at < s {
-                // SAFETY: keys at..min(at + 8, s) lie inside `buf` (s <= n <= len).
-                *ar = load(p.add(at), (s - at).min(8));
-            }
-        }
-        let mut c = s;
-        while c < n {
-            let len = (n - c).min(16);
-            // SAFETY: keys c..c + len lie inside `buf` (c + len <= n <= len of `buf`).
-            let x0 = sort8(load(p.add(c), len.min(8)));
-            // The new keys ascending in (b0, b1): b0 the smaller eight.
-            let (b0, b1) = if len > 8 {
-                // SAFETY: as above, keys c + 8..c + len.
-                let x1 = rev(sort8(load(p.add(c + 8), len - 8)));
-                (
-                    merge8(_mm512_min_epu64(x0, x1)),
-                    Some(merge8(_mm512_max_epu64(x0, x1))),
-                )
-            } else {
-                (x0, None)
-            };
-            // The smallest 8R of both: min(a[i], new[8R - 1 - i]) is bitonic.
-            a[R - 1] = _mm512_min_epu64(a[R - 1], rev(b0));
-            if let (Some(b1), true) = (b1, R >= 2) {
-                a[R - 2] = _mm512_min_epu64(a[R - 2], rev(b1));
-            }
-            // Bitonic merge: registers d apart, then inside each register.
-            let mut d = R / 2;
-            while d >= 1 {
-                for i in 0..R {
-                    if i & d == 0 {
-                        let (lo, hi) = (a[i], a[i + d]);
-                        a[i] = _mm512_min_epu64(lo, hi);
-                        a[i + d] = _mm512_max_epu64(lo, hi);
-                    }
-                }
-                d /= 2;
-            }
-            for ar in a.iter_mut() {
-                *ar = merge8(*ar);
-            }
-            c += len;
-        }
-        for (r, ar) in a.iter().enumerate() {
-            // SAFETY: slots 8r..8r + 8 lie inside `buf` (8R <= len); every load is done.
-            _mm512_storeu_si512(p.add(8 * r) as *mut __m512i, *ar);
-        }
+    unsafe fn store(p: *mut u64, x: __m512i) {
+        _mm512_storeu_si512(p as *mut __m512i, x)
     }
+
+    use merge8 as mergew;
+    use sort8 as sortw;
+
+    merge_kernel!("avx512f", 8);
 }
 
 /// The same merge with AVX2: four keys per register, compared as signed integers after
@@ -277,64 +315,38 @@ mod avx2 {
         _mm256_permute4x64_epi64::<0x1B>(x)
     }
 
-    /// Up to four keys of `src`, the rest `u64::MAX`, top bits flipped.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn load(src: &[u64]) -> __m256i {
+    unsafe fn fill() -> __m256i {
+        flip(_mm256_set1_epi64x(-1))
+    }
+
+    /// `len <= 4` keys from `p`, the rest `u64::MAX`, top bits flipped.
+    ///
+    /// SAFETY: `p..p + len` must be readable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load(p: *const u64, len: usize) -> __m256i {
+        debug_assert!(len <= 4);
         let mut t = [u64::MAX; 4];
-        t[..src.len()].copy_from_slice(src);
-        // SAFETY: `t` is four u64 (32 bytes).
+        // SAFETY (of the copy): `len` keys from `p` (the caller's promise) into `t`.
+        std::ptr::copy_nonoverlapping(p, t.as_mut_ptr(), len);
         flip(_mm256_loadu_si256(t.as_ptr() as *const __m256i))
     }
 
-    /// [`super::merge_sorted`] with `R` registers of four keys (`s <= 4R`, `buf` at least
-    /// `max(n, 4R)` long).
+    /// Four keys to `p`, top bits flipped back.
+    ///
+    /// SAFETY: `p..p + 4` must be writable.
+    #[inline]
     #[target_feature(enable = "avx2")]
-    pub unsafe fn merge<const R: usize>(buf: &mut [u64], s: usize, n: usize) {
-        assert!(s <= 4 * R && s <= n && buf.len() >= n.max(4 * R));
-        let mut a = [flip(_mm256_set1_epi64x(-1)); R];
-        for (r, ar) in a.iter_mut().enumerate() {
-            let at = 4 * r;
-            if at < s {
-                *ar = load(&buf[at..s.min(at + 4)]);
-            }
-        }
-        let mut c = s;
-        while c < n {
-            let len = (n - c).min(8);
-            let x0 = sort4(load(&buf[c..c + len.min(4)]));
-            let (b0, b1) = if len > 4 {
-                let x1 = rev(sort4(load(&buf[c + 4..c + len])));
-                (merge4(min(x0, x1)), Some(merge4(max(x0, x1))))
-            } else {
-                (x0, None)
-            };
-            a[R - 1] = min(a[R - 1], rev(b0));
-            if let (Some(b1), true) = (b1, R >= 2) {
-                a[R - 2] = min(a[R - 2], rev(b1));
-            }
-            let mut d = R / 2;
-            while d >= 1 {
-                for i in 0..R {
-                    if i & d == 0 {
-                        let (lo, hi) = (a[i], a[i + d]);
-                        a[i] = min(lo, hi);
-                        a[i + d] = max(lo, hi);
-                    }
-                }
-                d /= 2;
-            }
-            for ar in a.iter_mut() {
-                *ar = merge4(*ar);
-            }
-            c += len;
-        }
-        for (r, ar) in a.iter().enumerate() {
-            // SAFETY: slots 4r..4r + 4 lie inside `buf` (4R <= len, asserted); every load is
-            // done.
-            _mm256_storeu_si256(buf.as_mut_ptr().add(4 * r) as *mut __m256i, flip(*ar));
-        }
+    unsafe fn store(p: *mut u64, x: __m256i) {
+        _mm256_storeu_si256(p as *mut __m256i, flip(x))
     }
+
+    use merge4 as mergew;
+    use sort4 as sortw;
+
+    merge_kernel!("avx2", 4);
 }
 
 #[cfg(test)]
