@@ -298,7 +298,7 @@ pub const RUN_LEAF: usize = 192;
 
 /// The k-th distance is brought up to date after a leaf once this many more than k
 /// candidates are kept (a merge of the new keys into the sorted best, or a select over
-/// ~k + SLACK keys without AVX-512). With the merge (grouped `exact_timing`, per query,
+/// ~k + SLACK keys without AVX2). With the merge (grouped `exact_timing`, per query,
 /// two interleaved rounds): SLACK 0 / 8 / 16 / 32: 1.30-1.31 / 1.29-1.31 / 1.33-1.34 /
 /// 1.37 us; with the select 16 had won.
 const SLACK: usize = 8;

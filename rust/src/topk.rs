@@ -185,9 +185,7 @@ impl<T: Float + Real> TopK<T> {
                 v.sort_unstable();
             }
         }
-        let n = self.n;
-        let v = &mut self.buf[..n];
-        let v = &mut v[..n.min(m)];
+        let v = &mut self.buf[..self.n.min(m)];
         let mut u = v.len().min(1);
         if self.mult > 1 {
             // A repeated position has the same d2, so the same key: duplicates are equal.
