@@ -880,6 +880,10 @@ impl<T: Float + Real> Offer<T> for Upto<'_, T> {
     fn bound(&self) -> T {
         self.tk.bound()
     }
+    #[inline(always)]
+    fn offer_mask(&mut self, m: u64, d2: &[T], pos: impl Fn(usize) -> u32) {
+        self.tk.push_mask(m, d2, pos, self.lim)
+    }
 }
 
 /// The run of entries `a..b` of level `l` (its fence when it starts on a fence stride).

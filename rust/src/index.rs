@@ -129,6 +129,16 @@ pub trait Offer<T: Float> {
     fn bound(&self) -> T {
         T::infinity()
     }
+    /// [`Offer::offer`] of the rows `j` whose bit is set in `m`, in ascending order, at
+    /// `pos(j)` with `d2[j]`.
+    #[inline(always)]
+    fn offer_mask(&mut self, mut m: u64, d2: &[T], pos: impl Fn(usize) -> u32) {
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            self.offer(pos(j), d2[j]);
+            m &= m - 1;
+        }
+    }
 }
 
 impl<T: Float, F: FnMut(u32, T)> Offer<T> for F {
@@ -146,6 +156,10 @@ impl<T: Float + Real> Offer<T> for TopK<T> {
     #[inline(always)]
     fn bound(&self) -> T {
         TopK::bound(self)
+    }
+    #[inline(always)]
+    fn offer_mask(&mut self, m: u64, d2: &[T], pos: impl Fn(usize) -> u32) {
+        self.push_mask(m, d2, pos, u32::MAX)
     }
 }
 
@@ -185,12 +199,8 @@ fn offer_block<T: Float + Real, const D: usize>(
         let mut d2 = [T::zero(); SCAN_BLOCK];
         for r in (0..n).step_by(SCAN_BLOCK) {
             let e = (r + SCAN_BLOCK).min(n);
-            let mut m = T::dist3_mask(&q3, &coords[r * 3..e * 3], f.bound(), &mut d2);
-            while m != 0 {
-                let j = m.trailing_zeros() as usize;
-                f.offer(pos(r + j), d2[j]);
-                m &= m - 1;
-            }
+            let m = T::dist3_mask(&q3, &coords[r * 3..e * 3], f.bound(), &mut d2);
+            f.offer_mask(m, &d2, |j| pos(r + j));
         }
         return;
     }

@@ -101,6 +101,29 @@ impl<T: Float + Real> TopK<T> {
         }
     }
 
+    /// [`TopK::push_if`] of the rows `j` whose bit is set in `m` (ascending), at `pos(j)`
+    /// with `d2[j]`, kept when `pos(j) <= lim`. The count and the threshold stay in
+    /// registers across the rows (per-row `push`es store and reload them: a chain through
+    /// memory from one candidate to the next).
+    #[inline(always)]
+    pub fn push_mask(&mut self, mut m: u64, d2: &[T], pos: impl Fn(usize) -> u32, lim: u32) {
+        let (mut n, mut thresh) = (self.n, self.thresh);
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            m &= m - 1;
+            let p = pos(j);
+            let key = d2[j].key(p);
+            self.buf[n] = key;
+            n += usize::from((key < thresh) & (p <= lim));
+            if n == self.cap {
+                self.n = n;
+                self.compact();
+                (n, thresh) = (self.n, self.thresh);
+            }
+        }
+        self.n = n;
+    }
+
     /// The k-th smallest d2 known so far (+inf until k distinct candidates are known): no
     /// candidate with a larger d2 can enter, one with an equal d2 still may (smaller
     /// position). Only as tight as the last cut; see [`TopK::tighten`].
