@@ -505,6 +505,16 @@ _PROBE = textwrap.dedent(
         h.update(c.attend(q[:, :, -9:], topk=17).tobytes())
         h.update(c.attend(q[:, :, -9:], topk=17, exact=False).tobytes())
         h.update(c.attend(q[:, :, -9:], topk=17, exact=True).tobytes())
+    # the top-k's cuts (a sorted merge in 1, 2, 4 or 8 registers of AVX-512, twice as many
+    # of AVX2, or a select; topk * multiplicity around the merge's limit of 64)
+    q = rng.standard_normal((1, 2, 600, 3)).astype(np.float32)
+    k = rng.standard_normal((1, 2, 600, 3)).astype(np.float32)
+    k[0, 1, 50:120] = k[0, 1, 7]
+    for topk in (1, 8, 21, 32, 33, 64, 65):
+        for kw in ({}, {"exact": False, "n_curves": 2, "n_sink": 4}, {"exact": False, "n_curves": 3}):
+            idx, d2 = zeta.knn(q, k, topk, **kw)
+            h.update(idx.tobytes())
+            h.update(d2.tobytes())
     # the value sums (float32 and float16 rows; d_v with a tail of every kernel width)
     q = rng.standard_normal((1, 2, 2001, 3)).astype(np.float32)
     k = rng.standard_normal((1, 2, 2001, 3)).astype(np.float32)
