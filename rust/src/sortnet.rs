@@ -152,6 +152,8 @@ macro_rules! merge_kernel {
         #[inline]
         #[target_feature(enable = $feat)]
         unsafe fn sort_regs<const B: usize>(x: &mut [$v; B]) {
+            // Runs of up to 4 registers are merged below (B is 1, 2 or `$nb` <= 4; 8 works).
+            assert!(B.is_power_of_two() && B <= 8);
             for r in x.iter_mut() {
                 *r = sortw(*r);
             }
