@@ -35,14 +35,14 @@ pub fn merge_fast() -> bool {
     }
 }
 
-/// Registers of eight keys that hold `k` keys: 1, 2, 4 or 8.
-fn regs(k: usize) -> usize {
-    k.div_ceil(8).next_power_of_two()
+/// Registers of `lanes` keys that hold `k` keys, rounded up to a power of two.
+fn regs(k: usize, lanes: usize) -> usize {
+    k.div_ceil(lanes).next_power_of_two()
 }
 
 /// Slots [`merge_sorted`] may write (the buffer must be at least this long, and `n`).
 pub fn merge_slots(k: usize) -> usize {
-    8 * regs(k)
+    8 * regs(k, 8)
 }
 
 /// `buf[..s]` ascending (`s <= k`), `buf[s..n]` any order: leaves the smallest `min(n, k)`
@@ -75,7 +75,7 @@ fn merge_on(v: crate::simd::Vector, buf: &mut [u64], s: usize, n: usize, k: usiz
         // needs (s <= 8R, n and 8R within `buf`) are asserted above.
         #[cfg(target_arch = "x86_64")]
         Vector::Avx512 => unsafe {
-            match regs(k) {
+            match regs(k, 8) {
                 1 => avx512::merge::<1>(buf, s, n),
                 2 => avx512::merge::<2>(buf, s, n),
                 4 => avx512::merge::<4>(buf, s, n),
@@ -86,7 +86,7 @@ fn merge_on(v: crate::simd::Vector, buf: &mut [u64], s: usize, n: usize, k: usiz
         // (s <= 4R, n and 4R within `buf`; 4R <= merge_slots(k)).
         #[cfg(target_arch = "x86_64")]
         Vector::Avx2 => unsafe {
-            match k.div_ceil(4).next_power_of_two() {
+            match regs(k, 4) {
                 1 => avx2::merge::<1>(buf, s, n),
                 2 => avx2::merge::<2>(buf, s, n),
                 4 => avx2::merge::<4>(buf, s, n),
