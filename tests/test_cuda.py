@@ -96,8 +96,12 @@ def test_attention_forward_backward_match_cpu(kw, mean_token):
         o = zeta.attention(qq, kk, vv, topk=32, gamma=gg, mean_token=mean_token, **kw)
         o.backward(grad.to(dev))
         outs[dev] = [t.detach().cpu() for t in (o, qq.grad, kk.grad, vv.grad, gg.grad)]
-    for a, b_ in zip(outs["cuda"], outs["cpu"]):
+    for a, b_ in zip(outs["cuda"][:4], outs["cpu"][:4]):
         torch.testing.assert_close(a.to(b_.dtype), b_, rtol=1e-4, atol=1e-5)
+    # d gamma (per head) is a sum over B * N * topk float32 terms that the two devices add in
+    # different orders (seen on an H200: 1.4e-4 relative); its value is checked against the
+    # float64 reference in test_gradients_match_the_float64_reference
+    torch.testing.assert_close(outs["cuda"][4], outs["cpu"][4], rtol=1e-3, atol=1e-5)
 
 
 def test_gradients_match_the_float64_reference():
@@ -169,6 +173,8 @@ def test_primitives_on_cuda_tensors():
     np.testing.assert_array_equal(dec.cpu().numpy(), coords)
 
 
+# opcheck's fake-tensor copy reads .grad of non-leaf tensors itself and warns (as in test_ops)
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
 def test_opcheck_cuda():
     import zeta._torch_ops  # noqa: F401
 
@@ -176,8 +182,9 @@ def test_opcheck_cuda():
     q, k, v = (x.cuda().requires_grad_() for x in (q, k, v))
     gamma = torch.tensor([0.7, 1.2], dtype=torch.float64, device="cuda", requires_grad=True)
     for mean_token, causal in ((True, True), (False, False)):
-        args = (q, k, v, gamma, 5, mean_token, 8, 4, 2, 1, causal, 10, 1.0)
-        torch.library.opcheck(torch.ops.zeta.attention_fwd.default, args)
+        for exact in (False, True):
+            args = (q, k, v, gamma, 5, mean_token, 8, 4, 2, 1, causal, 10, 1.0, exact)
+            torch.library.opcheck(torch.ops.zeta.attention_fwd.default, args)
 
 
 def test_torch_compile_fullgraph_cuda():
