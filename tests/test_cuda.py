@@ -229,3 +229,29 @@ def test_bad_input_on_cuda():
         )
     out = zeta.attention(q.cuda().double(), k.cuda().double(), v.cuda().double(), topk=4)
     assert out.dtype == torch.float64  # float64 falls back to the torch reference
+
+
+def test_cupy_views_of_torch_tensors():
+    """The zero-copy views the kernels read: every layout the launchers can pass."""
+    import cupy
+
+    from zeta.backends.cupy_backend import _cupy_view
+
+    base = torch.randn(6, 5, 7, device="cuda")
+    for t in (
+        base,
+        base[1:4, :, 2:],  # an offset and gaps
+        base.transpose(0, 2),  # non-contiguous
+        base[:, :1].expand(6, 9, 7),  # stride 0
+        base.to(torch.bfloat16),
+        base.to(torch.float16)[2],
+        base.to(torch.int64),
+        base[:0],  # empty
+    ):
+        a = _cupy_view(t)
+        assert a.shape == tuple(t.shape)
+        ref = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+        np.testing.assert_array_equal(cupy.asnumpy(a), ref.cpu().numpy())
+    a = _cupy_view(base)
+    a[0, 0, 0] = 42.0  # a view, not a copy
+    assert base[0, 0, 0].item() == 42.0
