@@ -23,6 +23,10 @@ MAX_TOPK = 256  # the best list of a warp: kp = pow2 >= topk, 2*kp keys, <= 16 r
 #: H200 it measured 3.73 vs 3.29 ms forward at N=32k, 11.5 vs 11.5 ms at 128k
 #: (benches/results/gpu-variants-*.json): the index of one head fits in L2 either way.
 QUERY_ORDER = os.environ.get("ZETA_CUDA_QUERY_ORDER", "0") == "1"
+#: The window the exact search's first pass takes on each side (ZETA_CUDA_EXACT_WINDOW; unset:
+#: the call's ``window``). The exact result does not depend on it (every run of curve 0 is
+#: scanned after it, pruned by the k-th best so far): a measurement knob of the first radius.
+EXACT_WINDOW = int(os.environ.get("ZETA_CUDA_EXACT_WINDOW", "-1"))
 
 
 def kp_of(topk: int) -> int:
@@ -54,7 +58,7 @@ def _prepare(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: 
         np.int32(hkv),
         np.int32(dk),
         np.int32(p.chunk),
-        np.int32(min(p.window, 1 << 30)),
+        np.int32(min(EXACT_WINDOW if p.exact and EXACT_WINDOW >= 0 else p.window, 1 << 30)),
         np.int32(p.n_curves),
         np.int32(min(p.n_sink, 1 << 30)),
         np.int32(bool(p.causal)),

@@ -290,30 +290,47 @@ __device__ __forceinline__ float box_lb(const float* qv, const float* bx, int dk
     return s;
 }
 
+/// Leaves [l0, l1) of a run of `run_len` entries that the exact search's first pass scans around
+/// the lower bound `at` of the query's code: those holding entries [at - window, at + window],
+/// at least the one holding `at` (both ends clamped to the run).
+__device__ __forceinline__ void first_leaves(long long at, long long window, long long run_len,
+                                             long long& l0, long long& l1) {
+    const long long n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
+    const long long a0 = at - window > 0 ? at - window : 0;
+    const long long a1 = at + window < run_len - 1 ? at + window : run_len - 1;
+    l0 = a0 / ZETA_LEAF;
+    l1 = a1 / ZETA_LEAF + 1;
+    l1 = l1 < n_leaves ? l1 : n_leaves;
+    l0 = l0 < l1 ? l0 : l1;
+}
+
 /// Exact search of one sorted run: offers every entry of each leaf whose box bound is below
 /// the current k-th best key (a leaf is tested again just before its scan: the k-th best
-/// only falls). `box`: the run's leaf boxes, or null: offer the whole run. The leaves are
-/// taken 32 at a time starting with the 32 around the query's code (its nearest keys are
-/// most likely there, so the k-th best falls early), then on round the run.
+/// only falls), except the leaves [skip0, skip1) that the first pass scanned whole. `at`: the
+/// lower bound of the query's code in the run. `box`: the run's leaf boxes, or null: offer
+/// the whole run (but the skipped leaves). The leaves are taken 32 at a time starting with
+/// the 32 around the query's code (its nearest keys are most likely there, so the k-th best
+/// falls early), then on round the run.
 template <int DK>
 __device__ void scan_run_pruned(const uint64_t* run, int run_len, const float* box, const float* kg,
-                                const float* qv, int dk, uint32_t qcode, WarpSelect& ws) {
+                                const float* qv, int dk, int at, int skip0, int skip1,
+                                WarpSelect& ws) {
+    const int e0 = skip0 * ZETA_LEAF;
+    const int e1 = skip1 * ZETA_LEAF < run_len ? skip1 * ZETA_LEAF : run_len;
     if (box == nullptr) {
-        scan_entries<DK>(run, 0, run_len, kg, qv, dk, ws);
+        scan_entries<DK>(run, 0, e0, kg, qv, dk, ws);
+        scan_entries<DK>(run, e1 > e0 ? e1 : e0, run_len, kg, qv, dk, ws);
         return;
     }
     const int d = DK > 0 ? DK : dk;
     const int n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
     const int lane = static_cast<int>(lane_id());
-    // every lane finds the same lower bound (uniform loads, no shuffle needed)
-    const int at = static_cast<int>(
-        lower_bound_u64(run, static_cast<uint32_t>(run_len), static_cast<uint64_t>(qcode) << 32));
     int first = at / ZETA_LEAF - 16;
     first = first < 0 ? 0 : first;
     for (int base = 0; base < n_leaves; base += 32) {
         int t = first + base + lane;  // leaves first .. n_leaves - 1, then 0 .. first - 1
         t = t >= n_leaves ? t - n_leaves : t;
-        t = base + lane < n_leaves ? t : n_leaves;  // past the last: no leaf
+        t = base + lane < n_leaves && (t < skip0 || t >= skip1) ? t : n_leaves;  // n_leaves: none
         // Any key of the leaf is >= (bits(bound) << 32): positions only add low bits.
         const uint64_t lb =
             t < n_leaves
@@ -332,25 +349,31 @@ __device__ void scan_run_pruned(const uint64_t* run, int run_len, const float* b
     }
 }
 
-/// The exact part of a search (after the windows): every run of curve 0 that holds keys the
+/// The exact part of a search (after the first pass): every run of curve 0 that holds keys the
 /// query sees, prune-scanned. `w`: the query, `g`: kv slice, `cq`: chunk index (causal).
+/// `sidx`: lane t holds the lower bound of the query's code in the run of probe t of curve 0
+/// (the set bits of cq, lowest first; non-causal: the one run), found by the first pass,
+/// which scanned that run's first_leaves() whole.
 template <int DK>
 __device__ void search_exact(const SearchArgs& a, long long w, long long g, long long cq,
-                             const float* kg, const float* qv, WarpSelect& ws) {
-    ws.flush();  // the windows' k-th best: the first radius
+                             const float* kg, const float* qv, long long sidx, WarpSelect& ws) {
+    ws.flush();  // the first pass's k-th best: the first radius
     const long long slices = static_cast<long long>(a.b) * a.hkv * a.n_curves;
     const int d = a.dk;
-    const long long i = w % a.n, bh = w / a.n;
-    const uint32_t qcode = a.qcodes[(bh * a.n_curves) * a.n + i];  // curve 0
     if (!a.causal) {  // one run of all keys per slice
         const long long bo = a.box_offs[0];
         const long long n_leaves = (a.s + ZETA_LEAF - 1) / ZETA_LEAF;
+        const long long at = __shfl_sync(ZETA_FULL_MASK, sidx, 0);
+        long long l0, l1;
+        first_leaves(at, a.window, a.s, l0, l1);
         scan_run_pruned<DK>(a.levels + g * a.n_curves * a.s, static_cast<int>(a.s),
                             bo >= 0 ? a.boxes + bo + g * n_leaves * 2 * d : nullptr, kg, qv,
-                            a.dk, qcode, ws);
+                            a.dk, static_cast<int>(at), static_cast<int>(l0), static_cast<int>(l1),
+                            ws);
         return;
     }
     long long off = 0;  // start of level l: the levels below it, all slices
+    int nth = 0;        // probe of curve 0 = index of the set bit among cq's set bits
     for (int l = 0; l < a.n_levels; ++l) {
         const long long width = ((a.n_full >> l) << l) * a.chunk;
         if ((cq >> l) & 1) {
@@ -362,7 +385,12 @@ __device__ void search_exact(const SearchArgs& a, long long w, long long g, long
             const long long n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
             const float* box =
                 bo >= 0 ? a.boxes + bo + (g * n_runs + m) * n_leaves * 2 * d : nullptr;
-            scan_run_pruned<DK>(run, static_cast<int>(run_len), box, kg, qv, a.dk, qcode, ws);
+            const long long at = __shfl_sync(ZETA_FULL_MASK, sidx, nth++);
+            long long l0, l1;
+            first_leaves(at, a.window, run_len, l0, l1);
+            scan_run_pruned<DK>(run, static_cast<int>(run_len), box, kg, qv, a.dk,
+                                static_cast<int>(at), static_cast<int>(l0), static_cast<int>(l1),
+                                ws);
         }
         off += slices * width;
     }
@@ -384,6 +412,7 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
     const int n_probes = a.n_curves * bits_set;
     const long long slices = static_cast<long long>(a.b) * a.hkv * a.n_curves;
 
+    long long sidx0 = 0;  // lane t: lower bound of probe t (curve 0's probes are 0 .. bits_set-1)
     for (int base = 0; base < n_probes; base += 32) {
         // Lane t finds the window of probe base + t (the searches run side by side).
         long long lo = 0, hi = 0;
@@ -412,8 +441,16 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
             }
             long long sidx = lower_bound_u64(run, static_cast<uint32_t>(run_len),
                                              static_cast<uint64_t>(qcode) << 32);
-            lo = sidx - a.window > 0 ? sidx - a.window : 0;
-            hi = sidx + a.window < run_len ? sidx + a.window : run_len;
+            if (a.exact && c == 0) {  // whole leaves, which the exact pass then skips
+                long long l0, l1;
+                first_leaves(sidx, a.window, run_len, l0, l1);
+                lo = l0 * ZETA_LEAF;
+                hi = l1 * ZETA_LEAF < run_len ? l1 * ZETA_LEAF : run_len;
+            } else {
+                lo = sidx - a.window > 0 ? sidx - a.window : 0;
+                hi = sidx + a.window < run_len ? sidx + a.window : run_len;
+            }
+            if (base == 0) sidx0 = sidx;
         }
         int cnt = n_probes - base < 32 ? n_probes - base : 32;
         for (int t = 0; t < cnt; ++t) {
@@ -425,13 +462,16 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
                              static_cast<int>(thi), kg, qv, a.dk, ws);
         }
     }
-    if (a.exact) search_exact<DK>(a, w, g, cq, kg, qv, ws);
+    // The own chunk and the sinks before the exact pass: they are candidates either way, and
+    // the exact pass prunes with the k-th best found before it (the result does not depend on
+    // the order in which candidates are offered).
     if (a.causal)  // own chunk [c*chunk, p]
         scan_range<DK>(static_cast<int>(cq * a.chunk), static_cast<int>(p + 1), kg, qv, a.dk, ws);
     if (a.n_sink > 0) {  // sinks [0, min(n_sink, last + 1))
         long long last = a.causal ? p : a.s - 1;
         scan_range<DK>(0, static_cast<int>(a.n_sink < last + 1 ? a.n_sink : last + 1), kg, qv, a.dk, ws);
     }
+    if (a.exact) search_exact<DK>(a, w, g, cq, kg, qv, sidx0, ws);
     ws.flush();
 }
 
