@@ -1,30 +1,34 @@
-"""Measures kernel tuning variants of the cupy backend side by side (one subprocess each).
+"""Measures tuning variants of the cupy backend side by side on a GPU.
 
 Usage: python benches/gpu_variants.py [--out DIR]
-Each variant sets ZETA_CUDA_DEFINES / ZETA_CUDA_QUERY_ORDER for its own process; every row is
-forward and forward+backward time (CUDA events, median) of zeta.attention at B=1, H=8, d_k=3,
-d_v=64, top-32, bf16, causal. Writes gpu-variants-<date>.json.
+
+Compile-time variants (``ZETA_CUDA_DEFINES``: the register cap ZETA_MIN_BLOCKS of the search
+kernels) run in one subprocess each; inside each, the run-time variants: the window of the
+exact search's first pass (``zeta._cuda.search.EXACT_WINDOW``; the result does not depend on
+it, which the child checks: the knn indices of every window equal the default's). Every row is
+forward and forward+backward time (CUDA events, median) of ``zeta.attention`` with its
+defaults (exact search) at B=1, H=8, d_k=3, d_v=64, top-32, bf16, causal, N = 32k and 128k.
+Writes gpu-variants-<gpu>-<date>.json.
 """
 
 import argparse
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-VARIANTS = {
-    f"unroll{u}-bounds{b}-{'zorder' if o else 'posorder'}": {
-        "ZETA_CUDA_DEFINES": f"ZETA_UNROLL={u},ZETA_MIN_BLOCKS={b}",
-        "ZETA_CUDA_QUERY_ORDER": str(o),
-    }
-    for u, b, o in ((1, 8, 1), (1, 8, 0), (2, 8, 1), (2, 8, 0), (1, 6, 1))
-}
+# "default": search.cu's own settings (ZETA_MIN_BLOCKS 8), compiled by the tests already
+DEFINES = {"default": {}}
+DEFINES.update({f"bounds{b}": {"ZETA_CUDA_DEFINES": f"ZETA_MIN_BLOCKS={b}"} for b in (6, 0)})
+EXACT_WINDOWS = (-1, 32, 16, 8)  # -1: the call's window (2 * topk = 64)
 
 CHILD = r"""
-import json, torch, zeta
-def timed(fn, reps=7):
+import json, sys, torch, zeta
+import zeta._cuda.search as S
+def timed(fn, reps):
     for _ in range(2): fn()
     torch.cuda.synchronize(); ts = []
     for _ in range(reps):
@@ -32,14 +36,22 @@ def timed(fn, reps=7):
         a.record(); fn(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b))
     return sorted(ts)[len(ts) // 2]
 row = {}
+g = torch.Generator(device="cuda").manual_seed(0)
 for n in (32768, 131072):
-    q, k = (torch.randn(1, 8, n, 3, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    v = torch.randn(1, 8, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn_like(v)
-    def f():
-        with torch.no_grad(): zeta.attention(q, k, v, topk=32)
-    def fb(): zeta.attention(q, k, v, topk=32).backward(g)
-    row[n] = {"fwd_ms": timed(f), "fwdbwd_ms": timed(fb)}
+    q, k = (torch.randn(1, 8, n, 3, device="cuda", generator=g).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    v = torch.randn(1, 8, n, 64, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+    gr = torch.randn_like(v)
+    ref = None
+    for w in WINDOWS:
+        S.EXACT_WINDOW = w
+        if n == 32768:
+            idx, _ = zeta.knn(q.detach(), k.detach(), 32)
+            ref = idx if ref is None else ref
+            assert torch.equal(idx, ref), f"exact window {w}: other indices than the default's"
+        def f():
+            with torch.no_grad(): zeta.attention(q, k, v, topk=32)
+        def fb(): zeta.attention(q, k, v, topk=32).backward(gr)
+        row[f"{n}/w{w}"] = {"fwd_ms": timed(f, 7), "fwdbwd_ms": timed(fb, 5)}
 print(json.dumps(row))
 """
 
@@ -48,10 +60,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
-    res = {"date": dt.date.today().isoformat(), "variants": {}}
-    for name, env in VARIANTS.items():
+    import torch
+
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-").lower()
+    res = {
+        "date": dt.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(0),
+        "config": "B=1 H=8 d_k=3 d_v=64 top-32 bf16 causal, zeta.attention defaults (exact)",
+        "exact_windows": "w-1: the call's window (2 * topk = 64)",
+        "variants": {},
+    }
+    child = CHILD.replace("WINDOWS", repr(EXACT_WINDOWS))
+    out = Path(args.out)
+    for name, env in DEFINES.items():
         r = subprocess.run(
-            [sys.executable, "-c", CHILD],
+            [sys.executable, "-c", child],
             env={**os.environ, **env},
             capture_output=True,
             text=True,
@@ -63,16 +86,24 @@ def main():
             else {"error": r.stderr[-800:]}
         )
         res["variants"][name] = {"env": env, **row}
-        print(name, json.dumps(row), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu-variants-{res['date']}.json").write_text(json.dumps(res, indent=1))
-    # the fastest forward+backward at 32k: what a caller may export for the benchmark
-    ok = {k: v for k, v in res["variants"].items() if "32768" in v}
-    if ok:
-        best = min(ok, key=lambda k: ok[k]["32768"]["fwdbwd_ms"] + ok[k]["131072"]["fwdbwd_ms"] / 4)
-        env = ok[best]["env"]
-        print("best", best)
+        for k, v in row.items():
+            print(f"{name:9s} {k:14s} {json.dumps(v)}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)  # after each variant: a cut run keeps its rows
+        (out / f"gpu-variants-{gpu}-{res['date']}.json").write_text(json.dumps(res, indent=1))
+    # the fastest forward+backward (32k, plus 128k / 4): the settings gpu_check.sh's benchmark
+    # then runs with (and that the code's defaults should be set to)
+    cands = [
+        (v[f"32768/w{w}"]["fwdbwd_ms"] + v[f"131072/w{w}"]["fwdbwd_ms"] / 4, name, w)
+        for name, v in res["variants"].items()
+        for w in EXACT_WINDOWS
+        if f"131072/w{w}" in v
+    ]
+    if cands:
+        _, name, w = min(cands)
+        env = dict(res["variants"][name]["env"])
+        if w >= 0:
+            env["ZETA_CUDA_EXACT_WINDOW"] = str(w)
+        print("best", name, f"exact window {w}", flush=True)
         (out / "best-variant.env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
 
 
