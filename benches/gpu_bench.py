@@ -191,7 +191,12 @@ def main(argv=None) -> int:
         "config": dict(B=B, H=H, d_k=DK, d_v=DV, topk=TOPK, causal=True),
         "kernel_env": {
             k: os.environ[k]
-            for k in ("ZETA_CUDA_DEFINES", "ZETA_CUDA_QUERY_ORDER", "ZETA_CUDA_EXACT_WINDOW")
+            for k in (
+                "ZETA_CUDA_DEFINES",
+                "ZETA_CUDA_QUERY_ORDER",
+                "ZETA_CUDA_EXACT_WINDOW",
+                "ZETA_CUDA_POINTS",
+            )
             if k in os.environ
         },
         "rows": [],

@@ -3,9 +3,10 @@
 Usage: python benches/gpu_variants.py [--out DIR]
 
 Compile-time variants (``ZETA_CUDA_DEFINES``: the register cap ZETA_MIN_BLOCKS of the search
-kernels) run in one subprocess each; inside each, the run-time variants: the window of the
-exact search's first pass (``zeta._cuda.search.EXACT_WINDOW``; the result does not depend on
-it, which the child checks: the knn indices of every window equal the default's). Every row is
+kernels) run in one subprocess each; inside each, the run-time variants: points stored beside
+the index entries or not (``zeta._cuda.search.POINTS``) and the window of the exact search's
+first pass (``EXACT_WINDOW``); the result depends on neither, which the child checks: the knn
+indices of every variant equal the first one's. Every row is
 forward and forward+backward time (CUDA events, median) of ``zeta.attention`` with its
 defaults (exact search) at B=1, H=8, d_k=3, d_v=64, top-32, bf16, causal, N = 32k and 128k.
 Writes gpu-variants-<gpu>-<date>.json.
@@ -42,16 +43,18 @@ for n in (32768, 131072):
     v = torch.randn(1, 8, n, 64, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
     gr = torch.randn_like(v)
     ref = None
-    for w in WINDOWS:
-        S.EXACT_WINDOW = w
-        if n == 32768:
-            idx, _ = zeta.knn(q.detach(), k.detach(), 32)
-            ref = idx if ref is None else ref
-            assert torch.equal(idx, ref), f"exact window {w}: other indices than the default's"
-        def f():
-            with torch.no_grad(): zeta.attention(q, k, v, topk=32)
-        def fb(): zeta.attention(q, k, v, topk=32).backward(gr)
-        row[f"{n}/w{w}"] = {"fwd_ms": timed(f, 7), "fwdbwd_ms": timed(fb, 5)}
+    for pts in (True, False):
+        S.POINTS = pts
+        for w in WINDOWS:
+            S.EXACT_WINDOW = w
+            if n == 32768:
+                idx, _ = zeta.knn(q.detach(), k.detach(), 32)
+                ref = idx if ref is None else ref
+                assert torch.equal(idx, ref), f"window {w} points {pts}: other indices"
+            def f():
+                with torch.no_grad(): zeta.attention(q, k, v, topk=32)
+            def fb(): zeta.attention(q, k, v, topk=32).backward(gr)
+            row[f"{n}/w{w}/p{int(pts)}"] = {"fwd_ms": timed(f, 7), "fwdbwd_ms": timed(fb, 5)}
 print(json.dumps(row))
 """
 
@@ -67,7 +70,7 @@ def main():
         "date": dt.date.today().isoformat(),
         "gpu": torch.cuda.get_device_name(0),
         "config": "B=1 H=8 d_k=3 d_v=64 top-32 bf16 causal, zeta.attention defaults (exact)",
-        "exact_windows": "w-1: the call's window (2 * topk = 64)",
+        "keys": "N/w<exact first-pass window; -1: the call's, 2 * topk = 64>/p<points beside>",
         "variants": {},
     }
     child = CHILD.replace("WINDOWS", repr(EXACT_WINDOWS))
@@ -93,17 +96,20 @@ def main():
     # the fastest forward+backward (32k, plus 128k / 4): the settings gpu_check.sh's benchmark
     # then runs with (and that the code's defaults should be set to)
     cands = [
-        (v[f"32768/w{w}"]["fwdbwd_ms"] + v[f"131072/w{w}"]["fwdbwd_ms"] / 4, name, w)
+        (v[f"32768/w{w}/p{p}"]["fwdbwd_ms"] + v[f"131072/w{w}/p{p}"]["fwdbwd_ms"] / 4, name, w, p)
         for name, v in res["variants"].items()
         for w in EXACT_WINDOWS
-        if f"131072/w{w}" in v
+        for p in (1, 0)
+        if f"131072/w{w}/p{p}" in v
     ]
     if cands:
-        _, name, w = min(cands)
+        _, name, w, p = min(cands)
         env = dict(res["variants"][name]["env"])
         if w >= 0:
             env["ZETA_CUDA_EXACT_WINDOW"] = str(w)
-        print("best", name, f"exact window {w}", flush=True)
+        if not p:
+            env["ZETA_CUDA_POINTS"] = "0"
+        print("best", name, f"exact window {w}", f"points {p}", flush=True)
         (out / "best-variant.env").write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
 
 

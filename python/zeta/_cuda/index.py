@@ -67,22 +67,48 @@ def codes(
     return out
 
 
+#: A null pointer argument of a kernel (8 zero bytes).
+NULL = np.uint64(0)
+
+
 def n_levels(s: int, chunk: int) -> int:
     """Levels a causal search can probe: bit_length of the last chunk index."""
     return ((s - 1) // chunk).bit_length() if s > 0 else 0
 
 
-def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool) -> Tuple[Any, int]:
-    """The index of ``kcodes`` ((gc, s) uint32, flat): (levels u64, n_full).
+def build(
+    rt: Runtime,
+    kcodes: Any,
+    gc: int,
+    s: int,
+    chunk: int,
+    causal: bool,
+    keys: Any = None,
+    n_curves: int = 1,
+) -> Tuple[Any, int, Any]:
+    """The index of ``kcodes`` ((gc, s) uint32, flat): (levels u64, n_full, points).
 
     ``levels`` holds level 0 of every slice, then level 1, ... (the kernels recompute where
-    each level starts from the widths)."""
+    each level starts from the widths). ``keys``: the (gc / n_curves, s, 3) float32 keys, or
+    None; given, ``points`` is (len(levels), 4) float32: beside each entry its key's x, y, z and
+    its position (int32 bits), which the search kernels read instead of the entry and the key
+    (one aligned 16-byte load); else ``points`` is None."""
     xp = rt.xp
     if not causal:
-        keys = (kcodes.astype(np.uint64) << np.uint64(32)).reshape(gc, s)
-        keys |= xp.arange(s, dtype=np.uint64)[None, :]
-        levels = xp.sort(keys, axis=-1).reshape(-1)
-        return levels, 0
+        keys_u = (kcodes.astype(np.uint64) << np.uint64(32)).reshape(gc, s)
+        keys_u |= xp.arange(s, dtype=np.uint64)[None, :]
+        levels = xp.sort(keys_u, axis=-1).reshape(-1)
+        pts = None
+        if keys is not None and gc * s > 0:
+            pts = rt.empty((gc * s, 4), np.float32)
+            rt.launch(
+                "index.cu",
+                "zeta::index_points_kernel",
+                blocks(gc * s, THREADS),
+                THREADS,
+                (levels, np.int64(gc), np.int64(s), keys, pts, np.int32(n_curves), np.int64(s)),
+            )
+        return levels, 0, pts
     n_full = s // chunk
     widths: List[int] = [w for w, _ in level_layout(s, chunk, causal)]
     offs = np.zeros(max(1, len(widths)), dtype=np.int64)
@@ -90,13 +116,25 @@ def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool) -
         offs[lv] = offs[lv - 1] + gc * widths[lv - 1]
     total = int(offs[-1] + gc * widths[-1]) if widths else 0
     levels = rt.empty((max(total, 1),), np.uint64)
+    pts = rt.empty((max(total, 1), 4), np.float32) if keys is not None else None
+    kk = keys if keys is not None else NULL
     if widths and widths[0] > 0:
         rt.launch(
             "index.cu",
             "zeta::index_level0_kernel",
             blocks(gc * widths[0], THREADS),
             THREADS,
-            (kcodes, levels, np.int64(gc), np.int64(s), np.int64(widths[0]), np.int32(chunk)),
+            (
+                kcodes,
+                levels,
+                np.int64(gc),
+                np.int64(s),
+                np.int64(widths[0]),
+                np.int32(chunk),
+                kk,
+                pts if pts is not None else NULL,
+                np.int32(n_curves),
+            ),
         )
     for lv in range(len(widths) - 1):
         w_in, w_out = widths[lv], widths[lv + 1]
@@ -104,14 +142,26 @@ def build(rt: Runtime, kcodes: Any, gc: int, s: int, chunk: int, causal: bool) -
             break
         src = levels[int(offs[lv]) : int(offs[lv]) + gc * w_in]
         dst = levels[int(offs[lv + 1]) : int(offs[lv + 1]) + gc * w_out]
+        pdst = NULL if pts is None else pts[int(offs[lv + 1]) : int(offs[lv + 1]) + gc * w_out]
         rt.launch(
             "index.cu",
             "zeta::index_merge_kernel",
             blocks(gc * w_out, THREADS),
             THREADS,
-            (src, dst, np.int64(gc), np.int64(w_in), np.int64(w_out), np.int64(chunk << lv)),
+            (
+                src,
+                dst,
+                np.int64(gc),
+                np.int64(w_in),
+                np.int64(w_out),
+                np.int64(chunk << lv),
+                kk,
+                pdst,
+                np.int32(n_curves),
+                np.int64(s),
+            ),
         )
-    return levels, n_full
+    return levels, n_full, pts
 
 
 def level_layout(s: int, chunk: int, causal: bool) -> List[Tuple[int, int]]:

@@ -30,6 +30,7 @@ NAME_EXPRESSIONS: Dict[str, List[str]] = {
     "index.cu": [
         "zeta::index_level0_kernel",
         "zeta::index_merge_kernel",
+        "zeta::index_points_kernel",
         "zeta::exact_boxes_kernel",
     ],
     "search.cu": [f"zeta::knn_kernel<{d}>" for d in (0, 2, 3, 4)]

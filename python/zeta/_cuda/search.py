@@ -27,6 +27,10 @@ QUERY_ORDER = os.environ.get("ZETA_CUDA_QUERY_ORDER", "0") == "1"
 #: the call's ``window``). The exact result does not depend on it (every run of curve 0 is
 #: scanned after it, pruned by the k-th best so far): a measurement knob of the first radius.
 EXACT_WINDOW = int(os.environ.get("ZETA_CUDA_EXACT_WINDOW", "-1"))
+#: d_k = 3: store each index entry's point (x, y, z, position) beside it, 16 more bytes per
+#: entry and level, so the scans read one coalesced row per entry instead of the entry and
+#: three scattered coordinates (ZETA_CUDA_POINTS=0: off, for measurements).
+POINTS = os.environ.get("ZETA_CUDA_POINTS", "1") != "0"
 
 
 def kp_of(topk: int) -> int:
@@ -42,7 +46,10 @@ def _prepare(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: 
     b, h, hkv, n, s, dk = shape
     qcodes = index.codes(rt, q, dk, p.bits, n, p.n_curves, p.scale)
     kcodes = index.codes(rt, k, dk, p.bits, s, p.n_curves, p.scale)
-    levels, n_full = index.build(rt, kcodes, b * hkv * p.n_curves, s, p.chunk, p.causal)
+    pts_keys = k if dk == 3 and POINTS else None
+    levels, n_full, pts = index.build(
+        rt, kcodes, b * hkv * p.n_curves, s, p.chunk, p.causal, pts_keys, p.n_curves
+    )
     kp = kp_of(topk)
     order = _query_order(rt, qcodes, b * h, p.n_curves, n) if QUERY_ORDER else None
     args = (
@@ -75,6 +82,7 @@ def _prepare(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: 
         args += (np.int32(1), boxes, box_offs)
     else:
         args += (np.int32(0), rt.zeros((1,), np.float32), rt.zeros((1,), np.int64))
+    args += (pts if pts is not None else index.NULL,)
     return args, kp
 
 

@@ -144,6 +144,14 @@ __device__ __forceinline__ uint64_t morton_interleave(const uint64_t* cells, int
 }
 
 /// Number of entries of the sorted `a[0..n)` that are < key.
+/// The point of an index entry, stored beside it (d_k = 3): its key's coordinates and
+/// position, so a scan reads one aligned 16-byte row per entry instead of the entry and then
+/// three scattered coordinates of the key it names. A points array parallels the levels.
+struct __align__(16) Pt4 {
+    float x, y, z;
+    int pos;
+};
+
 __device__ __forceinline__ uint32_t lower_bound_u64(const uint64_t* a, uint32_t n, uint64_t key) {
     uint32_t lo = 0, hi = n;
     while (lo < hi) {

@@ -11,9 +11,27 @@
 
 namespace zeta {
 
-/// codes (GC, S) u32 -> level0 (GC, width0) u64 sorted within each chunk.
+/// pts[t] for entry e of slice gc (kv slice gc / n_curves of keys (G, S, 3)); no-op when pts
+/// is null.
+__device__ __forceinline__ void put_point(Pt4* pts, long long t, uint64_t e, const float* keys,
+                                          long long gc, int n_curves, long long s) {
+    if (pts == nullptr) return;
+    const long long pos = static_cast<long long>(e & 0xffffffffull);
+    const float* kp = keys + ((gc / n_curves) * s + pos) * 3;
+    Pt4 pt;
+    pt.x = kp[0];
+    pt.y = kp[1];
+    pt.z = kp[2];
+    pt.pos = static_cast<int>(pos);
+    pts[t] = pt;
+}
+
+/// codes (GC, S) u32 -> level0 (GC, width0) u64 sorted within each chunk (and, with `pts`,
+/// the points beside them: keys (GC / n_curves, S, 3) f32).
 __global__ void index_level0_kernel(const uint32_t* __restrict__ codes, uint64_t* __restrict__ level0,
-                                    long long gc_count, long long s, long long width0, int chunk) {
+                                    long long gc_count, long long s, long long width0, int chunk,
+                                    const float* __restrict__ keys, Pt4* __restrict__ pts,
+                                    int n_curves) {
     long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (t >= gc_count * width0) return;
     long long gc = t / width0, p = t % width0;
@@ -26,13 +44,15 @@ __global__ void index_level0_kernel(const uint32_t* __restrict__ codes, uint64_t
         rank += other < key ? 1u : 0u;
     }
     level0[gc * width0 + start + rank] = key;
+    put_point(pts, gc * width0 + start + rank, key, keys, gc, n_curves, s);
 }
 
 /// Level l (runs of run_len entries, slices of width_in) -> level l+1 (runs of 2*run_len,
-/// slices of width_out = complete pairs only).
+/// slices of width_out = complete pairs only), and with `pts` the points beside them.
 __global__ void index_merge_kernel(const uint64_t* __restrict__ src, uint64_t* __restrict__ dst,
                                    long long gc_count, long long width_in, long long width_out,
-                                   long long run_len) {
+                                   long long run_len, const float* __restrict__ keys,
+                                   Pt4* __restrict__ pts, int n_curves, long long s) {
     long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (t >= gc_count * width_out) return;
     long long gc = t / width_out, r = t % width_out;
@@ -43,6 +63,16 @@ __global__ void index_merge_kernel(const uint64_t* __restrict__ src, uint64_t* _
     const uint64_t* sib = base + (1 - which) * run_len;
     uint32_t rank = lower_bound_u64(sib, static_cast<uint32_t>(run_len), e);
     dst[gc * width_out + pair * 2 * run_len + i + rank] = e;
+    put_point(pts, gc * width_out + pair * 2 * run_len + i + rank, e, keys, gc, n_curves, s);
+}
+
+/// The points beside a whole level of slices of `width` entries (the non-causal index).
+__global__ void index_points_kernel(const uint64_t* __restrict__ level, long long gc_count,
+                                    long long width, const float* __restrict__ keys,
+                                    Pt4* __restrict__ pts, int n_curves, long long s) {
+    long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (t >= gc_count * width) return;
+    put_point(pts, t, level[t], keys, t / width, n_curves, s);
 }
 
 /// Leaf boxes of one level for the exact search: every run of curve 0 of each kv slice

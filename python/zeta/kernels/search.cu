@@ -38,12 +38,13 @@ namespace zeta {
         long long a_n_full, int a_b, int a_h, int a_hkv, int a_dk, int a_chunk, int a_window, \
         int a_n_curves, int a_n_sink, int a_causal, int a_n_levels, int a_topk, int a_kp,     \
         const long long *__restrict__ a_order, int a_use_order, int a_exact,                   \
-        const float *__restrict__ a_boxes, const long long *__restrict__ a_box_offs
+        const float *__restrict__ a_boxes, const long long *__restrict__ a_box_offs,           \
+        const Pt4 *__restrict__ a_pts
 #define ZETA_SEARCH_ARGS                                                                       \
     SearchArgs{a_q,   a_k,     a_qcodes, a_levels, a_n, a_s, a_n_full,          \
                a_b,   a_h,     a_hkv,    a_dk,     a_chunk,     a_window, a_n_curves,         \
                a_n_sink, a_causal, a_n_levels, a_topk, a_kp, a_order, a_use_order,           \
-               a_exact, a_boxes, a_box_offs}
+               a_exact, a_boxes, a_box_offs, a_pts}
 
 struct SearchArgs {
     const float* q;            // (B, H, N, dk)
@@ -57,6 +58,12 @@ struct SearchArgs {
     int exact;                  // exact search: prune-scan every run through its leaf boxes
     const float* boxes;         // leaf boxes of curve 0 (index.cu exact_boxes_kernel)
     const long long* box_offs;  // per level: first float of its boxes; -1: no boxes (short runs)
+    const Pt4* pts;             // beside each entry of `levels` its point (d_k = 3), or null
+
+    /// The points beside the run that starts at `run` (an address in `levels`), or null.
+    __device__ __forceinline__ const Pt4* points_of(const uint64_t* run) const {
+        return pts == nullptr ? nullptr : pts + (run - levels);
+    }
 };
 
 /// Entries per leaf box (zeta/_cuda/index.py LEAF).
@@ -231,11 +238,30 @@ __device__ __forceinline__ uint64_t cand_key(const float* kg, int pos, const flo
 #define ZETA_UNROLL 1
 #endif
 
-/// Offers the run entries r[lo, hi) (positions in the low 32 bits; hi - lo < 2^31).
+/// Key of a point stored beside its entry: the same float operations as cand_key<3>.
+__device__ __forceinline__ uint64_t point_key(const Pt4& pt, const float* qv) {
+    const float d0 = __fsub_rn(qv[0], pt.x), d1 = __fsub_rn(qv[1], pt.y), d2 = __fsub_rn(qv[2], pt.z);
+    float s = __fadd_rn(0.0f, __fmul_rn(d0, d0));
+    s = __fadd_rn(s, __fmul_rn(d1, d1));
+    s = __fadd_rn(s, __fmul_rn(d2, d2));
+    return pack_key(s, static_cast<uint32_t>(pt.pos));
+}
+
+/// Offers the run entries r[lo, hi) (positions in the low 32 bits; hi - lo < 2^31). `pr`: the
+/// points beside r (d_k = 3), read instead of r and the keys; null: not stored.
 template <int DK>
-__device__ __forceinline__ void scan_entries(const uint64_t* r, int lo, int hi, const float* kg,
-                                             const float* qv, int dk, WarpSelect& ws) {
+__device__ __forceinline__ void scan_entries(const uint64_t* r, const Pt4* pr, int lo, int hi,
+                                             const float* kg, const float* qv, int dk,
+                                             WarpSelect& ws) {
     const int lane = static_cast<int>(lane_id());
+    if (DK == 3 && pr != nullptr) {
+        for (int x = lo; x < hi; x += 32) {
+            const int e = x + lane;
+            const uint64_t key = e < hi ? point_key(pr[e], qv) : 0;
+            ws.offer(key, e < hi);
+        }
+        return;
+    }
     for (int x = lo; x < hi; x += 32 * ZETA_UNROLL) {
         int pos[ZETA_UNROLL];
 #pragma unroll
@@ -312,14 +338,14 @@ __device__ __forceinline__ void first_leaves(long long at, long long window, lon
 /// the 32 around the query's code (its nearest keys are most likely there, so the k-th best
 /// falls early), then on round the run.
 template <int DK>
-__device__ void scan_run_pruned(const uint64_t* run, int run_len, const float* box, const float* kg,
-                                const float* qv, int dk, int at, int skip0, int skip1,
-                                WarpSelect& ws) {
+__device__ void scan_run_pruned(const uint64_t* run, const Pt4* prun, int run_len, const float* box,
+                                const float* kg, const float* qv, int dk, int at, int skip0,
+                                int skip1, WarpSelect& ws) {
     const int e0 = skip0 * ZETA_LEAF;
     const int e1 = skip1 * ZETA_LEAF < run_len ? skip1 * ZETA_LEAF : run_len;
     if (box == nullptr) {
-        scan_entries<DK>(run, 0, e0, kg, qv, dk, ws);
-        scan_entries<DK>(run, e1 > e0 ? e1 : e0, run_len, kg, qv, dk, ws);
+        scan_entries<DK>(run, prun, 0, e0, kg, qv, dk, ws);
+        scan_entries<DK>(run, prun, e1 > e0 ? e1 : e0, run_len, kg, qv, dk, ws);
         return;
     }
     const int d = DK > 0 ? DK : dk;
@@ -343,8 +369,8 @@ __device__ void scan_run_pruned(const uint64_t* run, int run_len, const float* b
             const uint64_t lbj = __shfl_sync(ZETA_FULL_MASK, lb, j);
             if (lbj >= ws.kth) continue;  // warp-uniform: kth is read from the shared list
             const int lo = __shfl_sync(ZETA_FULL_MASK, t, j) * ZETA_LEAF;
-            scan_entries<DK>(run, lo, lo + ZETA_LEAF < run_len ? lo + ZETA_LEAF : run_len, kg, qv,
-                             dk, ws);
+            scan_entries<DK>(run, prun, lo, lo + ZETA_LEAF < run_len ? lo + ZETA_LEAF : run_len,
+                             kg, qv, dk, ws);
         }
     }
 }
@@ -366,7 +392,8 @@ __device__ void search_exact(const SearchArgs& a, long long w, long long g, long
         const long long at = __shfl_sync(ZETA_FULL_MASK, sidx, 0);
         long long l0, l1;
         first_leaves(at, a.window, a.s, l0, l1);
-        scan_run_pruned<DK>(a.levels + g * a.n_curves * a.s, static_cast<int>(a.s),
+        const uint64_t* run = a.levels + g * a.n_curves * a.s;
+        scan_run_pruned<DK>(run, a.points_of(run), static_cast<int>(a.s),
                             bo >= 0 ? a.boxes + bo + g * n_leaves * 2 * d : nullptr, kg, qv,
                             a.dk, static_cast<int>(at), static_cast<int>(l0), static_cast<int>(l1),
                             ws);
@@ -388,7 +415,7 @@ __device__ void search_exact(const SearchArgs& a, long long w, long long g, long
             const long long at = __shfl_sync(ZETA_FULL_MASK, sidx, nth++);
             long long l0, l1;
             first_leaves(at, a.window, run_len, l0, l1);
-            scan_run_pruned<DK>(run, static_cast<int>(run_len), box, kg, qv, a.dk,
+            scan_run_pruned<DK>(run, a.points_of(run), static_cast<int>(run_len), box, kg, qv, a.dk,
                                 static_cast<int>(at), static_cast<int>(l0), static_cast<int>(l1),
                                 ws);
         }
@@ -458,8 +485,9 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
             long long thi = __shfl_sync(ZETA_FULL_MASK, hi, t);
             unsigned long long trun =
                 __shfl_sync(ZETA_FULL_MASK, reinterpret_cast<unsigned long long>(run), t);
-            scan_entries<DK>(reinterpret_cast<const uint64_t*>(trun), static_cast<int>(tlo),
-                             static_cast<int>(thi), kg, qv, a.dk, ws);
+            const uint64_t* r = reinterpret_cast<const uint64_t*>(trun);
+            scan_entries<DK>(r, a.points_of(r), static_cast<int>(tlo), static_cast<int>(thi), kg,
+                             qv, a.dk, ws);
         }
     }
     // The own chunk and the sinks before the exact pass: they are candidates either way, and
