@@ -282,7 +282,21 @@ def _gamma_tensor(gamma: Any, h: int, q: Any):
         raise ValueError(
             f"gamma: expected a float or shape ({h},) (one per query head), got shape {tuple(gamma.shape)}"
         )
-    return torch.as_tensor(gamma_array(gamma, h), dtype=torch.float64, device=q.device)
+    g = gamma_array(gamma, h)
+    if q.device.type == "cpu" or torch.compiler.is_compiling():
+        return torch.as_tensor(g, dtype=torch.float64, device=q.device)
+    # on an accelerator: uploaded once per (values, device), since a copy from pageable host
+    # memory waits for the device's queued work (a host-side stall of every call)
+    key = (tuple(g.tolist()), str(q.device))
+    t = _GAMMA_TENSORS.get(key)
+    if t is None:
+        if len(_GAMMA_TENSORS) > 256:
+            _GAMMA_TENSORS.clear()
+        t = _GAMMA_TENSORS[key] = torch.as_tensor(g, dtype=torch.float64, device=q.device)
+    return t
+
+
+_GAMMA_TENSORS: dict = {}
 
 
 def _host(x: Any) -> Any:

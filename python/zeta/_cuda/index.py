@@ -11,7 +11,7 @@ For the exact search, :func:`exact_boxes` adds the bounding box of every leaf of
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
@@ -221,5 +221,21 @@ def exact_boxes(
                 np.int32(LEAF),
             ),
         )
+    return boxes, _device_constant(rt, offs)
+
+
+_CONSTANTS: Dict[Tuple[Any, ...], Any] = {}
+
+
+def _device_constant(rt: Runtime, a: np.ndarray) -> Any:
+    """``a`` on the device, uploaded once per (device, values): a copy from pageable host
+    memory waits for the stream's queued work, and the index's small tables repeat."""
     xp = rt.xp
-    return boxes, xp.asarray(offs)
+    dev = xp.cuda.Device().id if hasattr(xp, "cuda") else -1
+    key = (id(xp), dev, a.dtype.str, tuple(a.tolist()))
+    out = _CONSTANTS.get(key)
+    if out is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        out = _CONSTANTS[key] = xp.asarray(a)
+    return out
