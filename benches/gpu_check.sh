@@ -9,7 +9,8 @@
 #   bash benches/gpu_check.sh [wheel dir, default .whl] [output dir, default benches/results]
 # Environment: GPU_CHECK_SECONDS (deadline, default 450), GPU_CHECK_STAGES (default
 # "tests memcheck variants bench profile racecheck"; also: host = cProfile of the host's
-# side of a call, ncu = Nsight Compute sections of the forward/backward kernels, mqar =
+# side of a call, ncu = Nsight Compute sections of the forward/backward kernels, ncusrc = the
+# forward kernel's ncu source view (per CUDA line, CSV), mqar =
 # benches/mqar.py --full with MQAR_ARGS), GPU_BENCH_BUDGET_S (default 110), GPU_PYTEST_K
 # (a pytest -k expression).
 # Build the wheel first where Rust is: maturin build --release -o .whl
@@ -84,6 +85,21 @@ if want ncu && command -v ncu >/dev/null && [ "$(left 120)" -gt 0 ]; then
     --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \
     python3 benches/gpu_profile.py --ncu > "$RES/gpu-ncu.txt" 2>&1
   grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc|Issue Slots Busy" "$RES/gpu-ncu.txt" | head -24
+fi
+
+if want ncusrc && command -v ncu >/dev/null && [ "$(left 100)" -gt 0 ]; then
+  log "ncu: the forward kernel per source line (N = 32k, bf16, -lineinfo)"
+  rep=$(mktemp -d)/fwd
+  ZETA_CUDA_LINEINFO=1 timeout "$(left 100)" ncu --clock-control none -k 'regex:forward_kernel' \
+    --launch-skip 1 --launch-count 1 --section SourceCounters --section WarpStateStats \
+    --import-source yes -o "$rep" python3 benches/gpu_profile.py --ncu > "$RES/gpu-ncu-source.log" 2>&1
+  echo "profile exit $?"
+  for view in cuda sass; do
+    timeout 60 ncu --import "$rep.ncu-rep" --page source --print-source $view --csv \
+      > "$RES/gpu-ncu-source-$view.csv" 2>> "$RES/gpu-ncu-source.log"
+    echo "source view $view: exit $?, $(wc -l < "$RES/gpu-ncu-source-$view.csv") lines"
+  done
+  tail -4 "$RES/gpu-ncu-source.log"
 fi
 
 if want mqar && [ "$(left 60)" -gt 0 ]; then

@@ -56,9 +56,13 @@ VALUE_TYPE = {"float32": "float", "float16": "zeta::f16", "bfloat16": "zeta::bf1
 
 def extra_options() -> Tuple[str, ...]:
     """``-D`` flags from ``ZETA_CUDA_DEFINES`` ("NAME=VALUE,..."): tuning knobs of the
-    kernels (e.g. ZETA_UNROLL, ZETA_MIN_BLOCKS in search.cu) for measurements."""
+    kernels (e.g. ZETA_UNROLL, ZETA_MIN_BLOCKS in search.cu) for measurements; and
+    ``-lineinfo`` with ``ZETA_CUDA_LINEINFO=1`` (source lines in profilers such as ncu)."""
     raw = os.environ.get("ZETA_CUDA_DEFINES", "")
-    return tuple("-D" + d.strip() for d in raw.split(",") if d.strip())
+    opts = tuple("-D" + d.strip() for d in raw.split(",") if d.strip())
+    if os.environ.get("ZETA_CUDA_LINEINFO", "0") == "1":
+        opts += ("-lineinfo",)
+    return opts
 
 
 def dk_template(dk: int) -> int:
