@@ -149,6 +149,23 @@ def test_exact_knn_is_brute_force(rt, case, kind):
         assert not np.array_equal(widx, eidx)
 
 
+@pytest.mark.parametrize("first_window", [-1, 0, 1, 8, 100])
+@pytest.mark.parametrize("case", [EXACT_CASES[0], EXACT_CASES[2], EXACT_CASES[7]])
+def test_exact_knn_does_not_depend_on_the_first_window(rt, case, first_window, monkeypatch):
+    """The first pass's window (search.EXACT_WINDOW; -1: the call's) only sets the first
+    radius and which leaves the leaf scan skips: the answer stays the brute-force top-k."""
+    monkeypatch.setattr(search, "EXACT_WINDOW", first_window)
+    b, h, hkv, n, s, dk, topk, chunk, window, nc, causal = case
+    rng = np.random.default_rng(7 + abs(hash(case)) % 1000)
+    q = points("gauss", (b, h, n, dk), rng).astype(np.float32)
+    k = points("gauss", (b, hkv, s, dk), rng).astype(np.float32)
+    p = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc, exact=True)
+    idx, d2 = search.knn(rt, q, k, (b, h, hkv, n, s, dk), p, topk)
+    eidx, ed2 = zeta.exact_knn(q, k, topk, causal=causal)
+    np.testing.assert_array_equal(idx, eidx)
+    np.testing.assert_array_equal(d2, ed2)
+
+
 @pytest.mark.parametrize("mean_token", [False, True])
 @pytest.mark.parametrize("case", [EXACT_CASES[0], EXACT_CASES[2], EXACT_CASES[3]])
 def test_exact_forward_and_backward(rt, case, mean_token):

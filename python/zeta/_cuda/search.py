@@ -23,13 +23,17 @@ MAX_TOPK = 256  # the best list of a warp: kp = pow2 >= topk, 2*kp keys, <= 16 r
 #: H200 it measured 3.73 vs 3.29 ms forward at N=32k, 11.5 vs 11.5 ms at 128k
 #: (benches/results/gpu-variants-*.json): the index of one head fits in L2 either way.
 QUERY_ORDER = os.environ.get("ZETA_CUDA_QUERY_ORDER", "0") == "1"
-#: The window the exact search's first pass takes on each side (ZETA_CUDA_EXACT_WINDOW; unset:
-#: the call's ``window``). The exact result does not depend on it (every run of curve 0 is
-#: scanned after it, pruned by the k-th best so far): a measurement knob of the first radius.
-EXACT_WINDOW = int(os.environ.get("ZETA_CUDA_EXACT_WINDOW", "-1"))
+#: The window the exact search's first pass takes on each side of the query's code, rounded
+#: out to whole leaves (ZETA_CUDA_EXACT_WINDOW; -1: the call's ``window``). The exact result
+#: does not depend on it (every run of curve 0 is scanned after it, pruned by the k-th best
+#: so far). On an H200 (N = 32k / 128k, bf16, benches/gpu_variants.py, 2026-11-30) 8 / 16 / 32
+#: / 64 (the call's default) measured 6.34 / 6.34 / 6.37 / 6.42 and 26.3 / 27.6 / 27.2 / 26.7
+#: ms forward: no difference beyond noise; 8 is what the benchmark ran with.
+EXACT_WINDOW = int(os.environ.get("ZETA_CUDA_EXACT_WINDOW", "8"))
 #: d_k = 3: store each index entry's point (x, y, z, position) beside it, 16 more bytes per
 #: entry and level, so the scans read one coalesced row per entry instead of the entry and
-#: three scattered coordinates (ZETA_CUDA_POINTS=0: off, for measurements).
+#: three scattered coordinates (ZETA_CUDA_POINTS=0: off, for measurements). On an H200 (bf16,
+#: 2026-11-30): forward 7.01 -> 6.42 ms at N = 32k, 32.5 -> 26.7 ms at 128k; +36 MB at 32k.
 POINTS = os.environ.get("ZETA_CUDA_POINTS", "1") != "0"
 
 
