@@ -428,3 +428,37 @@ def test_cupy_backend_ops_run_on_the_shim(shim_device):
         got = be.searchsorted(s_, torch.from_numpy(codes), right)
         want = zeta.searchsorted(s_.numpy(), codes, side="right" if right else "left")
         np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_configs_points_and_first_windows(rt, seed, monkeypatch):
+    """Random shapes and settings: with the points stored beside the entries or not, and any
+    first-pass window, the exact search returns the brute-force top-k and the window search
+    returns the same indices either way (the points only change how keys are read)."""
+    rng = np.random.default_rng(1000 + seed)
+    b, hkv = int(rng.integers(1, 3)), int(rng.integers(1, 3))
+    h = hkv * int(rng.integers(1, 3))
+    causal = bool(rng.integers(0, 2))
+    s = int(rng.integers(1, 500))
+    n = int(rng.integers(1, s + 1)) if causal else s
+    dk = int(rng.choice([2, 3, 3, 3, 5]))
+    topk = int(rng.integers(1, 41))
+    chunk = int(rng.choice([1, 4, 16, 64]))
+    window = int(rng.integers(0, 100))
+    nc = int(rng.integers(1, min(dk + 1, 3) + 1))
+    n_sink = int(rng.integers(0, 4))
+    kind = str(rng.choice(["normal", "duplicates", "clustered"]))
+    q, k = _qk(rng, b, h, hkv, n, s, dk, kind)
+    shape = (b, h, hkv, n, s, dk)
+    got = {}
+    for pts in (True, False):
+        monkeypatch.setattr(search, "POINTS", pts)
+        monkeypatch.setattr(search, "EXACT_WINDOW", int(rng.choice([-1, 0, 3, 8, 200])))
+        kw = dict(causal=causal, chunk=chunk, window=window, n_curves=nc, n_sink=n_sink)
+        idx, d2 = search.knn(rt, q, k, shape, index_params(dk, topk, exact=True, **kw), topk)
+        eidx, ed2 = zeta.exact_knn(q, k, topk, causal=causal)
+        np.testing.assert_array_equal(idx, eidx)
+        np.testing.assert_array_equal(d2, ed2)
+        got[pts] = search.knn(rt, q, k, shape, index_params(dk, topk, exact=False, **kw), topk)
+    np.testing.assert_array_equal(got[True][0], got[False][0])
+    np.testing.assert_array_equal(got[True][1], got[False][1])
