@@ -143,7 +143,6 @@ __device__ __forceinline__ uint64_t morton_interleave(const uint64_t* cells, int
     return code;
 }
 
-/// Number of entries of the sorted `a[0..n)` that are < key.
 /// The point of an index entry, stored beside it (d_k = 3): its key's coordinates and
 /// position, so a scan reads one aligned 16-byte row per entry instead of the entry and then
 /// three scattered coordinates of the key it names. A points array parallels the levels.
@@ -152,6 +151,7 @@ struct __align__(16) Pt4 {
     int pos;
 };
 
+/// Number of entries of the sorted `a[0..n)` that are < key.
 __device__ __forceinline__ uint32_t lower_bound_u64(const uint64_t* a, uint32_t n, uint64_t key) {
     uint32_t lo = 0, hi = n;
     while (lo < hi) {
