@@ -2,11 +2,11 @@
 
 Usage: python benches/gpu_variants.py [--out DIR]
 
-Compile-time variants (``ZETA_CUDA_DEFINES``: the register cap ZETA_MIN_BLOCKS of the search
-kernels) run in one subprocess each; inside each, the run-time variants: points stored beside
-the index entries or not (``zeta._cuda.search.POINTS``) and the window of the exact search's
-first pass (``EXACT_WINDOW``); the result depends on neither, which the child checks: the knn
-indices of every variant equal the first one's. Every row is
+Compile-time variants (``ZETA_CUDA_DEFINES``, see DEFINES) run in one subprocess each; inside
+each, the run-time variants: points stored beside the index entries or not
+(``zeta._cuda.search.POINTS``) and the window of the exact search's first pass
+(``EXACT_WINDOW``); the result depends on neither, which the child checks: the knn indices of
+every variant equal the first one's. Every row is
 forward and forward+backward time (CUDA events, median) of ``zeta.attention`` with its
 defaults (exact search) at B=1, H=8, d_k=3, d_v=64, top-32, bf16, causal, N = 32k and 128k.
 Writes gpu-variants-<gpu>-<date>.json.
@@ -21,11 +21,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-# "default": search.cu's own settings (ZETA_MIN_BLOCKS 8), compiled by the tests already.
-# Dropped after 2026-11-30 on an H200: ZETA_MIN_BLOCKS=0 (no register cap), 7.29-7.38 vs
-# 6.34-6.42 ms forward at 32k (gpu-variants-nvidia-h200-2026-11-30.json); each define set
-# costs a full compile (~50 s there).
-DEFINES = {"default": {}, "bounds6": {"ZETA_CUDA_DEFINES": "ZETA_MIN_BLOCKS=6"}}
+# "default": search.cu's own settings (ZETA_MIN_BLOCKS 8), compiled by the tests already;
+# "flushcall": WarpSelect::flush as a call, not inlined at every offer site (search.cu).
+# Dropped after 2026-11-30 on an H200 (gpu-variants-nvidia-h200-2026-11-30.json): register
+# caps ZETA_MIN_BLOCKS=6 and 0 (none), 6.55-6.64 and 7.29-7.38 vs 6.34-6.42 ms forward at
+# 32k. Each define set costs a full compile (~50 s there).
+DEFINES = {"default": {}, "flushcall": {"ZETA_CUDA_DEFINES": "ZETA_FLUSH_NOINLINE=1"}}
 EXACT_WINDOWS = (-1, 32, 16, 8)  # -1: the call's window (2 * topk = 64)
 
 CHILD = r"""

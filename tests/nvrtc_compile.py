@@ -30,8 +30,11 @@ def find_nvrtc() -> Optional[str]:
     return None
 
 
-def compile_file(lib: ctypes.CDLL, file: str, arch: str) -> Tuple[bool, str, List[str]]:
-    """(ok, log, lowered names) of one .cu for ``arch`` (e.g. "sm_90")."""
+def compile_file(
+    lib: ctypes.CDLL, file: str, arch: str, extra: Tuple[str, ...] = ()
+) -> Tuple[bool, str, List[str]]:
+    """(ok, log, lowered names) of one .cu for ``arch`` (e.g. "sm_90"); ``extra``: more
+    options (e.g. the ``-D`` tuning variants of benches/gpu_variants.py)."""
     prog = ctypes.c_void_p()
     src = source(file).encode()
     rc = lib.nvrtcCreateProgram(ctypes.byref(prog), src, file.encode(), 0, None, None)
@@ -40,7 +43,7 @@ def compile_file(lib: ctypes.CDLL, file: str, arch: str) -> Tuple[bool, str, Lis
     try:
         for expr in NAME_EXPRESSIONS[file]:
             lib.nvrtcAddNameExpression(prog, expr.encode())
-        opts = list(NVRTC_OPTIONS) + [f"--gpu-architecture={arch}", f"-I{KERNEL_DIR}"]
+        opts = list(NVRTC_OPTIONS) + [f"--gpu-architecture={arch}", f"-I{KERNEL_DIR}", *extra]
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
         size = ctypes.c_size_t()

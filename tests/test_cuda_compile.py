@@ -33,6 +33,19 @@ def test_nvrtc_compiles(nvrtc, file, arch):
     assert "warning" not in log.lower(), log
 
 
+def test_the_gpu_variants_compile(nvrtc):
+    """The compile-time variants that benches/gpu_variants.py times on a GPU (sm_90 only)."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benches"))
+    from gpu_variants import DEFINES
+
+    for env in DEFINES.values():
+        raw = env.get("ZETA_CUDA_DEFINES", "")
+        extra = tuple("-D" + d for d in raw.split(",") if d)
+        if extra:
+            ok, log, _ = compile_file(nvrtc, "search.cu", "sm_90", extra)
+            assert ok and "warning" not in log.lower(), (extra, log)
+
+
 def test_nvrtc_reports_a_broken_kernel(nvrtc, monkeypatch):
     """The check can fail: a source with an error does not compile."""
     import nvrtc_compile

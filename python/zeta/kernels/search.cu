@@ -96,6 +96,20 @@ __device__ __forceinline__ uint64_t warp_sort32(uint64_t x, unsigned lane) {
     return x;
 }
 
+/// ZETA_FLUSH_NOINLINE=1: WarpSelect::flush is a call instead of being inlined at every offer
+/// site. Inlined, forward_kernel<bf16, 3> is ~34k SASS instructions for sm_90 with ~36 copies
+/// of the 32-key sort (1,800 SHFL.BFLY; NVRTC + cuobjdump, 2026-11-30), far beyond the
+/// instruction caches; a flush is rare next to the offers around it. Off by default until
+/// measured on a GPU (benches/gpu_variants.py times it).
+#ifndef ZETA_FLUSH_NOINLINE
+#define ZETA_FLUSH_NOINLINE 0
+#endif
+#if ZETA_FLUSH_NOINLINE && !defined(ZETA_CPU_SHIM)
+#define ZETA_FLUSH_ATTR __device__ __noinline__
+#else
+#define ZETA_FLUSH_ATTR __device__
+#endif
+
 /// The running top-k of one warp's query. Shared memory per warp: 2*kp u64 keys.
 struct WarpSelect {
     uint64_t* work;  // [0, kp): best (sorted, distinct, NONE-padded); [kp, 2kp): queue
@@ -115,7 +129,7 @@ struct WarpSelect {
     }
 
     /// best ++ queue -> the kp smallest distinct keys, sorted, in work[0, kp).
-    __device__ void flush() {
+    ZETA_FLUSH_ATTR void flush() {
         if (kp == 32)
             flush32();
         else
