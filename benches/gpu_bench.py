@@ -196,6 +196,7 @@ def main(argv=None) -> int:
                 "ZETA_CUDA_QUERY_ORDER",
                 "ZETA_CUDA_EXACT_WINDOW",
                 "ZETA_CUDA_POINTS",
+                "ZETA_CUDA_LEAF",
             )
             if k in os.environ
         },

@@ -22,11 +22,16 @@ import sys
 from pathlib import Path
 
 # "default": search.cu's own settings (ZETA_MIN_BLOCKS 8), compiled by the tests already;
-# "flushcall": WarpSelect::flush as a call, not inlined at every offer site (search.cu).
+# "flushcall": WarpSelect::flush as a call, not inlined at every offer site (search.cu);
+# "leaf32": leaf boxes of 32 entries instead of 64 (zeta/_cuda/index.py LEAF).
 # Dropped after 2026-11-30 on an H200 (gpu-variants-nvidia-h200-2026-11-30.json): register
 # caps ZETA_MIN_BLOCKS=6 and 0 (none), 6.55-6.64 and 7.29-7.38 vs 6.34-6.42 ms forward at
 # 32k. Each define set costs a full compile (~50 s there).
-DEFINES = {"default": {}, "flushcall": {"ZETA_CUDA_DEFINES": "ZETA_FLUSH_NOINLINE=1"}}
+DEFINES = {
+    "default": {},
+    "flushcall": {"ZETA_CUDA_DEFINES": "ZETA_FLUSH_NOINLINE=1"},
+    "leaf32": {"ZETA_CUDA_LEAF": "32"},
+}
 EXACT_WINDOWS = (-1, 32, 16, 8)  # -1: the call's window (2 * topk = 64)
 
 CHILD = r"""

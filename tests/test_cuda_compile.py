@@ -41,6 +41,8 @@ def test_the_gpu_variants_compile(nvrtc):
     for env in DEFINES.values():
         raw = env.get("ZETA_CUDA_DEFINES", "")
         extra = tuple("-D" + d for d in raw.split(",") if d)
+        if "ZETA_CUDA_LEAF" in env:
+            extra += (f"-DZETA_LEAF={env['ZETA_CUDA_LEAF']}",)
         if extra:
             ok, log, _ = compile_file(nvrtc, "search.cu", "sm_90", extra)
             assert ok and "warning" not in log.lower(), (extra, log)

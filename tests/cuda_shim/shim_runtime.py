@@ -18,7 +18,7 @@ from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from zeta._cuda.runtime import KERNEL_DIR, NAME_EXPRESSIONS, Runtime
+from zeta._cuda.runtime import KERNEL_DIR, NAME_EXPRESSIONS, Runtime, extra_options
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,6 +47,7 @@ def _sources() -> str:
             f"size_t errlen) {{ return zeta_shim::launch_kernel(&{expr}, dim3{{gx, 1, 1}}, "
             f"dim3{{bx, 1, 1}}, shmem, args, err, errlen); }}"
         )
+    lines.append("unsigned long long* zeta_stats() { return zeta_shim::g_stats; }")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -61,7 +62,9 @@ def build(cache_dir: str | None = None) -> str:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
     src = _sources()
-    h = hashlib.sha256(src.encode())
+    # the kernels' -D settings (ZETA_CUDA_DEFINES, ZETA_CUDA_LEAF), as on a GPU
+    defines = [o for o in extra_options() if o.startswith("-D")]
+    h = hashlib.sha256((src + " ".join(defines)).encode())
     for name in sorted(os.listdir(KERNEL_DIR)) + ["zeta_cpu_shim.h"]:
         path = os.path.join(KERNEL_DIR if name != "zeta_cpu_shim.h" else HERE, name)
         with open(path, "rb") as f:
@@ -84,6 +87,7 @@ def build(cache_dir: str | None = None) -> str:
         "-fPIC",
         "-ffp-contract=off",
         "-DZETA_CPU_SHIM",
+        *defines,
         "-I",
         KERNEL_DIR,
         "-I",

@@ -278,6 +278,11 @@ int launch_kernel(void (*fn)(A...), dim3 grid, dim3 blockd, size_t shmem, void**
     return 0;
 }
 
+/// Event counters of the kernels' ZETA_STAT(i) (common.cuh), summed over threads: a CPU
+/// count of what a kernel does per query (benches/gpu_opmix.py); zeta_stats() reads them.
+inline unsigned long long g_stats[16] = {};
+inline void stat(int i) { ++g_stats[i & 15]; }
+
 }  // namespace zeta_shim
 
 #define threadIdx (zeta_shim::thread_idx())

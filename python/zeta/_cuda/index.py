@@ -11,6 +11,7 @@ For the exact search, :func:`exact_boxes` adds the bounding box of every leaf of
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -22,8 +23,14 @@ THREADS = 256
 #: Entries per leaf box of the exact search (``ZETA_LEAF`` in kernels/search.cu; the Rust
 #: core's grouped CPU search uses 128, its KV cache 64: the leaf size changes only the speed,
 #: never the answer). Runs of at most this many entries get no boxes: the exact search scans
-#: them whole.
-LEAF = 64
+#: them whole. ``ZETA_CUDA_LEAF`` overrides it for measurements (the kernels are then compiled
+#: with the same ``-DZETA_LEAF``, see runtime.extra_options): on the CPU shim, N = 32k, top-32,
+#: queries at the last 2048 positions (benches/gpu_opmix.py), leaves of 64 / 32 / 16 entries
+#: took 92 / 60 / 70 offer rounds, 10.6 / 9.1 / 8.1 flushes and 17 / 33 / 63 box rounds per
+#: query; not yet timed on a GPU.
+LEAF = int(os.environ.get("ZETA_CUDA_LEAF", "64"))
+if LEAF < 1:
+    raise ValueError(f"ZETA_CUDA_LEAF: must be >= 1, got {LEAF}")
 
 
 def codes(

@@ -56,12 +56,17 @@ VALUE_TYPE = {"float32": "float", "float16": "zeta::f16", "bfloat16": "zeta::bf1
 
 def extra_options() -> Tuple[str, ...]:
     """``-D`` flags from ``ZETA_CUDA_DEFINES`` ("NAME=VALUE,..."): tuning knobs of the
-    kernels (e.g. ZETA_UNROLL, ZETA_MIN_BLOCKS in search.cu) for measurements; and
-    ``-lineinfo`` with ``ZETA_CUDA_LINEINFO=1`` (source lines in profilers such as ncu)."""
+    kernels (e.g. ZETA_UNROLL, ZETA_MIN_BLOCKS in search.cu) for measurements; ``-lineinfo``
+    with ``ZETA_CUDA_LINEINFO=1`` (source lines in profilers such as ncu); ``-DZETA_LEAF``
+    when ``ZETA_CUDA_LEAF`` sets another leaf size (index.LEAF)."""
     raw = os.environ.get("ZETA_CUDA_DEFINES", "")
     opts = tuple("-D" + d.strip() for d in raw.split(",") if d.strip())
     if os.environ.get("ZETA_CUDA_LINEINFO", "0") == "1":
         opts += ("-lineinfo",)
+    from .index import LEAF
+
+    if LEAF != 64:  # the kernels' ZETA_LEAF must match the boxes index.py builds
+        opts += (f"-DZETA_LEAF={LEAF}",)
     return opts
 
 

@@ -28,6 +28,13 @@ typedef int int32_t;
 typedef long long int64_t;
 #endif
 
+// Event counters for the CPU shim (tests/cuda_shim): no code on the device.
+#ifdef ZETA_CPU_SHIM
+#define ZETA_STAT(i) zeta_shim::stat(i)
+#else
+#define ZETA_STAT(i) ((void)0)
+#endif
+
 #define ZETA_FULL_MASK 0xffffffffu
 #define ZETA_MAX_DK 8
 #define ZETA_KEY_NONE 0xffffffffffffffffull

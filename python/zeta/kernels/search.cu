@@ -66,8 +66,10 @@ struct SearchArgs {
     }
 };
 
-/// Entries per leaf box (zeta/_cuda/index.py LEAF).
+/// Entries per leaf box (zeta/_cuda/index.py LEAF, which passes -DZETA_LEAF when it is not 64).
+#ifndef ZETA_LEAF
 #define ZETA_LEAF 64
+#endif
 
 __device__ __forceinline__ uint64_t umin64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ uint64_t umax64(uint64_t a, uint64_t b) { return a < b ? b : a; }
@@ -130,6 +132,7 @@ struct WarpSelect {
 
     /// best ++ queue -> the kp smallest distinct keys, sorted, in work[0, kp).
     ZETA_FLUSH_ATTR void flush() {
+        ZETA_STAT(2);
         if (kp == 32)
             flush32();
         else
@@ -208,9 +211,12 @@ struct WarpSelect {
 
     /// Offers one key per lane (valid = false: nothing). Every lane of the warp calls this.
     __device__ __forceinline__ void offer(uint64_t key, bool valid) {
+        ZETA_STAT(0);
+        if (valid) ZETA_STAT(8);  // per lane: candidates
         bool pass = valid && key < kth;
         unsigned m = __ballot_sync(ZETA_FULL_MASK, pass);
         if (m == 0) return;
+        ZETA_STAT(1);
         int cnt = __popc(m);
         if (qn + cnt > kp) {
             flush();
@@ -377,11 +383,13 @@ __device__ void scan_run_pruned(const uint64_t* run, const Pt4* prun, int run_le
                 ? static_cast<uint64_t>(__float_as_uint(box_lb<DK>(qv, box + static_cast<long long>(t) * 2 * d, dk))) << 32
                 : ZETA_KEY_NONE;
         unsigned m = __ballot_sync(ZETA_FULL_MASK, lb < ws.kth);
+        ZETA_STAT(3);
         while (m != 0u) {
             const int j = __ffs(static_cast<int>(m)) - 1;
             m &= m - 1u;
             const uint64_t lbj = __shfl_sync(ZETA_FULL_MASK, lb, j);
             if (lbj >= ws.kth) continue;  // warp-uniform: kth is read from the shared list
+            ZETA_STAT(4);
             const int lo = __shfl_sync(ZETA_FULL_MASK, t, j) * ZETA_LEAF;
             scan_entries<DK>(run, prun, lo, lo + ZETA_LEAF < run_len ? lo + ZETA_LEAF : run_len,
                              kg, qv, dk, ws);
@@ -453,6 +461,7 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
     const int n_probes = a.n_curves * bits_set;
     const long long slices = static_cast<long long>(a.b) * a.hkv * a.n_curves;
 
+    ZETA_STAT(7);
     long long sidx0 = 0;  // lane t: lower bound of probe t (curve 0's probes are 0 .. bits_set-1)
     for (int base = 0; base < n_probes; base += 32) {
         // Lane t finds the window of probe base + t (the searches run side by side).
@@ -495,6 +504,7 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
         }
         int cnt = n_probes - base < 32 ? n_probes - base : 32;
         for (int t = 0; t < cnt; ++t) {
+            ZETA_STAT(5);
             long long tlo = __shfl_sync(ZETA_FULL_MASK, lo, t);
             long long thi = __shfl_sync(ZETA_FULL_MASK, hi, t);
             unsigned long long trun =
