@@ -126,3 +126,20 @@ def test_tinylm_user_init_keeps_zeta_attention_init(monkeypatch):
     assert x.shape == (8, 128) and ((y == -100) | (y >= 64)).all() and (y != -100).sum() == 64
     for name in [m for m in sys.modules if m in ("mqar", "_models")]:
         del sys.modules[name]
+
+
+def test_gpu_opmix_counts_the_kernel_events():
+    """benches/gpu_opmix.py runs the search kernel on the CPU shim and reports its events."""
+    import re
+    import subprocess
+
+    cmd = [sys.executable, str(BENCHES / "gpu_opmix.py"), "--n", "1024", "--queries", "64"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
+    exact, window = out.split("window search (exact=False")
+    counts = {
+        m.group(2): float(m.group(1)) for m in re.finditer(r"^\s+([0-9.]+)\s+(\S.*)$", exact, re.M)
+    }
+    assert counts["offer rounds"] > 0 and counts["flushes"] >= 1
+    assert counts["leaves scanned (exact pass)"] > 0  # the exact pass ran
+    assert "leaves scanned (exact pass)" in window
+    assert re.search(r"^\s+0\.00\s+leaves scanned", window, re.M)  # no exact pass there
