@@ -28,6 +28,8 @@ log() { echo "== [$SECONDS s] $*"; }
 left() { local l=$((DEADLINE - SECONDS)); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 15 ] && l=0; echo $l; }
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 rc=0
+# output files: gpu-<what>-<gpu>-<date>.<ext>, as the JSON files the Python scripts write
+TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -c 'A-Za-z0-9\n' '-' | tr 'A-Z' 'a-z' | sed -E 's/-+/-/g; s/^-|-$//g')-$(date +%F)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import zeta, json, cupy, torch; print(json.dumps(zeta.backends())); print('cupy', cupy.__version__, 'torch', torch.__version__)"
 
@@ -35,18 +37,18 @@ if want tests && [ "$(left 170)" -gt 0 ]; then
   log "CUDA tests"
   # shellcheck disable=SC2086
   timeout "$(left 170)" python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider ${GPU_PYTEST_K:+-k "$GPU_PYTEST_K"} \
-    tests/test_cuda.py > "$RES/gpu-tests.txt" 2>&1
-  tail -25 "$RES/gpu-tests.txt"
-  grep -q " passed" "$RES/gpu-tests.txt" && ! grep -qE "[0-9]+ (failed|error)" "$RES/gpu-tests.txt" || rc=1
+    tests/test_cuda.py > "$RES/gpu-tests-$TAG.txt" 2>&1
+  tail -25 "$RES/gpu-tests-$TAG.txt"
+  grep -q " passed" "$RES/gpu-tests-$TAG.txt" && ! grep -qE "[0-9]+ (failed|error)" "$RES/gpu-tests-$TAG.txt" || rc=1
 fi
 
 sanitize() {
   log "compute-sanitizer $1"
   timeout "$(left "$2")" compute-sanitizer --tool "$1" --error-exitcode 3 python3 benches/gpu_sanitize.py \
-    > "$RES/gpu-sanitizer-$1.txt" 2>&1
+    > "$RES/gpu-sanitizer-$1-$TAG.txt" 2>&1
   local s=$?
-  echo "exit $s" >> "$RES/gpu-sanitizer-$1.txt"
-  tail -12 "$RES/gpu-sanitizer-$1.txt"
+  echo "exit $s" >> "$RES/gpu-sanitizer-$1-$TAG.txt"
+  tail -12 "$RES/gpu-sanitizer-$1-$TAG.txt"
   [ $s -eq 0 ] || rc=1
 }
 if want memcheck && command -v compute-sanitizer >/dev/null && [ "$(left 70)" -gt 0 ]; then
@@ -66,15 +68,15 @@ fi
 
 if want profile && [ "$(left 45)" -gt 0 ]; then
   log "profile (fwd+bwd, N = 32k, bf16)"
-  timeout "$(left 45)" python3 benches/gpu_profile.py > "$RES/gpu-profile.txt" 2>&1
-  head -40 "$RES/gpu-profile.txt"
+  timeout "$(left 45)" python3 benches/gpu_profile.py > "$RES/gpu-profile-$TAG.txt" 2>&1
+  head -40 "$RES/gpu-profile-$TAG.txt"
 fi
 
 
 if want host && [ "$(left 60)" -gt 0 ]; then
   log "host time of a call (cProfile, N = 4k)"
-  timeout "$(left 60)" python3 benches/gpu_profile.py --host --n 4096 > "$RES/gpu-host-profile.txt" 2>&1
-  grep -E "per call|tottime|^ +[0-9]" "$RES/gpu-host-profile.txt" | head -24
+  timeout "$(left 60)" python3 benches/gpu_profile.py --host --n 4096 > "$RES/gpu-host-profile-$TAG.txt" 2>&1
+  grep -E "per call|tottime|^ +[0-9]" "$RES/gpu-host-profile-$TAG.txt" | head -24
 fi
 
 if want ncu && command -v ncu >/dev/null && [ "$(left 120)" -gt 0 ]; then
@@ -83,8 +85,8 @@ if want ncu && command -v ncu >/dev/null && [ "$(left 120)" -gt 0 ]; then
     --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
     --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \
-    python3 benches/gpu_profile.py --ncu > "$RES/gpu-ncu.txt" 2>&1
-  grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc|Issue Slots Busy" "$RES/gpu-ncu.txt" | head -24
+    python3 benches/gpu_profile.py --ncu > "$RES/gpu-ncu-$TAG.txt" 2>&1
+  grep -E "Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc|Issue Slots Busy" "$RES/gpu-ncu-$TAG.txt" | head -24
 fi
 
 if want ncusrc && command -v ncu >/dev/null && [ "$(left 150)" -gt 0 ]; then
@@ -95,14 +97,14 @@ if want ncusrc && command -v ncu >/dev/null && [ "$(left 150)" -gt 0 ]; then
   ZETA_CUDA_LINEINFO=1 timeout "$(left 90)" python3 benches/gpu_profile.py --ncu --n 4096
   ZETA_CUDA_LINEINFO=1 timeout "$(left 120)" ncu --clock-control none -k 'regex:forward_kernel' \
     --launch-skip 1 --launch-count 1 --section SourceCounters --section WarpStateStats \
-    --import-source yes -o "$rep" python3 benches/gpu_profile.py --ncu > "$RES/gpu-ncu-source.log" 2>&1
+    --import-source yes -o "$rep" python3 benches/gpu_profile.py --ncu > "$RES/gpu-ncu-source-$TAG.log" 2>&1
   echo "profile exit $?"
   for view in cuda sass; do
     timeout 60 ncu --import "$rep.ncu-rep" --page source --print-source $view --csv \
-      > "$RES/gpu-ncu-source-$view.csv" 2>> "$RES/gpu-ncu-source.log"
-    echo "source view $view: exit $?, $(wc -l < "$RES/gpu-ncu-source-$view.csv") lines"
+      > "$RES/gpu-ncu-source-$view-$TAG.csv" 2>> "$RES/gpu-ncu-source-$TAG.log"
+    echo "source view $view: exit $?, $(wc -l < "$RES/gpu-ncu-source-$view-$TAG.csv") lines"
   done
-  tail -4 "$RES/gpu-ncu-source.log"
+  tail -4 "$RES/gpu-ncu-source-$TAG.log"
 fi
 
 if want mqar && [ "$(left 60)" -gt 0 ]; then
@@ -110,10 +112,10 @@ if want mqar && [ "$(left 60)" -gt 0 ]; then
   for a in softmax zeta; do
     # shellcheck disable=SC2086
     timeout "$(left 600)" python3 benches/mqar.py --full --device cuda --attn $a ${MQAR_ARGS:-} \
-      > "$RES/gpu-mqar-$a.txt" 2>&1 &
+      > "$RES/gpu-mqar-$a-$TAG.txt" 2>&1 &
   done
   wait
-  for a in softmax zeta; do grep -vE "it/s\]|s/it\]" "$RES/gpu-mqar-$a.txt" | tail -8; done
+  for a in softmax zeta; do grep -vE "it/s\]|s/it\]" "$RES/gpu-mqar-$a-$TAG.txt" | tail -8; done
 fi
 
 if want racecheck && command -v compute-sanitizer >/dev/null && [ "$(left 90)" -gt 0 ]; then
