@@ -143,3 +143,15 @@ def test_gpu_opmix_counts_the_kernel_events():
     assert counts["leaves scanned (exact pass)"] > 0  # the exact pass ran
     assert "leaves scanned (exact pass)" in window
     assert re.search(r"^\s+0\.00\s+leaves scanned", window, re.M)  # no exact pass there
+
+
+def test_gpu_check_script_parses():
+    """benches/gpu_check.sh runs only on a GPU machine: here at least bash parses it."""
+    import shutil
+    import subprocess
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    r = subprocess.run([bash, "-n", str(BENCHES / "gpu_check.sh")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
