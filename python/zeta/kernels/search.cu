@@ -503,7 +503,12 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
             if (base == 0) sidx0 = sidx;
         }
         int cnt = n_probes - base < 32 ? n_probes - base : 32;
-        for (int t = 0; t < cnt; ++t) {
+        // The probes' windows from the last lane down, i.e. the longest runs first: they hold
+        // the most keys, so the k-th best falls fastest and fewer later candidates enter the
+        // queue. Counted on the CPU shim (benches/gpu_opmix.py, N = 32k, last 2048 queries,
+        // top-32): flushes per query 10.6 -> 5.7 (exact), 12.5 -> 7.6 (window search), the
+        // same candidates; the result does not depend on the order.
+        for (int t = cnt - 1; t >= 0; --t) {
             ZETA_STAT(5);
             long long tlo = __shfl_sync(ZETA_FULL_MASK, lo, t);
             long long thi = __shfl_sync(ZETA_FULL_MASK, hi, t);
