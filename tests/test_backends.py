@@ -95,3 +95,21 @@ def test_torch_backend_knn_and_attention_match_rust():
     for be in ("torch", "rust"):
         with pytest.raises(ValueError, match="q"):
             zeta.attention(q, k, v, topk=6, backend=be)
+
+
+def test_a_bad_cuda_knob_warns_instead_of_breaking_import():
+    """ZETA_CUDA_LEAF / ZETA_CUDA_EXACT_WINDOW are measurement knobs: a bad value warns and
+    the default is used; `import zeta` must keep working (also without a GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ZETA_CUDA_LEAF": "abc", "ZETA_CUDA_EXACT_WINDOW": "-5"}
+    code = (
+        "import warnings; warnings.simplefilter('always'); import zeta; "
+        "import zeta._cuda.index as I, zeta._cuda.search as S; print(I.LEAF, S.EXACT_WINDOW)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["64", "8"]
+    assert "ZETA_CUDA_LEAF='abc'" in r.stderr and "ZETA_CUDA_EXACT_WINDOW='-5'" in r.stderr

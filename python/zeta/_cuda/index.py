@@ -11,12 +11,11 @@ For the exact search, :func:`exact_boxes` adds the bounding box of every leaf of
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from .runtime import Runtime, blocks
+from .runtime import Runtime, blocks, env_int
 
 THREADS = 256
 
@@ -28,9 +27,7 @@ THREADS = 256
 #: queries at the last 2048 positions (benches/gpu_opmix.py), leaves of 64 / 32 / 16 entries
 #: took 92 / 60 / 70 offer rounds, 10.6 / 9.1 / 8.1 flushes and 17 / 33 / 63 box rounds per
 #: query; not yet timed on a GPU.
-LEAF = int(os.environ.get("ZETA_CUDA_LEAF", "64"))
-if LEAF < 1:
-    raise ValueError(f"ZETA_CUDA_LEAF: must be >= 1, got {LEAF}")
+LEAF = env_int("ZETA_CUDA_LEAF", 64, 1)
 
 
 def codes(

@@ -54,6 +54,26 @@ NVRTC_OPTIONS: Tuple[str, ...] = ("--fmad=false",)
 VALUE_TYPE = {"float32": "float", "float16": "zeta::f16", "bfloat16": "zeta::bf16"}
 
 
+def env_int(name: str, default: int, lo: int) -> int:
+    """An integer measurement knob from the environment; a value that is not an integer >= lo
+    warns and gives ``default`` (a bad knob must not break ``import zeta``)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        v = lo - 1
+    if v < lo:
+        import warnings
+
+        warnings.warn(
+            f"{name}={raw!r} is not an integer >= {lo}; using {default}", RuntimeWarning, 2
+        )
+        return default
+    return v
+
+
 def extra_options() -> Tuple[str, ...]:
     """``-D`` flags from ``ZETA_CUDA_DEFINES`` ("NAME=VALUE,..."): tuning knobs of the
     kernels (e.g. ZETA_UNROLL, ZETA_MIN_BLOCKS in search.cu) for measurements; ``-lineinfo``

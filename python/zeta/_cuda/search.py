@@ -15,7 +15,7 @@ from typing import Any, Tuple
 import numpy as np
 
 from . import index
-from .runtime import VALUE_TYPE, Runtime, blocks, dk_template
+from .runtime import VALUE_TYPE, Runtime, blocks, dk_template, env_int
 
 WARPS = 4  # warps (queries) per block
 MAX_TOPK = 256  # the best list of a warp: kp = pow2 >= topk, 2*kp keys, <= 16 rounds of 32
@@ -29,7 +29,7 @@ QUERY_ORDER = os.environ.get("ZETA_CUDA_QUERY_ORDER", "0") == "1"
 #: so far). On an H200 (N = 32k / 128k, bf16, benches/gpu_variants.py, 2026-11-30) 8 / 16 / 32
 #: / 64 (the call's default) measured 6.34 / 6.34 / 6.37 / 6.42 and 26.3 / 27.6 / 27.2 / 26.7
 #: ms forward: no difference beyond noise; 8 is what the benchmark ran with.
-EXACT_WINDOW = int(os.environ.get("ZETA_CUDA_EXACT_WINDOW", "8"))
+EXACT_WINDOW = env_int("ZETA_CUDA_EXACT_WINDOW", 8, -1)
 #: d_k = 3: store each index entry's point (x, y, z, position) beside it, 16 more bytes per
 #: entry and level, so the scans read one coalesced row per entry instead of the entry and
 #: three scattered coordinates (ZETA_CUDA_POINTS=0: off, for measurements). On an H200 (bf16,
