@@ -48,6 +48,29 @@ def cpu_model() -> str:
     return platform.processor() or "unknown-cpu"
 
 
+def cpu_id() -> Optional[str]:
+    """``family F model M stepping S`` of an x86 CPU (None elsewhere): the model name of a
+    cloud VM ("AMD EPYC") hides the generation, and peers' speed can depend on it (numpy's
+    AVX-512 sort is slow on AMD family 25 = Zen 4, whose memory-destination compress
+    instructions are microcoded)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, val = line.partition(":")
+                fields[key.strip()] = val.strip()
+    except OSError:
+        return None
+    if "cpu family" not in fields:
+        return None
+    return (
+        f"family {fields['cpu family']} model {fields.get('model', '?')} "
+        f"stepping {fields.get('stepping', '?')}"
+    )
+
+
 def machine_tag() -> str:
     """``<arch>-<cpu model>-<n>c``, the same tag as benches/bench_morton.py."""
     model = re.sub(r"[^A-Za-z0-9]+", "-", cpu_model()).strip("-").lower() or "cpu"
@@ -235,6 +258,7 @@ def base_report(suite: str, quick: bool, config: Dict[str, Any]) -> Dict[str, An
             "tag": machine_tag(),
             "machine": platform.machine(),
             "cpu": cpu_model(),
+            "cpu_id": cpu_id(),
             "cpus": os.cpu_count(),
             "zeta_threads": _core.num_threads(),
             "simd_path": _core.simd_path(),
@@ -274,7 +298,7 @@ def suite_main(
 
     print(
         f"zeta {zeta.__version__} bench {name}{' (quick)' if a.quick else ''} | "
-        f"machine {machine_tag()} | load avg {loadavg()} | out {os.path.relpath(a.out)}"
+        f"machine {machine_tag()} ({cpu_id()}) | load avg {loadavg()} | out {os.path.relpath(a.out)}"
     )
     for peer in ("torch", "faiss", "hnswlib", "matplotlib"):
         if optional(peer)[0] is None:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 from _common import (  # one machine tag for every result file
     RESULTS,
+    cpu_id,
     cpu_model,
     machine_tag,
     save_figure,
@@ -370,7 +371,7 @@ def main() -> None:
         ).stdout.strip()
     ncpu = os.cpu_count() or 1
     print(
-        f"machine: {machine_tag()} | paths {', '.join(paths)} (default {default_path}) | "
+        f"machine: {machine_tag()} ({cpu_id()}) | paths {', '.join(paths)} (default {default_path}) | "
         f"threads: 1 and default ({ncpu} CPUs) | sizes {sizes}"
     )
 
@@ -486,6 +487,7 @@ def main() -> None:
             "tag": machine_tag(),
             "machine": platform.machine(),
             "cpu": cpu_model(),
+            "cpu_id": cpu_id(),
             "cpus": ncpu,
             "features": feats,
             "python": platform.python_version(),

@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 from _common import (
     RESULTS,
+    cpu_id,
     cpu_model,
     loadavg,
     machine_tag,
@@ -288,7 +289,7 @@ def main() -> None:
         torch_version, torch_threads = None, None
 
     print(
-        f"machine: {machine_tag()} | zeta threads {zeta_threads} | torch {torch_version} "
+        f"machine: {machine_tag()} ({cpu_id()}) | zeta threads {zeta_threads} | torch {torch_version} "
         f"threads {torch_threads} | numpy {np.__version__} | n = {N:,}"
     )
     load0 = loadavg()
@@ -357,6 +358,7 @@ def main() -> None:
         "machine": {
             "tag": machine_tag(),
             "cpu": cpu_model(),
+            "cpu_id": cpu_id(),
             "cores": os.cpu_count(),
             "platform": platform.platform(terse=True),
             "python": platform.python_version(),
