@@ -16,6 +16,7 @@ import torch
 
 import zeta
 from zeta._cuda import attention as cuda_attention
+from zeta._cuda import index as cuda_index
 from zeta._cuda import primitives as cuda_prim
 from zeta._cuda import search
 from zeta._validate import index_params
@@ -164,6 +165,80 @@ def test_exact_knn_does_not_depend_on_the_first_window(rt, case, first_window, m
     eidx, ed2 = zeta.exact_knn(q, k, topk, causal=causal)
     np.testing.assert_array_equal(idx, eidx)
     np.testing.assert_array_equal(d2, ed2)
+
+
+def _cell_split(a, b):
+    """Highest differing bit + 1 of two entries' codes (0: equal codes)."""
+    x = int(a >> np.uint64(32)) ^ int(b >> np.uint64(32))
+    return x.bit_length()
+
+
+@pytest.mark.parametrize(
+    "s, chunk, causal, kind",
+    [
+        (700, 4, True, "gauss"),
+        (3000, 64, False, "gauss"),
+        (900, 8, True, "all_equal"),
+        (1000, 16, True, "duplicates"),
+        (333, 1, False, "clusters"),
+    ],
+)
+def test_leaf_starts_follow_the_cells(rt, s, chunk, causal, kind):
+    """exact_leaf_starts_kernel against a numpy re-derivation: leaf j > 0 starts in [j*L - L/2,
+    j*L + L/2) at the entry after the largest code change there (ties: nearest j*L, the lower
+    first), so leaves are non-empty and increasing; every box is its leaf's min / max."""
+    rng = np.random.default_rng(s)
+    dk = 3
+    k = points(kind, (1, 1, s, dk), rng).astype(np.float32)
+    p = index_params(dk, 8, causal=causal, chunk=chunk)
+    kcodes = cuda_index.codes(rt, k, dk, p.bits, s, 1, p.scale)
+    levels, _, _ = cuda_index.build(rt, kcodes, 1, s, chunk, causal)
+    boxes, offs, starts = cuda_index.exact_boxes(rt, levels, k, 1, 1, s, chunk, causal)
+    L = cuda_index.LEAF
+    level_off, checked = 0, 0
+    for lv, (width, run_len) in enumerate(cuda_index.level_layout(s, chunk, causal)):
+        if offs[lv] >= 0:
+            n_leaves = -(-run_len // L)
+            for m in range(width // run_len):
+                run = levels[level_off + m * run_len : level_off + (m + 1) * run_len]
+                first = int(offs[lv]) // (2 * dk) + m * n_leaves
+                got = starts[first : first + n_leaves]
+                want = [0]
+                for j in range(1, n_leaves):
+                    a0, a1 = max(1, j * L - L // 2), min(run_len, j * L + L // 2)
+                    cand = [
+                        (-_cell_split(run[i - 1], run[i]), abs(i - j * L), i) for i in range(a0, a1)
+                    ]
+                    want.append(min(cand)[2] if cand else j * L)
+                np.testing.assert_array_equal(got, want)
+                ends = list(want[1:]) + [run_len]
+                assert all(e > b for b, e in zip(want, ends))
+                pos = (run & np.uint64(0xFFFFFFFF)).astype(np.int64)
+                for j in range(n_leaves):
+                    pts = k[0, 0, pos[want[j] : ends[j]]]
+                    bx = boxes[(first + j) * 2 * dk : (first + j + 1) * 2 * dk]
+                    np.testing.assert_array_equal(bx, np.concatenate([pts.min(0), pts.max(0)]))
+                checked += n_leaves
+        level_off += width
+    assert checked > 0
+
+
+@pytest.mark.parametrize("kind", ["gauss", "all_equal", "cell_edges", "duplicates"])
+@pytest.mark.parametrize("case", [EXACT_CASES[0], EXACT_CASES[2], EXACT_CASES[7]])
+def test_exact_knn_with_fixed_or_cell_leaves(rt, case, kind, monkeypatch):
+    """Fixed leaves (ZETA_CUDA_CELL_LEAVES=0) and leaves that follow the cells change the work,
+    not the answer: both are the brute-force top-k."""
+    b, h, hkv, n, s, dk, topk, chunk, window, nc, causal = case
+    rng = np.random.default_rng(5 + abs(hash((case, kind))) % 1000)
+    q = points(kind, (b, h, n, dk), rng).astype(np.float32)
+    k = points(kind, (b, hkv, s, dk), rng).astype(np.float32)
+    p = index_params(dk, topk, causal=causal, chunk=chunk, window=window, n_curves=nc, exact=True)
+    eidx, ed2 = zeta.exact_knn(q, k, topk, causal=causal)
+    for cell in (False, True):
+        monkeypatch.setattr(cuda_index, "CELL_LEAVES", cell)
+        idx, d2 = search.knn(rt, q, k, (b, h, hkv, n, s, dk), p, topk)
+        np.testing.assert_array_equal(idx, eidx)
+        np.testing.assert_array_equal(d2, ed2)
 
 
 @pytest.mark.parametrize("mean_token", [False, True])

@@ -5,12 +5,14 @@ sorted by ``code << 32 | position``; slice width ``(n_full >> l << l) * chunk``.
 every chunk; level ``l + 1`` merges pairs of level-``l`` runs. Non-causal: one sorted run of all
 keys per slice.
 
-For the exact search, :func:`exact_boxes` adds the bounding box of every leaf of
-:data:`LEAF` entries of curve 0's runs.
+For the exact search, :func:`exact_boxes` cuts curve 0's runs into leaves of about
+:data:`LEAF` entries that follow the Z-order cells (:data:`CELL_LEAVES`) and adds the bounding
+box of every leaf.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -19,15 +21,24 @@ from .runtime import Runtime, blocks, env_int
 
 THREADS = 256
 
-#: Entries per leaf box of the exact search (``ZETA_LEAF`` in kernels/search.cu; the Rust
-#: core's grouped CPU search uses 128, its KV cache 64: the leaf size changes only the speed,
-#: never the answer). Runs of at most this many entries get no boxes: the exact search scans
-#: them whole. ``ZETA_CUDA_LEAF`` overrides it for measurements (the kernels are then compiled
-#: with the same ``-DZETA_LEAF``, see runtime.extra_options): on the CPU shim, N = 32k, top-32,
-#: queries at the last 2048 positions (benches/gpu_opmix.py), leaves of 64 / 32 / 16 entries
-#: took 92 / 60 / 70 offer rounds, 10.6 / 9.1 / 8.1 flushes and 17 / 33 / 63 box rounds per
-#: query; not yet timed on a GPU.
+#: Entries per leaf slot of the exact search (``ZETA_LEAF`` in kernels/search.cu): a run of
+#: ``run_len`` entries has ``ceil(run_len / LEAF)`` leaves and boxes; with :data:`CELL_LEAVES`
+#: a leaf holds 1 to ``2 * LEAF - 1`` entries, else ``LEAF`` (the Rust core's radix leaves hold
+#: at most 192; the leaves change only the speed, never the answer). Runs of at most this many
+#: entries get no boxes: the exact search scans them whole. ``ZETA_CUDA_LEAF`` overrides it for
+#: measurements (the kernels are then compiled with the same ``-DZETA_LEAF``, see
+#: runtime.extra_options): on the CPU shim, N = 32k, top-32, queries at the last 2048
+#: positions (benches/gpu_opmix.py), fixed leaves of 64 / 32 / 16 entries took 92 / 60 / 70
+#: offer rounds, 10.6 / 9.1 / 8.1 flushes and 17 / 33 / 63 box rounds per query (before the
+#: probe order of 2026-11-30); not yet timed on a GPU.
 LEAF = env_int("ZETA_CUDA_LEAF", 64, 1)
+#: Leaves that follow the Z-order cells (``exact_leaf_starts_kernel``: leaf j starts within
+#: half a leaf of entry ``j * LEAF``, where the largest cell there begins) instead of fixed
+#: runs of LEAF entries (ZETA_CUDA_CELL_LEAVES=0), the same number of leaves and boxes. On
+#: the CPU shim (benches/gpu_opmix.py --n 32768 --queries 2048, top-32, exact default) per
+#: query: candidates 2,943 -> 1,546, leaves scanned 37.6 -> 14.6, offer rounds 92.5 -> 58.7,
+#: box rounds 17 either way (2026-12-01); not yet timed on a GPU (gpu_variants.py times both).
+CELL_LEAVES = os.environ.get("ZETA_CUDA_CELL_LEAVES", "1") != "0"
 
 
 def codes(
@@ -179,12 +190,14 @@ def level_layout(s: int, chunk: int, causal: bool) -> List[Tuple[int, int]]:
 
 def exact_boxes(
     rt: Runtime, levels: Any, k: Any, g: int, n_curves: int, s: int, chunk: int, causal: bool
-) -> Tuple[Any, Any]:
-    """Leaf boxes of curve 0 for the exact search: (boxes f32, box_offs int64 per level).
+) -> Tuple[Any, Any, Any]:
+    """Leaves of curve 0 for the exact search: (boxes f32, box_offs int64 per level, starts).
 
     ``levels`` from :func:`build` over ``g * n_curves`` slices, ``k`` the (g, s, dk) float32
     keys. Level ``l``'s boxes start at ``box_offs[l]`` floats ((g, runs, leaves, 2, dk), see
     ``exact_boxes_kernel``); -1: its runs are at most :data:`LEAF` entries, no boxes.
+    ``starts``: int32, each leaf's first entry in its run (leaf ``i`` of the level's boxes at
+    ``box_offs[l] // (2 * dk) + i``), or :data:`NULL` when leaves are fixed (``CELL_LEAVES``).
     """
     dk = k.size // max(1, g * s)
     layout = level_layout(s, chunk, causal)
@@ -201,12 +214,32 @@ def exact_boxes(
         total += n_boxes * 2 * dk
         level_off += g * n_curves * width
     boxes = rt.empty((max(total, 1),), np.float32)
+    starts = rt.empty((max(total // (2 * dk), 1),), np.int32) if CELL_LEAVES else None
     for lv, (width, run_len) in enumerate(layout):
         level_off, n_boxes = sizes[lv]
         if n_boxes == 0:
             continue
         src = levels[level_off : level_off + g * n_curves * width]
         dst = boxes[int(offs[lv]) : int(offs[lv]) + n_boxes * 2 * dk]
+        st: Any = NULL
+        if starts is not None:
+            first = int(offs[lv]) // (2 * dk)
+            st = starts[first : first + n_boxes]
+            rt.launch(
+                "index.cu",
+                "zeta::exact_leaf_starts_kernel",
+                blocks(n_boxes, THREADS),
+                THREADS,
+                (
+                    src,
+                    st,
+                    np.int64(g),
+                    np.int32(n_curves),
+                    np.int64(width),
+                    np.int64(run_len),
+                    np.int32(LEAF),
+                ),
+            )
         rt.launch(
             "index.cu",
             "zeta::exact_boxes_kernel",
@@ -215,6 +248,7 @@ def exact_boxes(
             (
                 src,
                 k,
+                st,
                 dst,
                 np.int64(g),
                 np.int32(n_curves),
@@ -225,7 +259,7 @@ def exact_boxes(
                 np.int32(LEAF),
             ),
         )
-    return boxes, _device_constant(rt, offs)
+    return boxes, _device_constant(rt, offs), starts if starts is not None else NULL
 
 
 _CONSTANTS: Dict[Tuple[Any, ...], Any] = {}

@@ -80,12 +80,12 @@ def _prepare(rt: Runtime, q: Any, k: Any, shape: Tuple[int, ...], p: Any, topk: 
         np.int32(order is not None),
     )
     if p.exact:
-        boxes, box_offs = index.exact_boxes(
+        boxes, box_offs, starts = index.exact_boxes(
             rt, levels, k, b * hkv, p.n_curves, s, p.chunk, p.causal
         )
-        args += (np.int32(1), boxes, box_offs)
+        args += (np.int32(1), boxes, box_offs, starts)
     else:
-        args += (np.int32(0), rt.zeros((1,), np.float32), rt.zeros((1,), np.int64))
+        args += (np.int32(0), rt.zeros((1,), np.float32), rt.zeros((1,), np.int64), index.NULL)
     args += (pts if pts is not None else index.NULL,)
     return args, kp
 

@@ -27,6 +27,11 @@
 #define ZETA_SEARCH_BOUNDS
 #endif
 
+/// Entries per leaf box (zeta/_cuda/index.py LEAF, which passes -DZETA_LEAF when it is not 64).
+#ifndef ZETA_LEAF
+#define ZETA_LEAF 64
+#endif
+
 namespace zeta {
 
 // The kernels take the search settings as plain scalars (what every launcher passes
@@ -39,12 +44,29 @@ namespace zeta {
         int a_n_curves, int a_n_sink, int a_causal, int a_n_levels, int a_topk, int a_kp,     \
         const long long *__restrict__ a_order, int a_use_order, int a_exact,                   \
         const float *__restrict__ a_boxes, const long long *__restrict__ a_box_offs,           \
-        const Pt4 *__restrict__ a_pts
+        const int *__restrict__ a_leaf_st, const Pt4 *__restrict__ a_pts
 #define ZETA_SEARCH_ARGS                                                                       \
     SearchArgs{a_q,   a_k,     a_qcodes, a_levels, a_n, a_s, a_n_full,          \
                a_b,   a_h,     a_hkv,    a_dk,     a_chunk,     a_window, a_n_curves,         \
                a_n_sink, a_causal, a_n_levels, a_topk, a_kp, a_order, a_use_order,           \
-               a_exact, a_boxes, a_box_offs, a_pts}
+               a_exact, a_boxes, a_box_offs, a_leaf_st, a_pts}
+
+/// The leaves of one run of curve 0 for the exact search: leaf t is entries [start(t),
+/// start(t + 1)); `st` (index.cu exact_leaf_starts_kernel: leaves that follow the Z-order
+/// cells) or, null, fixed leaves of ZETA_LEAF entries. `box`: the leaves' boxes, or null
+/// (a short run: scanned whole).
+struct Leaves {
+    const float* box;
+    const int* st;
+    int n, run_len;
+
+    __device__ __forceinline__ int start(int t) const {
+        if (t >= n) return run_len;
+        if (st != nullptr) return st[t];
+        const long long e = static_cast<long long>(t) * ZETA_LEAF;
+        return e < run_len ? static_cast<int>(e) : run_len;
+    }
+};
 
 struct SearchArgs {
     const float* q;            // (B, H, N, dk)
@@ -58,18 +80,30 @@ struct SearchArgs {
     int exact;                  // exact search: prune-scan every run through its leaf boxes
     const float* boxes;         // leaf boxes of curve 0 (index.cu exact_boxes_kernel)
     const long long* box_offs;  // per level: first float of its boxes; -1: no boxes (short runs)
+    const int* leaf_st;         // per leaf box its first entry (run-local), or null: fixed leaves
     const Pt4* pts;             // beside each entry of `levels` its point (d_k = 3), or null
 
     /// The points beside the run that starts at `run` (an address in `levels`), or null.
     __device__ __forceinline__ const Pt4* points_of(const uint64_t* run) const {
         return pts == nullptr ? nullptr : pts + (run - levels);
     }
+
+    /// The leaves of run m (of run_len entries) of kv slice g's curve 0 at level l (slice
+    /// width `width`; non-causal: l = 0, one run). Exact searches only.
+    __device__ __forceinline__ Leaves leaves_of(int l, long long g, long long m, long long width,
+                                                long long run_len) const {
+        Leaves lv;
+        const long long bo = box_offs[l];
+        lv.n = static_cast<int>((run_len + ZETA_LEAF - 1) / ZETA_LEAF);
+        lv.run_len = static_cast<int>(run_len);
+        const long long first = (g * (width / run_len) + m) * lv.n;  // its first leaf in the level
+        lv.box = bo >= 0 ? boxes + bo + first * 2 * dk : nullptr;
+        lv.st = bo >= 0 && leaf_st != nullptr ? leaf_st + bo / (2 * dk) + first : nullptr;
+        return lv;
+    }
 };
 
-/// Entries per leaf box (zeta/_cuda/index.py LEAF, which passes -DZETA_LEAF when it is not 64).
-#ifndef ZETA_LEAF
-#define ZETA_LEAF 64
-#endif
+
 
 __device__ __forceinline__ uint64_t umin64(uint64_t a, uint64_t b) { return a < b ? a : b; }
 __device__ __forceinline__ uint64_t umax64(uint64_t a, uint64_t b) { return a < b ? b : a; }
@@ -337,8 +371,9 @@ __device__ __forceinline__ float box_lb(const float* qv, const float* bx, int dk
 }
 
 /// Leaves [l0, l1) of a run of `run_len` entries that the exact search's first pass scans around
-/// the lower bound `at` of the query's code: those holding entries [at - window, at + window],
-/// at least the one holding `at` (both ends clamped to the run).
+/// the lower bound `at` of the query's code: those that would hold entries [at - window, at +
+/// window] if leaves were ZETA_LEAF entries each (leaves that follow the cells start within
+/// half a leaf of that; any choice is exact: the pruned scan skips just these leaves).
 __device__ __forceinline__ void first_leaves(long long at, long long window, long long run_len,
                                              long long& l0, long long& l1) {
     const long long n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
@@ -353,23 +388,23 @@ __device__ __forceinline__ void first_leaves(long long at, long long window, lon
 /// Exact search of one sorted run: offers every entry of each leaf whose box bound is below
 /// the current k-th best key (a leaf is tested again just before its scan: the k-th best
 /// only falls), except the leaves [skip0, skip1) that the first pass scanned whole. `at`: the
-/// lower bound of the query's code in the run. `box`: the run's leaf boxes, or null: offer
-/// the whole run (but the skipped leaves). The leaves are taken 32 at a time starting with
-/// the 32 around the query's code (its nearest keys are most likely there, so the k-th best
-/// falls early), then on round the run.
+/// lower bound of the query's code in the run. `lv.box` null: offer the whole run (but the
+/// skipped leaves). The leaves are taken 32 at a time starting with the 32 around the query's
+/// code (its nearest keys are most likely there, so the k-th best falls early), then on round
+/// the run.
 template <int DK>
-__device__ void scan_run_pruned(const uint64_t* run, const Pt4* prun, int run_len, const float* box,
+__device__ void scan_run_pruned(const uint64_t* run, const Pt4* prun, const Leaves& lv,
                                 const float* kg, const float* qv, int dk, int at, int skip0,
                                 int skip1, WarpSelect& ws) {
-    const int e0 = skip0 * ZETA_LEAF;
-    const int e1 = skip1 * ZETA_LEAF < run_len ? skip1 * ZETA_LEAF : run_len;
-    if (box == nullptr) {
+    const int run_len = lv.run_len;
+    if (lv.box == nullptr) {
+        const int e0 = lv.start(skip0), e1 = lv.start(skip1);
         scan_entries<DK>(run, prun, 0, e0, kg, qv, dk, ws);
         scan_entries<DK>(run, prun, e1 > e0 ? e1 : e0, run_len, kg, qv, dk, ws);
         return;
     }
     const int d = DK > 0 ? DK : dk;
-    const int n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
+    const int n_leaves = lv.n;
     const int lane = static_cast<int>(lane_id());
     int first = at / ZETA_LEAF - 16;
     first = first < 0 ? 0 : first;
@@ -380,19 +415,20 @@ __device__ void scan_run_pruned(const uint64_t* run, const Pt4* prun, int run_le
         // Any key of the leaf is >= (bits(bound) << 32): positions only add low bits.
         const uint64_t lb =
             t < n_leaves
-                ? static_cast<uint64_t>(__float_as_uint(box_lb<DK>(qv, box + static_cast<long long>(t) * 2 * d, dk))) << 32
+                ? static_cast<uint64_t>(__float_as_uint(box_lb<DK>(qv, lv.box + static_cast<long long>(t) * 2 * d, dk))) << 32
                 : ZETA_KEY_NONE;
         unsigned m = __ballot_sync(ZETA_FULL_MASK, lb < ws.kth);
         ZETA_STAT(3);
+        if (m == 0u) continue;
+        const int lo = t < n_leaves ? lv.start(t) : 0, hi = t < n_leaves ? lv.start(t + 1) : 0;
         while (m != 0u) {
             const int j = __ffs(static_cast<int>(m)) - 1;
             m &= m - 1u;
             const uint64_t lbj = __shfl_sync(ZETA_FULL_MASK, lb, j);
             if (lbj >= ws.kth) continue;  // warp-uniform: kth is read from the shared list
             ZETA_STAT(4);
-            const int lo = __shfl_sync(ZETA_FULL_MASK, t, j) * ZETA_LEAF;
-            scan_entries<DK>(run, prun, lo, lo + ZETA_LEAF < run_len ? lo + ZETA_LEAF : run_len,
-                             kg, qv, dk, ws);
+            scan_entries<DK>(run, prun, __shfl_sync(ZETA_FULL_MASK, lo, j),
+                             __shfl_sync(ZETA_FULL_MASK, hi, j), kg, qv, dk, ws);
         }
     }
 }
@@ -407,18 +443,13 @@ __device__ void search_exact(const SearchArgs& a, long long w, long long g, long
                              const float* kg, const float* qv, long long sidx, WarpSelect& ws) {
     ws.flush();  // the first pass's k-th best: the first radius
     const long long slices = static_cast<long long>(a.b) * a.hkv * a.n_curves;
-    const int d = a.dk;
     if (!a.causal) {  // one run of all keys per slice
-        const long long bo = a.box_offs[0];
-        const long long n_leaves = (a.s + ZETA_LEAF - 1) / ZETA_LEAF;
         const long long at = __shfl_sync(ZETA_FULL_MASK, sidx, 0);
         long long l0, l1;
         first_leaves(at, a.window, a.s, l0, l1);
         const uint64_t* run = a.levels + g * a.n_curves * a.s;
-        scan_run_pruned<DK>(run, a.points_of(run), static_cast<int>(a.s),
-                            bo >= 0 ? a.boxes + bo + g * n_leaves * 2 * d : nullptr, kg, qv,
-                            a.dk, static_cast<int>(at), static_cast<int>(l0), static_cast<int>(l1),
-                            ws);
+        scan_run_pruned<DK>(run, a.points_of(run), a.leaves_of(0, g, 0, a.s, a.s), kg, qv, a.dk,
+                            static_cast<int>(at), static_cast<int>(l0), static_cast<int>(l1), ws);
         return;
     }
     long long off = 0;  // start of level l: the levels below it, all slices
@@ -429,17 +460,12 @@ __device__ void search_exact(const SearchArgs& a, long long w, long long g, long
             const long long run_len = static_cast<long long>(a.chunk) << l;
             const long long m = (cq >> l) - 1;
             const uint64_t* run = a.levels + off + g * a.n_curves * width + m * run_len;
-            const long long bo = a.box_offs[l];
-            const long long n_runs = width / run_len;
-            const long long n_leaves = (run_len + ZETA_LEAF - 1) / ZETA_LEAF;
-            const float* box =
-                bo >= 0 ? a.boxes + bo + (g * n_runs + m) * n_leaves * 2 * d : nullptr;
             const long long at = __shfl_sync(ZETA_FULL_MASK, sidx, nth++);
             long long l0, l1;
             first_leaves(at, a.window, run_len, l0, l1);
-            scan_run_pruned<DK>(run, a.points_of(run), static_cast<int>(run_len), box, kg, qv, a.dk,
-                                static_cast<int>(at), static_cast<int>(l0), static_cast<int>(l1),
-                                ws);
+            scan_run_pruned<DK>(run, a.points_of(run), a.leaves_of(l, g, m, width, run_len), kg,
+                                qv, a.dk, static_cast<int>(at), static_cast<int>(l0),
+                                static_cast<int>(l1), ws);
         }
         off += slices * width;
     }
@@ -471,9 +497,9 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
         if (pr < n_probes) {
             int c = pr / bits_set, nth = pr % bits_set;
             uint32_t qcode = a.qcodes[(bh * a.n_curves + c) * a.n + i];
-            long long run_len;
+            long long run_len, width, m = 0;
+            int l = 0;
             if (a.causal) {
-                int l = 0;
                 for (int seen = -1;; ++l) {  // the nth set bit of cq, lowest first
                     if ((cq >> l) & 1) {
                         if (++seen == nth) break;
@@ -482,11 +508,11 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
                 long long off = 0;  // start of level l: the levels below it, all slices
                 for (int j = 0; j < l; ++j) off += slices * (((a.n_full >> j) << j) * a.chunk);
                 run_len = static_cast<long long>(a.chunk) << l;
-                long long width = ((a.n_full >> l) << l) * a.chunk;
-                long long m = (cq >> l) - 1;
+                width = ((a.n_full >> l) << l) * a.chunk;
+                m = (cq >> l) - 1;
                 run = a.levels + off + (g * a.n_curves + c) * width + m * run_len;
             } else {
-                run_len = a.s;
+                run_len = width = a.s;
                 run = a.levels + (g * a.n_curves + c) * a.s;
             }
             long long sidx = lower_bound_u64(run, static_cast<uint32_t>(run_len),
@@ -494,8 +520,9 @@ __device__ void search_query(const SearchArgs& a, long long w, const float* qv, 
             if (a.exact && c == 0) {  // whole leaves, which the exact pass then skips
                 long long l0, l1;
                 first_leaves(sidx, a.window, run_len, l0, l1);
-                lo = l0 * ZETA_LEAF;
-                hi = l1 * ZETA_LEAF < run_len ? l1 * ZETA_LEAF : run_len;
+                const Leaves lv = a.leaves_of(l, g, m, width, run_len);
+                lo = lv.start(static_cast<int>(l0));
+                hi = lv.start(static_cast<int>(l1));
             } else {
                 lo = sidx - a.window > 0 ? sidx - a.window : 0;
                 hi = sidx + a.window < run_len ? sidx + a.window : run_len;
