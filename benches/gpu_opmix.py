@@ -31,6 +31,7 @@ EVENTS = {
     0: "offer rounds",
     1: "rounds with a candidate queued",
     2: "flushes",
+    9: "group box rounds (32 groups of 32 leaves)",
     3: "box rounds (32 leaves)",
     4: "leaves scanned (exact pass)",
 }

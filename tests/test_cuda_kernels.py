@@ -537,3 +537,49 @@ def test_random_configs_points_and_first_windows(rt, seed, monkeypatch):
         got[pts] = search.knn(rt, q, k, shape, index_params(dk, topk, exact=False, **kw), topk)
     np.testing.assert_array_equal(got[True][0], got[False][0])
     np.testing.assert_array_equal(got[True][1], got[False][1])
+
+
+_SMALL_LEAVES = r"""
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from adversarial import points
+from cuda_shim import shim_runtime
+import zeta
+from zeta._cuda import index, search
+from zeta._validate import index_params
+assert index.LEAF == 4
+rt = shim_runtime.ShimRuntime(shim_runtime.build())
+for s, n, chunk, causal, kind in [(9000, 24, 64, False, "gauss"), (9000, 40, 64, True, "gauss"),
+                                  (5000, 16, 32, True, "duplicates"), (6000, 16, 8, False, "clusters")]:
+    rng = np.random.default_rng(s + n)
+    q = points(kind, (1, 1, n, 3), rng).astype(np.float32)
+    k = points(kind, (1, 1, s, 3), rng).astype(np.float32)
+    for cell in (True, False):
+        index.CELL_LEAVES = cell
+        p = index_params(3, 12, causal=causal, chunk=chunk, exact=True)
+        idx, d2 = search.knn(rt, q, k, (1, 1, 1, n, s, 3), p, 12)
+        eidx, ed2 = zeta.exact_knn(q, k, 12, causal=causal)
+        np.testing.assert_array_equal(idx, eidx)
+        np.testing.assert_array_equal(d2, ed2)
+print("ok")
+"""
+
+
+def test_exact_knn_over_many_groups_of_leaves():
+    """Leaves of 4 entries (ZETA_CUDA_LEAF=4, compiled in a shim of its own): runs of 2048 to
+    8192 entries have 16 to 64 groups of 32 leaves, so the search walks group boxes in more
+    than one round, nearest group first; the answer stays the brute-force top-k."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "ZETA_CUDA_LEAF": "4"}
+    tests_dir = str(Path(__file__).parent)
+    r = subprocess.run(
+        [sys.executable, "-c", _SMALL_LEAVES, tests_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -37,7 +37,8 @@ LEAF = env_int("ZETA_CUDA_LEAF", 64, 1)
 #: runs of LEAF entries (ZETA_CUDA_CELL_LEAVES=0), the same number of leaves and boxes. On
 #: the CPU shim (benches/gpu_opmix.py --n 32768 --queries 2048, top-32, exact default) per
 #: query: candidates 2,943 -> 1,546, leaves scanned 37.6 -> 14.6, offer rounds 92.5 -> 58.7,
-#: box rounds 17 either way (2026-12-01); not yet timed on a GPU (gpu_variants.py times both).
+#: box rounds 17 either way (2026-12-01; the group boxes then cut those to 3 + 7.7); not yet
+#: timed on a GPU (gpu_variants.py times both).
 CELL_LEAVES = os.environ.get("ZETA_CUDA_CELL_LEAVES", "1") != "0"
 
 
@@ -195,7 +196,9 @@ def exact_boxes(
 
     ``levels`` from :func:`build` over ``g * n_curves`` slices, ``k`` the (g, s, dk) float32
     keys. Level ``l``'s boxes start at ``box_offs[l]`` floats ((g, runs, leaves, 2, dk), see
-    ``exact_boxes_kernel``); -1: its runs are at most :data:`LEAF` entries, no boxes.
+    ``exact_boxes_kernel``), followed by the boxes of every run's groups of 32 leaves ((g,
+    runs, groups, 2, dk), ``exact_super_boxes_kernel``); -1: its runs are at most
+    :data:`LEAF` entries, no boxes.
     ``starts``: int32, each leaf's first entry in its run (leaf ``i`` of the level's boxes at
     ``box_offs[l] // (2 * dk) + i``), or :data:`NULL` when leaves are fixed (``CELL_LEAVES``).
     """
@@ -206,12 +209,14 @@ def exact_boxes(
     total = 0
     level_off = 0
     for lv, (width, run_len) in enumerate(layout):
-        n_boxes = 0
+        n_boxes = n_groups = 0
         if run_len > LEAF and width > 0:
-            n_boxes = g * (width // run_len) * ((run_len + LEAF - 1) // LEAF)
+            n_leaves = (run_len + LEAF - 1) // LEAF
+            n_boxes = g * (width // run_len) * n_leaves
+            n_groups = g * (width // run_len) * ((n_leaves + 31) // 32)
             offs[lv] = total
         sizes.append((level_off, n_boxes))
-        total += n_boxes * 2 * dk
+        total += (n_boxes + n_groups) * 2 * dk  # leaf boxes, then the super boxes
         level_off += g * n_curves * width
     boxes = rt.empty((max(total, 1),), np.float32)
     starts = rt.empty((max(total // (2 * dk), 1),), np.int32) if CELL_LEAVES else None
@@ -258,6 +263,19 @@ def exact_boxes(
                 np.int32(dk),
                 np.int32(LEAF),
             ),
+        )
+        n_runs = g * (width // run_len)
+        n_leaves = n_boxes // n_runs
+        n_groups = n_runs * ((n_leaves + 31) // 32)
+        sup = boxes[
+            int(offs[lv]) + n_boxes * 2 * dk : int(offs[lv]) + (n_boxes + n_groups) * 2 * dk
+        ]
+        rt.launch(
+            "index.cu",
+            "zeta::exact_super_boxes_kernel",
+            blocks(n_groups, THREADS),
+            THREADS,
+            (dst, sup, np.int64(n_runs), np.int64(n_leaves), np.int32(dk)),
         )
     return boxes, _device_constant(rt, offs), starts if starts is not None else NULL
 

@@ -33,6 +33,7 @@ NAME_EXPRESSIONS: Dict[str, List[str]] = {
         "zeta::index_points_kernel",
         "zeta::exact_leaf_starts_kernel",
         "zeta::exact_boxes_kernel",
+        "zeta::exact_super_boxes_kernel",
     ],
     "search.cu": [f"zeta::knn_kernel<{d}>" for d in (0, 2, 3, 4)]
     + [

@@ -159,4 +159,28 @@ __global__ void exact_boxes_kernel(const uint64_t* __restrict__ level, const flo
     }
 }
 
+/// Super boxes: per run, the box of every group of 32 consecutive leaves (the last group
+/// shorter), from the leaf boxes `boxes` (runs, leaves, 2, dk) into `sboxes` (runs, groups, 2,
+/// dk), groups = ceil(leaves / 32). The search tests a group's box before its 32 leaf boxes.
+__global__ void exact_super_boxes_kernel(const float* __restrict__ boxes, float* __restrict__ sboxes,
+                                         long long n_runs, long long n_leaves, int dk) {
+    const long long n_groups = (n_leaves + 31) / 32;
+    long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (t >= n_runs * n_groups) return;
+    const long long r = t / n_groups, grp = t % n_groups;
+    const long long l0 = grp * 32, l1 = l0 + 32 < n_leaves ? l0 + 32 : n_leaves;
+    const float* b = boxes + (r * n_leaves + l0) * 2 * dk;
+    float* o = sboxes + t * 2 * dk;
+    for (int d = 0; d < dk; ++d) {
+        float mn = b[d], mx = b[dk + d];
+        for (long long j = 1; j < l1 - l0; ++j) {
+            const float lo = b[j * 2 * dk + d], hi = b[j * 2 * dk + dk + d];
+            mn = lo < mn ? lo : mn;
+            mx = hi > mx ? hi : mx;
+        }
+        o[d] = mn;
+        o[dk + d] = mx;
+    }
+}
+
 }  // namespace zeta

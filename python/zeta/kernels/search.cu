@@ -54,9 +54,11 @@ namespace zeta {
 /// The leaves of one run of curve 0 for the exact search: leaf t is entries [start(t),
 /// start(t + 1)); `st` (index.cu exact_leaf_starts_kernel: leaves that follow the Z-order
 /// cells) or, null, fixed leaves of ZETA_LEAF entries. `box`: the leaves' boxes, or null
-/// (a short run: scanned whole).
+/// (a short run: scanned whole). `sbox`: the boxes of its groups of 32 leaves (index.cu
+/// exact_super_boxes_kernel).
 struct Leaves {
     const float* box;
+    const float* sbox;
     const int* st;
     int n, run_len;
 
@@ -96,9 +98,16 @@ struct SearchArgs {
         const long long bo = box_offs[l];
         lv.n = static_cast<int>((run_len + ZETA_LEAF - 1) / ZETA_LEAF);
         lv.run_len = static_cast<int>(run_len);
-        const long long first = (g * (width / run_len) + m) * lv.n;  // its first leaf in the level
+        const long long n_runs = width / run_len;
+        const long long first = (g * n_runs + m) * lv.n;  // its first leaf in the level
         lv.box = bo >= 0 ? boxes + bo + first * 2 * dk : nullptr;
         lv.st = bo >= 0 && leaf_st != nullptr ? leaf_st + bo / (2 * dk) + first : nullptr;
+        // the level's super boxes follow its leaf boxes (zeta/_cuda/index.py exact_boxes)
+        const long long n_groups = (lv.n + 31) / 32;
+        lv.sbox = bo >= 0 ? boxes + bo +
+                                (static_cast<long long>(b) * hkv * n_runs * lv.n +
+                                 (g * n_runs + m) * n_groups) * 2 * dk
+                          : nullptr;
         return lv;
     }
 };
@@ -385,13 +394,44 @@ __device__ __forceinline__ void first_leaves(long long at, long long window, lon
     l0 = l0 < l1 ? l0 : l1;
 }
 
+/// One round of 32 leaves (lane: leaf t; t = lv.n: none): the leaves whose box bound is below
+/// the k-th best key, except [skip0, skip1), are scanned, each tested again just before its
+/// scan (the k-th best only falls).
+template <int DK>
+__device__ __forceinline__ void leaf_round(const uint64_t* run, const Pt4* prun, const Leaves& lv,
+                                           int t, const float* kg, const float* qv, int dk,
+                                           int skip0, int skip1, WarpSelect& ws) {
+    const int d = DK > 0 ? DK : dk;
+    t = t < skip0 || t >= skip1 ? t : lv.n;
+    // Any key of the leaf is >= (bits(bound) << 32): positions only add low bits.
+    const uint64_t lb =
+        t < lv.n
+            ? static_cast<uint64_t>(__float_as_uint(box_lb<DK>(qv, lv.box + static_cast<long long>(t) * 2 * d, dk))) << 32
+            : ZETA_KEY_NONE;
+    unsigned m = __ballot_sync(ZETA_FULL_MASK, lb < ws.kth);
+    ZETA_STAT(3);
+    if (m == 0u) return;
+    const int lo = t < lv.n ? lv.start(t) : 0, hi = t < lv.n ? lv.start(t + 1) : 0;
+    while (m != 0u) {
+        const int j = __ffs(static_cast<int>(m)) - 1;
+        m &= m - 1u;
+        const uint64_t lbj = __shfl_sync(ZETA_FULL_MASK, lb, j);
+        if (lbj >= ws.kth) continue;  // warp-uniform: kth is read from the shared list
+        ZETA_STAT(4);
+        scan_entries<DK>(run, prun, __shfl_sync(ZETA_FULL_MASK, lo, j),
+                         __shfl_sync(ZETA_FULL_MASK, hi, j), kg, qv, dk, ws);
+    }
+}
+
 /// Exact search of one sorted run: offers every entry of each leaf whose box bound is below
 /// the current k-th best key (a leaf is tested again just before its scan: the k-th best
 /// only falls), except the leaves [skip0, skip1) that the first pass scanned whole. `at`: the
 /// lower bound of the query's code in the run. `lv.box` null: offer the whole run (but the
-/// skipped leaves). The leaves are taken 32 at a time starting with the 32 around the query's
-/// code (its nearest keys are most likely there, so the k-th best falls early), then on round
-/// the run.
+/// skipped leaves). A run of at most 32 leaves: one round of their boxes, from the 16 before
+/// the query's code on round the run. Longer runs: the boxes of their groups of 32 leaves
+/// first (32 groups a round), then the groups within the k-th best, nearest first (its
+/// nearest keys are most likely there, so the k-th best falls early), a round of 32 leaf
+/// boxes each.
 template <int DK>
 __device__ void scan_run_pruned(const uint64_t* run, const Pt4* prun, const Leaves& lv,
                                 const float* kg, const float* qv, int dk, int at, int skip0,
@@ -406,29 +446,37 @@ __device__ void scan_run_pruned(const uint64_t* run, const Pt4* prun, const Leav
     const int d = DK > 0 ? DK : dk;
     const int n_leaves = lv.n;
     const int lane = static_cast<int>(lane_id());
-    int first = at / ZETA_LEAF - 16;
-    first = first < 0 ? 0 : first;
-    for (int base = 0; base < n_leaves; base += 32) {
-        int t = first + base + lane;  // leaves first .. n_leaves - 1, then 0 .. first - 1
-        t = t >= n_leaves ? t - n_leaves : t;
-        t = base + lane < n_leaves && (t < skip0 || t >= skip1) ? t : n_leaves;  // n_leaves: none
-        // Any key of the leaf is >= (bits(bound) << 32): positions only add low bits.
-        const uint64_t lb =
-            t < n_leaves
-                ? static_cast<uint64_t>(__float_as_uint(box_lb<DK>(qv, lv.box + static_cast<long long>(t) * 2 * d, dk))) << 32
+    if (n_leaves <= 32) {  // one group: its leaves, from the 16 before the query's code on
+        int first = at / ZETA_LEAF - 16;
+        first = first < 0 ? 0 : first;
+        for (int base = 0; base < n_leaves; base += 32) {
+            int t = first + base + lane;  // leaves first .. n_leaves - 1, then 0 .. first - 1
+            t = t >= n_leaves ? t - n_leaves : t;
+            leaf_round<DK>(run, prun, lv, base + lane < n_leaves ? t : n_leaves, kg, qv, dk,
+                           skip0, skip1, ws);
+        }
+        return;
+    }
+    // Groups of 32 leaves: each group's box first, then the leaves of the groups within the
+    // k-th best, nearest group first (the k-th best falls fastest), 32 groups at a time.
+    const int n_groups = (n_leaves + 31) / 32;
+    for (int gb = 0; gb < n_groups; gb += 32) {
+        const int grp = gb + lane;
+        const uint64_t glb =
+            grp < n_groups
+                ? static_cast<uint64_t>(__float_as_uint(box_lb<DK>(qv, lv.sbox + static_cast<long long>(grp) * 2 * d, dk))) << 32
                 : ZETA_KEY_NONE;
-        unsigned m = __ballot_sync(ZETA_FULL_MASK, lb < ws.kth);
-        ZETA_STAT(3);
-        if (m == 0u) continue;
-        const int lo = t < n_leaves ? lv.start(t) : 0, hi = t < n_leaves ? lv.start(t + 1) : 0;
-        while (m != 0u) {
-            const int j = __ffs(static_cast<int>(m)) - 1;
-            m &= m - 1u;
-            const uint64_t lbj = __shfl_sync(ZETA_FULL_MASK, lb, j);
-            if (lbj >= ws.kth) continue;  // warp-uniform: kth is read from the shared list
-            ZETA_STAT(4);
-            scan_entries<DK>(run, prun, __shfl_sync(ZETA_FULL_MASK, lo, j),
-                             __shfl_sync(ZETA_FULL_MASK, hi, j), kg, qv, dk, ws);
+        ZETA_STAT(9);
+        unsigned gm = __ballot_sync(ZETA_FULL_MASK, glb < ws.kth);
+        while (gm != 0u) {
+            uint64_t v = (gm >> lane) & 1u ? glb : ZETA_KEY_NONE;  // the nearest group left
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v = umin64(v, __shfl_xor_sync(ZETA_FULL_MASK, v, o));
+            if (v >= ws.kth) break;  // and so are the rest
+            const int j = __ffs(static_cast<int>(__ballot_sync(ZETA_FULL_MASK, ((gm >> lane) & 1u) && glb == v))) - 1;
+            gm &= ~(1u << j);
+            const int t = (gb + j) * 32 + lane;
+            leaf_round<DK>(run, prun, lv, t < n_leaves ? t : n_leaves, kg, qv, dk, skip0, skip1, ws);
         }
     }
 }
