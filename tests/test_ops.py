@@ -946,3 +946,30 @@ def test_knn_topk_beyond_any_memory_names_topk(fn):
     # attention attends to the keys there are: a huge topk is fine there
     v = np.ones(k.shape[:3] + (2,), np.float32)
     assert zeta.attention(q, k, v, topk=2**64, causal=False).shape == q.shape[:3] + (2,)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("vdtype", ["float32", "float64", "float16", "bfloat16"])
+def test_forward_without_indices_gives_the_same_output(vdtype, exact):
+    """indices=False (numpy inputs: no backward follows) skips the (B, H, N, topk) array:
+    the output is the same bits, the indices None."""
+    from zeta import _core
+
+    rng = np.random.default_rng(3)
+    dt = np.float64 if vdtype == "float64" else np.float32
+    q = rng.standard_normal((2, 4, 50, 3)).astype(dt)
+    k = rng.standard_normal((2, 2, 70, 3)).astype(dt)
+    v = rng.standard_normal((2, 2, 70, 5)).astype(dt)
+    p = {"chunk": 4, "window": 3, "n_curves": 2, "n_sink": 1, "causal": True, "bits": 10}
+    p.update(scale=1.0, exact=exact)
+    gamma = np.array([0.5, 1.0, 1.5, 2.0])
+    if vdtype in ("float16", "bfloat16"):
+        vb = torch.from_numpy(v).to(getattr(torch, vdtype)).view(torch.int16).numpy()
+        vb = vb.view(np.uint16)
+        full = _core.attention_forward_half(q, k, vb, vdtype, gamma, 6, True, p)
+        bare = _core.attention_forward_half(q, k, vb, vdtype, gamma, 6, True, p, indices=False)
+    else:
+        full = _core.attention_forward(q, k, v, gamma, 6, True, p)
+        bare = _core.attention_forward(q, k, v, gamma, 6, True, p, indices=False)
+    assert full[1].shape == (2, 4, 50, 6) and bare[1] is None
+    np.testing.assert_array_equal(bare[0], full[0])

@@ -76,8 +76,10 @@ def attention_forward(
     topk: int,
     mean_token: bool,
     params: _Params,
-) -> Tuple[npt.NDArray[Any], npt.NDArray[np.int32]]:
-    """-> out (B,H,N,dv), indices (B,H,N,topk)."""
+    indices: bool = True,
+) -> Tuple[npt.NDArray[Any], Optional[npt.NDArray[np.int32]]]:
+    """-> out (B,H,N,dv), indices (B,H,N,topk); None with indices=False (no backward: the
+    array is then neither filled nor allocated)."""
 
 def attention_forward_half(
     q: npt.NDArray[np.float32],
@@ -88,8 +90,10 @@ def attention_forward_half(
     topk: int,
     mean_token: bool,
     params: _Params,
-) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
-    """v: the bits of float16 / bfloat16 values (``v_dtype``) -> out float32, indices."""
+    indices: bool = True,
+) -> Tuple[npt.NDArray[np.float32], Optional[npt.NDArray[np.int32]]]:
+    """v: the bits of float16 / bfloat16 values (``v_dtype``) -> out float32, indices (None
+    with indices=False)."""
 
 def attention_backward(
     q: npt.NDArray[Any],

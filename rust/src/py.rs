@@ -491,6 +491,7 @@ fn fwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     topk: usize,
     mean_token: bool,
     prm: &PyParams,
+    indices: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let q: PyReadonlyArray4<T> = q.extract()?;
     let k: PyReadonlyArray4<T> = k
@@ -504,16 +505,38 @@ fn fwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     let gs = gamma.as_slice().map_err(|_| not_contiguous("gamma"))?;
     let p = prm.get();
     let opts = AttnOpts { topk, mean_token };
+    let search = prm.search();
     let (out, idx) = run(py, || {
-        attention::forward_with(&sh, &p, prm.search(), &opts, qs, ks, vs, gs)
+        if indices {
+            attention::forward_with(&sh, &p, search, &opts, qs, ks, vs, gs)
+        } else {
+            attention::forward_values(&sh, &p, search, &opts, qs, ks, vs, gs).map(|o| (o, vec![]))
+        }
     })?;
+    out_and_indices(py, &sh, topk, out, idx, indices)
+}
+
+/// `(out, indices)`, or `(out, None)` when the indices were not asked for.
+fn out_and_indices<'py, T: numpy::Element>(
+    py: Python<'py>,
+    sh: &Shape,
+    topk: usize,
+    out: Vec<T>,
+    idx: Vec<i32>,
+    indices: bool,
+) -> PyResult<Bound<'py, PyAny>> {
     let o = arr4(py, out, [sh.b, sh.h, sh.n, sh.dv])?;
+    if !indices {
+        return Ok((o, py.None()).into_pyobject(py)?.into_any());
+    }
     let i = arr4(py, idx, [sh.b, sh.h, sh.n, topk])?;
     Ok((o, i).into_pyobject(py)?.into_any())
 }
 
-/// attention_forward(q, k, v, gamma (H,) float64, topk, mean_token, params) -> (out, indices int32)
+/// attention_forward(q, k, v, gamma (H,) float64, topk, mean_token, params, indices=True) ->
+/// (out, indices int32), or (out, None) with indices=False (no backward will follow).
 #[pyfunction]
+#[pyo3(signature = (q, k, v, gamma, topk, mean_token, params, indices = true))]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward<'py>(
     py: Python<'py>,
@@ -524,18 +547,21 @@ fn attention_forward<'py>(
     topk: usize,
     mean_token: bool,
     params: PyParams,
+    indices: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     float_dispatch!(
         q,
-        fwd_impl::<f32>(py, q, k, v, gamma, topk, mean_token, &params),
-        fwd_impl::<f64>(py, q, k, v, gamma, topk, mean_token, &params)
+        fwd_impl::<f32>(py, q, k, v, gamma, topk, mean_token, &params, indices),
+        fwd_impl::<f64>(py, q, k, v, gamma, topk, mean_token, &params, indices)
     )
 }
 
 /// attention_forward_half(q float32, k float32, v uint16 (the bits of `v_dtype` values),
 /// v_dtype "float16" | "bfloat16", gamma, topk, mean_token, params) -> (out float32, indices):
-/// the forward reading half-precision values natively (half the bytes gathered).
+/// the forward reading half-precision values natively (half the bytes gathered);
+/// indices=False: (out, None), as [`attention_forward`].
 #[pyfunction]
+#[pyo3(signature = (q, k, v, v_dtype, gamma, topk, mean_token, params, indices = true))]
 #[allow(clippy::too_many_arguments)]
 fn attention_forward_half<'py>(
     py: Python<'py>,
@@ -547,6 +573,7 @@ fn attention_forward_half<'py>(
     topk: usize,
     mean_token: bool,
     params: PyParams,
+    indices: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     use half::slice::HalfBitsSliceExt;
     let sh = shape_of(&q, &k, Some(&v))?;
@@ -555,17 +582,34 @@ fn attention_forward_half<'py>(
     let p = params.get();
     let opts = AttnOpts { topk, mean_token };
     let search = params.search();
+    fn fwd<E: crate::score::ValueElem>(
+        sh: &Shape,
+        p: &Params,
+        search: attention::Search,
+        opts: &AttnOpts,
+        (qs, ks, vs, gs): (&[f32], &[f32], &[E], &[f64]),
+        indices: bool,
+    ) -> crate::error::Result<(Vec<f32>, Vec<i32>)>
+    where
+        [E]: crate::score::ValueRows<f32>,
+    {
+        if indices {
+            attention::forward_with(sh, p, search, opts, qs, ks, vs, gs)
+        } else {
+            attention::forward_values(sh, p, search, opts, qs, ks, vs, gs).map(|o| (o, vec![]))
+        }
+    }
     let (out, idx) = match v_dtype {
         "float16" => {
             let vs: &[half::f16] = bits.reinterpret_cast();
             run(py, || {
-                attention::forward_with(&sh, &p, search, &opts, qs, ks, vs, gs)
+                fwd(&sh, &p, search, &opts, (qs, ks, vs, gs), indices)
             })?
         }
         "bfloat16" => {
             let vs: &[half::bf16] = bits.reinterpret_cast();
             run(py, || {
-                attention::forward_with(&sh, &p, search, &opts, qs, ks, vs, gs)
+                fwd(&sh, &p, search, &opts, (qs, ks, vs, gs), indices)
             })?
         }
         _ => {
@@ -576,9 +620,7 @@ fn attention_forward_half<'py>(
             .into())
         }
     };
-    let o = arr4(py, out, [sh.b, sh.h, sh.n, sh.dv])?;
-    let i = arr4(py, idx, [sh.b, sh.h, sh.n, topk])?;
-    Ok((o, i).into_pyobject(py)?.into_any())
+    out_and_indices(py, &sh, topk, out, idx, indices)
 }
 
 #[allow(clippy::too_many_arguments)]

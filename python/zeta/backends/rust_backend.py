@@ -74,11 +74,12 @@ class RustBackend(Backend):
             if v.dtype == np.float16:  # read natively by the core: half the bytes gathered
                 vb = np.ascontiguousarray(v).view(np.uint16)
                 out, _ = _core.attention_forward_half(
-                    qn, kn, vb, "float16", gamma, topk, mean_token, p.as_dict()
+                    qn, kn, vb, "float16", gamma, topk, mean_token, p.as_dict(), indices=False
                 )
             else:
+                # no backward follows: the (B, H, N, topk) indices are not even allocated
                 out, _ = _core.attention_forward(
-                    qn, kn, _np_float(v), gamma, topk, mean_token, p.as_dict()
+                    qn, kn, _np_float(v), gamma, topk, mean_token, p.as_dict(), indices=False
                 )
             return out.astype(q.dtype, copy=False)
         from .. import _torch_ops
