@@ -75,6 +75,26 @@ __global__ void index_points_kernel(const uint64_t* __restrict__ level, long lon
     put_point(pts, t, level[t], keys, t / width, n_curves, s);
 }
 
+/// The leaf of this thread in a level's exact-search leaves: t = (g * runs + m) * leaves + j,
+/// leaf j of run m of kv slice g (curve 0: level slice g * n_curves); valid: t in range.
+struct LeafOf {
+    long long n_leaves, t, g, j;
+    const uint64_t* run;
+    bool valid;
+
+    __device__ LeafOf(const uint64_t* level, long long g_count, int n_curves, long long width,
+                      long long run_len, int leaf) {
+        const long long n_runs = width / run_len;
+        n_leaves = (run_len + leaf - 1) / leaf;
+        t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+        valid = t < g_count * n_runs * n_leaves;
+        g = t / (n_runs * n_leaves);
+        const long long rest = t % (n_runs * n_leaves), m = rest / n_leaves;
+        j = rest % n_leaves;
+        run = level + g * n_curves * width + m * run_len;
+    }
+};
+
 /// Highest differing bit + 1 of the codes of two entries (0: equal codes): the size of the
 /// smallest aligned Z-order cell holding both, in bits.
 __device__ __forceinline__ int cell_split(uint64_t a, uint64_t b) {
@@ -96,13 +116,10 @@ __device__ __forceinline__ int cell_split(uint64_t a, uint64_t b) {
 __global__ void exact_leaf_starts_kernel(const uint64_t* __restrict__ level, int* __restrict__ starts,
                                          long long g_count, int n_curves, long long width,
                                          long long run_len, int leaf) {
-    const long long n_runs = width / run_len;
-    const long long n_leaves = (run_len + leaf - 1) / leaf;
-    long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (t >= g_count * n_runs * n_leaves) return;
-    const long long g = t / (n_runs * n_leaves), rest = t % (n_runs * n_leaves);
-    const long long m = rest / n_leaves, j = rest % n_leaves;
-    const uint64_t* run = level + g * n_curves * width + m * run_len;
+    const LeafOf lf(level, g_count, n_curves, width, run_len, leaf);
+    if (!lf.valid) return;
+    const long long t = lf.t, j = lf.j;
+    const uint64_t* run = lf.run;
     const long long mid = j * leaf;
     long long a0 = mid - leaf / 2, a1 = mid + leaf / 2;
     a0 = a0 > 1 ? a0 : 1;
@@ -133,13 +150,10 @@ __global__ void exact_boxes_kernel(const uint64_t* __restrict__ level, const flo
                                    const int* __restrict__ starts, float* __restrict__ boxes,
                                    long long g_count, int n_curves, long long width,
                                    long long run_len, long long s, int dk, int leaf) {
-    const long long n_runs = width / run_len;
-    const long long n_leaves = (run_len + leaf - 1) / leaf;
-    long long t = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (t >= g_count * n_runs * n_leaves) return;
-    const long long g = t / (n_runs * n_leaves), rest = t % (n_runs * n_leaves);
-    const long long m = rest / n_leaves, j = rest % n_leaves;
-    const uint64_t* run = level + g * n_curves * width + m * run_len;
+    const LeafOf lf(level, g_count, n_curves, width, run_len, leaf);
+    if (!lf.valid) return;
+    const long long t = lf.t, g = lf.g, j = lf.j, n_leaves = lf.n_leaves;
+    const uint64_t* run = lf.run;
     const float* kg = keys + g * s * dk;
     long long lo = j * leaf, hi = lo + leaf < run_len ? lo + leaf : run_len;
     if (starts != nullptr) {
