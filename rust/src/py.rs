@@ -507,11 +507,7 @@ fn fwd_impl<'py, T: numpy::Element + num_traits::Float + quantize::Real>(
     let opts = AttnOpts { topk, mean_token };
     let search = prm.search();
     let (out, idx) = run(py, || {
-        if indices {
-            attention::forward_with(&sh, &p, search, &opts, qs, ks, vs, gs)
-        } else {
-            attention::forward_values(&sh, &p, search, &opts, qs, ks, vs, gs).map(|o| (o, vec![]))
-        }
+        attention::forward_opt(&sh, &p, search, &opts, qs, ks, vs, gs, indices)
     })?;
     out_and_indices(py, &sh, topk, out, idx, indices)
 }
@@ -582,34 +578,17 @@ fn attention_forward_half<'py>(
     let p = params.get();
     let opts = AttnOpts { topk, mean_token };
     let search = params.search();
-    fn fwd<E: crate::score::ValueElem>(
-        sh: &Shape,
-        p: &Params,
-        search: attention::Search,
-        opts: &AttnOpts,
-        (qs, ks, vs, gs): (&[f32], &[f32], &[E], &[f64]),
-        indices: bool,
-    ) -> crate::error::Result<(Vec<f32>, Vec<i32>)>
-    where
-        [E]: crate::score::ValueRows<f32>,
-    {
-        if indices {
-            attention::forward_with(sh, p, search, opts, qs, ks, vs, gs)
-        } else {
-            attention::forward_values(sh, p, search, opts, qs, ks, vs, gs).map(|o| (o, vec![]))
-        }
-    }
     let (out, idx) = match v_dtype {
         "float16" => {
             let vs: &[half::f16] = bits.reinterpret_cast();
             run(py, || {
-                fwd(&sh, &p, search, &opts, (qs, ks, vs, gs), indices)
+                attention::forward_opt(&sh, &p, search, &opts, qs, ks, vs, gs, indices)
             })?
         }
         "bfloat16" => {
             let vs: &[half::bf16] = bits.reinterpret_cast();
             run(py, || {
-                fwd(&sh, &p, search, &opts, (qs, ks, vs, gs), indices)
+                attention::forward_opt(&sh, &p, search, &opts, qs, ks, vs, gs, indices)
             })?
         }
         _ => {
