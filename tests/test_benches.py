@@ -155,3 +155,19 @@ def test_gpu_check_script_parses():
         pytest.skip("no bash")
     r = subprocess.run([bash, "-n", str(BENCHES / "gpu_check.sh")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_leaf_census_partitions(monkeypatch):
+    """benches/leaf_census.py: every partition covers the run with non-empty leaves, and on
+    Gaussian keys leaves that follow the cells need fewer keys per query than fixed blocks
+    (the reason the CUDA exact search's leaves are snapped)."""
+    monkeypatch.syspath_prepend(str(BENCHES))
+    import leaf_census
+
+    res = leaf_census.census(n=4096, queries=60, topk=16)
+    assert set(res) == set(leaf_census.PARTITIONS)
+    assert res["snapped 64"]["leaves"] == res["fixed 64"]["leaves"] == 64
+    assert res["snapped 64"]["largest"] <= 127 and res["radix <= 64"]["largest"] <= 64
+    assert res["snapped 64"]["keys_per_query"] < 0.7 * res["fixed 64"]["keys_per_query"]
+    assert leaf_census.main(["--n", "512", "--queries", "8"]) == 0
+    sys.modules.pop("leaf_census", None)

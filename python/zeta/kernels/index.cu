@@ -109,9 +109,9 @@ __device__ __forceinline__ int cell_split(uint64_t a, uint64_t b) {
 /// before it (ties: the entry nearest j*leaf; leaf 0 starts at 0). The windows of
 /// neighbouring leaves are disjoint and ordered, so leaves are non-empty and at most
 /// 2*leaf - 1 long; a leaf that follows the cells has a box of about one cell, where a leaf
-/// of fixed entries straddles cells (a box up to their union). On the CPU shim (N = 32k
-/// Gaussian, top-32, one run): the leaves whose box meets the final k-th ball hold 441 keys
-/// per query, against 1,098 for fixed leaves of 64 (the same leaf count).
+/// of fixed entries straddles cells (a box up to their union). N = 32k Gaussian keys, one
+/// run, top-32 (benches/leaf_census.py): the leaves whose box meets a query's final k-th
+/// ball hold 439 keys per query, against 1,098 for fixed leaves of 64 (the same leaf count).
 /// starts (G, runs, leaves) int32, run-local.
 __global__ void exact_leaf_starts_kernel(const uint64_t* __restrict__ level, int* __restrict__ starts,
                                          long long g_count, int n_curves, long long width,
