@@ -209,19 +209,20 @@ def exact_boxes(
     total = 0
     level_off = 0
     for lv, (width, run_len) in enumerate(layout):
-        n_boxes = n_groups = 0
+        n_runs = n_leaves = n_groups = 0
         if run_len > LEAF and width > 0:
-            n_leaves = (run_len + LEAF - 1) // LEAF
-            n_boxes = g * (width // run_len) * n_leaves
-            n_groups = g * (width // run_len) * ((n_leaves + 31) // 32)
+            n_runs = g * (width // run_len)
+            n_leaves = (run_len + LEAF - 1) // LEAF  # per run
+            n_groups = n_runs * ((n_leaves + 31) // 32)
             offs[lv] = total
-        sizes.append((level_off, n_boxes))
-        total += (n_boxes + n_groups) * 2 * dk  # leaf boxes, then the super boxes
+        sizes.append((level_off, n_runs, n_leaves, n_groups))
+        total += (n_runs * n_leaves + n_groups) * 2 * dk  # leaf boxes, then the super boxes
         level_off += g * n_curves * width
     boxes = rt.empty((max(total, 1),), np.float32)
     starts = rt.empty((max(total // (2 * dk), 1),), np.int32) if CELL_LEAVES else None
     for lv, (width, run_len) in enumerate(layout):
-        level_off, n_boxes = sizes[lv]
+        level_off, n_runs, n_leaves, n_groups = sizes[lv]
+        n_boxes = n_runs * n_leaves
         if n_boxes == 0:
             continue
         src = levels[level_off : level_off + g * n_curves * width]
@@ -264,9 +265,6 @@ def exact_boxes(
                 np.int32(LEAF),
             ),
         )
-        n_runs = g * (width // run_len)
-        n_leaves = n_boxes // n_runs
-        n_groups = n_runs * ((n_leaves + 31) // 32)
         sup = boxes[
             int(offs[lv]) + n_boxes * 2 * dk : int(offs[lv]) + (n_boxes + n_groups) * 2 * dk
         ]
