@@ -188,7 +188,7 @@ fn validate<T: Real, E: ValueElem>(
 }
 
 /// Mutable rows of an output buffer, written from several threads by row index.
-struct Rows<T> {
+pub(crate) struct Rows<T> {
     ptr: *mut T,
     width: usize,
     n: usize,
@@ -200,7 +200,7 @@ unsafe impl<T: Send> Send for Rows<T> {}
 unsafe impl<T: Send> Sync for Rows<T> {}
 
 impl<T> Rows<T> {
-    fn new(buf: &mut [T], width: usize) -> Self {
+    pub(crate) fn new(buf: &mut [T], width: usize) -> Self {
         Rows {
             ptr: buf.as_mut_ptr(),
             width,
@@ -210,7 +210,7 @@ impl<T> Rows<T> {
     /// SAFETY: the caller visits each row index at most once across all threads (the rows
     /// come from a permutation), so no two live `&mut` alias.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, i: usize) -> &mut [T] {
+    pub(crate) unsafe fn row(&self, i: usize) -> &mut [T] {
         assert!(i < self.n);
         std::slice::from_raw_parts_mut(self.ptr.add(i * self.width), self.width)
     }
