@@ -78,6 +78,36 @@ pub trait Real: crate::score::ValueElem + Copy + Send + Sync + 'static {
             *a = *a + s * x;
         }
     }
+    /// [`Real::axpy`] with each `(s, pos)` of `rows` in order, row `pos` of `vals` (rows of
+    /// `acc.len()` values), from `acc = 0` when `fresh`, then `end`'s steps
+    /// ([`crate::simd::axpy_rows_f32`], the f32 kernels, has the same bits).
+    #[inline(always)]
+    fn axpy_rows(
+        acc: &mut [Self],
+        vals: &[Self],
+        rows: &[(Self, u32)],
+        fresh: bool,
+        end: Option<crate::simd::RowsEnd<'_, Self>>,
+    ) where
+        Self: num_traits::Float,
+    {
+        let dv = acc.len();
+        if fresh {
+            acc.fill(Self::zero());
+        }
+        for &(s, pos) in rows {
+            let p = pos as usize * dv;
+            Self::axpy(acc, &vals[p..p + dv], s);
+        }
+        if let Some(end) = end {
+            if let Some((s, m)) = end.mean {
+                Self::axpy(acc, &m[..dv], s);
+            }
+            for a in acc.iter_mut() {
+                *a = *a * end.scale;
+            }
+        }
+    }
 }
 impl Real for f32 {
     type Key = u64;
@@ -116,6 +146,16 @@ impl Real for f32 {
     #[inline(always)]
     fn axpy(acc: &mut [f32], row: &[f32], s: f32) {
         crate::simd::axpy_f32(acc, row, s)
+    }
+    #[inline(always)]
+    fn axpy_rows(
+        acc: &mut [f32],
+        vals: &[f32],
+        rows: &[(f32, u32)],
+        fresh: bool,
+        end: Option<crate::simd::RowsEnd<'_, f32>>,
+    ) {
+        crate::simd::axpy_rows_f32(acc, vals, rows, fresh, end)
     }
 }
 impl Real for f64 {

@@ -226,6 +226,79 @@ axpy_dispatch!(
     axpy_f16, f16, axpy_f16_portable, features().f16c
 );
 
+/// How [`axpy_rows_f32`] ends: `acc = (acc + s * mean) * scale` (`mean`: an extra row and its
+/// weight), the last steps of the Cauchy-softmax value sum.
+#[derive(Clone, Copy, Debug)]
+pub struct RowsEnd<'a, T> {
+    pub mean: Option<(T, &'a [T])>,
+    pub scale: T,
+}
+
+/// `acc = acc + s * vals[pos]` for each `(s, pos)` of `rows` in order (`vals` holds rows of
+/// `acc.len()` values), from `acc = 0` when `fresh` (its old values are then not read), then
+/// `end`'s steps: [`axpy_f32`] once per row and the end's products and sums, each rounded
+/// in this order, so the same bits as those loops. The vector kernels keep up to 64 values of
+/// `acc` in registers across all of it and store them once, instead of a store and a reload
+/// per row (a chain through store forwarding) and a reload of a fresh output row (a miss).
+pub fn axpy_rows_f32(
+    acc: &mut [f32],
+    vals: &[f32],
+    rows: &[(f32, u32)],
+    fresh: bool,
+    end: Option<RowsEnd<'_, f32>>,
+) {
+    let dv = acc.len();
+    for &(_, pos) in rows {
+        let e = (pos as usize + 1).checked_mul(dv);
+        assert!(e.is_some_and(|e| e <= vals.len()), "value row out of range");
+    }
+    if let Some(RowsEnd {
+        mean: Some((_, m)), ..
+    }) = end
+    {
+        assert!(m.len() >= dv, "mean row shorter than acc");
+    }
+    #[cfg(target_arch = "x86_64")]
+    match vector() {
+        // SAFETY: the CPU has AVX-512F (checked by `vector`); every row lies inside `vals`
+        // and the mean row holds dv values (checked above).
+        Vector::Avx512 => return unsafe { avx512::axpy_rows_f32(acc, vals, rows, fresh, end) },
+        // SAFETY: the CPU has AVX2 (checked by `vector`); rows checked as above.
+        Vector::Avx2 => return unsafe { avx2::axpy_rows_f32(acc, vals, rows, fresh, end) },
+        Vector::Portable => {}
+    }
+    axpy_rows_portable(acc, vals, dv, 0, rows, fresh, end);
+}
+
+/// The portable loop of [`axpy_rows_f32`] over values `c0..` of `acc` (rows of `dv` values;
+/// also the AVX2 kernel's tail).
+fn axpy_rows_portable(
+    acc: &mut [f32],
+    vals: &[f32],
+    dv: usize,
+    c0: usize,
+    rows: &[(f32, u32)],
+    fresh: bool,
+    end: Option<RowsEnd<'_, f32>>,
+) {
+    let acc = &mut acc[c0..dv];
+    if fresh {
+        acc.fill(0.0);
+    }
+    for &(s, pos) in rows {
+        let p = pos as usize * dv;
+        axpy_f32_portable(acc, &vals[p + c0..p + dv], s);
+    }
+    if let Some(end) = end {
+        if let Some((s, m)) = end.mean {
+            axpy_f32_portable(acc, &m[c0..dv], s);
+        }
+        for a in acc.iter_mut() {
+            *a *= end.scale;
+        }
+    }
+}
+
 /// The portable loop of [`axpy_f32`] (also the vector kernels' tail).
 fn axpy_f32_portable(acc: &mut [f32], row: &[f32], s: f32) {
     for (a, &x) in acc.iter_mut().zip(row) {
@@ -353,6 +426,60 @@ mod avx2 {
         m
     }
 
+    /// [`super::axpy_rows_f32`]: 64 values of `acc` at a time in eight registers; a last
+    /// chunk of fewer by the portable loop.
+    // Block i of the registers goes with block i of `acc`, of each row and of the mask.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn axpy_rows_f32(
+        acc: &mut [f32],
+        vals: &[f32],
+        rows: &[(f32, u32)],
+        fresh: bool,
+        end: Option<super::RowsEnd<'_, f32>>,
+    ) {
+        let dv = acc.len();
+        let mut c0 = 0;
+        while c0 + 64 <= dv {
+            // SAFETY (of every load and store): values c0..c0 + 64 <= dv of `acc`, of each
+            // row (inside `vals`) and of the mean row (dv values; both checked by the caller).
+            let pa = acc.as_mut_ptr().add(c0);
+            let mut a = [_mm256_setzero_ps(); 8];
+            if !fresh {
+                for i in 0..8 {
+                    a[i] = _mm256_loadu_ps(pa.add(8 * i));
+                }
+            }
+            for &(s, pos) in rows {
+                let sv = _mm256_set1_ps(s);
+                let pr = vals.as_ptr().add(pos as usize * dv + c0);
+                for i in 0..8 {
+                    a[i] = _mm256_add_ps(a[i], _mm256_mul_ps(sv, _mm256_loadu_ps(pr.add(8 * i))));
+                }
+            }
+            if let Some(end) = end {
+                if let Some((s, mr)) = end.mean {
+                    let sv = _mm256_set1_ps(s);
+                    for i in 0..8 {
+                        let x = _mm256_loadu_ps(mr.as_ptr().add(c0 + 8 * i));
+                        a[i] = _mm256_add_ps(a[i], _mm256_mul_ps(sv, x));
+                    }
+                }
+                let sc = _mm256_set1_ps(end.scale);
+                for i in 0..8 {
+                    a[i] = _mm256_mul_ps(a[i], sc);
+                }
+            }
+            for i in 0..8 {
+                _mm256_storeu_ps(pa.add(8 * i), a[i]);
+            }
+            c0 += 64;
+        }
+        if c0 < dv {
+            super::axpy_rows_portable(acc, vals, dv, c0, rows, fresh, end);
+        }
+    }
+
     axpy_kernel!(
         /// [`super::axpy_f32`], 8 values at a time.
         axpy_f32, f32, "avx2", 8,
@@ -470,6 +597,65 @@ mod avx512 {
         m
     }
 
+    /// [`super::axpy_rows_f32`]: 64 values of `acc` at a time in four registers (masked
+    /// loads and stores for a last chunk of fewer).
+    // Block i of the registers goes with block i of `acc`, of each row and of the mask.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn axpy_rows_f32(
+        acc: &mut [f32],
+        vals: &[f32],
+        rows: &[(f32, u32)],
+        fresh: bool,
+        end: Option<super::RowsEnd<'_, f32>>,
+    ) {
+        let dv = acc.len();
+        let mut c0 = 0;
+        while c0 < dv {
+            let w = (dv - c0).min(64);
+            let m: [__mmask16; 4] = std::array::from_fn(|i| {
+                let lanes = w.saturating_sub(16 * i).min(16);
+                ((1u32 << lanes) - 1) as __mmask16
+            });
+            // SAFETY (of every load and store): lane j of block i is value c0 + 16 i + j of
+            // the row, < dv where its mask bit is set (masked-off lanes are not accessed);
+            // each row lies inside `vals` and the mean row holds dv values (checked by the
+            // caller).
+            let pa = acc.as_mut_ptr().add(c0);
+            let mut a = [_mm512_setzero_ps(); 4];
+            if !fresh {
+                for i in 0..4 {
+                    a[i] = _mm512_maskz_loadu_ps(m[i], pa.add(16 * i));
+                }
+            }
+            for &(s, pos) in rows {
+                let sv = _mm512_set1_ps(s);
+                let pr = vals.as_ptr().add(pos as usize * dv + c0);
+                for i in 0..4 {
+                    let x = _mm512_maskz_loadu_ps(m[i], pr.add(16 * i));
+                    a[i] = _mm512_add_ps(a[i], _mm512_mul_ps(sv, x));
+                }
+            }
+            if let Some(end) = end {
+                if let Some((s, mr)) = end.mean {
+                    let sv = _mm512_set1_ps(s);
+                    for i in 0..4 {
+                        let x = _mm512_maskz_loadu_ps(m[i], mr.as_ptr().add(c0 + 16 * i));
+                        a[i] = _mm512_add_ps(a[i], _mm512_mul_ps(sv, x));
+                    }
+                }
+                let sc = _mm512_set1_ps(end.scale);
+                for i in 0..4 {
+                    a[i] = _mm512_mul_ps(a[i], sc);
+                }
+            }
+            for i in 0..4 {
+                _mm512_mask_storeu_ps(pa.add(16 * i), m[i], a[i]);
+            }
+            c0 += w;
+        }
+    }
+
     axpy_kernel!(
         /// [`super::axpy_f32`], 16 values at a time.
         axpy_f32, f32, "avx512f", 16,
@@ -570,6 +756,87 @@ mod tests {
 
     /// The value sums: every kernel this CPU has gives the portable loop's bits, for every
     /// length (tails included) and float32 / bfloat16 / float16 rows.
+    /// The row-sum kernels give the bits of the loop they replace (one `acc + s * x` per row
+    /// in order, then the mean row and the scale), fresh or not, for every width (masked and
+    /// portable tails), up to 3 chunks of 64 values.
+    #[test]
+    fn axpy_rows_paths_agree_bit_for_bit() {
+        let mut s = 11u64;
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for dv in (0..=70usize).chain([127, 128, 129, 192, 200]) {
+            let n_rows = 9;
+            let vals: Vec<f32> = (0..n_rows * dv).map(|_| lcg(&mut s) * 1e3).collect();
+            let mean: Vec<f32> = (0..dv).map(|_| lcg(&mut s)).collect();
+            let rows: Vec<(f32, u32)> = (0..7)
+                .map(|i| (lcg(&mut s), (i * 5 % n_rows) as u32))
+                .collect();
+            let acc0: Vec<f32> = (0..dv).map(|_| lcg(&mut s)).collect();
+            for fresh in [false, true] {
+                for end in [
+                    None,
+                    Some(RowsEnd {
+                        mean: None,
+                        scale: 0.37,
+                    }),
+                    Some(RowsEnd {
+                        mean: Some((1.7f32, &mean[..])),
+                        scale: 3.1,
+                    }),
+                ] {
+                    let mut want = if fresh {
+                        vec![0.0f32; dv]
+                    } else {
+                        acc0.clone()
+                    };
+                    for &(w, p) in &rows {
+                        for (a, &x) in want.iter_mut().zip(&vals[p as usize * dv..]) {
+                            *a += w * x;
+                        }
+                    }
+                    if let Some(e) = end {
+                        if let Some((w, m)) = e.mean {
+                            for (a, &x) in want.iter_mut().zip(m) {
+                                *a += w * x;
+                            }
+                        }
+                        for a in want.iter_mut() {
+                            *a *= e.scale;
+                        }
+                    }
+                    let mut got = acc0.clone();
+                    axpy_rows_f32(&mut got, &vals, &rows, fresh, end);
+                    assert_eq!(bits(&got), bits(&want), "dispatched dv={dv}");
+                    let mut got = acc0.clone();
+                    axpy_rows_portable(&mut got, &vals, dv, 0, &rows, fresh, end);
+                    assert_eq!(bits(&got), bits(&want), "portable dv={dv}");
+                    #[cfg(target_arch = "x86_64")]
+                    for v in available_vectors() {
+                        let mut got = acc0.clone();
+                        match v {
+                            Vector::Portable => continue,
+                            // SAFETY: the CPU has AVX2 (available_vectors); rows in range.
+                            Vector::Avx2 => unsafe {
+                                avx2::axpy_rows_f32(&mut got, &vals, &rows, fresh, end)
+                            },
+                            // SAFETY: the CPU has AVX-512F (available_vectors); rows in range.
+                            Vector::Avx512 => unsafe {
+                                avx512::axpy_rows_f32(&mut got, &vals, &rows, fresh, end)
+                            },
+                        }
+                        assert_eq!(bits(&got), bits(&want), "{} dv={dv}", v.name());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "value row out of range")]
+    fn axpy_rows_rejects_a_row_outside_the_values() {
+        let mut acc = [0.0f32; 4];
+        axpy_rows_f32(&mut acc, &[1.0; 8], &[(1.0, 2)], true, None);
+    }
+
     #[test]
     fn axpy_paths_agree_bit_for_bit() {
         let mut s = 5u64;
