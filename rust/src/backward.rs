@@ -317,6 +317,9 @@ impl InverseIndex {
     }
 }
 
+/// Dv rows summed per [`Real::axpy_rows`] call in the key pass.
+const ROWS_AT_ONCE: usize = 64;
+
 /// Pass 2, per key: dv_j = sum a dO, dk_j = sum -2 gd (q - k_j) over the pairs that
 /// selected key j.
 fn key_pass<T: Float + Real>(
@@ -341,15 +344,22 @@ fn key_pass<T: Float + Real>(
                 prefetch(&grp.dout[qi * dv..(qi + 1) * dv]);
                 prefetch(&grp.q[qi * dk..(qi + 1) * dk]);
             }
-            for (&qi, &[a, gd]) in qis.iter().zip(coefs) {
-                let qi = qi as usize;
-                let dor = &grp.dout[qi * dv..(qi + 1) * dv];
-                // dv_j + a * dO (the product and the sum each rounded, as before).
-                T::axpy(dvr, dor, a);
-                let qr = &grp.q[qi * dk..(qi + 1) * dk];
-                for d in 0..dk {
-                    dkr[d] = dkr[d] - two * gd * (qr[d] - kr[d]);
+            // dv_j = sum a dO over the pairs in order (each product and sum rounded), up to
+            // ROWS_AT_ONCE rows per kernel call (`dvr` stays in registers across them).
+            let mut rows = [(T::zero(), 0u32); ROWS_AT_ONCE];
+            for (part, (qc, cc)) in qis
+                .chunks(ROWS_AT_ONCE)
+                .zip(coefs.chunks(ROWS_AT_ONCE))
+                .enumerate()
+            {
+                for (i, (&qi, &[a, gd])) in qc.iter().zip(cc).enumerate() {
+                    rows[i] = (a, qi);
+                    let qr = &grp.q[qi as usize * dk..(qi as usize + 1) * dk];
+                    for d in 0..dk {
+                        dkr[d] = dkr[d] - two * gd * (qr[d] - kr[d]);
+                    }
                 }
+                T::axpy_rows(dvr, grp.dout, &rows[..qc.len()], part == 0, None);
             }
         });
 }
