@@ -170,9 +170,11 @@ fn query_pass<T: Float + Real>(
                     vec_or_unwind(T::zero(), topk, "backward scratch"),
                     vec_or_unwind(T::zero(), dk, "backward scratch"),
                     vec_or_unwind(T::zero(), dv, "backward scratch"),
+                    vec_or_unwind(0u32, topk, "backward scratch"),
+                    vec_or_unwind(T::zero(), topk, "backward scratch"),
                 )
             },
-            |(sc, da, kbar, vbar), (qi, ((((dqr, at), dgam), ma), mg))| {
+            |(sc, da, kbar, vbar, rows, dots), (qi, ((((dqr, at), dgam), ma), mg))| {
                 let (h, p) = (grp.hkv * g + qi / n, s - n + qi % n);
                 let qr = &grp.q[qi * dk..(qi + 1) * dk];
                 let dor = &grp.dout[qi * dv..(qi + 1) * dv];
@@ -186,16 +188,27 @@ fn query_pass<T: Float + Real>(
                     prefetch(&grp.v[j * dv..(j + 1) * dv]);
                     prefetch(&grp.k[j * dk..(j + 1) * dk]);
                 }
+                let mut nr = 0;
                 for (slot, &j) in ir.iter().enumerate() {
                     if j < 0 {
                         sc[slot] = T::zero();
-                        da[slot] = T::zero();
                         continue;
                     }
+                    rows[nr] = j as u32;
+                    nr += 1;
                     let j = j as usize;
                     sc[slot] = T::one() / (sq_dist(qr, &grp.k[j * dk..(j + 1) * dk]) + g2);
                     z = z + sc[slot];
-                    da[slot] = dot(&grp.v[j * dv..(j + 1) * dv], dor);
+                }
+                // da_j = v_j . dO for the filled slots, in one call (dO stays in cache).
+                T::dots(dor, grp.v, &rows[..nr], &mut dots[..nr]);
+                let mut filled = dots[..nr].iter();
+                for (slot, &j) in ir.iter().enumerate() {
+                    da[slot] = if j < 0 {
+                        T::zero()
+                    } else {
+                        *filled.next().unwrap()
+                    };
                 }
                 let (mut sm, mut dam) = (T::zero(), T::zero());
                 if grp.mean_token {
@@ -203,7 +216,7 @@ fn query_pass<T: Float + Real>(
                     mean_row(grp.pv, dv, p, grp.causal, s, vbar);
                     sm = T::one() / (sq_dist(qr, kbar) + g2);
                     z = z + sm;
-                    dam = dot(vbar, dor);
+                    dam = crate::simd::dot8_portable(vbar, dor);
                 }
                 let invz = T::one() / z;
                 // t = sum_j a_j da_j = o . dO
@@ -243,29 +256,6 @@ fn query_pass<T: Float + Real>(
             },
         );
     Ok(c)
-}
-
-/// Dot product in 8 interleaved partial sums (lane i sums the products i, i + 8, ...; then
-/// the lanes are added in order): the products vectorise and no chain of d_v dependent
-/// additions serialises the query pass. Perf note (backward of `zeta.attention(exact=True)`,
-/// N = 16k, H = 8, d_v = 64, interleaved runs): 227-237 -> 193-205 ms on one thread, 125-128
-/// -> 107-114 ms on two, against the one-chain fold.
-#[inline]
-fn dot<T: Float>(a: &[T], b: &[T]) -> T {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [T::zero(); 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            acc[i] = acc[i] + x[i] * y[i];
-        }
-    }
-    for (i, (&x, &y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
-        acc[i] = acc[i] + x * y;
-    }
-    acc.iter().fold(T::zero(), |s, &x| s + x)
 }
 
 /// For each key `j`, the queries whose pairs selected it: `qis[start[j]..start[j + 1]]`, in

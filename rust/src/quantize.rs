@@ -78,6 +78,20 @@ pub trait Real: crate::score::ValueElem + Copy + Send + Sync + 'static {
             *a = *a + s * x;
         }
     }
+    /// `out[i]` = the dot product of row `rows[i]` of `vals` (rows of `x.len()` values) with
+    /// `x`, as [`crate::simd::dot8_portable`] (8 interleaved partial sums;
+    /// [`crate::simd::dots_f32`], the same bits, for f32).
+    #[inline(always)]
+    fn dots(x: &[Self], vals: &[Self], rows: &[u32], out: &mut [Self])
+    where
+        Self: num_traits::Float,
+    {
+        let dv = x.len();
+        for (o, &pos) in out.iter_mut().zip(rows) {
+            let p = pos as usize * dv;
+            *o = crate::simd::dot8_portable(&vals[p..p + dv], x);
+        }
+    }
     /// [`Real::axpy`] with each `(s, pos)` of `rows` in order, row `pos` of `vals` (rows of
     /// `acc.len()` values), from `acc = 0` when `fresh`, then `end`'s steps
     /// ([`crate::simd::axpy_rows_f32`], the f32 kernels, has the same bits).
@@ -146,6 +160,10 @@ impl Real for f32 {
     #[inline(always)]
     fn axpy(acc: &mut [f32], row: &[f32], s: f32) {
         crate::simd::axpy_f32(acc, row, s)
+    }
+    #[inline(always)]
+    fn dots(x: &[f32], vals: &[f32], rows: &[u32], out: &mut [f32]) {
+        crate::simd::dots_f32(x, vals, rows, out)
     }
     #[inline(always)]
     fn axpy_rows(
