@@ -14,6 +14,7 @@ use crate::attention::{
 };
 use crate::error::{try_vec, try_with_capacity, vec_or_unwind, Result, ZetaError};
 use crate::index::{prefetch, sq_dist, Params};
+use crate::morton::with_dims;
 use crate::quantize::Real;
 use num_traits::Float;
 use rayon::prelude::*;
@@ -307,6 +308,28 @@ impl InverseIndex {
     }
 }
 
+/// `dkr[d] = dkr[d] - two * gd * (q[d] - kr[d])` for each pair `(qi, [_, gd])` in order, `q`
+/// the pair's query row (D values); the sums in registers, `dkr` written once.
+#[inline(always)]
+fn dk_sum<T: Float, const D: usize>(
+    q: &[T],
+    kr: &[T],
+    qis: &[u32],
+    coefs: &[[T; 2]],
+    two: T,
+    dkr: &mut [T],
+) {
+    let mut acc: [T; D] = std::array::from_fn(|d| dkr[d]);
+    let k: [T; D] = std::array::from_fn(|d| kr[d]);
+    for (&qi, &[_, gd]) in qis.iter().zip(coefs) {
+        let qr = &q[qi as usize * D..(qi as usize + 1) * D];
+        for d in 0..D {
+            acc[d] = acc[d] - two * gd * (qr[d] - k[d]);
+        }
+    }
+    dkr[..D].copy_from_slice(&acc);
+}
+
 /// Dv rows summed per [`Real::axpy_rows`] call in the key pass.
 const ROWS_AT_ONCE: usize = 64;
 
@@ -334,6 +357,9 @@ fn key_pass<T: Float + Real>(
                 prefetch(&grp.dout[qi * dv..(qi + 1) * dv]);
                 prefetch(&grp.q[qi * dk..(qi + 1) * dk]);
             }
+            // dk_j = sum -2 gd (q - k_j) over the pairs in order (D = d_k, checked 1..=8 by
+            // the shape: the sums stay in registers).
+            with_dims!(dk, D => dk_sum::<T, D>(grp.q, kr, qis, coefs, two, dkr));
             // dv_j = sum a dO over the pairs in order (each product and sum rounded), up to
             // ROWS_AT_ONCE rows per kernel call (`dvr` stays in registers across them).
             let mut rows = [(T::zero(), 0u32); ROWS_AT_ONCE];
@@ -342,12 +368,8 @@ fn key_pass<T: Float + Real>(
                 .zip(coefs.chunks(ROWS_AT_ONCE))
                 .enumerate()
             {
-                for (i, (&qi, &[a, gd])) in qc.iter().zip(cc).enumerate() {
+                for (i, (&qi, &[a, _])) in qc.iter().zip(cc).enumerate() {
                     rows[i] = (a, qi);
-                    let qr = &grp.q[qi as usize * dk..(qi as usize + 1) * dk];
-                    for d in 0..dk {
-                        dkr[d] = dkr[d] - two * gd * (qr[d] - kr[d]);
-                    }
                 }
                 T::axpy_rows(dvr, grp.dout, &rows[..qc.len()], part == 0, None);
             }
