@@ -97,6 +97,16 @@ impl ValueRows<f32> for [bf16] {
         let dv = acc.len();
         crate::simd::axpy_bf16(acc, &self[pos * dv..(pos + 1) * dv], s);
     }
+    #[inline]
+    fn axpy_rows(
+        &self,
+        rows: &[(f32, u32)],
+        acc: &mut [f32],
+        fresh: bool,
+        end: Option<RowsEnd<'_, f32>>,
+    ) {
+        crate::simd::axpy_rows_bf16(acc, self, rows, fresh, end);
+    }
 }
 
 impl ValueRows<f32> for [f16] {
@@ -111,6 +121,16 @@ impl ValueRows<f32> for [f16] {
         // the AVX2 (F16C) / AVX-512 kernels convert in registers (`simd::axpy_f16`).
         let dv = acc.len();
         crate::simd::axpy_f16(acc, &self[pos * dv..(pos + 1) * dv], s);
+    }
+    #[inline]
+    fn axpy_rows(
+        &self,
+        rows: &[(f32, u32)],
+        acc: &mut [f32],
+        fresh: bool,
+        end: Option<RowsEnd<'_, f32>>,
+    ) {
+        crate::simd::axpy_rows_f16(acc, self, rows, fresh, end);
     }
 }
 

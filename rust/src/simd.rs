@@ -226,7 +226,7 @@ axpy_dispatch!(
     axpy_f16, f16, axpy_f16_portable, features().f16c
 );
 
-/// How [`axpy_rows_f32`] ends: `acc = (acc + s * mean) * scale` (`mean`: an extra row and its
+/// How the row sums ([`axpy_rows_f32`] and its bf16 / f16 kinds) end: `acc = (acc + s * mean) * scale` (`mean`: an extra row and its
 /// weight), the last steps of the Cauchy-softmax value sum.
 #[derive(Clone, Copy, Debug)]
 pub struct RowsEnd<'a, T> {
@@ -234,52 +234,75 @@ pub struct RowsEnd<'a, T> {
     pub scale: T,
 }
 
-/// `acc = acc + s * vals[pos]` for each `(s, pos)` of `rows` in order (`vals` holds rows of
-/// `acc.len()` values), from `acc = 0` when `fresh` (its old values are then not read), then
-/// `end`'s steps: [`axpy_f32`] once per row and the end's products and sums, each rounded
-/// in this order, so the same bits as those loops. The vector kernels keep up to 64 values of
-/// `acc` in registers across all of it and store them once, instead of a store and a reload
-/// per row (a chain through store forwarding) and a reload of a fresh output row (a miss).
-pub fn axpy_rows_f32(
-    acc: &mut [f32],
-    vals: &[f32],
-    rows: &[(f32, u32)],
-    fresh: bool,
-    end: Option<RowsEnd<'_, f32>>,
-) {
-    let dv = acc.len();
-    for &(_, pos) in rows {
-        let e = (pos as usize + 1).checked_mul(dv);
-        assert!(e.is_some_and(|e| e <= vals.len()), "value row out of range");
-    }
-    if let Some(RowsEnd {
-        mean: Some((_, m)), ..
-    }) = end
-    {
-        assert!(m.len() >= dv, "mean row shorter than acc");
-    }
-    #[cfg(target_arch = "x86_64")]
-    match vector() {
-        // SAFETY: the CPU has AVX-512F (checked by `vector`); every row lies inside `vals`
-        // and the mean row holds dv values (checked above).
-        Vector::Avx512 => return unsafe { avx512::axpy_rows_f32(acc, vals, rows, fresh, end) },
-        // SAFETY: the CPU has AVX2 (checked by `vector`); rows checked as above.
-        Vector::Avx2 => return unsafe { avx2::axpy_rows_f32(acc, vals, rows, fresh, end) },
-        Vector::Portable => {}
-    }
-    axpy_rows_portable(acc, vals, dv, 0, rows, fresh, end);
+/// A row-sum entry point: checks the rows, then the kernel [`vector`] chose (`$avx2_ok`: what
+/// the AVX2 kernel needs beyond AVX2), else `$portable` (the per-row loop).
+macro_rules! axpy_rows_dispatch {
+    ($(#[$doc:meta])* $name:ident, $elem:ty, $portable:ident, $avx2_ok:expr) => {
+        $(#[$doc])*
+        pub fn $name(
+            acc: &mut [f32],
+            vals: &[$elem],
+            rows: &[(f32, u32)],
+            fresh: bool,
+            end: Option<RowsEnd<'_, f32>>,
+        ) {
+            let dv = acc.len();
+            for &(_, pos) in rows {
+                let e = (pos as usize + 1).checked_mul(dv);
+                assert!(e.is_some_and(|e| e <= vals.len()), "value row out of range");
+            }
+            if let Some(RowsEnd { mean: Some((_, m)), .. }) = end {
+                assert!(m.len() >= dv, "mean row shorter than acc");
+            }
+            #[cfg(target_arch = "x86_64")]
+            match vector() {
+                // SAFETY: the CPU has AVX-512F (checked by `vector`); every row lies inside
+                // `vals` and the mean row holds dv values (checked above).
+                Vector::Avx512 => return unsafe { avx512::$name(acc, vals, rows, fresh, end) },
+                // SAFETY: the CPU has AVX2 (checked by `vector`) and what `$avx2_ok` checks;
+                // rows checked as above.
+                Vector::Avx2 if $avx2_ok => {
+                    return unsafe { avx2::$name(acc, vals, rows, fresh, end) }
+                }
+                _ => {}
+            }
+            axpy_rows_portable(acc, vals, dv, 0, rows, fresh, end, $portable);
+        }
+    };
 }
 
-/// The portable loop of [`axpy_rows_f32`] over values `c0..` of `acc` (rows of `dv` values;
-/// also the AVX2 kernel's tail).
-fn axpy_rows_portable(
+axpy_rows_dispatch!(
+    /// `acc = acc + s * vals[pos]` for each `(s, pos)` of `rows` in order (`vals` holds rows
+    /// of `acc.len()` values), from `acc = 0` when `fresh` (its old values are then not
+    /// read), then `end`'s steps: [`axpy_f32`] once per row and the end's products and sums,
+    /// each rounded in this order, so the same bits as those loops. The vector kernels keep
+    /// up to 64 values of `acc` in registers across all of it and store them once, instead of
+    /// a store and a reload per row (a chain through store forwarding) and a reload of a fresh
+    /// output row (a miss).
+    axpy_rows_f32, f32, axpy_f32_portable, true
+);
+axpy_rows_dispatch!(
+    /// [`axpy_rows_f32`] over bfloat16 value rows ([`axpy_bf16`] per row).
+    axpy_rows_bf16, bf16, axpy_bf16_portable, true
+);
+axpy_rows_dispatch!(
+    /// [`axpy_rows_f32`] over float16 value rows ([`axpy_f16`] per row; the AVX2 kernel
+    /// needs F16C).
+    axpy_rows_f16, f16, axpy_f16_portable, features().f16c
+);
+
+/// The portable loop of the row sums over values `c0..` of `acc` (rows of `dv` values; also
+/// the vector kernels' tail), `axpy` the per-row loop of the element type.
+#[allow(clippy::too_many_arguments)]
+fn axpy_rows_portable<E>(
     acc: &mut [f32],
-    vals: &[f32],
+    vals: &[E],
     dv: usize,
     c0: usize,
     rows: &[(f32, u32)],
     fresh: bool,
     end: Option<RowsEnd<'_, f32>>,
+    axpy: fn(&mut [f32], &[E], f32),
 ) {
     let acc = &mut acc[c0..dv];
     if fresh {
@@ -287,7 +310,7 @@ fn axpy_rows_portable(
     }
     for &(s, pos) in rows {
         let p = pos as usize * dv;
-        axpy_f32_portable(acc, &vals[p + c0..p + dv], s);
+        axpy(acc, &vals[p + c0..p + dv], s);
     }
     if let Some(end) = end {
         if let Some((s, m)) = end.mean {
@@ -404,6 +427,78 @@ macro_rules! axpy_kernel {
     };
 }
 
+/// One row-sum kernel ([`axpy_rows_f32`]): `$blocks` registers of `$lanes` values of `acc`
+/// (`$widen` loads a block of a row from `$p` as floats) summed over all the rows, the end's
+/// steps, one store; then single registers over what is left of `acc`, then the portable loop
+/// (`$tail`, the element's per-row loop) for the last `< $lanes` values.
+#[cfg(target_arch = "x86_64")]
+macro_rules! axpy_rows_kernel {
+    ($(#[$doc:meta])* $name:ident, $elem:ty, $feat:literal, $lanes:literal, $blocks:literal,
+     [$vt:ty, $zero:ident, $set1:ident, $load:ident, $store:ident, $add:ident, $mul:ident],
+     |$p:ident| $widen:expr, $tail:path) => {
+        $(#[$doc])*
+        #[target_feature(enable = $feat)]
+        pub unsafe fn $name(
+            acc: &mut [f32],
+            vals: &[$elem],
+            rows: &[(f32, u32)],
+            fresh: bool,
+            end: Option<super::RowsEnd<'_, f32>>,
+        ) {
+            let dv = acc.len();
+            let mut c0 = 0;
+            // `$nb` registers from value c0 on. SAFETY (of every load and store): c0 + $nb *
+            // $lanes <= dv, the length of `acc`, of each row (inside `vals`) and of the mean
+            // row (both checked by the caller).
+            macro_rules! chunk {
+                ($nb:literal) => {{
+                    let pa = acc.as_mut_ptr().add(c0);
+                    let mut a: [$vt; $nb] = [$zero(); $nb];
+                    if !fresh {
+                        for (i, ai) in a.iter_mut().enumerate() {
+                            *ai = $load(pa.add($lanes * i));
+                        }
+                    }
+                    for &(s, pos) in rows {
+                        let sv = $set1(s);
+                        let pr = vals.as_ptr().add(pos as usize * dv + c0);
+                        for (i, ai) in a.iter_mut().enumerate() {
+                            let $p = pr.add($lanes * i);
+                            *ai = $add(*ai, $mul(sv, $widen));
+                        }
+                    }
+                    if let Some(end) = end {
+                        if let Some((s, mr)) = end.mean {
+                            let sv = $set1(s);
+                            for (i, ai) in a.iter_mut().enumerate() {
+                                let x = $load(mr.as_ptr().add(c0 + $lanes * i));
+                                *ai = $add(*ai, $mul(sv, x));
+                            }
+                        }
+                        let sc = $set1(end.scale);
+                        for ai in a.iter_mut() {
+                            *ai = $mul(*ai, sc);
+                        }
+                    }
+                    for (i, ai) in a.iter().enumerate() {
+                        $store(pa.add($lanes * i), *ai);
+                    }
+                    c0 += $nb * $lanes;
+                }};
+            }
+            while c0 + $blocks * $lanes <= dv {
+                chunk!($blocks);
+            }
+            while c0 + $lanes <= dv {
+                chunk!(1);
+            }
+            if c0 < dv {
+                super::axpy_rows_portable(acc, vals, dv, c0, rows, fresh, end, $tail);
+            }
+        }
+    };
+}
+
 /// The portable loop of [`dist3_mask`].
 #[inline]
 pub fn dist3_mask_portable(
@@ -474,59 +569,32 @@ mod avx2 {
         m
     }
 
-    /// [`super::axpy_rows_f32`]: 64 values of `acc` at a time in eight registers; a last
-    /// chunk of fewer by the portable loop.
-    // Block i of the registers goes with block i of `acc`, of each row and of the mask.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn axpy_rows_f32(
-        acc: &mut [f32],
-        vals: &[f32],
-        rows: &[(f32, u32)],
-        fresh: bool,
-        end: Option<super::RowsEnd<'_, f32>>,
-    ) {
-        let dv = acc.len();
-        let mut c0 = 0;
-        while c0 + 64 <= dv {
-            // SAFETY (of every load and store): values c0..c0 + 64 <= dv of `acc`, of each
-            // row (inside `vals`) and of the mean row (dv values; both checked by the caller).
-            let pa = acc.as_mut_ptr().add(c0);
-            let mut a = [_mm256_setzero_ps(); 8];
-            if !fresh {
-                for i in 0..8 {
-                    a[i] = _mm256_loadu_ps(pa.add(8 * i));
-                }
-            }
-            for &(s, pos) in rows {
-                let sv = _mm256_set1_ps(s);
-                let pr = vals.as_ptr().add(pos as usize * dv + c0);
-                for i in 0..8 {
-                    a[i] = _mm256_add_ps(a[i], _mm256_mul_ps(sv, _mm256_loadu_ps(pr.add(8 * i))));
-                }
-            }
-            if let Some(end) = end {
-                if let Some((s, mr)) = end.mean {
-                    let sv = _mm256_set1_ps(s);
-                    for i in 0..8 {
-                        let x = _mm256_loadu_ps(mr.as_ptr().add(c0 + 8 * i));
-                        a[i] = _mm256_add_ps(a[i], _mm256_mul_ps(sv, x));
-                    }
-                }
-                let sc = _mm256_set1_ps(end.scale);
-                for i in 0..8 {
-                    a[i] = _mm256_mul_ps(a[i], sc);
-                }
-            }
-            for i in 0..8 {
-                _mm256_storeu_ps(pa.add(8 * i), a[i]);
-            }
-            c0 += 64;
-        }
-        if c0 < dv {
-            super::axpy_rows_portable(acc, vals, dv, c0, rows, fresh, end);
-        }
-    }
+    axpy_rows_kernel!(
+        /// [`super::axpy_rows_f32`]: 64 values of `acc` in eight registers.
+        axpy_rows_f32, f32, "avx2", 8, 8,
+        [__m256, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+         _mm256_add_ps, _mm256_mul_ps],
+        |p| _mm256_loadu_ps(p),
+        super::axpy_f32_portable
+    );
+    axpy_rows_kernel!(
+        /// [`super::axpy_rows_bf16`]: 64 values of `acc` in eight registers.
+        axpy_rows_bf16, super::bf16, "avx2", 8, 8,
+        [__m256, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+         _mm256_add_ps, _mm256_mul_ps],
+        |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p as *const __m128i)
+        ))),
+        super::axpy_bf16_portable
+    );
+    axpy_rows_kernel!(
+        /// [`super::axpy_rows_f16`]: 64 values of `acc` in eight registers (F16C).
+        axpy_rows_f16, super::f16, "avx2,f16c", 8, 8,
+        [__m256, _mm256_setzero_ps, _mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps,
+         _mm256_add_ps, _mm256_mul_ps],
+        |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        super::axpy_f16_portable
+    );
 
     /// [`super::dots_f32`]: the 8 partial sums of a row in one register.
     #[target_feature(enable = "avx2")]
@@ -670,64 +738,32 @@ mod avx512 {
         m
     }
 
-    /// [`super::axpy_rows_f32`]: 64 values of `acc` at a time in four registers (masked
-    /// loads and stores for a last chunk of fewer).
-    // Block i of the registers goes with block i of `acc`, of each row and of the mask.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn axpy_rows_f32(
-        acc: &mut [f32],
-        vals: &[f32],
-        rows: &[(f32, u32)],
-        fresh: bool,
-        end: Option<super::RowsEnd<'_, f32>>,
-    ) {
-        let dv = acc.len();
-        let mut c0 = 0;
-        while c0 < dv {
-            let w = (dv - c0).min(64);
-            let m: [__mmask16; 4] = std::array::from_fn(|i| {
-                let lanes = w.saturating_sub(16 * i).min(16);
-                ((1u32 << lanes) - 1) as __mmask16
-            });
-            // SAFETY (of every load and store): lane j of block i is value c0 + 16 i + j of
-            // the row, < dv where its mask bit is set (masked-off lanes are not accessed);
-            // each row lies inside `vals` and the mean row holds dv values (checked by the
-            // caller).
-            let pa = acc.as_mut_ptr().add(c0);
-            let mut a = [_mm512_setzero_ps(); 4];
-            if !fresh {
-                for i in 0..4 {
-                    a[i] = _mm512_maskz_loadu_ps(m[i], pa.add(16 * i));
-                }
-            }
-            for &(s, pos) in rows {
-                let sv = _mm512_set1_ps(s);
-                let pr = vals.as_ptr().add(pos as usize * dv + c0);
-                for i in 0..4 {
-                    let x = _mm512_maskz_loadu_ps(m[i], pr.add(16 * i));
-                    a[i] = _mm512_add_ps(a[i], _mm512_mul_ps(sv, x));
-                }
-            }
-            if let Some(end) = end {
-                if let Some((s, mr)) = end.mean {
-                    let sv = _mm512_set1_ps(s);
-                    for i in 0..4 {
-                        let x = _mm512_maskz_loadu_ps(m[i], mr.as_ptr().add(c0 + 16 * i));
-                        a[i] = _mm512_add_ps(a[i], _mm512_mul_ps(sv, x));
-                    }
-                }
-                let sc = _mm512_set1_ps(end.scale);
-                for i in 0..4 {
-                    a[i] = _mm512_mul_ps(a[i], sc);
-                }
-            }
-            for i in 0..4 {
-                _mm512_mask_storeu_ps(pa.add(16 * i), m[i], a[i]);
-            }
-            c0 += w;
-        }
-    }
+    axpy_rows_kernel!(
+        /// [`super::axpy_rows_f32`]: 64 values of `acc` in four registers.
+        axpy_rows_f32, f32, "avx512f", 16, 4,
+        [__m512, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+         _mm512_add_ps, _mm512_mul_ps],
+        |p| _mm512_loadu_ps(p),
+        super::axpy_f32_portable
+    );
+    axpy_rows_kernel!(
+        /// [`super::axpy_rows_bf16`]: 64 values of `acc` in four registers.
+        axpy_rows_bf16, super::bf16, "avx512f", 16, 4,
+        [__m512, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+         _mm512_add_ps, _mm512_mul_ps],
+        |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(p as *const __m256i)
+        ))),
+        super::axpy_bf16_portable
+    );
+    axpy_rows_kernel!(
+        /// [`super::axpy_rows_f16`]: 64 values of `acc` in four registers.
+        axpy_rows_f16, super::f16, "avx512f", 16, 4,
+        [__m512, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps,
+         _mm512_add_ps, _mm512_mul_ps],
+        |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        super::axpy_f16_portable
+    );
 
     axpy_kernel!(
         /// [`super::axpy_f32`], 16 values at a time.
@@ -830,8 +866,8 @@ mod tests {
     /// The value sums: every kernel this CPU has gives the portable loop's bits, for every
     /// length (tails included) and float32 / bfloat16 / float16 rows.
     /// The row-sum kernels give the bits of the loop they replace (one `acc + s * x` per row
-    /// in order, then the mean row and the scale), fresh or not, for every width (masked and
-    /// portable tails), up to 3 chunks of 64 values.
+    /// in order, then the mean row and the scale), fresh or not, for every width (register
+    /// chunks, single registers and the portable tail), f32, bf16 and f16 rows.
     #[test]
     fn axpy_rows_paths_agree_bit_for_bit() {
         let mut s = 11u64;
@@ -839,6 +875,8 @@ mod tests {
         for dv in (0..=70usize).chain([127, 128, 129, 192, 200]) {
             let n_rows = 9;
             let vals: Vec<f32> = (0..n_rows * dv).map(|_| lcg(&mut s) * 1e3).collect();
+            let vb: Vec<bf16> = vals.iter().map(|&x| bf16::from_f32(x)).collect();
+            let vh: Vec<f16> = vals.iter().map(|&x| f16::from_f32(x / 1e3)).collect();
             let mean: Vec<f32> = (0..dv).map(|_| lcg(&mut s)).collect();
             let rows: Vec<(f32, u32)> = (0..7)
                 .map(|i| (lcg(&mut s), (i * 5 % n_rows) as u32))
@@ -856,47 +894,79 @@ mod tests {
                         scale: 3.1,
                     }),
                 ] {
-                    let mut want = if fresh {
-                        vec![0.0f32; dv]
-                    } else {
-                        acc0.clone()
-                    };
-                    for &(w, p) in &rows {
-                        for (a, &x) in want.iter_mut().zip(&vals[p as usize * dv..]) {
-                            *a += w * x;
-                        }
-                    }
-                    if let Some(e) = end {
-                        if let Some((w, m)) = e.mean {
-                            for (a, &x) in want.iter_mut().zip(m) {
-                                *a += w * x;
+                    // The loop, over rows already widened to f32.
+                    let want = |v: &[f32]| {
+                        let mut w = if fresh {
+                            vec![0.0f32; dv]
+                        } else {
+                            acc0.clone()
+                        };
+                        for &(c, p) in &rows {
+                            for (a, &x) in w.iter_mut().zip(&v[p as usize * dv..]) {
+                                *a += c * x;
                             }
                         }
-                        for a in want.iter_mut() {
-                            *a *= e.scale;
+                        if let Some(e) = end {
+                            if let Some((c, m)) = e.mean {
+                                for (a, &x) in w.iter_mut().zip(m) {
+                                    *a += c * x;
+                                }
+                            }
+                            for a in w.iter_mut() {
+                                *a *= e.scale;
+                            }
                         }
-                    }
-                    let mut got = acc0.clone();
-                    axpy_rows_f32(&mut got, &vals, &rows, fresh, end);
-                    assert_eq!(bits(&got), bits(&want), "dispatched dv={dv}");
-                    let mut got = acc0.clone();
-                    axpy_rows_portable(&mut got, &vals, dv, 0, &rows, fresh, end);
-                    assert_eq!(bits(&got), bits(&want), "portable dv={dv}");
+                        bits(&w)
+                    };
+                    let wf = want(&vals);
+                    let wb = want(&vb.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
+                    let wh = want(&vh.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
+                    let run = |k: &dyn Fn(&mut [f32])| {
+                        let mut got = acc0.clone();
+                        k(&mut got);
+                        bits(&got)
+                    };
+                    let (f, b, h) = (
+                        run(&|g| axpy_rows_f32(g, &vals, &rows, fresh, end)),
+                        run(&|g| axpy_rows_bf16(g, &vb, &rows, fresh, end)),
+                        run(&|g| axpy_rows_f16(g, &vh, &rows, fresh, end)),
+                    );
+                    assert_eq!((f, b, h), (wf.clone(), wb.clone(), wh.clone()), "dv={dv}");
+                    let p = run(&|g| {
+                        axpy_rows_portable(g, &vals, dv, 0, &rows, fresh, end, axpy_f32_portable)
+                    });
+                    assert_eq!(p, wf, "portable dv={dv}");
                     #[cfg(target_arch = "x86_64")]
                     for v in available_vectors() {
-                        let mut got = acc0.clone();
-                        match v {
+                        // SAFETY (of every call below): the CPU has the vector's features
+                        // (available_vectors; F16C checked); rows in range.
+                        let got = match v {
                             Vector::Portable => continue,
-                            // SAFETY: the CPU has AVX2 (available_vectors); rows in range.
                             Vector::Avx2 => unsafe {
-                                avx2::axpy_rows_f32(&mut got, &vals, &rows, fresh, end)
+                                (
+                                    run(&|g| avx2::axpy_rows_f32(g, &vals, &rows, fresh, end)),
+                                    run(&|g| avx2::axpy_rows_bf16(g, &vb, &rows, fresh, end)),
+                                    if features().f16c {
+                                        run(&|g| avx2::axpy_rows_f16(g, &vh, &rows, fresh, end))
+                                    } else {
+                                        wh.clone()
+                                    },
+                                )
                             },
-                            // SAFETY: the CPU has AVX-512F (available_vectors); rows in range.
                             Vector::Avx512 => unsafe {
-                                avx512::axpy_rows_f32(&mut got, &vals, &rows, fresh, end)
+                                (
+                                    run(&|g| avx512::axpy_rows_f32(g, &vals, &rows, fresh, end)),
+                                    run(&|g| avx512::axpy_rows_bf16(g, &vb, &rows, fresh, end)),
+                                    run(&|g| avx512::axpy_rows_f16(g, &vh, &rows, fresh, end)),
+                                )
                             },
-                        }
-                        assert_eq!(bits(&got), bits(&want), "{} dv={dv}", v.name());
+                        };
+                        assert_eq!(
+                            got,
+                            (wf.clone(), wb.clone(), wh.clone()),
+                            "{} dv={dv}",
+                            v.name()
+                        );
                     }
                 }
             }
