@@ -572,6 +572,28 @@ def test_numpy_and_torch_kinds(dtype):
     np.testing.assert_array_equal(zeta.attention(qnc, kt, vt, topk=4).numpy(), o)
 
 
+@pytest.mark.parametrize("vdtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_torch_forward_without_grad_equals_the_differentiable_one(vdtype):
+    """With no backward to follow (grad off, or no input requiring it) the torch path skips
+    the custom op's indices; the output is the differentiable call's, bit for bit, for every
+    value dtype, and the grad path still differentiates."""
+    q, k, v = make_qkv(1, 2, 2, 300, 300, 3, 16, torch.float32, seed=3)
+    q, k, v = q.to(vdtype), k.to(vdtype), v.to(vdtype)
+    kw = dict(topk=8, mean_token=True)
+    with torch.no_grad():
+        o_nograd = zeta.attention(q, k, v, **kw)
+    o_plain = zeta.attention(q, k, v, **kw)  # grad on, nothing requires it
+    qg = q.clone().requires_grad_(vdtype in (torch.float32, torch.float64))
+    o_grad = zeta.attention(qg, k, v, **kw)
+    assert o_grad.requires_grad == qg.requires_grad
+    assert not o_nograd.requires_grad and not o_plain.requires_grad
+    assert o_nograd.dtype == o_grad.dtype == vdtype
+    assert torch.equal(o_nograd, o_grad.detach()) and torch.equal(o_plain, o_nograd)
+    if qg.requires_grad:
+        o_grad.sum().backward()
+        assert qg.grad is not None and torch.isfinite(qg.grad).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # recall
 # ---------------------------------------------------------------------------------------------
