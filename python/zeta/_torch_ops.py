@@ -57,26 +57,15 @@ def attention_fwd(
 
     On the CPU, v may be float16/bfloat16 with float32 q and k: read natively, summed in
     float32 (out float32)."""
-    if v.dtype in _HALF and q.dtype == torch.float32:
-        out, idx = _core.attention_forward_half(
-            _np(q),
-            _np(k),
-            _bits(v),
-            _HALF[v.dtype],
-            _np(gamma.to(torch.float64)),
-            topk,
-            mean_token,
-            _params(chunk, window, n_curves, n_sink, causal, bits, scale, exact),
-        )
-        return torch.from_numpy(out), torch.from_numpy(idx)
-    out, idx = _core.attention_forward(
-        _np(q),
-        _np(k),
-        _np(v),
-        _np(gamma.to(torch.float64)),
+    out, idx = _forward(
+        q,
+        k,
+        v,
+        gamma,
         topk,
         mean_token,
         _params(chunk, window, n_curves, n_sink, causal, bits, scale, exact),
+        True,
     )
     return torch.from_numpy(out), torch.from_numpy(idx)
 
@@ -224,27 +213,23 @@ def _eager_no_grad(*ts: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
 
+def _forward(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, topk, mean_token, params, indices):
+    """The core's forward on CPU tensors (a half-precision v read natively with float32 q, k):
+    -> out, idx (None unless ``indices``)."""
+    g = _np(gamma.detach().to(torch.float64))
+    if v.dtype in _HALF and q.dtype == torch.float32:
+        return _core.attention_forward_half(
+            _np(q), _np(k), _bits(v), _HALF[v.dtype], g, topk, mean_token, params, indices=indices
+        )
+    return _core.attention_forward(
+        _np(q), _np(k), _np(v), g, topk, mean_token, params, indices=indices
+    )
+
+
 def _attention_values(q: Tensor, k: Tensor, v: Tensor, gamma: Tensor, topk, mean_token, p):
     """:func:`attention_fwd`'s output alone: the core neither allocates nor fills the
     (B, H, N, topk) indices (33.5 MB at N = 32k, H = 8, top-32)."""
-    g = _np(gamma.detach().to(torch.float64))
-    q, k, v = q.detach().contiguous(), k.detach().contiguous(), v.detach().contiguous()
-    if v.dtype in _HALF and q.dtype == torch.float32:
-        out, _ = _core.attention_forward_half(
-            _np(q),
-            _np(k),
-            _bits(v),
-            _HALF[v.dtype],
-            g,
-            topk,
-            mean_token,
-            p.as_dict(),
-            indices=False,
-        )
-    else:
-        out, _ = _core.attention_forward(
-            _np(q), _np(k), _np(v), g, topk, mean_token, p.as_dict(), indices=False
-        )
+    out, _ = _forward(q, k, v, gamma, topk, mean_token, p.as_dict(), False)
     return torch.from_numpy(out)
 
 

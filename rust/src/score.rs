@@ -87,52 +87,45 @@ impl<T: Float + crate::quantize::Real> ValueRows<T> for [T] {
     }
 }
 
-impl ValueRows<f32> for [bf16] {
-    #[inline]
-    fn prefetch_row(&self, pos: usize, dv: usize) {
-        prefetch(&self[pos * dv..(pos + 1) * dv]);
-    }
-    #[inline]
-    fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
-        let dv = acc.len();
-        crate::simd::axpy_bf16(acc, &self[pos * dv..(pos + 1) * dv], s);
-    }
-    #[inline]
-    fn axpy_rows(
-        &self,
-        rows: &[(f32, u32)],
-        acc: &mut [f32],
-        fresh: bool,
-        end: Option<RowsEnd<'_, f32>>,
-    ) {
-        crate::simd::axpy_rows_bf16(acc, self, rows, fresh, end);
-    }
+/// [`ValueRows`] of half-precision value rows (`$elem`), summed in float32 by the `simd`
+/// kernels `$axpy` (one row) and `$rows` (a query's rows).
+macro_rules! half_value_rows {
+    ($(#[$doc:meta])* $elem:ty, $axpy:ident, $rows:ident) => {
+        $(#[$doc])*
+        impl ValueRows<f32> for [$elem] {
+            #[inline]
+            fn prefetch_row(&self, pos: usize, dv: usize) {
+                prefetch(&self[pos * dv..(pos + 1) * dv]);
+            }
+            #[inline]
+            fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
+                let dv = acc.len();
+                crate::simd::$axpy(acc, &self[pos * dv..(pos + 1) * dv], s);
+            }
+            #[inline]
+            fn axpy_rows(
+                &self,
+                rows: &[(f32, u32)],
+                acc: &mut [f32],
+                fresh: bool,
+                end: Option<RowsEnd<'_, f32>>,
+            ) {
+                crate::simd::$rows(acc, self, rows, fresh, end);
+            }
+        }
+    };
 }
 
-impl ValueRows<f32> for [f16] {
-    #[inline]
-    fn prefetch_row(&self, pos: usize, dv: usize) {
-        prefetch(&self[pos * dv..(pos + 1) * dv]);
-    }
-    #[inline]
-    fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
-        // Perf note (attention forward, N = 32k, H = 8, d_v = 64): float16 converted per
-        // value 1,105 ms, per block of 64 (`half`'s slice conversion) 642 ms as float32; now
-        // the AVX2 (F16C) / AVX-512 kernels convert in registers (`simd::axpy_f16`).
-        let dv = acc.len();
-        crate::simd::axpy_f16(acc, &self[pos * dv..(pos + 1) * dv], s);
-    }
-    #[inline]
-    fn axpy_rows(
-        &self,
-        rows: &[(f32, u32)],
-        acc: &mut [f32],
-        fresh: bool,
-        end: Option<RowsEnd<'_, f32>>,
-    ) {
-        crate::simd::axpy_rows_f16(acc, self, rows, fresh, end);
-    }
-}
+half_value_rows!(
+    /// bfloat16 values, widened exactly (a shift).
+    bf16, axpy_bf16, axpy_rows_bf16
+);
+half_value_rows!(
+    /// float16 values. Perf note (attention forward, N = 32k, H = 8, d_v = 64): float16
+    /// converted per value 1,105 ms, per block of 64 (`half`'s slice conversion) 642 ms as
+    /// float32; now the AVX2 (F16C) / AVX-512 kernels convert in registers (`simd::axpy_f16`).
+    f16, axpy_f16, axpy_rows_f16
+);
 
 /// Candidates whose value rows [`combine`] sums in one [`ValueRows::axpy_rows`] call.
 ///
