@@ -36,6 +36,7 @@ use crate::index::{
 };
 use crate::quantize::{first_non_finite, Grid};
 use crate::score::{combine, ValueRows};
+use crate::simd::RowsEnd;
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::collections::HashMap;
@@ -127,19 +128,25 @@ impl Values {
 
 impl ValueRows<f32> for Values {
     #[inline]
-    fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
-        match self {
-            Values::F32(v) => v[..].axpy_row(pos, s, acc),
-            Values::F16(v) => v[..].axpy_row(pos, s, acc),
-            Values::BF16(v) => v[..].axpy_row(pos, s, acc),
-        }
-    }
-    #[inline]
     fn prefetch_row(&self, pos: usize, dv: usize) {
         match self {
             Values::F32(v) => v[..].prefetch_row(pos, dv),
             Values::F16(v) => v[..].prefetch_row(pos, dv),
             Values::BF16(v) => v[..].prefetch_row(pos, dv),
+        }
+    }
+    #[inline]
+    fn axpy_rows(
+        &self,
+        rows: &[(f32, u32)],
+        acc: &mut [f32],
+        fresh: bool,
+        end: Option<RowsEnd<'_, f32>>,
+    ) {
+        match self {
+            Values::F32(v) => v[..].axpy_rows(rows, acc, fresh, end),
+            Values::F16(v) => v[..].axpy_rows(rows, acc, fresh, end),
+            Values::BF16(v) => v[..].axpy_rows(rows, acc, fresh, end),
         }
     }
 }

@@ -68,7 +68,7 @@ pub trait Real: crate::score::ValueElem + Copy + Send + Sync + 'static {
     fn merge_sorted(_buf: &mut [Self::Key], _s: usize, _n: usize, _k: usize) -> usize {
         unreachable!("no vector merge for this type")
     }
-    /// `acc[i] = acc[i] + s * row[i]` (the value sum; [`crate::simd::axpy_f32`] for f32).
+    /// `acc[i] = acc[i] + s * row[i]` (the value sum of [`Real::axpy_rows`]).
     #[inline(always)]
     fn axpy(acc: &mut [Self], row: &[Self], s: Self)
     where
@@ -156,10 +156,6 @@ impl Real for f32 {
     #[inline]
     fn merge_sorted(buf: &mut [u64], s: usize, n: usize, k: usize) -> usize {
         crate::sortnet::merge_sorted(buf, s, n, k)
-    }
-    #[inline(always)]
-    fn axpy(acc: &mut [f32], row: &[f32], s: f32) {
-        crate::simd::axpy_f32(acc, row, s)
     }
     #[inline(always)]
     fn dots(x: &[f32], vals: &[f32], rows: &[u32], out: &mut [f32]) {

@@ -33,47 +33,18 @@ value_elem!(f32, f64, f16, bf16);
 pub trait ValueRows<T: Float> {
     /// Hints the CPU to load row `pos` (of `dv` values).
     fn prefetch_row(&self, pos: usize, dv: usize);
-    /// `acc += s * row(pos)`, `acc.len()` values.
-    fn axpy_row(&self, pos: usize, s: T, acc: &mut [T]);
-    /// [`ValueRows::axpy_row`] for each `(s, pos)` of `rows`, in order, from `acc = 0` when
+    /// `acc += s * row(pos)` (`acc.len()` values per row) for each `(s, pos)` of `rows`, in
+    /// order, from `acc = 0` when
     /// `fresh`, then `end`'s steps (`acc = (acc + s * mean) * scale`), each rounded in this
-    /// order: the bits of the loops, whatever kernel runs.
-    #[inline]
-    fn axpy_rows(
-        &self,
-        rows: &[(T, u32)],
-        acc: &mut [T],
-        fresh: bool,
-        end: Option<RowsEnd<'_, T>>,
-    ) {
-        if fresh {
-            acc.fill(T::zero());
-        }
-        for &(s, pos) in rows {
-            self.axpy_row(pos as usize, s, acc);
-        }
-        if let Some(end) = end {
-            if let Some((s, m)) = end.mean {
-                for (a, &x) in acc.iter_mut().zip(m) {
-                    *a = *a + s * x;
-                }
-            }
-            for a in acc.iter_mut() {
-                *a = *a * end.scale;
-            }
-        }
-    }
+    /// order: the bits of those loops ([`crate::quantize::Real::axpy_rows`]), whatever kernel
+    /// runs.
+    fn axpy_rows(&self, rows: &[(T, u32)], acc: &mut [T], fresh: bool, end: Option<RowsEnd<'_, T>>);
 }
 
 impl<T: Float + crate::quantize::Real> ValueRows<T> for [T] {
     #[inline]
     fn prefetch_row(&self, pos: usize, dv: usize) {
         prefetch(&self[pos * dv..(pos + 1) * dv]);
-    }
-    #[inline]
-    fn axpy_row(&self, pos: usize, s: T, acc: &mut [T]) {
-        let dv = acc.len();
-        T::axpy(acc, &self[pos * dv..(pos + 1) * dv], s);
     }
     #[inline]
     fn axpy_rows(
@@ -88,19 +59,14 @@ impl<T: Float + crate::quantize::Real> ValueRows<T> for [T] {
 }
 
 /// [`ValueRows`] of half-precision value rows (`$elem`), summed in float32 by the `simd`
-/// kernels `$axpy` (one row) and `$rows` (a query's rows).
+/// kernel `$rows`.
 macro_rules! half_value_rows {
-    ($(#[$doc:meta])* $elem:ty, $axpy:ident, $rows:ident) => {
+    ($(#[$doc:meta])* $elem:ty, $rows:ident) => {
         $(#[$doc])*
         impl ValueRows<f32> for [$elem] {
             #[inline]
             fn prefetch_row(&self, pos: usize, dv: usize) {
                 prefetch(&self[pos * dv..(pos + 1) * dv]);
-            }
-            #[inline]
-            fn axpy_row(&self, pos: usize, s: f32, acc: &mut [f32]) {
-                let dv = acc.len();
-                crate::simd::$axpy(acc, &self[pos * dv..(pos + 1) * dv], s);
             }
             #[inline]
             fn axpy_rows(
@@ -118,13 +84,13 @@ macro_rules! half_value_rows {
 
 half_value_rows!(
     /// bfloat16 values, widened exactly (a shift).
-    bf16, axpy_bf16, axpy_rows_bf16
+    bf16, axpy_rows_bf16
 );
 half_value_rows!(
     /// float16 values. Perf note (attention forward, N = 32k, H = 8, d_v = 64): float16
     /// converted per value 1,105 ms, per block of 64 (`half`'s slice conversion) 642 ms as
-    /// float32; now the AVX2 (F16C) / AVX-512 kernels convert in registers (`simd::axpy_f16`).
-    f16, axpy_f16, axpy_rows_f16
+    /// float32; now the AVX2 (F16C) / AVX-512 kernels convert in registers (`simd::axpy_rows_f16`).
+    f16, axpy_rows_f16
 );
 
 /// Candidates whose value rows [`combine`] sums in one [`ValueRows::axpy_rows`] call.

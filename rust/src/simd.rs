@@ -188,46 +188,9 @@ pub fn dist3_mask(q: &[f32; 3], coords: &[f32], bound: f32, d2: &mut [f32; SCAN_
     dist3_mask_portable(q, coords, bound, d2)
 }
 
-/// A value-sum entry point: the kernel [`vector`] chose (`$avx2_ok`: what the AVX2 kernel
-/// needs beyond AVX2), else `$portable`.
-macro_rules! axpy_dispatch {
-    ($(#[$doc:meta])* $name:ident, $elem:ty, $portable:ident, $avx2_ok:expr) => {
-        $(#[$doc])*
-        #[inline]
-        pub fn $name(acc: &mut [f32], row: &[$elem], s: f32) {
-            let row = &row[..acc.len()];
-            #[cfg(target_arch = "x86_64")]
-            match vector() {
-                // SAFETY: the CPU has AVX-512F (checked by `vector`); `row` and `acc` have one
-                // length.
-                Vector::Avx512 => return unsafe { avx512::$name(acc, row, s) },
-                // SAFETY: the CPU has AVX2 (checked by `vector`) and what `$avx2_ok` checks;
-                // lengths as above.
-                Vector::Avx2 if $avx2_ok => return unsafe { avx2::$name(acc, row, s) },
-                _ => {}
-            }
-            $portable(acc, row, s);
-        }
-    };
-}
-
-axpy_dispatch!(
-    /// `acc[i] = acc[i] + s * row[i]` over `acc.len()` values (`row` at least as long): the
-    /// value sum of the scoring. The product and the sum are each rounded, in this order, on
-    /// every path (no fused multiply-add), so the kernels give the portable loop's bits.
-    axpy_f32, f32, axpy_f32_portable, true
-);
-axpy_dispatch!(
-    /// [`axpy_f32`] over bfloat16 values (widened exactly: a shift).
-    axpy_bf16, bf16, axpy_bf16_portable, true
-);
-axpy_dispatch!(
-    /// [`axpy_f32`] over float16 values (widened exactly; the AVX2 kernel needs F16C).
-    axpy_f16, f16, axpy_f16_portable, features().f16c
-);
-
-/// How the row sums ([`axpy_rows_f32`] and its bf16 / f16 kinds) end: `acc = (acc + s * mean) * scale` (`mean`: an extra row and its
-/// weight), the last steps of the Cauchy-softmax value sum.
+/// How the row sums ([`axpy_rows_f32`] and its bf16 / f16 kinds) end:
+/// `acc = (acc + s * mean) * scale` (`mean`: an extra row and its weight), the last steps of
+/// the Cauchy-softmax value sum.
 #[derive(Clone, Copy, Debug)]
 pub struct RowsEnd<'a, T> {
     pub mean: Option<(T, &'a [T])>,
@@ -274,20 +237,20 @@ macro_rules! axpy_rows_dispatch {
 axpy_rows_dispatch!(
     /// `acc = acc + s * vals[pos]` for each `(s, pos)` of `rows` in order (`vals` holds rows
     /// of `acc.len()` values), from `acc = 0` when `fresh` (its old values are then not
-    /// read), then `end`'s steps: [`axpy_f32`] once per row and the end's products and sums,
-    /// each rounded in this order, so the same bits as those loops. The vector kernels keep
+    /// read), then `end`'s steps: `acc += s * row` once per row and the end's products and
+    /// sums, each rounded in this order, so the same bits as those loops. The vector kernels keep
     /// up to 64 values of `acc` in registers across all of it and store them once, instead of
     /// a store and a reload per row (a chain through store forwarding) and a reload of a fresh
     /// output row (a miss).
     axpy_rows_f32, f32, axpy_f32_portable, true
 );
 axpy_rows_dispatch!(
-    /// [`axpy_rows_f32`] over bfloat16 value rows ([`axpy_bf16`] per row).
+    /// [`axpy_rows_f32`] over bfloat16 value rows (widened exactly: a shift).
     axpy_rows_bf16, bf16, axpy_bf16_portable, true
 );
 axpy_rows_dispatch!(
-    /// [`axpy_rows_f32`] over float16 value rows ([`axpy_f16`] per row; the AVX2 kernel
-    /// needs F16C).
+    /// [`axpy_rows_f32`] over float16 value rows (widened exactly; the AVX2 kernel needs
+    /// F16C).
     axpy_rows_f16, f16, axpy_f16_portable, features().f16c
 );
 
@@ -370,23 +333,23 @@ pub fn dot8_portable<T: num_traits::Float>(a: &[T], b: &[T]) -> T {
     acc.iter().fold(T::zero(), |s, &x| s + x)
 }
 
-/// The portable loop of [`axpy_f32`] (also the vector kernels' tail).
+/// `acc[i] += s * row[i]`: [`axpy_rows_f32`]'s loop per row (also the vector kernels' tail).
 fn axpy_f32_portable(acc: &mut [f32], row: &[f32], s: f32) {
     for (a, &x) in acc.iter_mut().zip(row) {
         *a += s * x;
     }
 }
 
-/// The portable loop of [`axpy_bf16`] (also the vector kernels' tail).
+/// The portable loop of [`axpy_rows_bf16`] per row (also the vector kernels' tail).
 fn axpy_bf16_portable(acc: &mut [f32], row: &[bf16], s: f32) {
     for (a, &x) in acc.iter_mut().zip(row) {
         *a += s * x.to_f32();
     }
 }
 
-/// The portable loop of [`axpy_f16`]: float16 -> float32 one value at a time is a software
-/// conversion (or a feature check per value); `half` converts a slice with F16C where the CPU
-/// has it (one check per call), into a block on the stack.
+/// The portable loop of [`axpy_rows_f16`] per row: float16 -> float32 one value at a time is
+/// a software conversion (or a feature check per value); `half` converts a slice with F16C
+/// where the CPU has it (one check per call), into a block on the stack.
 fn axpy_f16_portable(acc: &mut [f32], row: &[f16], s: f32) {
     use half::slice::HalfFloatSliceExt;
     let mut buf = [0.0f32; 64];
@@ -397,34 +360,6 @@ fn axpy_f16_portable(acc: &mut [f32], row: &[f16], s: f32) {
             *a += s * x;
         }
     }
-}
-
-/// One value-sum kernel: `$lanes` values per step (`$widen` loads them from `$p` as floats:
-/// plain, or widened from 16 bits), the product and the sum each rounded as in the portable
-/// loop, the last `< $lanes` values by `$tail`. `acc.len() == row.len()`.
-#[cfg(target_arch = "x86_64")]
-macro_rules! axpy_kernel {
-    ($(#[$doc:meta])* $name:ident, $elem:ty, $feat:literal, $lanes:literal,
-     [$set1:ident, $load:ident, $store:ident, $add:ident, $mul:ident],
-     |$p:ident| $widen:expr, $tail:path) => {
-        $(#[$doc])*
-        #[target_feature(enable = $feat)]
-        pub unsafe fn $name(acc: &mut [f32], row: &[$elem], s: f32) {
-            let n = acc.len();
-            assert_eq!(row.len(), n);
-            let sv = $set1(s);
-            let mut i = 0;
-            while i + $lanes <= n {
-                // SAFETY (of the loads and the store): i + $lanes <= n, both slices n long.
-                let $p = row.as_ptr().add(i);
-                let x = $widen;
-                let a = $load(acc.as_ptr().add(i));
-                $store(acc.as_mut_ptr().add(i), $add(a, $mul(sv, x)));
-                i += $lanes;
-            }
-            $tail(&mut acc[i..], &row[i..], s);
-        }
-    };
 }
 
 /// One row-sum kernel ([`axpy_rows_f32`]): `$blocks` registers of `$lanes` values of `acc`
@@ -620,30 +555,6 @@ mod avx2 {
             *o = lanes.iter().fold(0.0f32, |s, &l| s + l);
         }
     }
-
-    axpy_kernel!(
-        /// [`super::axpy_f32`], 8 values at a time.
-        axpy_f32, f32, "avx2", 8,
-        [_mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_mul_ps],
-        |p| _mm256_loadu_ps(p),
-        super::axpy_f32_portable
-    );
-    axpy_kernel!(
-        /// [`super::axpy_bf16`], 8 values at a time (8 bfloat16 values are 16 bytes).
-        axpy_bf16, super::bf16, "avx2", 8,
-        [_mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_mul_ps],
-        |p| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
-            _mm_loadu_si128(p as *const __m128i)
-        ))),
-        super::axpy_bf16_portable
-    );
-    axpy_kernel!(
-        /// [`super::axpy_f16`], 8 values at a time (F16C conversion of 16 bytes).
-        axpy_f16, super::f16, "avx2,f16c", 8,
-        [_mm256_set1_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_mul_ps],
-        |p| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
-        super::axpy_f16_portable
-    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -793,30 +704,6 @@ mod avx512 {
         axpy_rows_f16, super::f16, "avx512f", 16, 4,
         [__m512, _mm512_setzero_ps, _mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps,
          _mm512_add_ps, _mm512_mul_ps],
-        |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
-        super::axpy_f16_portable
-    );
-
-    axpy_kernel!(
-        /// [`super::axpy_f32`], 16 values at a time.
-        axpy_f32, f32, "avx512f", 16,
-        [_mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_mul_ps],
-        |p| _mm512_loadu_ps(p),
-        super::axpy_f32_portable
-    );
-    axpy_kernel!(
-        /// [`super::axpy_bf16`], 16 values at a time (16 bfloat16 values are 32 bytes).
-        axpy_bf16, super::bf16, "avx512f", 16,
-        [_mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_mul_ps],
-        |p| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
-            _mm256_loadu_si256(p as *const __m256i)
-        ))),
-        super::axpy_bf16_portable
-    );
-    axpy_kernel!(
-        /// [`super::axpy_f16`], 16 values at a time (conversion of 32 bytes).
-        axpy_f16, super::f16, "avx512f", 16,
-        [_mm512_set1_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_mul_ps],
         |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
         super::axpy_f16_portable
     );
@@ -1037,10 +924,11 @@ mod tests {
         axpy_rows_f32(&mut acc, &[1.0; 8], &[(1.0, 2)], true, None);
     }
 
-    /// The value sums: every kernel this CPU has gives the portable loop's bits, for every
-    /// length (tails included) and float32 / bfloat16 / float16 rows.
+    /// The bfloat16 / float16 per-row loops (the row kernels' tails and their portable path;
+    /// the kernels themselves: `axpy_rows_paths_agree_bit_for_bit`) widen exactly, for every
+    /// length.
     #[test]
-    fn axpy_paths_agree_bit_for_bit() {
+    fn half_row_loops_widen_exactly() {
         let mut s = 5u64;
         for n in 0..=70usize {
             for &scale in &[1.0f32, 1e-30, 1e30] {
@@ -1049,55 +937,21 @@ mod tests {
                 let rh: Vec<f16> = row.iter().map(|&x| f16::from_f32(x)).collect();
                 let acc0: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
                 let w = lcg(&mut s) * 3.0;
-                // the portable loops
-                let mut want = acc0.clone();
-                for (a, &x) in want.iter_mut().zip(&row) {
-                    *a += w * x;
-                }
-                let mut want_b = acc0.clone();
-                for (a, &x) in want_b.iter_mut().zip(&rb) {
-                    *a += w * x.to_f32();
-                }
-                let mut want_h = acc0.clone();
-                for (a, &x) in want_h.iter_mut().zip(&rh) {
-                    *a += w * x.to_f32();
-                }
+                let want = |r: &[f32]| -> Vec<u32> {
+                    acc0.iter()
+                        .zip(r)
+                        .map(|(&a, &x)| (a + w * x).to_bits())
+                        .collect()
+                };
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 let mut got = acc0.clone();
-                axpy_f16_portable(&mut got, &rh, w);
-                assert_eq!(bits(&got), bits(&want_h), "f16 portable n={n}");
+                axpy_bf16_portable(&mut got, &rb, w);
+                let wb: Vec<f32> = rb.iter().map(|x| x.to_f32()).collect();
+                assert_eq!(bits(&got), want(&wb), "bf16 n={n}");
                 let mut got = acc0.clone();
-                axpy_f32(&mut got, &row, w);
-                assert_eq!(bits(&got), bits(&want), "f32 n={n}");
-                #[cfg(target_arch = "x86_64")]
-                {
-                    let f = features();
-                    for v in available_vectors() {
-                        let (mut a, mut b, mut h) = (acc0.clone(), acc0.clone(), acc0.clone());
-                        match v {
-                            Vector::Portable => continue,
-                            // SAFETY: the CPU has AVX2 (available_vectors).
-                            Vector::Avx2 => unsafe {
-                                avx2::axpy_f32(&mut a, &row, w);
-                                avx2::axpy_bf16(&mut b, &rb, w);
-                                if f.f16c {
-                                    avx2::axpy_f16(&mut h, &rh, w);
-                                } else {
-                                    axpy_f16_portable(&mut h, &rh, w);
-                                }
-                            },
-                            // SAFETY: the CPU has AVX-512F (available_vectors).
-                            Vector::Avx512 => unsafe {
-                                avx512::axpy_f32(&mut a, &row, w);
-                                avx512::axpy_bf16(&mut b, &rb, w);
-                                avx512::axpy_f16(&mut h, &rh, w);
-                            },
-                        }
-                        assert_eq!(bits(&a), bits(&want), "{} f32 n={n}", v.name());
-                        assert_eq!(bits(&b), bits(&want_b), "{} bf16 n={n}", v.name());
-                        assert_eq!(bits(&h), bits(&want_h), "{} f16 n={n}", v.name());
-                    }
-                }
+                axpy_f16_portable(&mut got, &rh, w);
+                let wh: Vec<f32> = rh.iter().map(|x| x.to_f32()).collect();
+                assert_eq!(bits(&got), want(&wh), "f16 n={n}");
             }
         }
     }
