@@ -12,7 +12,7 @@
 //! a group is built once and shared by its H / Hkv query heads. The backward is in
 //! [`crate::backward`].
 pub use crate::backward::backward;
-use crate::error::{numel, try_vec, vec_or_unwind, Result, ZetaError};
+use crate::error::{numel, try_vec, try_vec_par, vec_or_unwind, Result, ZetaError};
 use crate::exact::{Batch, ExactIndex};
 use crate::index::{select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
@@ -348,8 +348,8 @@ pub fn knn_with<T: Float + Real>(
 ) -> Result<(Vec<i64>, Vec<T>)> {
     validate(sh, prm, q, k, None::<&[T]>, topk)?;
     let total = numel(&[sh.b, sh.h, sh.n, topk], "knn indices")?;
-    let mut idx = try_vec(-1i64, total, "knn indices")?;
-    let mut dist = try_vec(T::infinity(), total, "knn distances")?;
+    let mut idx = try_vec_par(-1i64, total, "knn indices")?;
+    let mut dist = try_vec_par(T::infinity(), total, "knn distances")?;
     let g = sh.group();
     let per_group = g * sh.n * topk;
     idx.par_chunks_mut(per_group)
@@ -449,12 +449,12 @@ where
     check_gamma(gamma, sh.h)?;
     let (dk, dv) = (sh.dk, sh.dv);
     let n_out = numel(&[sh.b, sh.h, sh.n, dv], "attention output")?;
-    let mut out = try_vec(T::zero(), n_out, "attention output")?;
+    let mut out = try_vec_par(T::zero(), n_out, "attention output")?;
     if sh.s > i32::MAX as usize {
         return Err(ZetaError::value("k", "more than 2^31 - 1 keys per head"));
     }
     let n_idx = numel(&[sh.b, sh.h, sh.n, topk], "attention indices")?;
-    let mut idx = try_vec(-1i32, if keep_idx { n_idx } else { 0 }, "attention indices")?;
+    let mut idx = try_vec_par(-1i32, if keep_idx { n_idx } else { 0 }, "attention indices")?;
     let g = sh.group();
     // Every row of the indices, or none (`keep_idx` false): row (gi * g * N + qi).
     let all_irows = Rows::new(&mut idx, topk);
@@ -542,8 +542,8 @@ pub fn exact_knn<T: Float + Real>(
     check_finite("q", q)?;
     check_finite("k", k)?;
     let total = numel(&[sh.b, sh.h, sh.n, topk], "knn indices")?;
-    let mut idx = try_vec(-1i64, total, "knn indices")?;
-    let mut dist = try_vec(T::infinity(), total, "knn distances")?;
+    let mut idx = try_vec_par(-1i64, total, "knn indices")?;
+    let mut dist = try_vec_par(T::infinity(), total, "knn distances")?;
     let (g, dk) = (sh.group(), sh.dk);
     idx.par_chunks_mut(topk)
         .zip(dist.par_chunks_mut(topk))

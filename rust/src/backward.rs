@@ -12,7 +12,7 @@
 use crate::attention::{
     check_finite, check_gamma, check_len, mean_row, prefix_sums, AttnOpts, Rows, Shape,
 };
-use crate::error::{try_vec, try_with_capacity, vec_or_unwind, Result, ZetaError};
+use crate::error::{try_vec, try_vec_par, try_with_capacity, vec_or_unwind, Result, ZetaError};
 use crate::index::{prefetch, sq_dist, Params};
 use crate::morton::with_dims;
 use crate::quantize::Real;
@@ -58,10 +58,10 @@ pub fn backward<T: Float + Real>(
             "too many (query, slot) pairs in one kv-head group",
         ));
     }
-    let mut dq = try_vec(T::zero(), q.len(), "dq")?;
-    let mut dkk = try_vec(T::zero(), k.len(), "dk")?;
-    let mut dvv = try_vec(T::zero(), v.len(), "dv")?;
-    let mut dgamma_q = try_vec(0.0f64, sh.b * sh.h * n, "dgamma")?;
+    let mut dq = try_vec_par(T::zero(), q.len(), "dq")?;
+    let mut dkk = try_vec_par(T::zero(), k.len(), "dk")?;
+    let mut dvv = try_vec_par(T::zero(), v.len(), "dv")?;
+    let mut dgamma_q = try_vec_par(0.0f64, sh.b * sh.h * n, "dgamma")?;
 
     dq.par_chunks_mut(g * n * dk)
         .zip(dkk.par_chunks_mut(s * dk))

@@ -83,14 +83,14 @@ fn encode_impl<'py, C: morton::Coord + numpy::Element>(
     let path = simd::selected();
     if out64 {
         let out = run(py, || {
-            let mut o = crate::error::try_vec(0u64, n, "morton_encode output")?;
+            let mut o = crate::error::try_vec_par(0u64, n, "morton_encode output")?;
             morton::encode(coords, d, bits, &mut o, path)?;
             Ok(o)
         })?;
         Ok(Array1::from_vec(out).into_pyarray(py).into_any())
     } else {
         let out = run(py, || {
-            let mut o = crate::error::try_vec(0u32, n, "morton_encode output")?;
+            let mut o = crate::error::try_vec_par(0u32, n, "morton_encode output")?;
             morton::encode(coords, d, bits, &mut o, path)?;
             Ok(o)
         })?;
@@ -140,7 +140,7 @@ fn decode_impl<'py, O: morton::Code + morton::Coord + numpy::Element>(
         let total = n
             .checked_mul(dims)
             .ok_or_else(|| ZetaError::Memory("morton_decode output".into()))?;
-        let mut o = crate::error::try_vec(O::default(), total, "morton_decode output")?;
+        let mut o = crate::error::try_vec_par(O::default(), total, "morton_decode output")?;
         morton::decode(codes, dims, bits, &mut o, path)?;
         Ok(o)
     })?;
@@ -179,14 +179,14 @@ fn zorder_impl<'py, T: quantize::Real + numpy::Element>(
     let grid = quantize::Grid::new(d, bits, shift, scale)?;
     if out64 {
         let out = run(py, || {
-            let mut o = crate::error::try_vec(0u64, n, "zorder output")?;
+            let mut o = crate::error::try_vec_par(0u64, n, "zorder output")?;
             quantize::zorder(x, &grid, &mut o)?;
             Ok(o)
         })?;
         Ok(Array1::from_vec(out).into_pyarray(py).into_any())
     } else {
         let out = run(py, || {
-            let mut o = crate::error::try_vec(0u32, n, "zorder output")?;
+            let mut o = crate::error::try_vec_par(0u32, n, "zorder output")?;
             quantize::zorder(x, &grid, &mut o)?;
             Ok(o)
         })?;
@@ -220,7 +220,7 @@ fn argsort_impl<'py, K: morton::Code + numpy::Element>(
     let (rows, n) = (a.shape()[0], a.shape()[1]);
     let keys = a.as_slice().map_err(|_| not_contiguous("codes"))?;
     let out = run(py, || {
-        let mut o = crate::error::try_vec(0i64, rows * n, "argsort output")?;
+        let mut o = crate::error::try_vec_par(0i64, rows * n, "argsort output")?;
         sort::argsort_rows(keys, n, &mut o);
         Ok(o)
     })?;
@@ -259,7 +259,7 @@ fn searchsorted_impl<'py, K: morton::Code + numpy::Element>(
     let sorted = s.as_slice().map_err(|_| not_contiguous("sorted_codes"))?;
     let queries = q.as_slice().map_err(|_| not_contiguous("queries"))?;
     let out = run(py, || {
-        let mut o = crate::error::try_vec(0i64, rows * m, "searchsorted output")?;
+        let mut o = crate::error::try_vec_par(0i64, rows * m, "searchsorted output")?;
         search::searchsorted_rows(sorted, n, queries, m, right, &mut o);
         Ok(o)
     })?;
