@@ -3,9 +3,10 @@
 The launch code of every op (``index.py``, ``search.py``, ``backward.py``, ``primitives.py``)
 talks to a :class:`Runtime`: an array module (``xp``: cupy on a GPU) plus ``launch`` and
 ``empty``. :class:`CupyRuntime` compiles ``zeta/kernels/*.cu`` with NVRTC through
-``cupy.RawModule`` (once per device and file, memoized; cupy keeps its own on-disk cache) and
-launches on the current stream. The test suite plugs in a CPU runtime (numpy arrays, the same
-``.cu`` files compiled by a C++ compiler with a shim header) so the same launch code runs in CI.
+``cupy.RawModule`` (once per device and file, or per kernel for the files of ``PER_KERNEL``,
+memoized; cupy keeps its own on-disk cache) and launches on the current stream. The test suite
+plugs in a CPU runtime (numpy arrays, the same ``.cu`` files compiled by a C++ compiler with a
+shim header) so the same launch code runs in CI.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ NAME_EXPRESSIONS: Dict[str, List[str]] = {
         "zeta::backward_kernel<zeta::bf16>",
     ],
 }
+
+#: Sources compiled one kernel instantiation at a time (a module per name expression): a call
+#: compiles only the kernels it launches. search.cu's 16 instantiations take ~1 min of NVRTC +
+#: ptxas together (one to six seconds each), so a first float32 d_k = 3 call waits for two.
+PER_KERNEL = ("search.cu", "backward.cu")
 
 #: Options of every compile: no fused multiply-add (distances and quantization must match the
 #: CPU bit for bit); NVRTC's default dialect (C++17); the kernel folder on the include path.
@@ -124,9 +130,10 @@ class Runtime:
 
 
 class CupyRuntime(Runtime):
-    """cupy.RawModule per (device, file), compiled on first use."""
+    """cupy.RawModule per (device, file) or, for :data:`PER_KERNEL`, per (device, kernel),
+    compiled on first use."""
 
-    _modules: Dict[Tuple[int, str], Any] = {}
+    _modules: Dict[Tuple[int, str, str], Any] = {}
 
     def __init__(self, empty=None, zeros=None):
         import cupy
@@ -138,17 +145,19 @@ class CupyRuntime(Runtime):
             self.zeros = zeros  # type: ignore[method-assign]
 
     @classmethod
-    def module(cls, file: str) -> Any:
+    def module(cls, file: str, name: str = "") -> Any:
+        """The compiled module of ``file`` that holds kernel ``name`` (the whole file, or for
+        the files of :data:`PER_KERNEL` that one instantiation)."""
         import cupy
 
-        dev = cupy.cuda.Device().id
-        key = (dev, file)
+        exprs = [name] if file in PER_KERNEL and name else NAME_EXPRESSIONS[file]
+        key = (cupy.cuda.Device().id, file, exprs[0] if len(exprs) == 1 else "")
         mod = cls._modules.get(key)
         if mod is None:
             mod = cupy.RawModule(
                 code=source(file),
                 options=NVRTC_OPTIONS + ("-I" + KERNEL_DIR,) + extra_options(),
-                name_expressions=NAME_EXPRESSIONS[file],
+                name_expressions=exprs,
             )
             mod.compile()
             cls._modules[key] = mod
@@ -162,5 +171,5 @@ class CupyRuntime(Runtime):
         key = (cupy.cuda.Device().id, name)
         fn = self._functions.get(key)
         if fn is None:
-            fn = self._functions[key] = self.module(file).get_function(name)
+            fn = self._functions[key] = self.module(file, name).get_function(name)
         fn((int(grid),), (int(block),), tuple(args), shared_mem=int(shared_mem))
