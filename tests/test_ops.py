@@ -827,6 +827,8 @@ def _bad_cases():
         "k-str": (lambda: A(q, "k", v, topk=2), TypeError, "k"),
         "v-none": (lambda: A(q, k, None, topk=2), TypeError, "v"),
         "knn-list": (lambda: zeta.knn(q, k.tolist(), 2), TypeError, "k"),
+        "meta": (lambda: A(*(t.to("meta") for t in (tq, tk, tv)), topk=2), ValueError, "q"),
+        "knn-meta": (lambda: zeta.knn(tq.to("meta"), tk.to("meta"), 2), ValueError, "q"),
         "exact-nan": (
             lambda: zeta.exact_knn(_with(q, (0, 0, 1, 1), np.nan), k, 2),
             ValueError,

@@ -453,6 +453,17 @@ def test_bad_input_names_argument(name):
     assert str(e.value).startswith(arg + ":") or str(e.value).startswith(arg + ","), str(e.value)
 
 
+def test_meta_tensors_are_refused_by_name():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="^x: a meta tensor"):
+        zeta.zorder(torch.zeros(4, 3, device="meta"))
+    with pytest.raises(ValueError, match="^codes: a meta tensor"):
+        zeta.argsort(torch.zeros(5, dtype=torch.uint64, device="meta"))
+    with pytest.raises(ValueError, match="^queries: a meta tensor"):
+        codes = torch.zeros(5, dtype=torch.uint64)
+        zeta.searchsorted(codes, codes.to("meta"))
+
+
 def test_signed_torch_rejected():
     torch = pytest.importorskip("torch")
     with pytest.raises(TypeError, match="^coords"):

@@ -47,6 +47,9 @@ def _kind(arrays, names) -> Tuple[str, str, str]:
             )
         dtypes = [str(a.dtype).replace("torch.", "") for a in arrays]
         device = arrays[0].device.type if kind == "torch" else "cuda"
+        if device == "meta":
+            # torch.compile traces shapes through the custom ops' fake kernels, not meta tensors
+            raise ValueError(f"{names[0]}: a meta tensor holds no values; pass CPU or CUDA tensors")
     else:
         dtypes = [str(a.dtype) for a in arrays]
         device = "cpu"

@@ -26,6 +26,8 @@ def _input(x: Any, name: str) -> Tuple[Any, str, str, str, Tuple[int, ...]]:
     if is_cupy(x):
         return x, "cupy", "cuda", str(x.dtype), tuple(x.shape)
     if is_torch(x):
+        if x.device.type == "meta":
+            raise ValueError(f"{name}: a meta tensor holds no values; pass CPU or CUDA tensors")
         return x, "torch", x.device.type, str(x.dtype).replace("torch.", ""), tuple(x.shape)
     a = to_numpy(x, name)
     return a, "numpy", "cpu", str(a.dtype), a.shape
