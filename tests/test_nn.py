@@ -195,6 +195,8 @@ def test_bad_forward_input():
         m(torch.randn(2, 8, 15))
     with pytest.raises(ValueError, match="^x"):
         m(torch.randn(8, 16))
+    with pytest.raises(TypeError, match="^x: expected a torch tensor"):
+        m(torch.randn(2, 8, 16).numpy())
     # a bad zeta option passed through is reported by name at the first call
     bad = ZetaAttention(16, 4, topk=4, chunk=0)
     with pytest.raises(ValueError, match="^chunk"):

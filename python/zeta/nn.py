@@ -184,6 +184,8 @@ class ZetaAttention(nn.Module):
         return memo[1]
 
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch tensor, got {type(x).__name__}")
         if cache is not None:
             o = self._decode_step(x, cache)
             if o is not None:
