@@ -47,7 +47,7 @@ test-rust:  ## cargo test (no Python needed)
 
 test-python: $(PY)  ## install with test extras (torch) and run pytest (exit 5, nothing collected, fails)
 	$(RETRY) $(PIP) install -q -e ".[test]"
-	$(PY) -m pytest -q -rs; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q -rs --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
 test-wheel: $(PY)  ## build the manylinux2014 abi3 wheel, check its tag, smoke-test it in a fresh venv WITHOUT torch
 	$(RETRY) $(PIP) install -q $(WHEEL_TOOLS)
