@@ -12,7 +12,8 @@ Inputs (chosen at random per input, reproducible from ``--seed`` and the input's
                 zorder / argsort / searchsorted / KVCache(...).extend/attend with random
                 shapes (zero sizes included), dtypes, strides (transposed, reversed,
                 broadcast zero-stride), options (huge, zero, negative, wrong type),
-                NaN/inf, numpy or torch.
+                NaN/inf, numpy or torch (torch attention inputs half of the time with
+                requires_grad, then a backward through the output).
 
 Inputs run in child processes under an address-space limit (``--mem-mb`` above what the
 child holds after import), so a huge size meets a real allocation failure instead of the
@@ -225,7 +226,7 @@ class Dice:
         self.r = r
         self.bad = r.random() < 0.45
         self.dtype = r.choice([np.float32] * 5 + [np.float64] * 2 + [np.float16])
-        self.torch = r.random() < 0.12
+        self.torch = r.random() < 0.2
 
     def wrong(self, p: float) -> bool:
         return self.bad and self.r.random() < p
@@ -272,6 +273,10 @@ def array(d: Dice, shape: Tuple[int, ...], kind: str = "f") -> Any:
     elif d.wrong(0.05) and a.size < 50:
         a = a.tolist()
     return a
+
+
+def _float_tensor(t: Any) -> bool:
+    return hasattr(t, "is_floating_point") and t.is_floating_point()
 
 
 def shape4(d: Dice, b: int, h: int, n: int, dd: int) -> Tuple[int, ...]:
@@ -339,7 +344,19 @@ def api_case(r: random.Random) -> Tuple[str, Callable[[], None]]:
                 if not d.wrong(0.5)
                 else r.choice([0.0, -1.0, float("nan"), float("inf"), np.ones(h + 1), "x"])
             )
-        return fn, lambda: zeta.attention(q, k, v, topk=topk, **opts)
+        # torch inputs: half of the time through autograd too (forward indices into the
+        # backward custom op, with every shape and option the forward accepted)
+        grad = d.torch and r.random() < 0.5
+
+        def go():
+            args = [q, k, v]
+            if grad:
+                args = [t.detach().requires_grad_() if _float_tensor(t) else t for t in args]
+            out = zeta.attention(*args, topk=topk, **opts)
+            if getattr(out, "requires_grad", False):
+                out.float().sum().backward()
+
+        return fn, go
     if fn in ("knn", "exact_knn"):
         q, k = array(d, shape4(d, b, h, n, dk)), array(d, shape4(d, b, hkv, s, dk))
         if fn == "exact_knn":
