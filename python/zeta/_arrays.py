@@ -22,6 +22,13 @@ def is_torch(x: Any) -> bool:
     return t is not None and isinstance(x, t.Tensor)
 
 
+def refuse_meta(t: Any, name: str) -> None:
+    """A ValueError naming ``name`` for a meta tensor: it has shapes but no values to search
+    (torch.compile traces shapes through the custom ops' fake kernels, not meta tensors)."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: a meta tensor holds no values; pass CPU or CUDA tensors")
+
+
 def to_numpy(x: Any, name: str) -> np.ndarray:
     """Array-like -> numpy array (no copy when possible). Raises TypeError naming ``name``."""
     if isinstance(x, np.ndarray):

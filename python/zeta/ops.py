@@ -13,7 +13,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import _core
-from ._arrays import is_torch
+from ._arrays import is_torch, refuse_meta
 from ._validate import check_qkv_shapes, gamma_array, index_params
 from .backends import CallInfo, select
 from .backends.cupy_backend import is_cupy
@@ -47,9 +47,8 @@ def _kind(arrays, names) -> Tuple[str, str, str]:
             )
         dtypes = [str(a.dtype).replace("torch.", "") for a in arrays]
         device = arrays[0].device.type if kind == "torch" else "cuda"
-        if device == "meta":
-            # torch.compile traces shapes through the custom ops' fake kernels, not meta tensors
-            raise ValueError(f"{names[0]}: a meta tensor holds no values; pass CPU or CUDA tensors")
+        if kind == "torch":
+            refuse_meta(arrays[0], names[0])
     else:
         dtypes = [str(a.dtype) for a in arrays]
         device = "cpu"

@@ -12,7 +12,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._arrays import is_torch, to_numpy
+from ._arrays import is_torch, refuse_meta, to_numpy
 from ._validate import check_bits, check_dims, default_zorder_bits
 from .backends import CallInfo, select
 from .backends.cupy_backend import is_cupy
@@ -26,8 +26,7 @@ def _input(x: Any, name: str) -> Tuple[Any, str, str, str, Tuple[int, ...]]:
     if is_cupy(x):
         return x, "cupy", "cuda", str(x.dtype), tuple(x.shape)
     if is_torch(x):
-        if x.device.type == "meta":
-            raise ValueError(f"{name}: a meta tensor holds no values; pass CPU or CUDA tensors")
+        refuse_meta(x, name)
         return x, "torch", x.device.type, str(x.dtype).replace("torch.", ""), tuple(x.shape)
     a = to_numpy(x, name)
     return a, "numpy", "cpu", str(a.dtype), a.shape

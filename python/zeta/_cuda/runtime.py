@@ -50,8 +50,9 @@ NAME_EXPRESSIONS: Dict[str, List[str]] = {
 }
 
 #: Sources compiled one kernel instantiation at a time (a module per name expression): a call
-#: compiles only the kernels it launches. search.cu's 16 instantiations take ~1 min of NVRTC +
-#: ptxas together (one to six seconds each), so a first float32 d_k = 3 call waits for two.
+#: compiles only the kernels it launches. search.cu's 16 instantiations as one program took
+#: 68 s of NVRTC + ptxas on an idle 2-core CPU (328 s on a slower one, past the tests' 300 s
+#: limit); one at a time 3-6 s each at sm_90 (`python tests/nvrtc_compile.py` prints them).
 PER_KERNEL = ("search.cu", "backward.cu")
 
 #: Options of every compile: no fused multiply-add (distances and quantization must match the
@@ -150,8 +151,9 @@ class CupyRuntime(Runtime):
         the files of :data:`PER_KERNEL` that one instantiation)."""
         import cupy
 
-        exprs = [name] if file in PER_KERNEL and name else NAME_EXPRESSIONS[file]
-        key = (cupy.cuda.Device().id, file, exprs[0] if len(exprs) == 1 else "")
+        one = name if file in PER_KERNEL else ""
+        exprs = [one] if one else NAME_EXPRESSIONS[file]
+        key = (cupy.cuda.Device().id, file, one)
         mod = cls._modules.get(key)
         if mod is None:
             mod = cupy.RawModule(
