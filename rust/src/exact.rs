@@ -27,7 +27,7 @@
 //! Perf notes: see [`ExactIndex::search`].
 use crate::error::{numel, try_vec, try_with_capacity, Result};
 use crate::index::{
-    offer_rows, scan_probes_ranges, CurveTree, KeyIndex, Offer, Probe, RunView, FENCE,
+    offer_rows, scan_probes_ranges, unpack_pos, CurveTree, KeyIndex, Offer, Probe, RunView, FENCE,
 };
 use crate::morton::with_dims;
 use crate::quantize::Real;
@@ -502,11 +502,7 @@ impl<T: Float + Real> ExactIndex<T> {
                         run: run_view(tree, l, a, b, D),
                         qcode,
                     }];
-                    let mut f = |pos: u32, d2: T| {
-                        if pos <= lim {
-                            tk.push(pos, d2)
-                        }
-                    };
+                    let mut f = Upto { tk: &mut *tk, lim };
                     scan_probes_ranges(&probe, q, prm.window, &mut f, |_, lo, hi| {
                         win = (a + lo, a + hi)
                     });
@@ -685,11 +681,7 @@ impl<T: Float + Real> ExactIndex<T> {
                     qcode: ix.grids[0].code(q) as u32,
                 }];
                 let lim = lims[i];
-                let mut f = |pos: u32, d2: T| {
-                    if pos <= lim {
-                        tk.push(pos, d2)
-                    }
-                };
+                let mut f = Upto { tk: &mut *tk, lim };
                 let inner = (prm.window / 4).max(1);
                 let (mut lo, mut hi) = (0, 0);
                 scan_probes_ranges(&probe, q, inner, &mut f, |_, l0, h0| (lo, hi) = (l0, h0));
@@ -883,6 +875,12 @@ impl<T: Float + Real> Offer<T> for Upto<'_, T> {
     #[inline(always)]
     fn offer_mask(&mut self, m: u64, d2: &[T], pos: impl Fn(usize) -> u32) {
         self.tk.push_mask(m, d2, pos, self.lim)
+    }
+    #[inline(always)]
+    fn offer_rows3(&mut self, q: &[T; 3], coords: &[T], entries: &[u64]) {
+        if !self.tk.push_rows3(q, coords, entries, self.lim) {
+            crate::index::offer_block::<T, 3>(q, coords, |j| unpack_pos(entries[j]), self);
+        }
     }
 }
 

@@ -139,6 +139,16 @@ pub trait Offer<T: Float> {
             m &= m - 1;
         }
     }
+    /// The 3-D rows `coords` at the positions of `entries` (packed index entries; only
+    /// called when [`Real::DIST3`]): [`offer_block`]'s scan. The top-k (and the exact
+    /// search's filter of it) take them through the fused kernel where there is one.
+    #[inline(always)]
+    fn offer_rows3(&mut self, q: &[T; 3], coords: &[T], entries: &[u64])
+    where
+        T: Real,
+    {
+        offer_block::<T, 3>(q, coords, |j| unpack_pos(entries[j]), self)
+    }
 }
 
 impl<T: Float, F: FnMut(u32, T)> Offer<T> for F {
@@ -160,6 +170,12 @@ impl<T: Float + Real> Offer<T> for TopK<T> {
     #[inline(always)]
     fn offer_mask(&mut self, m: u64, d2: &[T], pos: impl Fn(usize) -> u32) {
         self.push_mask(m, d2, pos, u32::MAX)
+    }
+    #[inline(always)]
+    fn offer_rows3(&mut self, q: &[T; 3], coords: &[T], entries: &[u64]) {
+        if !self.push_rows3(q, coords, entries, u32::MAX) {
+            offer_block::<T, 3>(q, coords, |j| unpack_pos(entries[j]), self)
+        }
     }
 }
 
@@ -186,7 +202,7 @@ fn dist<T: Float, const D: usize>(q: &[T; D], c: &[T]) -> T {
 /// Offers the rows `coords` (D coordinates each, at positions `pos(j)`) to `f`, LANES at a
 /// time, skipping the lanes farther than `f`'s bound.
 #[inline(always)]
-fn offer_block<T: Float + Real, const D: usize>(
+pub(crate) fn offer_block<T: Float + Real, const D: usize>(
     q: &[T; D],
     coords: &[T],
     pos: impl Fn(usize) -> u32,
@@ -443,8 +459,14 @@ impl<'a, T: Float + Real> RunView<'a, T> {
         let e = &self.entries[lo..hi];
         // d_k is tiny; a fixed-size loop lets the compiler unroll the distance.
         small_dims!(dk, D => {
-            let qa: [T; D] = std::array::from_fn(|i| q[i]);
-            offer_block::<T, D>(&qa, &self.coords[lo * D..hi * D], |j| unpack_pos(e[j]), f)
+            let c = &self.coords[lo * D..hi * D];
+            if D == 3 && T::DIST3 {
+                let q3: [T; 3] = std::array::from_fn(|i| q[i]);
+                f.offer_rows3(&q3, c, e)
+            } else {
+                let qa: [T; D] = std::array::from_fn(|i| q[i]);
+                offer_block::<T, D>(&qa, c, |j| unpack_pos(e[j]), f)
+            }
         }, else {
             for (j, c) in self.coords[lo * dk..hi * dk].chunks_exact(dk).enumerate() {
                 f.offer(unpack_pos(e[j]), sq_dist(q, c));

@@ -58,6 +58,20 @@ pub trait Real: crate::score::ValueElem + Copy + Send + Sync + 'static {
     ) -> u64 {
         unreachable!("no 3-D scan kernel for this type")
     }
+    /// [`crate::simd::dist3_keys`] for this type: the keys of the rows of `coords` below
+    /// `thresh` with positions at most `lim`, into `out`; None where there is no such kernel
+    /// (this type, or this CPU).
+    #[inline(always)]
+    fn dist3_keys(
+        _q: &[Self; 3],
+        _coords: &[Self],
+        _entries: &[u64],
+        _lim: u32,
+        _thresh: Self::Key,
+        _out: &mut [Self::Key],
+    ) -> Option<usize> {
+        None
+    }
     /// Whether [`Real::merge_sorted`] is the vector merge of [`crate::sortnet`] for top-`k`.
     #[inline]
     fn merge_fast(_k: usize) -> bool {
@@ -148,6 +162,17 @@ impl Real for f32 {
         d2: &mut [f32; crate::simd::SCAN_BLOCK],
     ) -> u64 {
         crate::simd::dist3_mask(q, coords, bound, d2)
+    }
+    #[inline(always)]
+    fn dist3_keys(
+        q: &[f32; 3],
+        coords: &[f32],
+        entries: &[u64],
+        lim: u32,
+        thresh: u64,
+        out: &mut [u64],
+    ) -> Option<usize> {
+        crate::simd::dist3_keys(q, coords, entries, lim, thresh, out)
     }
     #[inline]
     fn merge_fast(k: usize) -> bool {

@@ -188,6 +188,41 @@ pub fn dist3_mask(q: &[f32; 3], coords: &[f32], bound: f32, d2: &mut [f32; SCAN_
     dist3_mask_portable(q, coords, bound, d2)
 }
 
+/// Extra slots [`dist3_keys`] may write past its last kept key (whole 8-key stores).
+pub const KEYS_PAD: usize = 8;
+
+/// The fused scan of the exact search's leaves and windows: for each 3-D row j of `coords`
+/// (at most [`SCAN_BLOCK`], `entries[j]` its packed entry, the position in its low 32 bits),
+/// the key `(d2 bits << 32) | position` of [`crate::quantize::Real::key`], kept when it is
+/// below `thresh` and the position is at most `lim`; the kept keys go to `out` in row order
+/// and their count is returned. `d2` is [`dist3_mask`]'s, bit for bit. None: no kernel on this
+/// CPU (then use [`dist3_mask`] and a per-row push). `out` must hold `rows + KEYS_PAD` keys.
+#[inline]
+pub fn dist3_keys(
+    q: &[f32; 3],
+    coords: &[f32],
+    entries: &[u64],
+    lim: u32,
+    thresh: u64,
+    out: &mut [u64],
+) -> Option<usize> {
+    let n = coords.len() / 3;
+    assert!(n <= SCAN_BLOCK && coords.len() == 3 * n && entries.len() == n);
+    assert!(out.len() >= n + KEYS_PAD);
+    #[cfg(target_arch = "x86_64")]
+    if vector() == Vector::Avx512 {
+        // SAFETY: the CPU has AVX-512F (checked at run time by `vector`); the slices' bounds
+        // are asserted above.
+        return Some(unsafe { avx512::dist3_keys(q, coords, entries, lim, thresh, out) });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vector() == Vector::Avx2 {
+        // SAFETY: the CPU has AVX2 (checked at run time by `vector`); bounds as above.
+        return Some(unsafe { avx2::dist3_keys(q, coords, entries, lim, thresh, out) });
+    }
+    None
+}
+
 /// How the row sums ([`axpy_rows_f32`] and its bf16 / f16 kinds) end:
 /// `acc = (acc + s * mean) * scale` (`mean`: an extra row and its weight), the last steps of
 /// the Cauchy-softmax value sum.
@@ -504,6 +539,91 @@ mod avx2 {
         m
     }
 
+    /// Lane indices (32-bit) of `_mm256_permutevar8x32_epi32` that move the 64-bit lanes set
+    /// in a 4-bit mask to the front, in order: the compress AVX2 lacks.
+    const COMPRESS4: [[i32; 8]; 16] = {
+        let mut t = [[0i32; 8]; 16];
+        let mut m = 0;
+        while m < 16 {
+            let mut o = 0;
+            let mut l = 0usize;
+            while l < 4 {
+                if m >> l & 1 == 1 {
+                    t[m][2 * o] = (2 * l) as i32;
+                    t[m][2 * o + 1] = (2 * l + 1) as i32;
+                    o += 1;
+                }
+                l += 1;
+            }
+            m += 1;
+        }
+        t
+    };
+
+    /// [`super::dist3_keys`] with AVX2: [`dist3_mask`] with the threshold's distance as the
+    /// bound, then the keys of each 4 rows with a row under the bound built, compared and
+    /// compressed in registers (a table of lane permutes).
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dist3_keys(
+        q: &[f32; 3],
+        coords: &[f32],
+        entries: &[u64],
+        lim: u32,
+        thresh: u64,
+        out: &mut [u64],
+    ) -> usize {
+        let n = coords.len() / 3;
+        assert!(n <= SCAN_BLOCK && entries.len() == n && out.len() >= n + super::KEYS_PAD);
+        let bound = if thresh == u64::MAX {
+            f32::INFINITY
+        } else {
+            f32::from_bits((thresh >> 32) as u32)
+        };
+        let mut d2 = [0f32; SCAN_BLOCK];
+        // Rows with d2 <= bound: a superset of the rows whose key is below `thresh`.
+        let mut m = dist3_mask(q, coords, bound, &mut d2);
+        let sign = _mm256_set1_epi64x(i64::MIN);
+        let low = _mm256_set1_epi64x(0xFFFF_FFFF);
+        let th = _mm256_xor_si256(_mm256_set1_epi64x(thresh as i64), sign);
+        let lm = _mm256_set1_epi64x(lim as i64);
+        let o = out.as_mut_ptr();
+        let mut kept = 0usize;
+        while m != 0 {
+            let g = (m.trailing_zeros() & !3) as usize;
+            let bits = (m >> g) as u32 & 15;
+            m &= !(15u64 << g);
+            // Rows past n have no bit in `m` (dist3_mask's mask): load only the rows with one.
+            let lanes = _mm256_set_epi64x(
+                -i64::from(bits >> 3 & 1),
+                -i64::from(bits >> 2 & 1),
+                -i64::from(bits >> 1 & 1),
+                -i64::from(bits & 1),
+            );
+            // SAFETY: a masked load reads only lanes whose row is below n (their bit is in
+            // `m`); the pointer is formed with `wrapping_add`. d2 lanes g..g + 4 lie inside
+            // the array (g is a multiple of 4 below SCAN_BLOCK).
+            let e = _mm256_maskload_epi64(entries.as_ptr().wrapping_add(g) as *const i64, lanes);
+            let pos = _mm256_and_si256(e, low);
+            let d = _mm_loadu_si128(d2.as_ptr().add(g) as *const __m128i);
+            let key = _mm256_or_si256(_mm256_slli_epi64::<32>(_mm256_cvtepu32_epi64(d)), pos);
+            // key < thresh (unsigned: both with the sign bit flipped), pos <= lim (both
+            // below 2^32: a signed compare).
+            let below = _mm256_cmpgt_epi64(th, _mm256_xor_si256(key, sign));
+            let over = _mm256_cmpgt_epi64(pos, lm);
+            let ok = _mm256_and_si256(_mm256_andnot_si256(over, below), lanes);
+            let k = _mm256_movemask_pd(_mm256_castsi256_pd(ok)) as usize;
+            let perm = _mm256_loadu_si256(COMPRESS4[k].as_ptr() as *const __m256i);
+            // SAFETY: kept <= g rows so far, so slots kept .. kept + 4 lie within `out`
+            // (out.len() >= n + KEYS_PAD).
+            _mm256_storeu_si256(
+                o.add(kept) as *mut __m256i,
+                _mm256_permutevar8x32_epi32(key, perm),
+            );
+            kept += k.count_ones() as usize;
+        }
+        kept
+    }
+
     axpy_rows_kernel!(
         /// [`super::axpy_rows_f32`]: 64 values of `acc` in eight registers.
         axpy_rows_f32, f32, "avx2", 8, 8,
@@ -681,6 +801,89 @@ mod avx512 {
         m
     }
 
+    /// [`super::dist3_keys`] with AVX-512: the distances as in [`dist3_mask`], 16 rows at a
+    /// time, then their keys built, compared and compressed 8 at a time in registers (no d2
+    /// array, no per-row loop over a mask).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dist3_keys(
+        q: &[f32; 3],
+        coords: &[f32],
+        entries: &[u64],
+        lim: u32,
+        thresh: u64,
+        out: &mut [u64],
+    ) -> usize {
+        const IX: ([i32; 16], [i32; 16]) = (idx_ab(0), idx_c(0));
+        const IY: ([i32; 16], [i32; 16]) = (idx_ab(1), idx_c(1));
+        const IZ: ([i32; 16], [i32; 16]) = (idx_ab(2), idx_c(2));
+        let n = coords.len() / 3;
+        assert!(n <= SCAN_BLOCK && entries.len() == n && out.len() >= n + super::KEYS_PAD);
+        let (qx, qy, qz) = (
+            _mm512_set1_ps(q[0]),
+            _mm512_set1_ps(q[1]),
+            _mm512_set1_ps(q[2]),
+        );
+        let low = _mm512_set1_epi64(0xFFFF_FFFF);
+        let th = _mm512_set1_epi64(thresh as i64);
+        let lm = _mm512_set1_epi64(lim as i64);
+        let o = out.as_mut_ptr();
+        let mut kept = 0usize;
+        let mut j = 0;
+        while j < n {
+            let r = (n - j).min(16);
+            let lanes =
+                |from: usize| ((1u32 << (3 * r).saturating_sub(from).min(16)) - 1) as __mmask16;
+            let p = coords.as_ptr().wrapping_add(3 * j);
+            // SAFETY (of the loads): a masked load reads only the lanes whose bit is set,
+            // floats 3j .. 3(j + r) of `coords`; the pointers are formed with
+            // `wrapping_add`, so one past the rows is never an out-of-bounds offset.
+            let (ra, rb, rc) = (
+                _mm512_maskz_loadu_ps(lanes(0), p),
+                _mm512_maskz_loadu_ps(lanes(16), p.wrapping_add(16)),
+                _mm512_maskz_loadu_ps(lanes(32), p.wrapping_add(32)),
+            );
+            let x = coord(ra, rb, rc, &IX.0, &IX.1);
+            let y = coord(ra, rb, rc, &IY.0, &IY.1);
+            let z = coord(ra, rb, rc, &IZ.0, &IZ.1);
+            let dx = _mm512_sub_ps(qx, x);
+            let dy = _mm512_sub_ps(qy, y);
+            let dz = _mm512_sub_ps(qz, z);
+            let s = _mm512_castps_si512(_mm512_add_ps(
+                _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy)),
+                _mm512_mul_ps(dz, dz),
+            ));
+            for h in 0..2 {
+                let c = r.saturating_sub(8 * h).min(8);
+                if c == 0 {
+                    break;
+                }
+                let valid = ((1u32 << c) - 1) as __mmask8;
+                // SAFETY: a masked load reads entries j + 8h .. j + 8h + c, inside `entries`
+                // (c <= n - j - 8h); the pointer is formed with `wrapping_add`.
+                let e = _mm512_maskz_loadu_epi64(
+                    valid,
+                    entries.as_ptr().wrapping_add(j + 8 * h) as *const _,
+                );
+                let pos = _mm512_and_si512(e, low);
+                let half = if h == 0 {
+                    _mm512_castsi512_si256(s)
+                } else {
+                    _mm512_extracti64x4_epi64::<1>(s)
+                };
+                let key =
+                    _mm512_or_si512(_mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(half)), pos);
+                let k = _mm512_mask_cmplt_epu64_mask(valid, key, th);
+                let k = _mm512_mask_cmple_epu64_mask(k, pos, lm);
+                // SAFETY: kept <= j + 8h rows so far, so slots kept .. kept + 8 lie within
+                // `out` (out.len() >= n + KEYS_PAD, asserted above).
+                _mm512_storeu_si512(o.add(kept) as *mut _, _mm512_maskz_compress_epi64(k, key));
+                kept += k.count_ones() as usize;
+            }
+            j += 16;
+        }
+        kept
+    }
+
     axpy_rows_kernel!(
         /// [`super::axpy_rows_f32`]: 64 values of `acc` in four registers.
         axpy_rows_f32, f32, "avx512f", 16, 4,
@@ -778,6 +981,92 @@ mod tests {
                         }
                     }
                     assert_eq!(dist3_mask(&q, &c, bound, &mut dp), mp);
+                }
+            }
+        }
+    }
+
+    /// The fused key scan keeps exactly the rows whose key `(sq_dist bits << 32) | pos` is
+    /// below the threshold and whose position is at most the limit, in row order, for every
+    /// block length (its 8-key stores past the kept keys stay inside the padding), scale,
+    /// threshold and limit; positions come from the low 32 bits of the entries. Coordinates
+    /// are finite, as the index's are (at 1e38 the differences overflow to +inf: never NaN).
+    #[test]
+    fn dist3_keys_matches_the_per_row_keys() {
+        let mut s = 5u64;
+        for &scale in &[1.0f32, 1e-20, 1e19, 1e38] {
+            for n in 0..=SCAN_BLOCK {
+                let c: Vec<f32> = (0..3 * n).map(|_| lcg(&mut s) * scale).collect();
+                let q = [
+                    lcg(&mut s) * scale,
+                    lcg(&mut s) * scale,
+                    lcg(&mut s) * scale,
+                ];
+                let entries: Vec<u64> = (0..n)
+                    .map(|j| {
+                        let code = (lcg(&mut s).abs() * 4e9) as u64;
+                        code << 32 | (j as u64 * 7919 % 1000) // positions out of order
+                    })
+                    .collect();
+                let keys: Vec<u64> = (0..n)
+                    .map(|j| {
+                        let d = crate::index::sq_dist(&q, &c[3 * j..3 * j + 3]);
+                        (d.to_bits() as u64) << 32 | (entries[j] & 0xFFFF_FFFF)
+                    })
+                    .collect();
+                let mut sorted = keys.clone();
+                sorted.sort_unstable();
+                let mid = sorted.get(n / 2).copied().unwrap_or(0);
+                for &thresh in &[u64::MAX, 0, mid, mid + 1] {
+                    for &lim in &[u32::MAX, 0, 500] {
+                        let want: Vec<u64> = keys
+                            .iter()
+                            .copied()
+                            .filter(|&k| k < thresh && (k & 0xFFFF_FFFF) as u32 <= lim)
+                            .collect();
+                        let mut out = vec![7u64; n + KEYS_PAD + 1];
+                        match dist3_keys(&q, &c, &entries, lim, thresh, &mut out[..n + KEYS_PAD]) {
+                            Some(got) => {
+                                assert_eq!(&out[..got], &want[..], "n={n} scale={scale}");
+                                assert_eq!(out[n + KEYS_PAD], 7, "wrote past its padding");
+                            }
+                            None => assert_eq!(vector(), Vector::Portable),
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        if features().avx2 {
+                            let mut out = vec![7u64; n + KEYS_PAD + 1];
+                            // SAFETY: the CPU has AVX2 (checked just above).
+                            let got = unsafe {
+                                avx2::dist3_keys(
+                                    &q,
+                                    &c,
+                                    &entries,
+                                    lim,
+                                    thresh,
+                                    &mut out[..n + KEYS_PAD],
+                                )
+                            };
+                            assert_eq!(&out[..got], &want[..], "avx2 n={n} scale={scale}");
+                            assert_eq!(out[n + KEYS_PAD], 7, "avx2 wrote past its padding");
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        if features().avx512f {
+                            let mut out = vec![7u64; n + KEYS_PAD + 1];
+                            // SAFETY: the CPU has AVX-512F (checked just above).
+                            let got = unsafe {
+                                avx512::dist3_keys(
+                                    &q,
+                                    &c,
+                                    &entries,
+                                    lim,
+                                    thresh,
+                                    &mut out[..n + KEYS_PAD],
+                                )
+                            };
+                            assert_eq!(&out[..got], &want[..], "avx512 n={n} scale={scale}");
+                            assert_eq!(out[n + KEYS_PAD], 7, "avx512 wrote past its padding");
+                        }
+                    }
                 }
             }
         }
