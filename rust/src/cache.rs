@@ -1182,11 +1182,20 @@ impl Group {
                 *x += y as f64;
             }
         }
-        // Sum what is stored (f16/bf16 rounding included), in position order.
-        for p in old..new_len {
-            for (j, x) in self.vsum.iter_mut().enumerate() {
-                *x += self.values.get_f64(p * dv + j);
+        // Sum what is stored (f16/bf16 rounding included), in position order; the dtype is
+        // matched once per call, not once per value.
+        fn add_rows<E: Copy>(sum: &mut [f64], rows: &[E], dv: usize, f: impl Fn(E) -> f64) {
+            for row in rows.chunks_exact(dv) {
+                for (x, &y) in sum.iter_mut().zip(row) {
+                    *x += f(y);
+                }
             }
+        }
+        let (a, b) = (old * dv, new_len * dv);
+        match &self.values {
+            Values::F32(v) => add_rows(&mut self.vsum, &v[a..b], dv, |y| y as f64),
+            Values::F16(v) => add_rows(&mut self.vsum, &v[a..b], dv, |y| y.to_f64()),
+            Values::BF16(v) => add_rows(&mut self.vsum, &v[a..b], dv, |y| y.to_f64()),
         }
     }
 

@@ -336,6 +336,56 @@ mod tests {
         }
     }
 
+    /// The fused scan ([`TopK::push_rows3`], where this CPU has a kernel) keeps what a push
+    /// per row keeps: scans of any length (several blocks, past `cap` between cuts), with a
+    /// position limit, mixed with tightening, for both cuts; the drain is the sorted top k of
+    /// the visible rows by (d2, position).
+    #[test]
+    fn push_rows3_keeps_what_row_pushes_keep() {
+        let mut s = 9u64;
+        for &merge in &[false, true] {
+            for k in [1usize, 7, 32, 64] {
+                let mut tk = TopK::<f32>::with_merge(k, 1, merge && f32::merge_fast(k));
+                let mut seen: Vec<(f32, u32)> = Vec::new();
+                let mut next = 0u32;
+                for scan in 0..40 {
+                    let n = [0usize, 1, 15, 16, 17, 63, 64, 65, 200, 513][scan % 10];
+                    let c: Vec<f32> = (0..3 * n).map(|_| (lcg(&mut s) * 4.0).round()).collect();
+                    let q = [lcg(&mut s), lcg(&mut s), 0.5];
+                    let entries: Vec<u64> = (0..n as u64)
+                        .map(|j| {
+                            (j.wrapping_mul(0x9E37_79B9) & 0xFFFF_FFFF) << 32
+                                | (u64::from(next) + j)
+                        })
+                        .collect();
+                    next += n as u32;
+                    let lim = if scan % 3 == 0 {
+                        next - (n as u32) / 2
+                    } else {
+                        u32::MAX
+                    };
+                    if !tk.push_rows3(&q, &c, &entries, lim) {
+                        return; // no kernel on this CPU: the scan takes the per-row path
+                    }
+                    for j in 0..n {
+                        let pos = entries[j] as u32;
+                        if pos <= lim {
+                            seen.push((crate::index::sq_dist(&q, &c[3 * j..3 * j + 3]), pos));
+                        }
+                    }
+                    if scan % 4 == 1 {
+                        tk.tighten_over(8);
+                    }
+                }
+                let mut got = Vec::new();
+                tk.drain_sorted(&mut got);
+                seen.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                seen.truncate(k);
+                assert_eq!(got, seen, "merge={merge} k={k}");
+            }
+        }
+    }
+
     /// Both cuts (the vector merge where the CPU has it, and the select) through pushes,
     /// filtered pushes, cuts and bounds in any order: the bound after `tighten` is the k-th
     /// smallest distinct d2 so far (mult = 1), the drain the sorted, deduped top k.
