@@ -718,6 +718,33 @@ mod avx512 {
         _mm512_permutex2var_ps(ab, _mm512_loadu_si512(ic.as_ptr() as *const _), c)
     }
 
+    /// The squared distances of the `r <= 16` rows at `p` (x, y, z each) to `(qx, qy, qz)`,
+    /// lane j for row j (lanes past `r`: of zero rows), as [`super::dist3_mask`] computes
+    /// them.
+    ///
+    /// SAFETY: floats `p .. p + 3r` must be readable; a masked load reads only those, and
+    /// the pointers past them are formed with `wrapping_add` (never an out-of-bounds offset).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dist_rows(q: (__m512, __m512, __m512), p: *const f32, r: usize) -> __m512 {
+        const IX: ([i32; 16], [i32; 16]) = (idx_ab(0), idx_c(0));
+        const IY: ([i32; 16], [i32; 16]) = (idx_ab(1), idx_c(1));
+        const IZ: ([i32; 16], [i32; 16]) = (idx_ab(2), idx_c(2));
+        let lanes = |from: usize| ((1u32 << (3 * r).saturating_sub(from).min(16)) - 1) as __mmask16;
+        let (ra, rb, rc) = (
+            _mm512_maskz_loadu_ps(lanes(0), p),
+            _mm512_maskz_loadu_ps(lanes(16), p.wrapping_add(16)),
+            _mm512_maskz_loadu_ps(lanes(32), p.wrapping_add(32)),
+        );
+        let dx = _mm512_sub_ps(q.0, coord(ra, rb, rc, &IX.0, &IX.1));
+        let dy = _mm512_sub_ps(q.1, coord(ra, rb, rc, &IY.0, &IY.1));
+        let dz = _mm512_sub_ps(q.2, coord(ra, rb, rc, &IZ.0, &IZ.1));
+        _mm512_add_ps(
+            _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy)),
+            _mm512_mul_ps(dz, dz),
+        )
+    }
+
     /// [`super::dist3_mask`] with AVX-512: 16 rows at a time, de-interleaved by two
     /// two-source permutes per coordinate; the last < 16 rows the same way on masked loads.
     /// Perf note (`zeta.attention` at N = 32k, H = 8, top-32; 2026-12-01, a Zen 4 VM, best of
@@ -772,27 +799,8 @@ mod avx512 {
             // them read as 0 and are dropped from the mask). Their d2 lanes are stored too:
             // j + 16 <= SCAN_BLOCK, since j is a multiple of 16 below n <= SCAN_BLOCK.
             let r = n - j;
-            let lanes =
-                |from: usize| ((1u32 << (3 * r).saturating_sub(from).min(16)) - 1) as __mmask16;
-            let p = coords.as_ptr().add(3 * j);
-            // SAFETY (of the loads): a masked load reads only the lanes whose bit is set,
-            // floats 3j .. 3n of `coords`; the pointers are formed with `wrapping_add`, so
-            // one past the rows is never an out-of-bounds offset.
-            let (ra, rb, rc) = (
-                _mm512_maskz_loadu_ps(lanes(0), p),
-                _mm512_maskz_loadu_ps(lanes(16), p.wrapping_add(16)),
-                _mm512_maskz_loadu_ps(lanes(32), p.wrapping_add(32)),
-            );
-            let x = coord(ra, rb, rc, &IX.0, &IX.1);
-            let y = coord(ra, rb, rc, &IY.0, &IY.1);
-            let z = coord(ra, rb, rc, &IZ.0, &IZ.1);
-            let dx = _mm512_sub_ps(qx, x);
-            let dy = _mm512_sub_ps(qy, y);
-            let dz = _mm512_sub_ps(qz, z);
-            let s = _mm512_add_ps(
-                _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy)),
-                _mm512_mul_ps(dz, dz),
-            );
+            // SAFETY: floats 3j .. 3n lie inside `coords`.
+            let s = dist_rows((qx, qy, qz), coords.as_ptr().add(3 * j), r);
             // SAFETY: d2 lanes j..j + 16 <= SCAN_BLOCK (above).
             _mm512_storeu_ps(d2.as_mut_ptr().add(j), s);
             let k = (_mm512_cmp_ps_mask::<_CMP_LE_OQ>(s, b) as u64) & ((1u64 << r) - 1);
@@ -813,9 +821,6 @@ mod avx512 {
         thresh: u64,
         out: &mut [u64],
     ) -> usize {
-        const IX: ([i32; 16], [i32; 16]) = (idx_ab(0), idx_c(0));
-        const IY: ([i32; 16], [i32; 16]) = (idx_ab(1), idx_c(1));
-        const IZ: ([i32; 16], [i32; 16]) = (idx_ab(2), idx_c(2));
         let n = coords.len() / 3;
         assert!(n <= SCAN_BLOCK && entries.len() == n && out.len() >= n + super::KEYS_PAD);
         let (qx, qy, qz) = (
@@ -831,27 +836,8 @@ mod avx512 {
         let mut j = 0;
         while j < n {
             let r = (n - j).min(16);
-            let lanes =
-                |from: usize| ((1u32 << (3 * r).saturating_sub(from).min(16)) - 1) as __mmask16;
-            let p = coords.as_ptr().wrapping_add(3 * j);
-            // SAFETY (of the loads): a masked load reads only the lanes whose bit is set,
-            // floats 3j .. 3(j + r) of `coords`; the pointers are formed with
-            // `wrapping_add`, so one past the rows is never an out-of-bounds offset.
-            let (ra, rb, rc) = (
-                _mm512_maskz_loadu_ps(lanes(0), p),
-                _mm512_maskz_loadu_ps(lanes(16), p.wrapping_add(16)),
-                _mm512_maskz_loadu_ps(lanes(32), p.wrapping_add(32)),
-            );
-            let x = coord(ra, rb, rc, &IX.0, &IX.1);
-            let y = coord(ra, rb, rc, &IY.0, &IY.1);
-            let z = coord(ra, rb, rc, &IZ.0, &IZ.1);
-            let dx = _mm512_sub_ps(qx, x);
-            let dy = _mm512_sub_ps(qy, y);
-            let dz = _mm512_sub_ps(qz, z);
-            let s = _mm512_castps_si512(_mm512_add_ps(
-                _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy)),
-                _mm512_mul_ps(dz, dz),
-            ));
+            // SAFETY: floats 3j .. 3(j + r) lie inside `coords`.
+            let s = _mm512_castps_si512(dist_rows((qx, qy, qz), coords.as_ptr().add(3 * j), r));
             for h in 0..2 {
                 let c = r.saturating_sub(8 * h).min(8);
                 if c == 0 {
@@ -1024,47 +1010,38 @@ mod tests {
                             .copied()
                             .filter(|&k| k < thresh && (k & 0xFFFF_FFFF) as u32 <= lim)
                             .collect();
-                        let mut out = vec![7u64; n + KEYS_PAD + 1];
-                        match dist3_keys(&q, &c, &entries, lim, thresh, &mut out[..n + KEYS_PAD]) {
-                            Some(got) => {
-                                assert_eq!(&out[..got], &want[..], "n={n} scale={scale}");
-                                assert_eq!(out[n + KEYS_PAD], 7, "wrote past its padding");
+                        // Each kernel into a buffer one slot longer than it may write.
+                        let run = |name: &str, f: &dyn Fn(&mut [u64]) -> Option<usize>| {
+                            let mut out = vec![7u64; n + KEYS_PAD + 1];
+                            if let Some(got) = f(&mut out[..n + KEYS_PAD]) {
+                                assert_eq!(&out[..got], &want[..], "{name} n={n} scale={scale}");
+                                assert_eq!(out[n + KEYS_PAD], 7, "{name} wrote past its padding");
+                                return true;
                             }
-                            None => assert_eq!(vector(), Vector::Portable),
-                        }
+                            false
+                        };
+                        let args = (&q, &c[..], &entries[..]);
+                        let any = run("dispatch", &|o| {
+                            dist3_keys(args.0, args.1, args.2, lim, thresh, o)
+                        });
+                        assert_eq!(any, vector() != Vector::Portable);
                         #[cfg(target_arch = "x86_64")]
                         if features().avx2 {
-                            let mut out = vec![7u64; n + KEYS_PAD + 1];
                             // SAFETY: the CPU has AVX2 (checked just above).
-                            let got = unsafe {
-                                avx2::dist3_keys(
-                                    &q,
-                                    &c,
-                                    &entries,
-                                    lim,
-                                    thresh,
-                                    &mut out[..n + KEYS_PAD],
-                                )
-                            };
-                            assert_eq!(&out[..got], &want[..], "avx2 n={n} scale={scale}");
-                            assert_eq!(out[n + KEYS_PAD], 7, "avx2 wrote past its padding");
+                            run("avx2", &|o| {
+                                Some(unsafe {
+                                    avx2::dist3_keys(args.0, args.1, args.2, lim, thresh, o)
+                                })
+                            });
                         }
                         #[cfg(target_arch = "x86_64")]
                         if features().avx512f {
-                            let mut out = vec![7u64; n + KEYS_PAD + 1];
                             // SAFETY: the CPU has AVX-512F (checked just above).
-                            let got = unsafe {
-                                avx512::dist3_keys(
-                                    &q,
-                                    &c,
-                                    &entries,
-                                    lim,
-                                    thresh,
-                                    &mut out[..n + KEYS_PAD],
-                                )
-                            };
-                            assert_eq!(&out[..got], &want[..], "avx512 n={n} scale={scale}");
-                            assert_eq!(out[n + KEYS_PAD], 7, "avx512 wrote past its padding");
+                            run("avx512", &|o| {
+                                Some(unsafe {
+                                    avx512::dist3_keys(args.0, args.1, args.2, lim, thresh, o)
+                                })
+                            });
                         }
                     }
                 }
