@@ -15,6 +15,7 @@
 //! Only even-indexed runs are ever searched, but odd ones are needed to merge the level above;
 //! building all levels costs `O(S log(S/chunk))` time and memory.
 use crate::error::{try_vec, try_with_capacity, Result, ZetaError};
+use crate::morton::with_dims;
 use crate::quantize::{Grid, Real};
 use crate::simd::SCAN_BLOCK;
 use num_traits::Float;
@@ -484,25 +485,52 @@ pub fn sorted_entries(codes: &[u32], lo: usize, hi: usize) -> Result<Vec<u64>> {
 }
 
 /// Coordinates of the entries, in entry order.
+///
+/// Perf note (one head of N = 32k keys, d_k = 3, the 10 levels of a causal index, one
+/// thread; 2026-12-03, a Zen 5 VM): a row copy of a run-time `dk` was a `memcpy` call per
+/// entry; with `dk` a constant: 2.3-2.4 -> 2.1-2.2 ms for the 10 levels.
 pub fn gather_coords<T: Copy>(entries: &[u64], k: &[T], dk: usize, out: &mut [T]) {
-    for (e, o) in entries.iter().zip(out.chunks_exact_mut(dk)) {
+    if !(1..=8).contains(&dk) {
+        for (e, o) in entries.iter().zip(out.chunks_exact_mut(dk)) {
+            let p = unpack_pos(*e) as usize;
+            o.copy_from_slice(&k[p * dk..(p + 1) * dk]);
+        }
+        return;
+    }
+    with_dims!(dk, D => gather_coords_d::<T, D>(entries, k, out))
+}
+
+fn gather_coords_d<T: Copy, const D: usize>(entries: &[u64], k: &[T], out: &mut [T]) {
+    for (e, o) in entries.iter().zip(out.chunks_exact_mut(D)) {
         let p = unpack_pos(*e) as usize;
-        o.copy_from_slice(&k[p * dk..(p + 1) * dk]);
+        let row: &[T; D] = k[p * D..(p + 1) * D].try_into().unwrap();
+        let o: &mut [T; D] = o.try_into().unwrap();
+        *o = *row;
     }
 }
 
 /// Merges two sorted runs into `out`.
+///
+/// Branch-free while both runs last (the smaller head is picked with a conditional move and
+/// both cursors advance by the comparison's 0 or 1): on random keys the branch of the plain
+/// merge mispredicts about every other entry.
 pub fn merge_into(a: &[u64], b: &[u64], out: &mut [u64]) {
-    let (mut i, mut j) = (0, 0);
-    for o in out.iter_mut() {
-        if j >= b.len() || (i < a.len() && a[i] <= b[j]) {
-            *o = a[i];
-            i += 1;
-        } else {
-            *o = b[j];
-            j += 1;
-        }
+    assert_eq!(
+        a.len() + b.len(),
+        out.len(),
+        "merge_into: out must hold both runs"
+    );
+    let (mut i, mut j, mut o) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        let (x, y) = (a[i], b[j]);
+        let take_a = x <= y;
+        out[o] = if take_a { x } else { y };
+        i += usize::from(take_a);
+        j += usize::from(!take_a);
+        o += 1;
     }
+    out[o..o + a.len() - i].copy_from_slice(&a[i..]);
+    out[o + a.len() - i..].copy_from_slice(&b[j..]);
 }
 
 /// [`merge_into`] that carries each entry's `dk` coordinates along (`ca`, `cb` in the runs'
@@ -753,6 +781,35 @@ mod tests {
     use super::*;
 
     use crate::testutil::lcg;
+
+    #[test]
+    fn merge_into_equals_a_sort_of_both_runs() {
+        let mut seed = 11u64;
+        for (na, nb) in [
+            (0, 0),
+            (0, 5),
+            (5, 0),
+            (1, 1),
+            (7, 300),
+            (300, 7),
+            (256, 256),
+        ] {
+            // Few distinct values: runs of equal keys across both sides too.
+            let mut run = |n: usize| {
+                let mut v: Vec<u64> = (0..n)
+                    .map(|_| ((lcg(&mut seed) + 2.0) * 12.0) as u64)
+                    .collect();
+                v.sort_unstable();
+                v
+            };
+            let (a, b) = (run(na), run(nb));
+            let mut out = vec![u64::MAX; na + nb];
+            merge_into(&a, &b, &mut out);
+            let mut want = [a.clone(), b.clone()].concat();
+            want.sort_unstable();
+            assert_eq!(out, want, "na {na} nb {nb}");
+        }
+    }
 
     #[test]
     fn lower_bounds_in_lock_step_equal_partition_point() {
