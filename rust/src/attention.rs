@@ -13,7 +13,7 @@
 //! [`crate::backward`].
 pub use crate::backward::backward;
 use crate::error::{numel, try_vec, try_vec_par, vec_or_unwind, Result, ZetaError};
-use crate::exact::{Batch, ExactIndex};
+use crate::exact::{exact_runs, Batch, ExactIndex};
 use crate::index::{select_topk, sq_dist, KeyIndex, Params, TopK};
 use crate::quantize::{first_non_finite, Real};
 use crate::score::{combine, ValueElem, ValueRows};
@@ -275,7 +275,11 @@ impl<T: Float + Real> Searcher<T> {
                     n_sink: 0,
                     ..*prm
                 };
-                let index = KeyIndex::build(k, dk, &p1)?;
+                // The coordinates (and boxes) of the runs the exact search reads.
+                let runs = prm
+                    .causal
+                    .then_some(exact_runs as fn(usize, usize) -> Vec<bool>);
+                let index = KeyIndex::build_with_runs(k, dk, &p1, runs)?;
                 let exact = Some(ExactIndex::build(&index)?);
                 Searcher {
                     index,

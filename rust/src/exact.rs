@@ -66,19 +66,30 @@ type RunNodes<T> = (Vec<[u32; 3]>, Vec<T>);
 impl<T: Float + Send + Sync> BoxTree<T> {
     /// The trees over `entries` (sorted runs of `run_len` packed `(code, position)` entries;
     /// a shorter last run) and their `coords` (`dk` per entry, in entry order), leaves of at
-    /// most `leaf` entries. Runs in parallel (call it inside zeta's pool).
+    /// most `leaf` entries; with `keep`, only the runs `r` with `keep[r]` (the others: an
+    /// empty tree, and `coords` need not cover them). Runs in parallel (call it inside
+    /// zeta's pool).
     pub fn build(
         entries: &[u64],
         coords: &[T],
         dk: usize,
         leaf: usize,
         run_len: usize,
+        keep: Option<&[bool]>,
     ) -> Result<Self> {
         let run_len = run_len.max(1);
-        let runs = entries
-            .par_chunks(run_len)
-            .zip(coords.par_chunks(run_len * dk))
-            .map(|(e, c)| build_run(e, c, dk, leaf))
+        let n_runs = entries.len().div_ceil(run_len);
+        let runs = (0..n_runs)
+            .into_par_iter()
+            .map(|r| {
+                let (a, b) = (r * run_len, ((r + 1) * run_len).min(entries.len()));
+                if keep.is_some_and(|kp| !kp[r]) {
+                    // A run the search never reads (its coordinates were not gathered): one
+                    // empty leaf, whose box (lo = +inf, hi = -inf) is within no radius.
+                    return build_run(&entries[a..a], &[], dk, leaf);
+                }
+                build_run(&entries[a..b], &coords[a * dk..b * dk], dk, leaf)
+            })
             .collect::<Result<Vec<_>>>()?;
         Self::join(runs, dk, run_len)
     }
@@ -370,15 +381,21 @@ impl<T: Float + Real> ExactIndex<T> {
         let tree = &ix.curves[0];
         let causal = ix.params.causal;
         let chunk = ix.params.chunk;
+        let n_chunks = tree.levels.first().map_or(0, |e| e.len() / chunk);
         let trees = tree
             .levels
             .par_iter()
             .zip(tree.coords.par_iter())
             .enumerate()
             .map(|(l, (e, c))| {
-                // A causal level holds runs of 2^l chunks; without causality, one run.
-                let run_len = if causal { chunk << l } else { e.len() };
-                BoxTree::build(e, c, dk, leaf, run_len)
+                // A causal level holds runs of 2^l chunks, of which the search reads few;
+                // without causality, one run.
+                if causal {
+                    let keep = exact_runs(n_chunks, l);
+                    BoxTree::build(e, c, dk, leaf, chunk << l, Some(&keep))
+                } else {
+                    BoxTree::build(e, c, dk, leaf, e.len(), None)
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(ExactIndex { trees })
@@ -458,9 +475,17 @@ impl<T: Float + Real> ExactIndex<T> {
     ///   64 / 96: 1.26 / 1.25 / 1.29 / 1.34 us; leaves 128 / 192 / 256: 1.33 / 1.29 /
     ///   1.29 us (window 64 and leaf 192 kept: within 3%).
     ///
-    /// Not tried yet: SIMD box bounds (AVX2, 8 children per node), an index of the prefix
-    /// blocks alone for exact search (it uses one block per level; the window search's index
-    /// builds all of them, ~10% of an exact `knn` call at N = 64k).
+    /// - coordinates and boxes built only for the runs the search reads
+    ///   ([`exact_runs`]: the prefix block of each level, plus the tail's blocks when the
+    ///   chunk count is not a power of two) instead of every run of every level; the entries
+    ///   of every run are still merged (a level is made from the one below). One head of
+    ///   N = 32k, one thread (`exact_index_build_timing`, 2026-12-03, a Zen 5 VM): key index
+    ///   4.5 -> 2.95 ms, boxes 1.9 -> 0.44 ms. `zeta.attention` at N = 32k, H = 8, the two
+    ///   builds interleaved in one process (15 calls each, outputs equal): best 240 -> 216 ms,
+    ///   median 273 -> 255 ms (a noisy VM; with the branch-free merge of the commit before).
+    ///
+    /// Not tried yet: SIMD box bounds (AVX2, 8 children per node); the prefix blocks sorted
+    /// directly instead of merged up from every run (the merges are ~1.7 ms of the 2.95).
     pub fn search(
         &self,
         ix: &KeyIndex<T>,
@@ -517,34 +542,19 @@ impl<T: Float + Real> ExactIndex<T> {
             return;
         }
         // The runs that hold the visible keys, as (level, first entry, end, last visible
-        // position): the chunks before the query's split at the set bits of its chunk index
-        // (whole runs), except that as soon as the aligned block of 2^l chunks that holds
-        // all the rest (own chunk included) is one run of the index, that block is searched
-        // instead with the positions after `p` dropped. More than 2^(l-1) of its chunks are
-        // visible, so at most half of its keys are scanned for nothing, and one descent
-        // replaces up to l + 1 of them.
+        // position); the own chunk scanned whole when no run holds it.
         let chunk = prm.chunk;
         let c = p / chunk;
-        let mut start = 0usize;
+        let n_chunks = tree.levels.first().map_or(0, |e| e.len() / chunk);
         let mut first = true;
-        while start < c {
-            let rem = c - start;
-            let l = (usize::BITS - rem.leading_zeros()) as usize; // 2^(l-1) <= rem < 2^l
-            let end = (start + (1 << l)) * chunk;
-            if l < tree.levels.len() && end <= tree.levels[l].len() {
-                run((l, start * chunk, end, p as u32), first, tk);
-                return;
-            }
-            let t = l - 1;
-            run(
-                (t, start * chunk, (start + (1 << t)) * chunk, u32::MAX),
-                first,
-                tk,
-            );
+        let holds_own = visible_blocks(c, n_chunks, |l, a, b, own| {
+            let lim = if own { p as u32 } else { u32::MAX };
+            run((l, a * chunk, b * chunk, lim), first, tk);
             first = false;
-            start += 1 << t;
+        });
+        if !holds_own {
+            offer_rows(q, k, c * chunk..p + 1, &mut Upto { tk, lim: u32::MAX });
         }
-        offer_rows(q, k, c * chunk..p + 1, &mut Upto { tk, lim: u32::MAX });
     }
 
     /// The level `l` of the one run that holds every key a query at position `p` may see,
@@ -856,6 +866,56 @@ fn search_runs_d<T: Float + Real, const D: usize>(
     }
 }
 
+/// The blocks of a causal index over `n_chunks` whole chunks that hold every key a query
+/// in chunk `c` may see, as `f(level, first chunk, end chunk, own)`, in order from chunk 0:
+/// the chunks before `c` split at the set bits of `c` (whole runs of their levels), except
+/// that as soon as the aligned block of `2^l` chunks that holds all the rest (chunk `c`
+/// included) is a run of the index, that block comes instead (`own`: it holds the query's
+/// own chunk, so the positions after the query's must be dropped from it). More than
+/// `2^(l-1)` of its chunks are visible, so at most half of its keys are scanned for
+/// nothing, and one descent replaces up to `l + 1` of them. Returns whether the last block
+/// holds chunk `c` (else the own chunk lies outside every block).
+#[inline(always)]
+fn visible_blocks(c: usize, n_chunks: usize, mut f: impl FnMut(usize, usize, usize, bool)) -> bool {
+    let mut start = 0usize;
+    while start < c {
+        let rem = c - start;
+        let l = (usize::BITS - rem.leading_zeros()) as usize; // 2^(l-1) <= rem < 2^l
+                                                              // `start` is a multiple of 2^l: level l has a run there when it ends in the index.
+        if start + (1 << l) <= n_chunks {
+            f(l, start, start + (1 << l), true);
+            return true;
+        }
+        let t = l - 1;
+        f(t, start, start + (1 << t), false);
+        start += 1 << t;
+    }
+    false
+}
+
+/// Which runs of level `l` of a causal index over `n_chunks` whole chunks the exact search
+/// reads (`[j]` for run `j`, `n_chunks >> l` of them): run 0, and a run that starts where
+/// the chunk count with its bits below some `m >= l` cleared does. A block of
+/// [`visible_blocks`] that is not a prefix starts past whole blocks `[S, S + 2^t)` each with
+/// `S + 2^(t+1) > n_chunks`, i.e. `S` is `n_chunks` rounded down to a multiple of `2^(t+1)`;
+/// so at most `log2(n_chunks) + 2` runs per level, against `n_chunks >> l` (the
+/// `visible_blocks_are_exact_runs` test checks every query chunk of every count to 1,100).
+pub(crate) fn exact_runs(n_chunks: usize, l: usize) -> Vec<bool> {
+    let n_runs = n_chunks.checked_shr(l as u32).unwrap_or(0);
+    let mut keep = vec![false; n_runs];
+    if n_runs == 0 {
+        return keep;
+    }
+    keep[0] = true;
+    for m in l..usize::BITS as usize {
+        let j = (n_chunks >> m) << (m - l);
+        if j < n_runs {
+            keep[j] = true;
+        }
+    }
+    keep
+}
+
 /// A [`TopK`] that drops the positions after `lim` (the invisible keys of a run that holds
 /// the query's own chunk).
 struct Upto<'a, T: Real> {
@@ -1001,6 +1061,47 @@ mod tests {
         assert_eq!(checked, 9 * 9 * 2);
     }
 
+    /// The blocks every query chunk searches are runs of the index that
+    /// [`super::exact_runs`] keeps (the only ones whose coordinates and boxes are built),
+    /// and they cover exactly the chunks it may see.
+    #[test]
+    fn visible_blocks_are_exact_runs() {
+        for n_chunks in 0..=1100usize {
+            let keep: Vec<Vec<bool>> = (0..=12).map(|l| super::exact_runs(n_chunks, l)).collect();
+            for (l, kp) in keep.iter().enumerate() {
+                assert_eq!(kp.len(), n_chunks >> l);
+                let kept = kp.iter().filter(|&&x| x).count();
+                assert!(
+                    kept <= 13,
+                    "n_chunks {n_chunks} level {l}: {kept} runs kept"
+                );
+            }
+            // Queries lie in chunks 0..=n_chunks (the last: a partial chunk past the index).
+            for c in 0..=n_chunks {
+                let mut next = 0;
+                let holds = super::visible_blocks(c, n_chunks, |l, a, b, own| {
+                    assert_eq!(a, next, "blocks in order, no gap");
+                    assert_eq!(b - a, 1 << l);
+                    assert_eq!(a % (1 << l), 0, "aligned: a run of level {l}");
+                    assert!(b <= n_chunks, "inside the index");
+                    assert!(
+                        keep[l][a >> l],
+                        "n_chunks {n_chunks}, c {c}: run {} of level {l}",
+                        a >> l
+                    );
+                    assert_eq!(own, c < b, "own: the block holds chunk c");
+                    assert!(own || b <= c);
+                    next = b;
+                });
+                if holds {
+                    assert!(next > c);
+                } else {
+                    assert_eq!(next, c, "whole blocks up to the own chunk");
+                }
+            }
+        }
+    }
+
     /// Every run's tree: leaves cover the run in order with at most `leaf` entries each, a
     /// node's box is the tight box of its entries, and an inner node splits its entries
     /// where their codes first differ (or, for equal codes, in halves).
@@ -1028,7 +1129,7 @@ mod tests {
                 r.sort_unstable();
             }
             let c: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
-            let t = super::BoxTree::build(&e, &c, dk, leaf, run_len).unwrap();
+            let t = super::BoxTree::build(&e, &c, dk, leaf, run_len, None).unwrap();
             assert_eq!(t.roots.len(), n.div_ceil(run_len));
             let w = 2 * dk;
             for (r, &root) in t.roots.iter().enumerate() {
@@ -1072,7 +1173,7 @@ mod tests {
                 assert_eq!(next, b);
             }
         }
-        let empty = super::BoxTree::<f32>::build(&[], &[], dk, 8, 64).unwrap();
+        let empty = super::BoxTree::<f32>::build(&[], &[], dk, 8, 64, None).unwrap();
         let mut hits = 0;
         empty.walk(
             (0, 0),
@@ -1303,5 +1404,62 @@ mod tests {
                 tg / base
             );
         }
+    }
+}
+#[cfg(test)]
+mod build_timing {
+    /// Build time of one head's exact-search index, N = 32k uniform 3-D keys, chunk 64,
+    /// one thread, best of 40: the key index with every run's coordinates and boxes against
+    /// only the runs the search reads: `cargo test --release exact_index_build_timing --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn exact_index_build_timing() {
+        use crate::index::{KeyIndex, Params};
+        let (n, dk) = (32768usize, 3usize);
+        let mut s = 1u64;
+        let mut unif = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let k: Vec<f32> = (0..n * dk).map(|_| unif()).collect();
+        let prm = Params {
+            chunk: 64,
+            window: 64,
+            n_curves: 1,
+            n_sink: 0,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut best = [[f64::INFINITY; 2]; 2];
+            for _ in 0..40 {
+                for (i, runs) in [
+                    None,
+                    Some(super::exact_runs as fn(usize, usize) -> Vec<bool>),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let t0 = std::time::Instant::now();
+                    let ix = KeyIndex::build_with_runs(&k, dk, &prm, runs).unwrap();
+                    let t1 = std::time::Instant::now();
+                    let ex = super::ExactIndex::build(&ix).unwrap();
+                    std::hint::black_box(&ex);
+                    best[i][0] = best[i][0].min((t1 - t0).as_secs_f64() * 1e3);
+                    best[i][1] = best[i][1].min(t1.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            for (name, [a, b]) in ["every run", "exact runs"].iter().zip(best) {
+                println!("{name}: key index {a:.2} ms, boxes {b:.2} ms");
+            }
+        });
     }
 }

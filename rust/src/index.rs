@@ -577,6 +577,21 @@ pub struct KeyIndex<T> {
 impl<T: Float + Real> KeyIndex<T> {
     /// Builds the index over `k` (S x dk, row-major). Parallel over curves, chunks and runs.
     pub fn build(k: &[T], dk: usize, params: &Params) -> Result<Self> {
+        Self::build_with_runs(k, dk, params, None)
+    }
+
+    /// [`KeyIndex::build`] whose coordinates are gathered only for some runs of a causal
+    /// index: `runs(n_chunks, l)` says, per run of level `l` (`n_chunks >> l` of them), which
+    /// ones are read; `coords[l]` then ends with the last of them, and holds zeros in the
+    /// others. The entries (and fences) of every run are built all the same: a level is
+    /// merged from the one below. The exact search reads at most `log2(n_chunks) + 2` runs
+    /// per level ([`crate::exact::exact_runs`]).
+    pub fn build_with_runs(
+        k: &[T],
+        dk: usize,
+        params: &Params,
+        runs: Option<fn(usize, usize) -> Vec<bool>>,
+    ) -> Result<Self> {
         let s = k.len() / dk;
         if s > u32::MAX as usize {
             return Err(ZetaError::value("k", "more than 2^32 keys in one head"));
@@ -636,11 +651,27 @@ impl<T: Float + Real> KeyIndex<T> {
                         levels.push(cur);
                         l += 1;
                     }
-                    for lv in &levels {
-                        let mut c = try_vec(T::zero(), lv.len() * dk, "index coordinates")?;
-                        c.par_chunks_mut(dk * 1024)
-                            .zip(lv.par_chunks(1024))
-                            .for_each(|(o, e)| gather_coords(e, k, dk, o));
+                    for (l, lv) in levels.iter().enumerate() {
+                        let run = chunk << l;
+                        let keep = runs.map(|f| f(n_chunks, l));
+                        let len = match &keep {
+                            Some(kp) => kp.iter().rposition(|&x| x).map_or(0, |j| (j + 1) * run),
+                            None => lv.len(),
+                        };
+                        let mut c = try_vec(T::zero(), len * dk, "index coordinates")?;
+                        // Blocks of `chunk << l'` entries (~1024), none across a run boundary.
+                        let mut blk = run;
+                        while blk > 1024 && blk > chunk {
+                            blk /= 2;
+                        }
+                        c.par_chunks_mut(dk * blk)
+                            .zip(lv[..len].par_chunks(blk))
+                            .enumerate()
+                            .for_each(|(i, (o, e))| {
+                                if keep.as_ref().is_none_or(|kp| kp[i * blk / run]) {
+                                    gather_coords(e, k, dk, o)
+                                }
+                            });
                         coords.push(c);
                     }
                 }
