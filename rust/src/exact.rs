@@ -1231,15 +1231,7 @@ mod tests {
         let mut rng = Rng(42);
         let k: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
         let q: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
-        let prm = Params {
-            chunk: 64,
-            window: 64,
-            n_curves: 1,
-            n_sink: 0,
-            causal: true,
-            bits: 10,
-            scale: 1.0,
-        };
+        let prm = timing_params(64);
         let ix = KeyIndex::build(&k, dk, &prm).unwrap();
         let leaf: usize = std::env::var("ZETA_CENSUS_LEAF")
             .map(|v| v.parse().unwrap())
@@ -1325,15 +1317,7 @@ mod tests {
         let mut rng = Rng(42);
         let k: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
         let q: Vec<f32> = (0..n * dk).map(|_| rng.normal() as f32).collect();
-        let prm = |window| Params {
-            chunk: 64,
-            window,
-            n_curves: 1,
-            n_sink: 0,
-            causal: true,
-            bits: 10,
-            scale: 1.0,
-        };
+        let prm = timing_params;
         let ix = KeyIndex::build(&k, dk, &prm(32)).unwrap();
         let mut order: Vec<(u64, usize)> = (0..n)
             .map(|i| (ix.grids[0].code(&q[i * dk..(i + 1) * dk]), i))
@@ -1405,9 +1389,20 @@ mod tests {
             );
         }
     }
-}
-#[cfg(test)]
-mod build_timing {
+
+    /// The causal index of the timing tests: chunk 64, one curve, 10 bits per coordinate.
+    fn timing_params(window: usize) -> Params {
+        Params {
+            chunk: 64,
+            window,
+            n_curves: 1,
+            n_sink: 0,
+            causal: true,
+            bits: 10,
+            scale: 1.0,
+        }
+    }
+
     /// Build time of one head's exact-search index, N = 32k uniform 3-D keys, chunk 64,
     /// one thread, best of 40: the key index with every run's coordinates and boxes against
     /// only the runs the search reads: `cargo test --release exact_index_build_timing --
@@ -1415,25 +1410,11 @@ mod build_timing {
     #[test]
     #[ignore]
     fn exact_index_build_timing() {
-        use crate::index::{KeyIndex, Params};
+        use crate::index::KeyIndex;
         let (n, dk) = (32768usize, 3usize);
-        let mut s = 1u64;
-        let mut unif = || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
-        let k: Vec<f32> = (0..n * dk).map(|_| unif()).collect();
-        let prm = Params {
-            chunk: 64,
-            window: 64,
-            n_curves: 1,
-            n_sink: 0,
-            causal: true,
-            bits: 10,
-            scale: 1.0,
-        };
+        let mut rng = Rng(42);
+        let k: Vec<f32> = (0..n * dk).map(|_| rng.unif() as f32 - 0.5).collect();
+        let prm = timing_params(64);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
