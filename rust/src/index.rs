@@ -536,6 +536,9 @@ pub fn merge_into(a: &[u64], b: &[u64], out: &mut [u64]) {
 /// [`merge_into`] that carries each entry's `dk` coordinates along (`ca`, `cb` in the runs'
 /// order into `co`): sequential reads, where gathering them by position from the keys
 /// afterwards misses the cache once per entry on a long run.
+///
+/// Branch-free while both runs last, as [`merge_into`], for `dk` in 1..=8 (a row of
+/// compile-time length, picked by a conditional move).
 pub fn merge_with_coords<T: Copy>(
     (a, ca): (&[u64], &[T]),
     (b, cb): (&[u64], &[T]),
@@ -543,8 +546,33 @@ pub fn merge_with_coords<T: Copy>(
     out: &mut [u64],
     co: &mut [T],
 ) {
+    assert!(
+        a.len() + b.len() == out.len()
+            && ca.len() == a.len() * dk
+            && cb.len() == b.len() * dk
+            && co.len() == out.len() * dk,
+        "merge_with_coords: runs, coordinates and outputs disagree in length"
+    );
     let (mut i, mut j) = (0, 0);
-    for (o, oc) in out.iter_mut().zip(co.chunks_exact_mut(dk)) {
+    if (1..=8).contains(&dk) {
+        with_dims!(dk, D => {
+            while i < a.len() && j < b.len() {
+                let take_a = a[i] <= b[j];
+                let ra: [T; D] = ca[i * D..(i + 1) * D].try_into().unwrap();
+                let rb: [T; D] = cb[j * D..(j + 1) * D].try_into().unwrap();
+                let o = i + j;
+                out[o] = if take_a { a[i] } else { b[j] };
+                co[o * D..(o + 1) * D].copy_from_slice(if take_a { &ra } else { &rb });
+                i += usize::from(take_a);
+                j += usize::from(!take_a);
+            }
+        });
+    }
+    // The rest (everything, for other `dk`): one run is empty or the plain merge.
+    for (o, oc) in out[i + j..]
+        .iter_mut()
+        .zip(co[(i + j) * dk..].chunks_exact_mut(dk))
+    {
         if j >= b.len() || (i < a.len() && a[i] <= b[j]) {
             *o = a[i];
             oc.copy_from_slice(&ca[i * dk..(i + 1) * dk]);
@@ -839,6 +867,50 @@ mod tests {
             let mut want = [a.clone(), b.clone()].concat();
             want.sort_unstable();
             assert_eq!(out, want, "na {na} nb {nb}");
+        }
+    }
+
+    #[test]
+    fn merge_with_coords_carries_each_row_with_its_entry() {
+        let mut seed = 12u64;
+        for dk in [1usize, 3, 8, 9] {
+            for (na, nb) in [
+                (0, 0),
+                (0, 4),
+                (4, 0),
+                (1, 1),
+                (9, 200),
+                (200, 9),
+                (128, 128),
+            ] {
+                // Entries `code << 32 | position`, few codes (ties), distinct positions; each
+                // row holds its position in every coordinate.
+                let mut pos = 0u64;
+                let mut run = |n: usize| {
+                    let mut e: Vec<u64> = (0..n)
+                        .map(|_| {
+                            pos += 1;
+                            (((lcg(&mut seed) + 2.0) * 4.0) as u64) << 32 | pos
+                        })
+                        .collect();
+                    e.sort_unstable();
+                    let c: Vec<f32> = e.iter().flat_map(|&x| vec![x as u32 as f32; dk]).collect();
+                    (e, c)
+                };
+                let ((a, ca), (b, cb)) = (run(na), run(nb));
+                let mut out = vec![0u64; na + nb];
+                let mut co = vec![-1.0f32; (na + nb) * dk];
+                merge_with_coords((&a, &ca), (&b, &cb), dk, &mut out, &mut co);
+                let mut want = [a.clone(), b.clone()].concat();
+                want.sort_unstable();
+                assert_eq!(out, want, "dk {dk} na {na} nb {nb}");
+                for (e, row) in out.iter().zip(co.chunks_exact(dk)) {
+                    assert!(
+                        row.iter().all(|&x| x == *e as u32 as f32),
+                        "dk {dk}: row of {e}"
+                    );
+                }
+            }
         }
     }
 
