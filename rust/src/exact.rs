@@ -481,8 +481,9 @@ impl<T: Float + Real> ExactIndex<T> {
     ///   of every run are still merged (a level is made from the one below). One head of
     ///   N = 32k, one thread (`exact_index_build_timing`, 2026-12-03, a Zen 5 VM): key index
     ///   4.5 -> 2.95 ms, boxes 1.9 -> 0.44 ms. `zeta.attention` at N = 32k, H = 8, the two
-    ///   builds interleaved in one process (15 calls each, outputs equal): best 240 -> 216 ms,
-    ///   median 273 -> 255 ms (a noisy VM; with the branch-free merge of the commit before).
+    ///   builds interleaved in one process (15 calls each, both orders, outputs equal; with
+    ///   the branch-free merge of the commit before): best 202-205 -> 189-195 ms, median
+    ///   211 -> 197-199 ms.
     ///
     /// Not tried yet: SIMD box bounds (AVX2, 8 children per node); the prefix blocks sorted
     /// directly instead of merged up from every run (the merges are ~1.7 ms of the 2.95).
@@ -880,8 +881,9 @@ fn visible_blocks(c: usize, n_chunks: usize, mut f: impl FnMut(usize, usize, usi
     let mut start = 0usize;
     while start < c {
         let rem = c - start;
-        let l = (usize::BITS - rem.leading_zeros()) as usize; // 2^(l-1) <= rem < 2^l
-                                                              // `start` is a multiple of 2^l: level l has a run there when it ends in the index.
+        // 2^(l-1) <= rem < 2^l; `start` is a multiple of 2^l, so level l has a run there
+        // when it ends inside the index.
+        let l = (usize::BITS - rem.leading_zeros()) as usize;
         if start + (1 << l) <= n_chunks {
             f(l, start, start + (1 << l), true);
             return true;
@@ -1404,9 +1406,9 @@ mod tests {
     }
 
     /// Build time of one head's exact-search index, N = 32k uniform 3-D keys, chunk 64,
-    /// one thread, best of 40: the key index with every run's coordinates and boxes against
-    /// only the runs the search reads: `cargo test --release exact_index_build_timing --
-    /// --ignored --nocapture`.
+    /// one thread, best of 40: the key index and box trees of every run of every level
+    /// against those of only the runs the search reads: `cargo test --release
+    /// exact_index_build_timing -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn exact_index_build_timing() {
@@ -1432,8 +1434,17 @@ mod tests {
                     let t0 = std::time::Instant::now();
                     let ix = KeyIndex::build_with_runs(&k, dk, &prm, runs).unwrap();
                     let t1 = std::time::Instant::now();
-                    let ex = super::ExactIndex::build(&ix).unwrap();
-                    std::hint::black_box(&ex);
+                    if runs.is_some() {
+                        std::hint::black_box(super::ExactIndex::build(&ix).unwrap());
+                    } else {
+                        // What `ExactIndex::build` did before it kept only `exact_runs`.
+                        let tree = &ix.curves[0];
+                        for (l, (e, c)) in tree.levels.iter().zip(&tree.coords).enumerate() {
+                            let run_len = prm.chunk << l;
+                            let bt = super::BoxTree::build(e, c, dk, super::LEAF, run_len, None);
+                            std::hint::black_box(bt.unwrap());
+                        }
+                    }
                     best[i][0] = best[i][0].min((t1 - t0).as_secs_f64() * 1e3);
                     best[i][1] = best[i][1].min(t1.elapsed().as_secs_f64() * 1e3);
                 }
