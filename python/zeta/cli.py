@@ -22,6 +22,7 @@ def info() -> None:
     feats = _core.cpu_features()
     print(
         f"cpu: avx2={feats['avx2']} avx512f={feats['avx512f']} f16c={feats['f16c']} "
+        f"popcnt={feats['popcnt']} "
         f"bmi2={feats['bmi2']} slow_pdep={feats['slow_pdep']}; Morton paths "
         f"{', '.join(feats['paths'])}, in use: {_core.simd_path()}; vector kernels "
         f"{', '.join(feats['vectors'])}, in use: {feats['scan']} (ZETA_SIMD overrides)"

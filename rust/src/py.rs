@@ -903,6 +903,7 @@ fn cpu_features<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     d.set_item("slow_pdep", f.slow_pdep)?;
     d.set_item("avx512f", f.avx512f)?;
     d.set_item("f16c", f.f16c)?;
+    d.set_item("popcnt", f.popcnt)?;
     d.set_item(
         "paths",
         simd::available_paths()

@@ -38,6 +38,8 @@ pub struct Features {
     pub avx512f: bool,
     /// Half-precision conversions (`vcvtph2ps`) in AVX registers.
     pub f16c: bool,
+    /// The `popcnt` instruction (every AVX2 CPU has it; the vector paths require it).
+    pub popcnt: bool,
 }
 
 pub fn features() -> Features {
@@ -55,6 +57,7 @@ fn detect() -> Features {
         slow_pdep: bmi2 && amd_before_zen3(),
         avx512f: std::arch::is_x86_feature_detected!("avx512f"),
         f16c: std::arch::is_x86_feature_detected!("f16c"),
+        popcnt: std::arch::is_x86_feature_detected!("popcnt"),
     }
 }
 
@@ -138,10 +141,12 @@ impl Vector {
 pub fn available_vectors() -> Vec<Vector> {
     let f = features();
     let mut v = vec![Vector::Portable];
-    if f.avx2 {
+    // The kernels count kept keys with `popcnt` (without it, a count is a multiply-and-shift
+    // sequence on the scan's critical path).
+    if f.avx2 && f.popcnt {
         v.push(Vector::Avx2);
     }
-    if f.avx512f {
+    if f.avx512f && f.popcnt {
         v.push(Vector::Avx512);
     }
     v
@@ -211,13 +216,14 @@ pub fn dist3_keys(
     assert!(out.len() >= n + KEYS_PAD);
     #[cfg(target_arch = "x86_64")]
     if vector() == Vector::Avx512 {
-        // SAFETY: the CPU has AVX-512F (checked at run time by `vector`); the slices' bounds
-        // are asserted above.
+        // SAFETY: the CPU has AVX-512F and POPCNT (checked at run time by `vector`); the
+        // slices' bounds are asserted above.
         return Some(unsafe { avx512::dist3_keys(q, coords, entries, lim, thresh, out) });
     }
     #[cfg(target_arch = "x86_64")]
     if vector() == Vector::Avx2 {
-        // SAFETY: the CPU has AVX2 (checked at run time by `vector`); bounds as above.
+        // SAFETY: the CPU has AVX2 and POPCNT (checked at run time by `vector`); bounds as
+        // above.
         return Some(unsafe { avx2::dist3_keys(q, coords, entries, lim, thresh, out) });
     }
     None
@@ -563,7 +569,7 @@ mod avx2 {
     /// [`super::dist3_keys`] with AVX2: [`dist3_mask`] with the threshold's distance as the
     /// bound, then the keys of each 4 rows with a row under the bound built, compared and
     /// compressed in registers (a table of lane permutes).
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,popcnt")]
     pub unsafe fn dist3_keys(
         q: &[f32; 3],
         coords: &[f32],
@@ -745,6 +751,30 @@ mod avx512 {
         )
     }
 
+    /// The squared distances of the 16 rows at `p` to `(qx, qy, qz)`, lane j for row j: the
+    /// operations of [`dist_rows`] on plain loads.
+    ///
+    /// SAFETY: floats `p .. p + 48` must be readable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dist16(q: (__m512, __m512, __m512), p: *const f32) -> __m512 {
+        const IX: ([i32; 16], [i32; 16]) = (idx_ab(0), idx_c(0));
+        const IY: ([i32; 16], [i32; 16]) = (idx_ab(1), idx_c(1));
+        const IZ: ([i32; 16], [i32; 16]) = (idx_ab(2), idx_c(2));
+        let (ra, rb, rc) = (
+            _mm512_loadu_ps(p),
+            _mm512_loadu_ps(p.add(16)),
+            _mm512_loadu_ps(p.add(32)),
+        );
+        let dx = _mm512_sub_ps(q.0, coord(ra, rb, rc, &IX.0, &IX.1));
+        let dy = _mm512_sub_ps(q.1, coord(ra, rb, rc, &IY.0, &IY.1));
+        let dz = _mm512_sub_ps(q.2, coord(ra, rb, rc, &IZ.0, &IZ.1));
+        _mm512_add_ps(
+            _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy)),
+            _mm512_mul_ps(dz, dz),
+        )
+    }
+
     /// [`super::dist3_mask`] with AVX-512: 16 rows at a time, de-interleaved by two
     /// two-source permutes per coordinate; the last < 16 rows the same way on masked loads.
     /// Perf note (`zeta.attention` at N = 32k, H = 8, top-32; 2026-12-01, a Zen 4 VM, best of
@@ -758,9 +788,6 @@ mod avx512 {
         bound: f32,
         d2: &mut [f32; SCAN_BLOCK],
     ) -> u64 {
-        const IX: ([i32; 16], [i32; 16]) = (idx_ab(0), idx_c(0));
-        const IY: ([i32; 16], [i32; 16]) = (idx_ab(1), idx_c(1));
-        const IZ: ([i32; 16], [i32; 16]) = (idx_ab(2), idx_c(2));
         let n = coords.len() / 3;
         assert!(n <= SCAN_BLOCK);
         let (qx, qy, qz) = (
@@ -772,23 +799,8 @@ mod avx512 {
         let mut m = 0u64;
         let mut j = 0;
         while j + 16 <= n {
-            let p = coords.as_ptr().add(3 * j);
-            // SAFETY (of the loads): rows j..j+16 are 48 floats inside `coords` (j + 16 <= n).
-            let (ra, rb, rc) = (
-                _mm512_loadu_ps(p),
-                _mm512_loadu_ps(p.add(16)),
-                _mm512_loadu_ps(p.add(32)),
-            );
-            let x = coord(ra, rb, rc, &IX.0, &IX.1);
-            let y = coord(ra, rb, rc, &IY.0, &IY.1);
-            let z = coord(ra, rb, rc, &IZ.0, &IZ.1);
-            let dx = _mm512_sub_ps(qx, x);
-            let dy = _mm512_sub_ps(qy, y);
-            let dz = _mm512_sub_ps(qz, z);
-            let s = _mm512_add_ps(
-                _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy)),
-                _mm512_mul_ps(dz, dz),
-            );
+            // SAFETY: rows j..j+16 are 48 floats inside `coords` (j + 16 <= n).
+            let s = dist16((qx, qy, qz), coords.as_ptr().add(3 * j));
             _mm512_storeu_ps(d2.as_mut_ptr().add(j), s);
             let k = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(s, b) as u64;
             m |= k << j;
@@ -812,7 +824,20 @@ mod avx512 {
     /// [`super::dist3_keys`] with AVX-512: the distances as in [`dist3_mask`], 16 rows at a
     /// time, then their keys built, compared and compressed 8 at a time in registers (no d2
     /// array, no per-row loop over a mask).
-    #[target_feature(enable = "avx512f")]
+    ///
+    /// Perf notes (grouped exact search, `exact_timing` with `ZETA_EXACT_TIMING=64:192`,
+    /// N = 64k, top-32; 2026-12-03, a Zen 5 VM, six interleaved runs of three test binaries,
+    /// best 1.088 / 1.021 / 0.976 us per query):
+    /// - compiled with POPCNT: without it the count of kept keys (the next store's address)
+    ///   was a multiply-and-shift sequence after each compress, the kernel's top samples;
+    /// - whole blocks of 16 rows on plain loads ([`dist16`]) instead of masked loads whose
+    ///   masks are computed per block.
+    ///
+    /// `zeta.attention` at N = 32k, H = 8 (both in one process, 12 calls each, two orders):
+    /// best 194.7 / 199.7 -> 183.0 / 183.8 ms. Not kept: skipping the entries (or a whole
+    /// block) of rows whose d2 is above the threshold's (1.12 -> 1.17-1.30 us: the branch
+    /// mispredicts; the masked loads alone saved nothing).
+    #[target_feature(enable = "avx512f,popcnt")]
     pub unsafe fn dist3_keys(
         q: &[f32; 3],
         coords: &[f32],
@@ -836,8 +861,13 @@ mod avx512 {
         let mut j = 0;
         while j < n {
             let r = (n - j).min(16);
-            // SAFETY: floats 3j .. 3(j + r) lie inside `coords`.
-            let s = _mm512_castps_si512(dist_rows((qx, qy, qz), coords.as_ptr().add(3 * j), r));
+            let p = coords.as_ptr().add(3 * j);
+            // SAFETY: floats 3j .. 3(j + r) lie inside `coords` (plain loads when r = 16).
+            let s = _mm512_castps_si512(if r == 16 {
+                dist16((qx, qy, qz), p)
+            } else {
+                dist_rows((qx, qy, qz), p, r)
+            });
             for h in 0..2 {
                 let c = r.saturating_sub(8 * h).min(8);
                 if c == 0 {
@@ -1026,8 +1056,8 @@ mod tests {
                         });
                         assert_eq!(any, vector() != Vector::Portable);
                         #[cfg(target_arch = "x86_64")]
-                        if features().avx2 {
-                            // SAFETY: the CPU has AVX2 (checked just above).
+                        if features().avx2 && features().popcnt {
+                            // SAFETY: the CPU has AVX2 and POPCNT (checked just above).
                             run("avx2", &|o| {
                                 Some(unsafe {
                                     avx2::dist3_keys(args.0, args.1, args.2, lim, thresh, o)
@@ -1035,8 +1065,8 @@ mod tests {
                             });
                         }
                         #[cfg(target_arch = "x86_64")]
-                        if features().avx512f {
-                            // SAFETY: the CPU has AVX-512F (checked just above).
+                        if features().avx512f && features().popcnt {
+                            // SAFETY: the CPU has AVX-512F and POPCNT (checked just above).
                             run("avx512", &|o| {
                                 Some(unsafe {
                                     avx512::dist3_keys(args.0, args.1, args.2, lim, thresh, o)
