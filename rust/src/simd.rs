@@ -733,18 +733,26 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn dist_rows(q: (__m512, __m512, __m512), p: *const f32, r: usize) -> __m512 {
-        const IX: ([i32; 16], [i32; 16]) = (idx_ab(0), idx_c(0));
-        const IY: ([i32; 16], [i32; 16]) = (idx_ab(1), idx_c(1));
-        const IZ: ([i32; 16], [i32; 16]) = (idx_ab(2), idx_c(2));
         let lanes = |from: usize| ((1u32 << (3 * r).saturating_sub(from).min(16)) - 1) as __mmask16;
-        let (ra, rb, rc) = (
+        dist_regs(
+            q,
             _mm512_maskz_loadu_ps(lanes(0), p),
             _mm512_maskz_loadu_ps(lanes(16), p.wrapping_add(16)),
             _mm512_maskz_loadu_ps(lanes(32), p.wrapping_add(32)),
-        );
-        let dx = _mm512_sub_ps(q.0, coord(ra, rb, rc, &IX.0, &IX.1));
-        let dy = _mm512_sub_ps(q.1, coord(ra, rb, rc, &IY.0, &IY.1));
-        let dz = _mm512_sub_ps(q.2, coord(ra, rb, rc, &IZ.0, &IZ.1));
+        )
+    }
+
+    /// The squared distances of the 16 rows held in `a, b, c` (48 floats, x y z per row) to
+    /// `q`, lane j for row j, as [`super::dist3_mask`] computes them.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn dist_regs(q: (__m512, __m512, __m512), a: __m512, b: __m512, c: __m512) -> __m512 {
+        const IX: ([i32; 16], [i32; 16]) = (idx_ab(0), idx_c(0));
+        const IY: ([i32; 16], [i32; 16]) = (idx_ab(1), idx_c(1));
+        const IZ: ([i32; 16], [i32; 16]) = (idx_ab(2), idx_c(2));
+        let dx = _mm512_sub_ps(q.0, coord(a, b, c, &IX.0, &IX.1));
+        let dy = _mm512_sub_ps(q.1, coord(a, b, c, &IY.0, &IY.1));
+        let dz = _mm512_sub_ps(q.2, coord(a, b, c, &IZ.0, &IZ.1));
         _mm512_add_ps(
             _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy)),
             _mm512_mul_ps(dz, dz),
@@ -758,20 +766,11 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn dist16(q: (__m512, __m512, __m512), p: *const f32) -> __m512 {
-        const IX: ([i32; 16], [i32; 16]) = (idx_ab(0), idx_c(0));
-        const IY: ([i32; 16], [i32; 16]) = (idx_ab(1), idx_c(1));
-        const IZ: ([i32; 16], [i32; 16]) = (idx_ab(2), idx_c(2));
-        let (ra, rb, rc) = (
+        dist_regs(
+            q,
             _mm512_loadu_ps(p),
             _mm512_loadu_ps(p.add(16)),
             _mm512_loadu_ps(p.add(32)),
-        );
-        let dx = _mm512_sub_ps(q.0, coord(ra, rb, rc, &IX.0, &IX.1));
-        let dy = _mm512_sub_ps(q.1, coord(ra, rb, rc, &IY.0, &IY.1));
-        let dz = _mm512_sub_ps(q.2, coord(ra, rb, rc, &IZ.0, &IZ.1));
-        _mm512_add_ps(
-            _mm512_add_ps(_mm512_mul_ps(dx, dx), _mm512_mul_ps(dy, dy)),
-            _mm512_mul_ps(dz, dz),
         )
     }
 
