@@ -449,6 +449,17 @@ mod avx2 {
 mod tests {
     use super::*;
 
+    /// A 63-bit linear congruential stream from `seed`.
+    fn lcg(seed: u64) -> impl FnMut() -> u64 {
+        let mut st = seed;
+        move || {
+            st = st
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            st >> 1
+        }
+    }
+
     fn check(buf0: &[u64], s: usize, k: usize) {
         let n = buf0.len();
         let slots = n.max(merge_slots(k));
@@ -476,13 +487,7 @@ mod tests {
     /// 0-1 principle: a comparator network that sorts them sorts everything).
     #[test]
     fn merge_matches_a_sort() {
-        let mut st = 5u64;
-        let mut next = || {
-            st = st
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            st >> 1
-        };
+        let mut next = lcg(5);
         for k in [1usize, 5, 8, 9, 16, 17, 31, 32, 33, 48, 63, 64] {
             for s in [0, 1, k / 2, k] {
                 for extra in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 40, 100] {
@@ -531,13 +536,7 @@ mod tests {
     #[test]
     #[ignore]
     fn merge_timing() {
-        let mut st = 9u64;
-        let mut next = || {
-            st = st
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            st >> 1
-        };
+        let mut next = lcg(9);
         let k = 32;
         let pool: Vec<u64> = (0..1 << 16).map(|_| next()).collect();
         for v in crate::simd::available_vectors() {
