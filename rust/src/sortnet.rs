@@ -265,8 +265,6 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     unsafe fn layer(x: __m512i, idx: __m512i, hi: __mmask8) -> __m512i {
         let p = _mm512_permutexvar_epi64(idx, x);
-        // The max everywhere, then the min written over it in the lanes outside `hi` (two
-        // operations where a min, a max and a blend were three).
         _mm512_mask_blend_epi64(hi, _mm512_min_epu64(x, p), _mm512_max_epu64(x, p))
     }
 
@@ -548,7 +546,7 @@ mod tests {
                     let mut s = 0;
                     let mut at = 0;
                     for _ in 0..20_000 {
-                        // New keys below the kept ones' largest, so that each merge changes them.
+                        // Random new keys (the networks' work does not depend on them).
                         buf[s..s + extra].copy_from_slice(&pool[at..at + extra]);
                         at = (at + extra) % (pool.len() - extra);
                         s = merge_on(v, &mut buf, s, s + extra, k);
