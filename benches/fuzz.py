@@ -13,7 +13,9 @@ Inputs (chosen at random per input, reproducible from ``--seed`` and the input's
                 shapes (zero sizes included), dtypes, strides (transposed, reversed,
                 broadcast zero-stride), options (huge, zero, negative, wrong type),
                 NaN/inf, numpy or torch (torch attention inputs half of the time with
-                requires_grad, then a backward through the output).
+                requires_grad, then a backward through the output). An attention or
+                attend call that accepts its inputs must return no NaN (nor gradients with
+                NaN): a finding otherwise.
 
 Inputs run in child processes under an address-space limit (``--mem-mb`` above what the
 child holds after import), so a huge size meets a real allocation failure instead of the
@@ -353,8 +355,12 @@ def api_case(r: random.Random) -> Tuple[str, Callable[[], None]]:
             if grad:
                 args = [t.detach().requires_grad_() if _float_tensor(t) else t for t in args]
             out = zeta.attention(*args, topk=topk, **opts)
+            _check_output(out)
             if getattr(out, "requires_grad", False):
                 out.float().sum().backward()
+                for a in args:
+                    if getattr(a, "grad", None) is not None:
+                        _check_output(a.grad)
 
         return fn, go
     if fn in ("knn", "exact_knn"):
@@ -443,15 +449,25 @@ def api_case(r: random.Random) -> Tuple[str, Callable[[], None]]:
                 )
             else:
                 hq = c.num_kv_heads * r.randint(1, 2)
-                c.attend(
-                    array(d, shape4(d, c.batch, hq, min(t, len(c)), c.key_dim)),
-                    topk=some_int(d, 1, 12),
-                    mean_token=r.random() < 0.3,
-                    gamma=r.choice([1.0, 0.5]) if not d.wrong(0.2) else -1.0,
-                    exact=r.random() < 0.3 if not d.wrong(0.1) else "yes",
+                _check_output(
+                    c.attend(
+                        array(d, shape4(d, c.batch, hq, min(t, len(c)), c.key_dim)),
+                        topk=some_int(d, 1, 12),
+                        mean_token=r.random() < 0.3,
+                        gamma=r.choice([1.0, 0.5]) if not d.wrong(0.2) else -1.0,
+                        exact=r.random() < 0.3 if not d.wrong(0.1) else "yes",
+                    )
                 )
 
     return fn, go
+
+
+def _check_output(out: Any) -> None:
+    """A call that accepted its inputs (all finite) returns no NaN: a finding otherwise (an
+    AssertionError is no expected exception)."""
+    a = out.detach().float().numpy() if hasattr(out, "detach") else np.asarray(out)
+    if a.size and np.isnan(a).any():
+        raise AssertionError(f"NaN in an output of shape {a.shape} from finite inputs")
 
 
 def make_case(r: random.Random, tmp: str, bases: List[bytes]) -> Tuple[str, Callable[[], None]]:

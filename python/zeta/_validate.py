@@ -211,11 +211,16 @@ def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool):
     return b, h, hkv, n, s, dk, dv
 
 
+#: The largest gamma (2^62; the Rust core's ``GAMMA_MAX``): gamma^2 plus the largest squared
+#: distance within :func:`coord_limit` is still a finite float32, so no query's scores are all 0.
+GAMMA_MAX = float(2**62)
+
+
 def gamma_array(gamma: Any, h: int) -> np.ndarray:
-    """gamma (float or (H,) array/tensor) -> float64 array (H,), checked > 0 and finite."""
+    """gamma (float or (H,) array/tensor) -> float64 array (H,), checked in (0, GAMMA_MAX]."""
     if isinstance(gamma, (float, int)) and not isinstance(gamma, bool):
-        if not (math.isfinite(gamma) and gamma > 0):
-            raise ValueError(f"gamma: must be finite and > 0, got {gamma}")
+        if not (0 < gamma <= GAMMA_MAX):
+            raise ValueError(f"gamma: must be > 0 and at most 2^62 ({GAMMA_MAX:e}), got {gamma}")
         return np.full(h, float(gamma))
     if hasattr(gamma, "detach"):
         gamma = gamma.detach().cpu().double().numpy()
@@ -226,22 +231,89 @@ def gamma_array(gamma: Any, h: int) -> np.ndarray:
         raise ValueError(
             f"gamma: expected a float or shape ({h},) (one per query head), got shape {g.shape}"
         )
-    if not np.all(np.isfinite(g)) or np.any(g <= 0):
-        raise ValueError(f"gamma: must be finite and > 0, got {g.tolist()}")
+    if not np.all((g > 0) & (g <= GAMMA_MAX)):
+        raise ValueError(f"gamma: must be > 0 and at most 2^62 ({GAMMA_MAX:e}), got {g.tolist()}")
     return np.ascontiguousarray(g)
 
 
+def coord_limit(dtype: Any, dk: int) -> float:
+    """The largest |coordinate| of queries and keys (the Rust core's ``coord_limit``).
+
+    Any two points within it lie at a squared distance of at most a quarter of the float's
+    largest value, so no distance overflows to inf and, with gamma <= GAMMA_MAX, every Cauchy
+    score ``1 / (d2 + gamma^2)`` is > 0 (float32: 2.66e18 at d_k = 3). float64 arrays get float64's limit, all others float32's
+    (half-precision q and k are computed in float32). Computed in that float type, so the
+    limit is the Rust core's to the bit.
+    """
+    f = np.float64 if "float64" in str(dtype) else np.float32
+    return float(np.sqrt(f(np.finfo(f).max) / f(max(int(dk), 1))) / f(4))
+
+
+def _module_of(a: Any):
+    mod = type(a).__module__.split(".")[0]
+    if mod == "torch":
+        import torch
+
+        return torch
+    if mod == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def coords_ok_flag(a: Any) -> Any:
+    """A 0-d boolean on ``a``'s device: every coordinate finite and within :func:`coord_limit`
+    (the last axis is d_k). NaN fails the compare, so one flag covers both."""
+    xp = _module_of(a)
+    if xp is not np:
+        if xp.__name__ == "torch":
+            a = a.detach()
+            if a.dtype in (xp.float16, xp.bfloat16):
+                a = a.float()
+        elif a.dtype == xp.float16:
+            a = a.astype(xp.float32)
+    return (abs(a) <= coord_limit(a.dtype, a.shape[-1])).all()
+
+
+def coords_error(a: Any, name: str) -> ValueError:
+    """The error for q or k ``a`` whose :func:`coords_ok_flag` is False (the Rust core's
+    wording)."""
+    xp = _module_of(a)
+    lim = coord_limit(a.dtype, a.shape[-1])
+    width = "float64" if "float64" in str(a.dtype) else "float32"
+    if xp.__name__ == "torch":
+        a = a.detach().double()
+    if not bool(xp.isfinite(a).all()):
+        return ValueError(f"{name}: contains NaN or inf")
+    big = float(abs(a).max())
+    return ValueError(
+        f"{name}: coordinate {big:e} is beyond +-{lim:.3e}: squared distances between such "
+        f"points overflow {width}; rescale the queries and keys"
+    )
+
+
+def check_coords(a: Any, name: str) -> None:
+    """ValueError naming ``name`` unless every coordinate of ``a`` (numpy, torch or cupy; last
+    axis d_k) is finite and within :func:`coord_limit` (one device sync)."""
+    if not bool(coords_ok_flag(a)):
+        raise coords_error(a, name)
+
+
 def check_values_torch(q: Any, k: Any, v: Any, gamma: Any = None) -> None:
-    """NaN/inf in torch q, k, v and gamma > 0 (a tensor or None), with one device sync."""
+    """torch q, k, v and gamma, with one device sync: q and k finite and within
+    :func:`coord_limit`, v finite, gamma in (0, GAMMA_MAX] (a tensor or None)."""
     import torch
 
-    flags = [torch.isfinite(t.detach()).all() for t in (q, k, v)]
+    flags = [coords_ok_flag(q), coords_ok_flag(k), torch.isfinite(v.detach()).all()]
     if gamma is not None:
         g = gamma.detach()
-        flags.append((torch.isfinite(g) & (g > 0)).all())
+        flags.append(((g > 0) & (g <= GAMMA_MAX)).all())
     ok = torch.stack(flags).tolist()
-    for good, nm in zip(ok, ("q", "k", "v")):
+    for good, a, nm in zip(ok, (q, k), ("q", "k")):
         if not good:
-            raise ValueError(f"{nm}: contains NaN or inf")
+            raise coords_error(a, nm)
+    if not ok[2]:
+        raise ValueError("v: contains NaN or inf")
     if gamma is not None and not ok[3]:
         gamma_array(gamma, gamma.shape[0])  # raises with the values

@@ -197,7 +197,11 @@ class KVCache:
 
     # -- the work ----------------------------------------------------------------------
     def extend(self, k: Any, v: Any) -> None:
-        """Append T tokens: k (B, H_kv, T, key_dim), v (B, H_kv, T, value_dim)."""
+        """Append T tokens: k (B, H_kv, T, key_dim), v (B, H_kv, T, value_dim).
+
+        k's coordinates must be finite and within ``zeta._validate.coord_limit`` (float32:
+        2.66e18 at key_dim 3), v finite; otherwise ValueError and the cache is unchanged.
+        """
         kn, vn = _f32(k, "k"), _f32(v, "v")
         self._c.extend(kn, vn)
 
@@ -214,9 +218,10 @@ class KVCache:
         """Top-k Cauchy attention of the last T_q positions' queries over the cache.
 
         Args:
-            q: (B, H, T_q, key_dim); H % H_kv == 0; T_q <= len(cache).
+            q: (B, H, T_q, key_dim); H % H_kv == 0; T_q <= len(cache); coordinates as
+                :meth:`extend`'s keys.
             topk: keys attended per query (>= 1; fewer keys than topk: all of them).
-            gamma: float or per-head (H,).
+            gamma: float or per-head (H,), in (0, 2^62].
             mean_token: as in :func:`zeta.attention`.
             window: overrides the cache's ``window`` for this call (the sorted runs do not
                 depend on it); None: the cache's, else :func:`zeta.attention`'s default.

@@ -123,7 +123,8 @@ def knn(
     exactly the brute-force top-k; ``exact=False`` for the approximate window search.
 
     Args:
-        q: queries, (B, H, N, d_k), d_k in 1..8.
+        q: queries, (B, H, N, d_k), d_k in 1..8; finite (squared distances that overflow
+            to inf rank by position, as brute force in float32 does).
         k: keys, (B, H_kv, S, d_k); H % H_kv == 0. Causal: query i sits at position S - N + i
             and sees keys at positions <= its own.
         topk: neighbours per query (>= 1); more than there are keys: the extra slots are
@@ -213,12 +214,15 @@ def attention(
     ``s_j = 1 / (||q - k_j||^2 + gamma^2)``, ``a_j = s_j / sum(s)``, ``o = sum a_j v_j``.
 
     Args:
-        q: (B, H, N, d_k) queries; d_k in 1..8 (typically 3).
+        q: (B, H, N, d_k) queries; d_k in 1..8 (typically 3). Coordinates of q and k must
+            be finite and within ``zeta._validate.coord_limit`` (float32: 2.66e18 at d_k = 3;
+            float64: ~1e153), so that no squared distance overflows (ValueError otherwise).
         k: (B, H_kv, S, d_k) keys; H % H_kv == 0 (GQA).
         v: (B, H_kv, S, d_v) values.
         topk: keys attended per query (>= 1; fewer keys than topk: all of them).
-        gamma: float, or a per-head (H,) tensor/array; > 0. Differentiable when a tensor
-            that requires grad.
+        gamma: float, or a per-head (H,) tensor/array; in (0, 2^62] (larger: gamma^2 would
+            overflow float32 and zero every score). Differentiable when a tensor that
+            requires grad.
         mean_token: add one attended item per query made of the running means of k and v
             over positions <= i (so every past token gets gradient).
         causal, chunk, window, n_curves, n_sink, bits, scale: as in :func:`knn`.

@@ -15,7 +15,7 @@ pub use crate::backward::backward;
 use crate::error::{numel, try_vec, try_vec_par, vec_or_unwind, Result, ZetaError};
 use crate::exact::{exact_runs, Batch, ExactIndex};
 use crate::index::{select_topk, sq_dist, KeyIndex, Params, TopK};
-use crate::quantize::{first_non_finite, Real};
+use crate::quantize::{check_coords, first_non_finite, Real};
 use crate::score::{combine, ValueElem, ValueRows};
 use num_traits::Float;
 use rayon::prelude::*;
@@ -101,13 +101,23 @@ pub(crate) fn check_gamma(gamma: &[f64], h: usize) -> Result<()> {
             format!("needs one value per query head ({h}), got {}", gamma.len()),
         ));
     }
-    if let Some(g) = gamma.iter().find(|g| !(g.is_finite() && **g > 0.0)) {
+    if let Some(g) = gamma.iter().find(|g| !gamma_ok(**g)) {
         return Err(ZetaError::value(
             "gamma",
-            format!("must be finite and > 0, got {g}"),
+            format!("must be > 0 and at most 2^62 ({GAMMA_MAX:e}), got {g}"),
         ));
     }
     Ok(())
+}
+
+/// The largest gamma: `gamma^2 = 2^124` plus the largest squared distance of coordinates
+/// within [`crate::quantize::coord_limit`] (a quarter of float32's range) is still finite,
+/// so no Cauchy score is 0 for every candidate (an output of 0 / 0).
+pub(crate) const GAMMA_MAX: f64 = 4_611_686_018_427_387_904.0; // 2^62
+
+/// gamma in (0, [`GAMMA_MAX`]] (NaN fails).
+pub(crate) fn gamma_ok(g: f64) -> bool {
+    g > 0.0 && g <= GAMMA_MAX
 }
 
 /// Prefix sums (f64) of rows: out[(p+1)*d..] = sum of rows 0..=p; out[0..d] = 0.
@@ -145,7 +155,7 @@ pub struct AttnOpts {
     pub mean_token: bool,
 }
 
-fn validate<T: Real, E: ValueElem>(
+fn validate<T: Real + Float, E: ValueElem>(
     sh: &Shape,
     prm: &Params,
     q: &[T],
@@ -172,8 +182,15 @@ fn validate<T: Real, E: ValueElem>(
     }
     check_len("q", q.len(), sh.b * sh.h * sh.n * sh.dk)?;
     check_len("k", k.len(), sh.b * sh.hkv * sh.s * sh.dk)?;
-    check_finite("q", q)?;
-    check_finite("k", k)?;
+    if v.is_some() {
+        // Attention: squared distances must stay finite (else a query whose candidates all
+        // lie at an inf distance gets 0 / 0). knn only ranks them: (inf, position) is fine.
+        check_coords("q", q, sh.dk)?;
+        check_coords("k", k, sh.dk)?;
+    } else {
+        check_finite("q", q)?;
+        check_finite("k", k)?;
+    }
     if let Some(v) = v {
         if sh.dv == 0 {
             return Err(ZetaError::value("v", "value_dim must be >= 1"));

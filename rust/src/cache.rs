@@ -34,7 +34,7 @@ use crate::index::{
     fence_of, gather_coords, merge_with_coords, offer_own_and_sinks, offer_rows, sorted_entries,
     sq_dist, unpack_pos, Offer, Params, Probe, ProbeList, RunView, TopK,
 };
-use crate::quantize::{first_non_finite, Grid};
+use crate::quantize::{check_coords, coord_limit, first_bad_coord, first_non_finite, Grid};
 use crate::score::{combine, ValueRows};
 use crate::simd::RowsEnd;
 use half::{bf16, f16};
@@ -433,18 +433,8 @@ impl KvCache {
         if t == 0 {
             return Ok(());
         }
-        if let Some(p) = first_non_finite(k) {
-            return Err(ZetaError::value(
-                "k",
-                format!("contains NaN or inf (flat index {p})"),
-            ));
-        }
-        if let Some(p) = first_non_finite(v) {
-            return Err(ZetaError::value(
-                "v",
-                format!("contains NaN or inf (flat index {p})"),
-            ));
-        }
+        check_coords("k", k, self.key_dim)?;
+        check_values("v", v, self.dtype())?;
         self.append(k, t, |gi, vals| {
             vals.extend_from_f32(&v[gi * t * dv..(gi + 1) * t * dv])
         })
@@ -597,12 +587,7 @@ impl KvCache {
             ));
         }
         check_topk_gamma(topk, gamma, h)?;
-        if let Some(p) = first_non_finite(q) {
-            return Err(ZetaError::value(
-                "q",
-                format!("contains NaN or inf (flat index {p})"),
-            ));
-        }
+        check_coords("q", q, dk)?;
         let grp = h / self.kv_heads;
         let n_out = numel(&[self.batch, h, tq, dv], "attend output")?;
         let mut out = try_vec(0.0f32, n_out, "attend output")?;
@@ -794,12 +779,20 @@ impl KvCache {
                 v[((bi * hkv + hi) * t + ti) * dv..][..dv].copy_from_slice(src);
             }
         }
-        if let Some(p) = first_non_finite(&q) {
+        // Both checked before the extend (which checks the keys again): a bad call changes
+        // nothing, and the error names the argument the caller passed.
+        for (x, what) in [(&q, "queries"), (&k, "keys")] {
+            if let Err(ZetaError::Value { msg, .. }) = check_coords("qkv", x, dk) {
+                return Err(ZetaError::value(
+                    "qkv",
+                    format!("{what}: {msg} (a flat index into (B, H, T, key_dim))"),
+                ));
+            }
+        }
+        if let Err(ZetaError::Value { msg, .. }) = check_values("qkv", &v, self.dtype()) {
             return Err(ZetaError::value(
                 "qkv",
-                format!(
-                    "contains NaN or inf in the queries (flat index {p} of (B, H, T, key_dim))"
-                ),
+                format!("values: {msg} (a flat index into (B, H_kv, T, value_dim))"),
             ));
         }
         self.extend(&k, &v, t)?;
@@ -947,8 +940,10 @@ impl KvCache {
                 *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
         }
-        if first_non_finite(&ks).is_some() {
-            return Err(ZetaError::Corrupt("non-finite keys".into()));
+        if first_bad_coord(&ks, coord_limit::<f32>(dk)).is_some() {
+            return Err(ZetaError::Corrupt(
+                "keys that are not finite or beyond the coordinate limit".into(),
+            ));
         }
         // Values are stored as they are (a float16 value may be inf: a finite float32 out
         // of float16's range); `append` sums what is stored, as `extend` does.
@@ -1022,14 +1017,42 @@ impl KvCache {
 }
 
 /// `topk >= 1`, and one finite gamma > 0 per query head.
+/// Values `v` to store as `dtype` ("float32", "float16" or "bfloat16"): finite, and finite
+/// in `dtype` too (a float32 beyond float16's 65504 would be stored as inf, and the outputs
+/// that weigh it would be inf or NaN). The error names `arg`.
+fn check_values(arg: &'static str, v: &[f32], dtype: &str) -> Result<()> {
+    if let Some(p) = first_non_finite(v) {
+        return Err(ZetaError::value(
+            arg,
+            format!("contains NaN or inf (flat index {p})"),
+        ));
+    }
+    let overflow = match dtype {
+        "float16" => v.iter().position(|&x| f16::from_f32(x).is_infinite()),
+        "bfloat16" => v.iter().position(|&x| bf16::from_f32(x).is_infinite()),
+        _ => None,
+    };
+    match overflow {
+        None => Ok(()),
+        Some(p) => Err(ZetaError::value(
+            arg,
+            format!(
+                "value {:.4e} at flat index {p} is beyond this cache's {dtype} range (it \
+                 would be stored as inf); use a float32 cache or rescale the values",
+                v[p]
+            ),
+        )),
+    }
+}
+
 fn check_topk_gamma(topk: usize, gamma: &[f64], h: usize) -> Result<()> {
     if topk == 0 {
         return Err(ZetaError::value("topk", "must be >= 1"));
     }
-    if gamma.len() != h || gamma.iter().any(|g| !(g.is_finite() && *g > 0.0)) {
+    if gamma.len() != h || !gamma.iter().all(|&g| crate::attention::gamma_ok(g)) {
         return Err(ZetaError::value(
             "gamma",
-            format!("must be {h} finite values > 0 (one per query head)"),
+            format!("must be {h} values > 0 and at most 2^62 (one per query head)"),
         ));
     }
     Ok(())

@@ -342,6 +342,62 @@ pub fn first_non_finite<T: crate::score::ValueElem>(x: &[T]) -> Option<usize> {
     })
 }
 
+/// The largest coordinate magnitude of queries and keys in `T` with `dk` coordinates per
+/// point: any two points within it are at a squared distance of at most a quarter of `T`'s
+/// largest value (`dk * (2 lim)^2 = max / 4`), so no distance overflows to inf, and with
+/// gamma <= 2^62 (`attention::GAMMA_MAX`) `d2 + gamma^2` stays finite: every Cauchy score
+/// `1 / (d2 + gamma^2)` is > 0 (for float32: a limit of 2.66e18 at d_k = 3). Past it a query
+/// whose candidates all lie at an inf distance would get the output 0 / 0.
+pub fn coord_limit<T: num_traits::Float>(dk: usize) -> T {
+    let dk = T::from(dk.max(1)).unwrap_or_else(T::one);
+    (T::max_value() / dk).sqrt() / T::from(4.0).unwrap_or_else(T::one)
+}
+
+/// Index of the first coordinate that is NaN, infinite or beyond `lim` in magnitude (see
+/// [`coord_limit`]), if any; parallel like [`first_non_finite`].
+pub fn first_bad_coord<T: num_traits::Float + Send + Sync>(x: &[T], lim: T) -> Option<usize> {
+    use rayon::prelude::*;
+    const CHUNK: usize = crate::error::PAR_FILL;
+    let bad = |v: &T| v.is_nan() || v.abs() > lim;
+    if x.len() <= CHUNK || rayon::current_thread_index().is_none() {
+        return x.iter().position(bad);
+    }
+    x.par_chunks(CHUNK)
+        .enumerate()
+        .find_map_first(|(i, c)| c.iter().position(bad).map(|p| i * CHUNK + p))
+}
+
+/// Checks the query or key coordinates `x` (`dk` per point): finite and within
+/// [`coord_limit`]. The error names `arg`.
+pub fn check_coords<T: num_traits::Float + Send + Sync>(
+    arg: &'static str,
+    x: &[T],
+    dk: usize,
+) -> crate::error::Result<()> {
+    let lim = coord_limit::<T>(dk);
+    match first_bad_coord(x, lim) {
+        None => Ok(()),
+        Some(p) if !x[p].is_finite() => Err(ZetaError::value(
+            arg,
+            format!("contains NaN or inf (flat index {p})"),
+        )),
+        Some(p) => Err(ZetaError::value(
+            arg,
+            format!(
+                "coordinate {:.4e} at flat index {p} is beyond +-{:.3e}: squared distances \
+                 between such points overflow {}; rescale the queries and keys",
+                x[p].to_f64().unwrap_or(f64::NAN),
+                lim.to_f64().unwrap_or(f64::NAN),
+                if std::mem::size_of::<T>() == 4 {
+                    "float32"
+                } else {
+                    "float64"
+                }
+            ),
+        )),
+    }
+}
+
 fn non_finite_error<T: Real>(x: &[T]) -> ZetaError {
     let p = first_non_finite(x).unwrap_or(0);
     ZetaError::value("x", format!("contains NaN or inf (flat index {p})"))
@@ -656,6 +712,46 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coordinates_within_the_limit_never_overflow_a_distance() {
+        for dk in [1usize, 2, 3, 8, 100] {
+            let lim = coord_limit::<f32>(dk);
+            // The farthest two points within the limit: opposite corners.
+            let (a, b) = (vec![lim; dk], vec![-lim; dk]);
+            let d2 = crate::index::sq_dist(&a, &b);
+            assert!(d2.is_finite() && d2 <= f32::MAX / 3.9, "dk {dk}: {d2}");
+            // Plus the largest gamma^2, still finite: no Cauchy score of 0.
+            let g = crate::attention::GAMMA_MAX as f32;
+            assert!((d2 + g * g).is_finite() && 1.0 / (d2 + g * g) > 0.0);
+            let just_past = f32::from_bits(lim.to_bits() + 1);
+            assert!(check_coords("k", &a, dk).is_ok());
+            let mut x = vec![0.5f32; 4 * dk];
+            x[2] = -just_past;
+            let e = check_coords("k", &x, dk).unwrap_err().to_string();
+            assert!(
+                e.starts_with("k: coordinate") && e.contains("index 2"),
+                "{e}"
+            );
+            x[1] = f32::NAN;
+            let e = check_coords("q", &x, dk).unwrap_err().to_string();
+            assert!(
+                e.starts_with("q: contains NaN or inf (flat index 1)"),
+                "{e}"
+            );
+        }
+        assert!(coord_limit::<f64>(3) > 1e153);
+        // Long inputs are checked in parallel chunks: still the first bad index.
+        let mut x = vec![1.0f32; 3 * crate::error::PAR_FILL + 7];
+        x[2 * crate::error::PAR_FILL + 5] = 1e30;
+        x[3 * crate::error::PAR_FILL + 1] = f32::INFINITY;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let got = pool.install(|| first_bad_coord(&x, coord_limit::<f32>(3)));
+        assert_eq!(got, Some(2 * crate::error::PAR_FILL + 5));
+    }
 
     #[test]
     fn monotone_and_in_range() {

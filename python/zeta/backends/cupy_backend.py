@@ -398,7 +398,7 @@ class CupyBackend(Backend):
         if is_cupy(q):
             if not all(map(is_cupy, (q, k, v))):
                 raise TypeError("q, k, v: pass cupy arrays together")
-            _check_finite(q, k, v)
+            _check_finite(q, k, v, coords=2)
             return attention_cupy(q, k, v, gamma, topk, mean_token, p)
         import torch
 
@@ -427,18 +427,23 @@ class CupyBackend(Backend):
         return _searchsorted(sorted_codes, queries, right)
 
 
-def _check_finite(*arrays, names=("q", "k", "v")) -> None:
-    """NaN/inf in device arrays, one sync for all of them."""
+def _check_finite(*arrays, names=("q", "k", "v"), coords=0) -> None:
+    """NaN/inf in device arrays, one sync for all of them; the first ``coords`` arrays are q
+    and k, also checked against the coordinate limit (``_validate.coord_limit``)."""
+    from .._validate import coords_error, coords_ok_flag
+
     if is_cupy(arrays[0]):
-        import cupy
-
-        ok = cupy.stack([cupy.isfinite(a).all() for a in arrays]).get().tolist()
+        import cupy as xp
     else:
-        import torch
+        import torch as xp
 
-        if torch.compiler.is_compiling():
+        if xp.compiler.is_compiling():
             return
-        ok = torch.stack([torch.isfinite(a.detach()).all() for a in arrays]).tolist()
-    for good, nm in zip(ok, names):
+        arrays = tuple(a.detach() for a in arrays)
+    flags = [
+        coords_ok_flag(a) if i < coords else xp.isfinite(a).all() for i, a in enumerate(arrays)
+    ]
+    ok = xp.stack(flags).tolist()
+    for i, (good, a, nm) in enumerate(zip(ok, arrays, names)):
         if not good:
-            raise ValueError(f"{nm}: contains NaN or inf")
+            raise coords_error(a, nm) if i < coords else ValueError(f"{nm}: contains NaN or inf")

@@ -12,14 +12,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from .._validate import check_coords
 from .base import Backend, CallInfo
-
-
-def _finite(t, name: str) -> None:
-    import torch
-
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: contains NaN or inf")
 
 
 def _ordered_int64(codes):
@@ -66,8 +60,9 @@ class TorchBackend(Backend):
         kt = torch.from_numpy(k) if numpy_in else k.detach()
         if qt.dtype in (torch.float16, torch.bfloat16):
             qt, kt = qt.float(), kt.float()
-        _finite(qt, "q")
-        _finite(kt, "k")
+        for t, nm in ((qt, "q"), (kt, "k")):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{nm}: contains NaN or inf")
         idx, d2 = torch_ref.knn(qt, kt, topk, **p.as_dict())
         if numpy_in:
             return idx.numpy(), d2.numpy().astype(q.dtype, copy=False)
@@ -79,9 +74,10 @@ class TorchBackend(Backend):
         from . import torch_ref
 
         if isinstance(q, np.ndarray):
-            for a, nm in ((q, "q"), (k, "k"), (v, "v")):
-                if not np.isfinite(a).all():
-                    raise ValueError(f"{nm}: contains NaN or inf")
+            check_coords(q, "q")
+            check_coords(k, "k")
+            if not np.isfinite(v).all():
+                raise ValueError("v: contains NaN or inf")
             qq, kk, vv = (
                 torch.from_numpy(np.asarray(a, dtype=np.promote_types(a.dtype, np.float32)))
                 for a in (q, k, v)
