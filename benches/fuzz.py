@@ -342,9 +342,12 @@ def api_case(r: random.Random) -> Tuple[str, Callable[[], None]]:
             opts["mean_token"] = r.choice([True, False])
         if r.random() < 0.3:
             opts["gamma"] = (
-                r.choice([0.5, 2.0, np.linspace(0.5, 1, h)])
+                # the accepted range's ends too: [2^-24, 2^62]
+                r.choice([0.5, 2.0, np.linspace(0.5, 1, h), 2.0**-24, 2.0**62])
                 if not d.wrong(0.5)
-                else r.choice([0.0, -1.0, float("nan"), float("inf"), np.ones(h + 1), "x"])
+                else r.choice(
+                    [0.0, -1.0, float("nan"), float("inf"), np.ones(h + 1), "x", 1e-12, 1e30]
+                )
             )
         # torch inputs: half of the time through autograd too (forward indices into the
         # backward custom op, with every shape and option the forward accepted)
@@ -454,7 +457,9 @@ def api_case(r: random.Random) -> Tuple[str, Callable[[], None]]:
                         array(d, shape4(d, c.batch, hq, min(t, len(c)), c.key_dim)),
                         topk=some_int(d, 1, 12),
                         mean_token=r.random() < 0.3,
-                        gamma=r.choice([1.0, 0.5]) if not d.wrong(0.2) else -1.0,
+                        gamma=r.choice([1.0, 0.5, 2.0**-24, 2.0**62])
+                        if not d.wrong(0.2)
+                        else r.choice([-1.0, 1e-12]),
                         exact=r.random() < 0.3 if not d.wrong(0.1) else "yes",
                     )
                 )

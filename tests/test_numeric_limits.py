@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import zeta
-from zeta._validate import GAMMA_MAX, coord_limit
+from zeta._validate import GAMMA_MAX, GAMMA_MIN, coord_limit
 
 torch = pytest.importorskip("torch")
 
@@ -112,11 +112,23 @@ def test_float64_inputs_have_float64_limits(backend):
         zeta.attention(q, k, v, topk=8, backend=backend)
 
 
+BAD_GAMMA = [
+    _just_beyond(GAMMA_MAX, np.float64),
+    1e30,
+    float("inf"),
+    float(np.nextafter(GAMMA_MIN, 0.0)),
+    1e-12,
+    0.0,
+    -1.0,
+    float("nan"),
+]
+
+
 @pytest.mark.parametrize("backend", ["rust", "torch"])
-@pytest.mark.parametrize("gamma", [_just_beyond(GAMMA_MAX, np.float64), 1e30, float("inf")])
-def test_gamma_past_the_limit_is_refused(backend, gamma):
+@pytest.mark.parametrize("gamma", BAD_GAMMA)
+def test_gamma_past_the_limits_is_refused(backend, gamma):
     q, k, v = _far_apart()
-    with pytest.raises(ValueError, match=r"^gamma: must be > 0 and at most 2\^62"):
+    with pytest.raises(ValueError, match=r"^gamma: must be in \[2\^-24, 2\^62\]"):
         zeta.attention(q, k, v, topk=8, gamma=gamma, backend=backend)
     qt, kt, vt = map(torch.from_numpy, (q, k, v))
     g = torch.full((2,), float(gamma), dtype=torch.float64)
@@ -194,3 +206,86 @@ def test_fused_decode_call_names_qkv_and_changes_nothing():
     x = rng.standard_normal((1, 1, w)).astype(np.float32)
     o = c._c.decode_packed(x, hq, 4, gamma, False, 8, True)
     assert len(c) == 4 and np.isfinite(o).all()
+
+
+def test_cuda_backend_checks_use_the_same_limits():
+    """The cupy backend's one-sync check (torch tensors here; cupy arrays take the same code
+    with cupy's functions): q and k against the coordinate limit for attention, only
+    finiteness for knn."""
+    from zeta.backends import cupy_backend as cb
+
+    q, k, v = map(torch.from_numpy, _far_apart())
+    cb._check_finite(q, k, v, coords=2)
+    qb = q.clone()
+    qb[0, 0, 1, 1] = float(_just_beyond(L32, np.float32))
+    with pytest.raises(ValueError, match=r"^q: coordinate .* overflow float32"):
+        cb._check_finite(qb, k, v, coords=2)
+    cb._check_finite(qb, k)  # knn: any finite coordinates
+    vb = v.clone()
+    vb[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^v: contains NaN or inf"):
+        cb._check_finite(q, k, vb, coords=2)
+    kb = k.clone().bfloat16()
+    kb[0, 1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^k: contains NaN or inf"):
+        cb._check_finite(q, kb, v, coords=2)
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_smallest_gamma_with_keys_on_their_queries(backend):
+    """Keys on their queries (d2 = 0) with the smallest gamma: the largest scores there are
+    (2^48) and their squares in the gradients (2^96); outputs and gradients stay finite.
+    Below it (gamma 1e-12) the torch backend's gradients were NaN, and below ~1e-19 the
+    outputs too."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 60, DK, generator=g)
+    k, v = q.clone(), torch.randn(1, 2, 60, 4, generator=g)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    gg = torch.full((2,), GAMMA_MIN, dtype=torch.float64, requires_grad=True)
+    o = zeta.attention(qq, kk, vv, topk=8, gamma=gg, mean_token=True, backend=backend)
+    assert torch.isfinite(o).all()
+    o.square().sum().backward()
+    for t in (qq, kk, vv, gg):
+        assert torch.isfinite(t.grad).all()
+
+
+def test_zeta_attention_clamps_its_learned_gamma():
+    """ZetaAttention's gamma = exp(log_gamma) clamped to the accepted range: an optimiser
+    that drives log_gamma far out still gets a forward and finite gradients."""
+    from zeta.nn import ZetaAttention
+
+    m = ZetaAttention(16, 2, topk=4)
+    x = torch.randn(1, 20, 16, generator=torch.Generator().manual_seed(6))
+    for lg in (-200.0, 200.0):
+        with torch.no_grad():
+            m.log_gamma.fill_(lg)
+        gm = m.gamma.detach()
+        assert GAMMA_MIN <= float(gm.min()) and float(gm.max()) <= GAMMA_MAX
+        m.zero_grad()
+        y = m(x)
+        assert torch.isfinite(y).all()
+        y.square().sum().backward()
+        assert torch.isfinite(m.log_gamma.grad).all()
+    with pytest.raises(ValueError, match=r"^gamma_init: must be in"):
+        ZetaAttention(16, 2, gamma_init=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+def test_large_values_with_the_largest_scores_give_a_weighted_mean(backend):
+    """Keys on their queries and the smallest gamma (scores of 2^48) with values of 1e30 of
+    both signs: the weights are normalised before they multiply the values, so the output is
+    a weighted mean (it was inf or NaN when the scores multiplied the values first)."""
+    rng = np.random.default_rng(7)
+    q = (rng.standard_normal((1, 2, 50, DK)) * 1e-30).astype(np.float32)
+    k = q.copy()
+    v = (rng.standard_normal((1, 2, 50, 3)) * 1e30).astype(np.float32)
+    for mean_token in (False, True):
+        o = np.asarray(
+            zeta.attention(q, k, v, topk=6, gamma=GAMMA_MIN, mean_token=mean_token, backend=backend)
+        )
+        assert np.isfinite(o).all()
+        assert np.abs(o).max() <= np.abs(v).max() * (1 + 1e-5)
+    c = zeta.KVCache(2, DK, 3)
+    c.extend(k, v)
+    o = c.attend(q[:, :, -4:], topk=6, gamma=GAMMA_MIN)
+    assert np.isfinite(o).all() and np.abs(o).max() <= np.abs(v).max() * (1 + 1e-5)

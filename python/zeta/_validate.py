@@ -214,13 +214,19 @@ def check_qkv_shapes(q_shape, k_shape, v_shape=None, *, causal: bool):
 #: The largest gamma (2^62; the Rust core's ``GAMMA_MAX``): gamma^2 plus the largest squared
 #: distance within :func:`coord_limit` is still a finite float32, so no query's scores are all 0.
 GAMMA_MAX = float(2**62)
+#: The smallest gamma (2^-24; the Rust core's ``GAMMA_MIN``): a score ``1 / (d2 + gamma^2)`` is at
+#: most 2^48 and its square (in the gradients) 2^96, far from float32's overflow, even for keys
+#: that sit on their queries (below ~1e-10 the torch backend's gradients were NaN there).
+GAMMA_MIN = float(2**-24)
+#: The error text for a gamma outside [GAMMA_MIN, GAMMA_MAX] (the Rust core's too).
+GAMMA_RANGE = "must be in [2^-24, 2^62] (5.96e-8 .. 4.61e18)"
 
 
 def gamma_array(gamma: Any, h: int) -> np.ndarray:
-    """gamma (float or (H,) array/tensor) -> float64 array (H,), checked in (0, GAMMA_MAX]."""
+    """gamma (float or (H,) array/tensor) -> float64 array (H,), checked in [GAMMA_MIN, GAMMA_MAX]."""
     if isinstance(gamma, (float, int)) and not isinstance(gamma, bool):
-        if not (0 < gamma <= GAMMA_MAX):
-            raise ValueError(f"gamma: must be > 0 and at most 2^62 ({GAMMA_MAX:e}), got {gamma}")
+        if not (GAMMA_MIN <= gamma <= GAMMA_MAX):
+            raise ValueError(f"gamma: {GAMMA_RANGE}, got {gamma}")
         return np.full(h, float(gamma))
     if hasattr(gamma, "detach"):
         gamma = gamma.detach().cpu().double().numpy()
@@ -231,8 +237,8 @@ def gamma_array(gamma: Any, h: int) -> np.ndarray:
         raise ValueError(
             f"gamma: expected a float or shape ({h},) (one per query head), got shape {g.shape}"
         )
-    if not np.all((g > 0) & (g <= GAMMA_MAX)):
-        raise ValueError(f"gamma: must be > 0 and at most 2^62 ({GAMMA_MAX:e}), got {g.tolist()}")
+    if not np.all((g >= GAMMA_MIN) & (g <= GAMMA_MAX)):
+        raise ValueError(f"gamma: {GAMMA_RANGE}, got {g.tolist()}")
     return np.ascontiguousarray(g)
 
 
@@ -302,13 +308,13 @@ def check_coords(a: Any, name: str) -> None:
 
 def check_values_torch(q: Any, k: Any, v: Any, gamma: Any = None) -> None:
     """torch q, k, v and gamma, with one device sync: q and k finite and within
-    :func:`coord_limit`, v finite, gamma in (0, GAMMA_MAX] (a tensor or None)."""
+    :func:`coord_limit`, v finite, gamma in [GAMMA_MIN, GAMMA_MAX] (a tensor or None)."""
     import torch
 
     flags = [coords_ok_flag(q), coords_ok_flag(k), torch.isfinite(v.detach()).all()]
     if gamma is not None:
         g = gamma.detach()
-        flags.append(((g > 0) & (g <= GAMMA_MAX)).all())
+        flags.append(((g >= GAMMA_MIN) & (g <= GAMMA_MAX)).all())
     ok = torch.stack(flags).tolist()
     for good, a, nm in zip(ok, (q, k), ("q", "k")):
         if not good:

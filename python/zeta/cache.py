@@ -221,7 +221,7 @@ class KVCache:
             q: (B, H, T_q, key_dim); H % H_kv == 0; T_q <= len(cache); coordinates as
                 :meth:`extend`'s keys.
             topk: keys attended per query (>= 1; fewer keys than topk: all of them).
-            gamma: float or per-head (H,), in (0, 2^62].
+            gamma: float or per-head (H,), in [2^-24, 2^62].
             mean_token: as in :func:`zeta.attention`.
             window: overrides the cache's ``window`` for this call (the sorted runs do not
                 depend on it); None: the cache's, else :func:`zeta.attention`'s default.

@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._validate import DEFAULT_EXACT, check_dims, default_n_curves, gamma_array
+from ._validate import (
+    DEFAULT_EXACT,
+    GAMMA_MAX,
+    GAMMA_MIN,
+    GAMMA_RANGE,
+    check_dims,
+    default_n_curves,
+    gamma_array,
+)
 from .cache import KVCache
 from .ops import attention
 
@@ -30,6 +38,12 @@ VALUE_INIT_STD = 0.16
 
 # zeta_kwargs that describe the index; a KVCache must be built with the same ones.
 _INDEX_KEYS = ("chunk", "window", "n_curves", "n_sink", "bits", "scale")
+
+
+#: log_gamma's clamp: 1e-4 inside log(GAMMA_MIN) and log(GAMMA_MAX), so that exp() of it in
+#: float32 (relative error ~1e-7) stays within the accepted range.
+_LOG_GAMMA_MIN = math.log(GAMMA_MIN) + 1e-4
+_LOG_GAMMA_MAX = math.log(GAMMA_MAX) - 1e-4
 
 
 class ZetaAttention(nn.Module):
@@ -94,8 +108,8 @@ class ZetaAttention(nn.Module):
         check_dims("key_dim", key_dim)
         if topk < 1:
             raise ValueError(f"topk: must be >= 1, got {topk}")
-        if not gamma_init > 0:
-            raise ValueError(f"gamma_init: must be > 0, got {gamma_init}")
+        if not GAMMA_MIN <= gamma_init <= GAMMA_MAX:
+            raise ValueError(f"gamma_init: {GAMMA_RANGE}, got {gamma_init}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.key_dim, self.topk = key_dim, topk
         self.head_dim = embed_dim // num_heads
@@ -130,8 +144,12 @@ class ZetaAttention(nn.Module):
 
     @property
     def gamma(self) -> Tensor:
-        """Per-head gamma, shape (H,)."""
-        return self.log_gamma.exp()
+        """Per-head gamma, shape (H,): exp(log_gamma), log_gamma clamped to just inside the
+        range the attention accepts, [2^-24, 2^62] (``zeta._validate.GAMMA_MIN`` /
+        ``GAMMA_MAX``; outside it the float32 scores or their gradients overflow), so no
+        optimiser step makes the layer fail. The gradient of log_gamma is 0 while it sits
+        outside."""
+        return self.log_gamma.clamp(_LOG_GAMMA_MIN, _LOG_GAMMA_MAX).exp()
 
     def make_cache(self, *, batch: int = 1, dtype: str = "float32") -> KVCache:
         """An empty :class:`zeta.KVCache` that fits this layer (heads, dims, index settings).

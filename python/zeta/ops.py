@@ -220,8 +220,8 @@ def attention(
         k: (B, H_kv, S, d_k) keys; H % H_kv == 0 (GQA).
         v: (B, H_kv, S, d_v) values.
         topk: keys attended per query (>= 1; fewer keys than topk: all of them).
-        gamma: float, or a per-head (H,) tensor/array; in (0, 2^62] (larger: gamma^2 would
-            overflow float32 and zero every score). Differentiable when a tensor that
+        gamma: float, or a per-head (H,) tensor/array, in [2^-24, 2^62] (outside it the
+            float32 scores or their gradients overflow). Differentiable when a tensor that
             requires grad.
         mean_token: add one attended item per query made of the running means of k and v
             over positions <= i (so every past token gets gradient).

@@ -102,10 +102,7 @@ pub(crate) fn check_gamma(gamma: &[f64], h: usize) -> Result<()> {
         ));
     }
     if let Some(g) = gamma.iter().find(|g| !gamma_ok(**g)) {
-        return Err(ZetaError::value(
-            "gamma",
-            format!("must be > 0 and at most 2^62 ({GAMMA_MAX:e}), got {g}"),
-        ));
+        return Err(ZetaError::value("gamma", format!("{GAMMA_RANGE}, got {g}")));
     }
     Ok(())
 }
@@ -114,10 +111,16 @@ pub(crate) fn check_gamma(gamma: &[f64], h: usize) -> Result<()> {
 /// within [`crate::quantize::coord_limit`] (a quarter of float32's range) is still finite,
 /// so no Cauchy score is 0 for every candidate (an output of 0 / 0).
 pub(crate) const GAMMA_MAX: f64 = 4_611_686_018_427_387_904.0; // 2^62
+/// The smallest gamma: a score `1 / (d2 + gamma^2)` is at most 2^48 (a key on the query), its
+/// square (the gradient's) 2^96, and a sum of them stays far from float32's overflow; with
+/// gamma -> 0 and keys on their queries, the scores' sum overflowed and outputs were 0 * inf.
+pub(crate) const GAMMA_MIN: f64 = 5.960_464_477_539_063e-8; // 2^-24
+/// The error text for a gamma outside [`GAMMA_MIN`, `GAMMA_MAX`] (the Python side's too).
+pub(crate) const GAMMA_RANGE: &str = "must be in [2^-24, 2^62] (5.96e-8 .. 4.61e18)";
 
-/// gamma in (0, [`GAMMA_MAX`]] (NaN fails).
+/// gamma in [[`GAMMA_MIN`], [`GAMMA_MAX`]] (NaN fails).
 pub(crate) fn gamma_ok(g: f64) -> bool {
-    g > 0.0 && g <= GAMMA_MAX
+    (GAMMA_MIN..=GAMMA_MAX).contains(&g)
 }
 
 /// Prefix sums (f64) of rows: out[(p+1)*d..] = sum of rows 0..=p; out[0..d] = 0.

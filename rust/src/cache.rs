@@ -1052,7 +1052,10 @@ fn check_topk_gamma(topk: usize, gamma: &[f64], h: usize) -> Result<()> {
     if gamma.len() != h || !gamma.iter().all(|&g| crate::attention::gamma_ok(g)) {
         return Err(ZetaError::value(
             "gamma",
-            format!("must be {h} values > 0 and at most 2^62 (one per query head)"),
+            format!(
+                "{} (one per query head, {h} of them)",
+                crate::attention::GAMMA_RANGE
+            ),
         ));
     }
     Ok(())

@@ -104,8 +104,9 @@ half_value_rows!(
 /// of the samples). The bits are the loop's (`simd::tests::axpy_rows_paths_agree_bit_for_bit`).
 const ROWS_AT_ONCE: usize = 64;
 
-/// `o = (sum_j s_j v_j + s_m vbar) / (sum_j s_j + s_m)` with `s = 1 / (d2 + g2)`, over the
-/// candidates `(d2, position)` in order and, with `mean = Some((d2, vbar))`, the mean item.
+/// `o = sum_j a_j v_j + a_m vbar` with `a = s / (sum_j s_j + s_m)` and `s = 1 / (d2 + g2)`
+/// (the weights normalised before they multiply the values), over the candidates
+/// `(d2, position)` in order and, with `mean = Some((d2, vbar))`, the mean item.
 /// `o` (d_v values) is overwritten (its old values are not read); `on_slot(slot, position)`
 /// sees each candidate.
 #[inline]
@@ -122,35 +123,38 @@ pub fn combine<T: Float, V: ValueRows<T> + ?Sized>(
     for &(_, pos) in cands {
         vals.prefetch_row(pos as usize, dv);
     }
-    // The weights of up to ROWS_AT_ONCE rows, then their value sum in one call (the kernels
-    // keep `o` in registers across the rows); the last call also adds the mean item and
-    // divides by z, so that `o` is stored once.
+    // The weights `a = s / z` first, then their value sum: `a` <= 1, so the sum cannot
+    // overflow where the values do not (`s v` could: s is up to 2^48 with the smallest gamma
+    // and a key on its query, and outputs were inf or NaN with values ~1e30).
     let s_mean = mean.map(|(d2, vbar)| (T::one() / (d2 + g2), vbar));
     let mut z = T::zero();
+    for &(d2, _) in cands {
+        z = z + T::one() / (d2 + g2);
+    }
+    if let Some((s, _)) = s_mean {
+        z = z + s;
+    }
+    let inv_z = T::one() / z;
+    let a_mean = s_mean.map(|(s, vbar)| (s * inv_z, vbar));
+    // Up to ROWS_AT_ONCE rows at a time in one call (the kernels keep `o` in registers across
+    // the rows); the last call also adds the mean item, so that `o` is stored once.
     let mut rows = [(T::zero(), 0u32); ROWS_AT_ONCE];
     let n_parts = cands.len().div_ceil(ROWS_AT_ONCE);
     for (c, part) in cands.chunks(ROWS_AT_ONCE).enumerate() {
         for (i, &(d2, pos)) in part.iter().enumerate() {
             on_slot(c * ROWS_AT_ONCE + i, pos);
-            let s = T::one() / (d2 + g2);
-            z = z + s;
-            rows[i] = (s, pos);
+            rows[i] = ((T::one() / (d2 + g2)) * inv_z, pos);
         }
-        let end = (c + 1 == n_parts).then(|| {
-            if let Some((s, _)) = s_mean {
-                z = z + s;
-            }
-            RowsEnd {
-                mean: s_mean,
-                scale: T::one() / z,
-            }
+        let end = (c + 1 == n_parts).then_some(RowsEnd {
+            mean: a_mean,
+            scale: T::one(),
         });
         vals.axpy_rows(&rows[..part.len()], o, c == 0, end);
     }
     if n_parts == 0 {
         let end = RowsEnd {
-            mean: s_mean,
-            scale: T::one() / (z + s_mean.map_or(T::zero(), |m| m.0)),
+            mean: a_mean,
+            scale: T::one(),
         };
         vals.axpy_rows(&[], o, true, Some(end));
     }

@@ -778,14 +778,17 @@ def _cauchy_gather(
     d2 = sq_dist(q[..., None, :], k_sel)[..., 0, :]  # (B, H, N, topk)
     g2k = g2[..., None] if isinstance(g2, torch.Tensor) else g2
     s = torch.where(present, 1.0 / (d2 + g2k), torch.zeros_like(d2))
-    num = (s[..., None] * v_sel).sum(-2)  # (B, H, N, dv)
     den = s.sum(-1)  # (B, H, N)
     if mean_token:
         kbar, vbar = (_per_query_head(t, H) for t in _mean_kv(k, v, N, causal))
         s_mean = 1.0 / (sq_dist(q[..., None, :], kbar[..., None, :])[..., 0, 0] + g2)  # (B, H, N)
-        num = num + s_mean[..., None] * vbar
         den = den + s_mean
-    return num / den[..., None]
+    # The weights a = s / z first, then their value sum (as the Rust core): a <= 1, so the sum
+    # cannot overflow where the values do not (s v could: s is up to 2^48).
+    out = ((s / den[..., None])[..., None] * v_sel).sum(-2)  # (B, H, N, dv)
+    if mean_token:
+        out = out + (s_mean / den)[..., None] * vbar
+    return out
 
 
 def dense_topk_attention(
@@ -830,7 +833,6 @@ def dense_topk_attention(
         keep = torch.arange(order.shape[-1], device=q.device) < n_visible  # only real keys
         selected = torch.zeros_like(visible.expand_as(d2)).scatter(-1, order, keep.expand_as(order))
     scores = torch.where(selected, 1.0 / (d2 + g2s), torch.zeros_like(d2))  # (B, H, N, S)
-    num = scores @ vh
     den = scores.sum(-1)
     if mean_token:
         avg = visible.to(q.dtype) / visible.sum(-1, keepdim=True).to(
@@ -838,6 +840,8 @@ def dense_topk_attention(
         )  # (N, S) rows sum to 1
         kbar, vbar = avg @ kh, avg @ vh  # (B, H, N, .)
         s_mean = 1.0 / (((q - kbar) ** 2).sum(-1) + g2)
-        num = num + s_mean[..., None] * vbar
         den = den + s_mean
-    return num / den[..., None]
+    out = (scores / den[..., None]) @ vh  # the weights first, as `attention`
+    if mean_token:
+        out = out + (s_mean / den)[..., None] * vbar
+    return out

@@ -684,14 +684,20 @@ __global__ void ZETA_SEARCH_BOUNDS forward_kernel(ZETA_SEARCH_PARAMS, const V* _
         sm = __fdiv_rn(1.0f, __fadd_rn(sq_dist(qv, kbar + (g * a.n + i) * a.dk, a.dk), g2));
         z = __fadd_rn(z, sm);
     }
+    // The weights a = s / z first, then their value sum (as the Rust core's `combine`): a <= 1,
+    // so the sum cannot overflow where the values do not (s v could: s is up to 2^48).
     const float inv = __fdiv_rn(1.0f, z);
+    __syncwarp();  // every lane has read sc[] for z
+    for (int j = lane; j < count; j += 32) sc[j] = __fmul_rn(sc[j], inv);
+    __syncwarp();
+    const float am = __fmul_rn(sm, inv);
     const V* vg = v + g * a.s * dv;
     for (int col = lane; col < dv; col += 32) {
         float acc = 0.0f;
         for (int j = 0; j < count; ++j)
             acc = __fadd_rn(acc, __fmul_rn(sc[j], to_float(vg[static_cast<long long>(ps[j]) * dv + col])));
-        if (mean_token) acc = __fadd_rn(acc, __fmul_rn(sm, vbar[(g * a.n + i) * dv + col]));
-        out[w * dv + col] = from_float<V>(__fmul_rn(acc, inv));
+        if (mean_token) acc = __fadd_rn(acc, __fmul_rn(am, vbar[(g * a.n + i) * dv + col]));
+        out[w * dv + col] = from_float<V>(acc);
     }
 }
 
