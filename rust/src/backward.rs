@@ -231,12 +231,15 @@ fn query_pass<T: Float + Real>(
                         continue;
                     }
                     let j = j as usize;
-                    let ds = (da[slot] - t) * invz;
-                    let gd = -ds * sc[slot] * sc[slot];
+                    // dL/d(d2_j) = -(da_j - t) / z * s_j^2, taken as -(da_j - t) * a_j * s_j
+                    // (a_j <= 1): 1 / z alone overflows where every score is tiny (keys far
+                    // off or a huge gamma), and s_j^2 underflows, which made it inf * 0 = NaN.
+                    let a = sc[slot] * invz;
+                    let gd = -(da[slot] - t) * a * sc[slot];
                     // SAFETY: `inv.at` is injective over the filled slots (each pair has its
                     // own place) and each query is visited by one task, once: no other task
                     // writes this element.
-                    unsafe { coefs.row(at[slot] as usize)[0] = [sc[slot] * invz, gd] };
+                    unsafe { coefs.row(at[slot] as usize)[0] = [a, gd] };
                     dgs = dgs + gd;
                     let kr = &grp.k[j * dk..(j + 1) * dk];
                     for d in 0..dk {
@@ -244,10 +247,10 @@ fn query_pass<T: Float + Real>(
                     }
                 }
                 if grp.mean_token {
-                    let ds = (dam - t) * invz;
-                    let gd = -ds * sm * sm;
+                    let am = sm * invz;
+                    let gd = -(dam - t) * am * sm;
                     dgs = dgs + gd;
-                    *ma = sm * invz;
+                    *ma = am;
                     *mg = gd;
                     for d in 0..dk {
                         dqr[d] = dqr[d] + two * gd * (qr[d] - kbar[d]);

@@ -777,17 +777,20 @@ def _cauchy_gather(
     v_sel = vh.gather(2, flat.expand(-1, -1, -1, dv)).reshape(B, H, N, topk, dv)
     d2 = sq_dist(q[..., None, :], k_sel)[..., 0, :]  # (B, H, N, topk)
     g2k = g2[..., None] if isinstance(g2, torch.Tensor) else g2
-    s = torch.where(present, 1.0 / (d2 + g2k), torch.zeros_like(d2))
-    den = s.sum(-1)  # (B, H, N)
+    # The weights a = s / sum(s), s = 1 / (d2 + g2), as a softmax of -log(d2 + g2): the same
+    # values, and autograd stays finite where s / z's does not (a huge gamma or far keys make
+    # every s tiny: z^2 underflows; the smallest gamma makes s^2 large). Then their value sum:
+    # a <= 1, so it cannot overflow where the values do not (as in the Rust core).
+    neg_inf = torch.full_like(d2, float("-inf"))
+    logits = torch.where(present, -torch.log(d2 + g2k), neg_inf)  # (B, H, N, topk)
     if mean_token:
         kbar, vbar = (_per_query_head(t, H) for t in _mean_kv(k, v, N, causal))
-        s_mean = 1.0 / (sq_dist(q[..., None, :], kbar[..., None, :])[..., 0, 0] + g2)  # (B, H, N)
-        den = den + s_mean
-    # The weights a = s / z first, then their value sum (as the Rust core): a <= 1, so the sum
-    # cannot overflow where the values do not (s v could: s is up to 2^48).
-    out = ((s / den[..., None])[..., None] * v_sel).sum(-2)  # (B, H, N, dv)
+        d2m = sq_dist(q[..., None, :], kbar[..., None, :])[..., 0, 0]  # (B, H, N)
+        logits = torch.cat([logits, -torch.log(d2m + g2)[..., None]], dim=-1)
+    a = torch.softmax(logits, dim=-1)
+    out = (a[..., :topk, None] * v_sel).sum(-2)  # (B, H, N, dv)
     if mean_token:
-        out = out + (s_mean / den)[..., None] * vbar
+        out = out + a[..., topk:] * vbar
     return out
 
 

@@ -2,7 +2,7 @@
 //
 // With s_j = 1/(d2_j + g2), z = sum s (plus the mean item), a_j = s_j / z, o = sum a_j v_j and
 // G = dL/do: g_j = G . v_j, dL/ds_j = (g_j - G . o) / z with G . o = sum a_j g_j, and since
-// ds/d(d2) = ds/d(g2) = -s^2, t_j = dL/d(d2_j) = -s_j^2 dL/ds_j. Then
+// ds/d(d2) = ds/d(g2) = -s^2, t_j = dL/d(d2_j) = -s_j^2 dL/ds_j = -(g_j - G . o) a_j s_j. Then
 //   dq += 2 (q - k_j) t_j,   dk_j -= 2 (q - k_j) t_j,   dv_j += a_j G,   dg2 += t_j.
 // The selected positions come from the forward (constants), so nothing is searched again.
 // dk and dv are scattered with float atomics (a key is picked by many queries); dq, the
@@ -91,7 +91,9 @@ __global__ void backward_kernel(const float* __restrict__ q, const float* __rest
     for (int d = 0; d < ZETA_MAX_DK; ++d) dqp[d] = 0.0f;
     float dg = 0.0f;
     for (int j = lane; j < count; j += 32) {
-        const float t = -sc[j] * sc[j] * (gd[j] - go) * inv;
+        // -s_j^2 (g_j - G.o) / z as -(g_j - G.o) a_j s_j (a_j <= 1): 1/z alone overflows
+        // where every score is tiny (keys far off, a huge gamma), as in the Rust core.
+        const float t = -(gd[j] - go) * (sc[j] * inv) * sc[j];
         dg += t;
         const float* kr = kg + static_cast<long long>(ps[j]) * dk;
         for (int d = 0; d < dk; ++d) {
@@ -101,7 +103,7 @@ __global__ void backward_kernel(const float* __restrict__ q, const float* __rest
         }
     }
     if (mean_token && lane == 0) {
-        const float t = -sm * sm * (gm - go) * inv;
+        const float t = -(gm - go) * (sm * inv) * sm;
         dg += t;
         for (int d = 0; d < dk; ++d) {
             const float c = 2.0f * (qv[d] - kb[d]) * t;
