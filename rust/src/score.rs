@@ -127,6 +127,33 @@ pub fn combine<T: Float, V: ValueRows<T> + ?Sized>(
     // overflow where the values do not (`s v` could: s is up to 2^48 with the smallest gamma
     // and a key on its query, and outputs were inf or NaN with values ~1e30).
     let s_mean = mean.map(|(d2, vbar)| (T::one() / (d2 + g2), vbar));
+    let mut rows = [(T::zero(), 0u32); ROWS_AT_ONCE];
+    let end = |a_mean| RowsEnd {
+        mean: a_mean,
+        scale: T::one(),
+    };
+    if cands.len() <= ROWS_AT_ONCE {
+        // One call (the usual topk): the scores once, into the rows, then scaled by 1 / z.
+        let mut z = T::zero();
+        for (i, &(d2, pos)) in cands.iter().enumerate() {
+            on_slot(i, pos);
+            let s = T::one() / (d2 + g2);
+            z = z + s;
+            rows[i] = (s, pos);
+        }
+        if let Some((s, _)) = s_mean {
+            z = z + s;
+        }
+        let inv_z = T::one() / z;
+        let rows = &mut rows[..cands.len()];
+        for r in rows.iter_mut() {
+            r.0 = r.0 * inv_z;
+        }
+        let a_mean = s_mean.map(|(s, vbar)| (s * inv_z, vbar));
+        vals.axpy_rows(rows, o, true, Some(end(a_mean)));
+        return;
+    }
+    // More rows than one call takes: z first, then the weights part by part (the same bits).
     let mut z = T::zero();
     for &(d2, _) in cands {
         z = z + T::one() / (d2 + g2);
@@ -136,26 +163,79 @@ pub fn combine<T: Float, V: ValueRows<T> + ?Sized>(
     }
     let inv_z = T::one() / z;
     let a_mean = s_mean.map(|(s, vbar)| (s * inv_z, vbar));
-    // Up to ROWS_AT_ONCE rows at a time in one call (the kernels keep `o` in registers across
-    // the rows); the last call also adds the mean item, so that `o` is stored once.
-    let mut rows = [(T::zero(), 0u32); ROWS_AT_ONCE];
     let n_parts = cands.len().div_ceil(ROWS_AT_ONCE);
     for (c, part) in cands.chunks(ROWS_AT_ONCE).enumerate() {
         for (i, &(d2, pos)) in part.iter().enumerate() {
             on_slot(c * ROWS_AT_ONCE + i, pos);
             rows[i] = ((T::one() / (d2 + g2)) * inv_z, pos);
         }
-        let end = (c + 1 == n_parts).then_some(RowsEnd {
-            mean: a_mean,
-            scale: T::one(),
-        });
-        vals.axpy_rows(&rows[..part.len()], o, c == 0, end);
+        let last = (c + 1 == n_parts).then(|| end(a_mean));
+        vals.axpy_rows(&rows[..part.len()], o, c == 0, last);
     }
-    if n_parts == 0 {
-        let end = RowsEnd {
-            mean: a_mean,
-            scale: T::one(),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `combine` against the formula in f64, for one call's worth of rows and more (the two
+    /// paths), with and without the mean item, and with the largest scores there are (a key
+    /// on its query, the smallest gamma) times values of 1e30: a weighted mean, finite.
+    #[test]
+    fn combine_is_the_normalised_weighted_mean() {
+        let dv = 5;
+        let mut x = 12345u64;
+        let mut rnd = move || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        vals.axpy_rows(&[], o, true, Some(end));
+        let g2_min = (2f32.powi(-24)) * (2f32.powi(-24));
+        for &(n, vscale, g2, d2scale) in &[
+            (0usize, 1.0f32, 1.0f32, 1.0f32),
+            (1, 1.0, 0.49, 1.0),
+            (ROWS_AT_ONCE - 1, 1.0, 0.49, 1.0),
+            (ROWS_AT_ONCE, 3.0, 2.0, 0.1),
+            (ROWS_AT_ONCE + 1, 1.0, 0.49, 1.0),
+            (2 * ROWS_AT_ONCE + 7, 1.0, 1.0, 10.0),
+            (40, 1e30, g2_min, 0.0),
+            (150, 1e30, g2_min, 0.0),
+        ] {
+            let vals: Vec<f32> = (0..n.max(1) * dv).map(|_| rnd() * vscale).collect();
+            let cands: Vec<(f32, u32)> = (0..n)
+                .map(|i| ((rnd().abs() * d2scale), i as u32))
+                .collect();
+            let vbar: Vec<f32> = (0..dv).map(|_| rnd() * vscale).collect();
+            for with_mean in [false, true] {
+                if n == 0 && !with_mean {
+                    continue;
+                }
+                let mean = with_mean.then_some((0.3f32 * d2scale, &vbar[..]));
+                let mut o = vec![f32::NAN; dv];
+                let mut seen = Vec::new();
+                combine(&cands, g2, &vals[..], mean, &mut o, |slot, pos| {
+                    seen.push((slot, pos))
+                });
+                assert_eq!(seen, (0..n).map(|i| (i, i as u32)).collect::<Vec<_>>());
+                let s: Vec<f64> = cands
+                    .iter()
+                    .map(|c| 1.0 / (c.0 as f64 + g2 as f64))
+                    .collect();
+                let sm = mean.map_or(0.0, |(d2, _)| 1.0 / (d2 as f64 + g2 as f64));
+                let z: f64 = s.iter().sum::<f64>() + sm;
+                for (c, &oc) in o.iter().enumerate() {
+                    let mut want = sm / z * mean.map_or(0.0, |(_, vb)| vb[c] as f64);
+                    for (j, &sj) in s.iter().enumerate() {
+                        want += sj / z * vals[j * dv + c] as f64;
+                    }
+                    let tol = 1e-5 * vscale as f64;
+                    assert!(
+                        oc.is_finite() && (oc as f64 - want).abs() <= tol,
+                        "n {n} mean {with_mean} col {c}: {oc} vs {want}"
+                    );
+                }
+            }
+        }
     }
 }
