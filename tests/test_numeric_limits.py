@@ -320,3 +320,15 @@ def test_gradients_finite_and_backends_agree_at_the_extremes(gamma, v_scale, qk_
     for a, b in zip(grads["rust"][:3], grads["torch"][:3]):
         scale = float(b.abs().max()) or 1.0
         torch.testing.assert_close(a.double() / scale, b.double() / scale, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["rust", "torch"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_float16_numpy_inputs_with_inf_or_nan_are_refused(backend, bad):
+    """numpy float16 q: compared in float16 the coordinate limit is inf, and inf <= inf; the
+    check upcasts first."""
+    rng = np.random.default_rng(9)
+    q, k, v = (rng.standard_normal((1, 1, 10, d)).astype(np.float16) for d in (DK, DK, 2))
+    q[0, 0, 3, 1] = bad
+    with pytest.raises(ValueError, match=r"^q: contains NaN or inf"):
+        zeta.attention(q, k, v, topk=4, backend=backend)

@@ -272,13 +272,13 @@ def coords_ok_flag(a: Any) -> Any:
     """A 0-d boolean on ``a``'s device: every coordinate finite and within :func:`coord_limit`
     (the last axis is d_k). NaN fails the compare, so one flag covers both."""
     xp = _module_of(a)
-    if xp is not np:
-        if xp.__name__ == "torch":
-            a = a.detach()
-            if a.dtype in (xp.float16, xp.bfloat16):
-                a = a.float()
-        elif a.dtype == xp.float16:
-            a = a.astype(xp.float32)
+    if xp.__name__ == "torch":
+        a = a.detach()
+        if a.dtype in (xp.float16, xp.bfloat16):
+            a = a.float()
+    elif a.dtype == xp.float16:
+        # numpy / cupy: a float16 array would compare in float16, where the limit is inf.
+        a = a.astype(xp.float32)
     return (abs(a) <= coord_limit(a.dtype, a.shape[-1])).all()
 
 
