@@ -247,9 +247,9 @@ def coord_limit(dtype: Any, dk: int) -> float:
 
     Any two points within it lie at a squared distance of at most a quarter of the float's
     largest value, so no distance overflows to inf and, with gamma <= GAMMA_MAX, every Cauchy
-    score ``1 / (d2 + gamma^2)`` is > 0 (float32: 2.66e18 at d_k = 3). float64 arrays get float64's limit, all others float32's
-    (half-precision q and k are computed in float32). Computed in that float type, so the
-    limit is the Rust core's to the bit.
+    score ``1 / (d2 + gamma^2)`` is > 0 (float32: 2.66e18 at d_k = 3). float64 arrays get
+    float64's limit, all others float32's (half-precision q and k are computed in float32).
+    Computed in that float type, so the limit is the Rust core's to the bit.
     """
     f = np.float64 if "float64" in str(dtype) else np.float32
     return float(np.sqrt(f(np.finfo(f).max) / f(max(int(dk), 1))) / f(4))

@@ -434,7 +434,7 @@ impl KvCache {
             return Ok(());
         }
         check_coords("k", k, self.key_dim)?;
-        check_values("v", v, self.dtype())?;
+        check_values("v", v, &self.groups[0].values)?;
         self.append(k, t, |gi, vals| {
             vals.extend_from_f32(&v[gi * t * dv..(gi + 1) * t * dv])
         })
@@ -779,7 +779,7 @@ impl KvCache {
                 v[((bi * hkv + hi) * t + ti) * dv..][..dv].copy_from_slice(src);
             }
         }
-        // Both checked before the extend (which checks the keys again): a bad call changes
+        // Checked before the extend (which checks keys and values again): a bad call changes
         // nothing, and the error names the argument the caller passed.
         for (x, what) in [(&q, "queries"), (&k, "keys")] {
             if let Err(ZetaError::Value { msg, .. }) = check_coords("qkv", x, dk) {
@@ -789,7 +789,7 @@ impl KvCache {
                 ));
             }
         }
-        if let Err(ZetaError::Value { msg, .. }) = check_values("qkv", &v, self.dtype()) {
+        if let Err(ZetaError::Value { msg, .. }) = check_values("qkv", &v, &self.groups[0].values) {
             return Err(ZetaError::value(
                 "qkv",
                 format!("values: {msg} (a flat index into (B, H_kv, T, value_dim))"),
@@ -1016,22 +1016,22 @@ impl KvCache {
     }
 }
 
-/// `topk >= 1`, and one finite gamma > 0 per query head.
-/// Values `v` to store as `dtype` ("float32", "float16" or "bfloat16"): finite, and finite
-/// in `dtype` too (a float32 beyond float16's 65504 would be stored as inf, and the outputs
-/// that weigh it would be inf or NaN). The error names `arg`.
-fn check_values(arg: &'static str, v: &[f32], dtype: &str) -> Result<()> {
+/// Values `v` to store in `store` (the cache's values, any group: they share the dtype):
+/// finite, and finite in that dtype too (a float32 beyond float16's 65504 would be stored as
+/// inf, and the outputs that weigh it would be inf or NaN). The error names `arg`.
+fn check_values(arg: &'static str, v: &[f32], store: &Values) -> Result<()> {
     if let Some(p) = first_non_finite(v) {
         return Err(ZetaError::value(
             arg,
             format!("contains NaN or inf (flat index {p})"),
         ));
     }
-    let overflow = match dtype {
-        "float16" => v.iter().position(|&x| f16::from_f32(x).is_infinite()),
-        "bfloat16" => v.iter().position(|&x| bf16::from_f32(x).is_infinite()),
-        _ => None,
+    let overflow = match store {
+        Values::F16(_) => v.iter().position(|&x| f16::from_f32(x).is_infinite()),
+        Values::BF16(_) => v.iter().position(|&x| bf16::from_f32(x).is_infinite()),
+        Values::F32(_) => None,
     };
+    let dtype = store.dtype();
     match overflow {
         None => Ok(()),
         Some(p) => Err(ZetaError::value(
@@ -1045,6 +1045,7 @@ fn check_values(arg: &'static str, v: &[f32], dtype: &str) -> Result<()> {
     }
 }
 
+/// `topk >= 1`, and one gamma in [`crate::attention::GAMMA_MIN`, `GAMMA_MAX`] per query head.
 fn check_topk_gamma(topk: usize, gamma: &[f64], h: usize) -> Result<()> {
     if topk == 0 {
         return Err(ZetaError::value("topk", "must be >= 1"));
