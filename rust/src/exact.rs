@@ -140,6 +140,13 @@ impl<T: Float + Send + Sync> BoxTree<T> {
     /// `w` values). Depth-first, nearer child first: it walks down the nearer child and
     /// pushes the farther one with its bound, checked again when popped (the radius may
     /// have shrunk since).
+    ///
+    /// Perf note (KV cache at 1M tokens, 14 runs, exact decode, one thread; a Zen 3 VM,
+    /// 2026-12-03): the descents miss the cache at every level. Prefetching the children's
+    /// node records along with reading their boxes took the descent of one query over the
+    /// runs from 11.4-13.0 to 10.6-12.0 us (-7%, six windows of 20,000 calls, the two
+    /// builds alternating every token in one process). The forward's grouped search (its
+    /// trees mostly in L2) measured the same within noise.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn walk<S>(
@@ -177,6 +184,10 @@ impl<T: Float + Send + Sync> BoxTree<T> {
                     break;
                 }
                 let (c0, c1) = (c as usize, c as usize + 1);
+                // The children's node records, fetched while their boxes are read: the next
+                // step down reads one of them, a second dependent miss per level otherwise.
+                crate::index::prefetch(&self.nodes[c0..=c0]);
+                crate::index::prefetch(&self.nodes[c1..=c1]);
                 let (lb0, lb1) = (lb(bx(c0)), lb(bx(c1)));
                 let ((far, lf), (near, ln)) = if lb0 <= lb1 {
                     ((c1, lb1), (c0, lb0))
