@@ -171,3 +171,39 @@ def test_leaf_census_partitions(monkeypatch):
     assert res["snapped 64"]["keys_per_query"] < 0.7 * res["fixed 64"]["keys_per_query"]
     assert leaf_census.main(["--n", "512", "--queries", "8"]) == 0
     sys.modules.pop("leaf_census", None)
+
+
+def test_stress_exact_runs_and_writes_json(tmp_path):
+    """benches/stress_exact.py: a few seconds of random configurations, none mismatched."""
+    import subprocess
+
+    cmd = [sys.executable, str(BENCHES / "stress_exact.py"), "--seconds", "4"]
+    r = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (path,) = tmp_path.glob("stress_exact-*.json")
+    rep = json.loads(path.read_text())
+    assert rep["mismatches"] == [] and rep["machine"]["simd_path"]
+    assert rep["counts"]["knn"]["ok"] > 0 and rep["counts"]["cache"]["ok"] > 0
+
+
+def test_stress_exact_oracle_sees_a_wrong_neighbour(monkeypatch):
+    """The stress oracle is strict: a result with one neighbour swapped is a mismatch."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(BENCHES))
+    import stress_exact as S
+
+    real = S.zeta.knn
+
+    def off_by_one(q, k, topk, **kw):
+        idx, d2 = real(q, k, topk, **kw)
+        idx = idx.copy()
+        idx[..., -1, 0] = idx[..., -1, 0] ^ 1  # the last query's nearest neighbour changed
+        return idx, d2
+
+    monkeypatch.setattr(S.zeta, "knn", off_by_one)
+    rng = np.random.default_rng(3)
+    outcomes = {S.knn_case(rng)[0] for _ in range(40)}
+    assert "mismatch" in outcomes and "ok" not in outcomes
+    for name in [m for m in sys.modules if m in ("stress_exact", "_common", "adversarial")]:
+        del sys.modules[name]
