@@ -205,9 +205,10 @@ def main() -> None:
                     if not a.no_save:
                         a.out.mkdir(parents=True, exist_ok=True)
                         np.savez(a.out / f"stress-mismatch-{len(mismatches)}.npz", **arrays)
-                now = int(time.perf_counter() - t0)
-                bar.update(min(now, int(a.seconds / 2)) - done)
-                done = min(now, int(a.seconds / 2))
+                now = min(int(time.perf_counter() - t0), int(a.seconds / 2))
+                if now > done:
+                    bar.update(now - done)
+                    done = now
     for name, c in counts.items():
         print(f"  {name:<6} {c['ok']:>6} equal, {c['mismatch']} mismatches, {c['refused']} refused")
     report.update(
