@@ -144,9 +144,9 @@ impl<T: Float + Send + Sync> BoxTree<T> {
     /// Perf note (KV cache at 1M tokens, 14 runs, exact decode, one thread; a Zen 3 VM,
     /// 2026-12-03): the descents miss the cache at every level. Prefetching the children's
     /// node records along with reading their boxes took the descent of one query over the
-    /// runs from 11.4-13.0 to 10.6-12.0 us (-7%, six windows of 20,000 calls, the two
-    /// builds alternating every token in one process). The forward's grouped search (its
-    /// trees mostly in L2) measured the same within noise.
+    /// runs from 11.4-13.0 to 10.6-12.0 us (-7%, six windows of 20,000 calls, with and
+    /// without the prefetch alternating every token in one process). The forward's grouped
+    /// search (its trees mostly in L2) measured the same within noise.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn walk<S>(
