@@ -29,6 +29,7 @@ SIMD path in use.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -38,55 +39,9 @@ import numpy as np
 from _common import RESULTS, base_report, progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from adversarial import KINDS, points  # noqa: E402
+from adversarial import KINDS, brute_attention, brute_knn, points  # noqa: E402
 
 import zeta  # noqa: E402
-
-
-def brute_d2(q: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """(N, S) squared distances in q's float type, summed left to right as the kernels do."""
-    d2 = np.zeros((q.shape[0], k.shape[0]), q.dtype)
-    with np.errstate(over="ignore", invalid="ignore"):  # huge points: inf, as in the kernels
-        for c in range(q.shape[1]):
-            diff = q[:, None, c] - k[None, :, c]
-            d2 = d2 + diff * diff
-    return d2
-
-
-def brute_knn(
-    q: np.ndarray, k: np.ndarray, topk: int, causal: bool
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Brute-force top-k by (d2, position): indices int64 and d2, -1 / +inf padded."""
-    b, h, n, _ = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    grp = h // hkv
-    idx = np.full((b, h, n, topk), -1, np.int64)
-    dd = np.full((b, h, n, topk), np.inf, q.dtype)
-    for bi in range(b):
-        for hi in range(h):
-            d2 = brute_d2(q[bi, hi], k[bi, hi // grp])
-            for i in range(n):
-                lim = s - n + i + 1 if causal else s
-                o = np.lexsort((np.arange(lim), d2[i, :lim]))[:topk]
-                idx[bi, hi, i, : len(o)] = o
-                dd[bi, hi, i, : len(o)] = d2[i, o]
-    return idx, dd
-
-
-def brute_attention(q, k, v, topk: int, gamma: float) -> np.ndarray:
-    """Causal top-k Cauchy attention (float64 sums) of the last N positions over S keys."""
-    idx, dd = brute_knn(q, k, topk, causal=True)
-    grp = q.shape[1] // k.shape[1]
-    g2 = np.float64(np.float32(gamma) * np.float32(gamma))
-    out = np.zeros(q.shape[:3] + (v.shape[-1],))
-    for bi in range(q.shape[0]):
-        for hi in range(q.shape[1]):
-            vv = v[bi, hi // grp].astype(np.float64)
-            for i in range(q.shape[2]):
-                sel = idx[bi, hi, i][idx[bi, hi, i] >= 0]
-                w = 1.0 / (dd[bi, hi, i, : len(sel)].astype(np.float64) + g2)
-                out[bi, hi, i] = (w[:, None] * vv[sel]).sum(0) / w.sum()
-    return out
 
 
 def draw_points(rng: np.random.Generator, shape_q, shape_k, dtype) -> Tuple[np.ndarray, np.ndarray]:
@@ -219,8 +174,6 @@ def main() -> None:
         }
     )
     if not a.no_save:
-        import json
-
         a.out.mkdir(parents=True, exist_ok=True)
         stem = f"stress_exact-{report['machine']['tag']}-{report['date']}"
         path = a.out / f"{stem}.json"

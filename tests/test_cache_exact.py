@@ -9,34 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from adversarial import KINDS, points  # tests/ is on sys.path under pytest
+from adversarial import KINDS, brute_attention, points  # tests/ is on sys.path under pytest
 
 import zeta
 
 TOL = 1e-5
-
-
-def brute_attention(q, k, v, topk, gamma):
-    """numpy oracle: causal top-k Cauchy attention of the last T_q positions over all S keys,
-    top-k by (float32 squared distance summed left to right, position)."""
-    b, h, tq, dk = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    grp = h // hkv
-    out = np.zeros((b, h, tq, v.shape[-1]), np.float64)
-    g2 = np.float32(gamma) * np.float32(gamma)
-    for bi in range(b):
-        for hi in range(h):
-            kk, vv = k[bi, hi // grp], v[bi, hi // grp]
-            for i in range(tq):
-                last = s - tq + i
-                diff = q[bi, hi, i][None, :] - kk[: last + 1]
-                dist = diff[:, 0] * diff[:, 0]
-                for j in range(1, dk):
-                    dist = dist + diff[:, j] * diff[:, j]
-                sel = np.lexsort((np.arange(last + 1), dist))[:topk]
-                w = 1.0 / (dist[sel].astype(np.float64) + g2)
-                out[bi, hi, i] = (w[:, None] * vv[sel]).sum(0) / w.sum()
-    return out
 
 
 def _data(kind, b, h, hkv, t, dk, dv, seed):

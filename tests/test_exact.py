@@ -9,37 +9,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from adversarial import KINDS, points  # noqa: E402
+from adversarial import brute_knn as brute  # noqa: E402
 
 import zeta  # noqa: E402
 import zeta.nn  # noqa: E402
 from zeta.backends import CallInfo  # noqa: E402
 from zeta.backends import torch_ref as T  # noqa: E402
 from zeta.backends.cupy_backend import CupyBackend  # noqa: E402
-
-
-def brute(q, k, topk, causal):
-    """numpy brute force in float64 bookkeeping but the inputs' dtype for distances, summed
-    left to right over dimensions; (d2, position) order; -1 / +inf padding."""
-    b, h, n, dk = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    grp = h // hkv
-    idx = np.full((b, h, n, topk), -1, dtype=np.int64)
-    d2 = np.full((b, h, n, topk), np.inf, dtype=q.dtype)
-    for bi in range(b):
-        for hi in range(h):
-            kk = k[bi, hi // grp]
-            for i in range(n):
-                last = s - n + i if causal else s - 1
-                with np.errstate(over="ignore"):  # huge inputs: d2 = inf, as in float32
-                    diff = q[bi, hi, i][None, :] - kk[: last + 1]
-                    dist = diff[:, 0] * diff[:, 0]
-                    for j in range(1, dk):
-                        dist = dist + diff[:, j] * diff[:, j]
-                order = np.lexsort((np.arange(last + 1), dist))[:topk]
-                idx[bi, hi, i, : len(order)] = order
-                d2[bi, hi, i, : len(order)] = dist[order]
-    return idx, d2
-
 
 # (B, H, H_kv, N, S, d_k, topk, index options): chunks on and off the fence stride (64),
 # one and several curves, sinks, S > N, GQA, tiny windows, topk > S.
