@@ -631,10 +631,8 @@ impl<T: Float + Real> KeyIndex<T> {
             .par_iter()
             .map(|g| -> Result<CurveTree<T>> {
                 let mut codes = try_vec(0u32, s, "index codes")?;
-                codes
-                    .par_iter_mut()
-                    .zip(k.par_chunks_exact(dk))
-                    .for_each(|(c, x)| *c = g.code(x) as u32);
+                // The batched SIMD encode: the bits of `Grid::code`, ~5x faster per key.
+                crate::quantize::zorder(k, g, &mut codes)?;
                 if !params.causal {
                     let mut e = try_vec(0u64, s, "index entries")?;
                     e.par_iter_mut()
