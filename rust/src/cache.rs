@@ -248,6 +248,9 @@ const PARALLEL_MIN_QUERIES: usize = 8;
 /// An `extend` that sorts/merges fewer rows than this (over all groups) runs on the calling
 /// thread, for the same reason.
 const PARALLEL_MIN_ROWS: usize = 4096;
+/// An `append` of at least this many tokens computes their codes with the batched SIMD
+/// encode ([`crate::quantize::zorder`], in zeta's pool) rather than per key.
+const BATCHED_CODES: usize = 4096;
 
 /// `batch * kv_heads` above this is refused (ValueError), in the constructor and in files.
 pub const MAX_GROUPS: usize = 1 << 24;
@@ -475,7 +478,15 @@ impl KvCache {
             g.keys.extend_from_slice(kk);
             fill(gi, &mut g.values);
             for (c, grid) in g.codes.iter_mut().zip(grids) {
-                c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
+                if t >= BATCHED_CODES {
+                    // The batched SIMD encode (the bits of `Grid::code`), in zeta's pool
+                    // (inline when this already runs there).
+                    let at = c.len();
+                    c.resize(at + t, 0);
+                    crate::pool::install(|| crate::quantize::zorder(kk, grid, &mut c[at..]))?;
+                } else {
+                    c.extend(kk.chunks_exact(dk).map(|x| grid.code(x) as u32));
+                }
             }
             *plan = Some(g.plan_index(new_len, params, dk)?);
             Ok(())
@@ -1509,6 +1520,48 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The codes of an extend of at least `BATCHED_CODES` tokens (the batched encode) are the
+    /// per-key `Grid::code`s of a smaller one, for every group and curve.
+    #[test]
+    fn large_extend_codes_equal_per_key_codes() {
+        let (hkv, dk, dv) = (2usize, 3usize, 1usize);
+        let prm = Params {
+            chunk: 64,
+            window: 8,
+            n_curves: 3,
+            n_sink: 0,
+            causal: true,
+            bits: 10,
+            scale: 0.7,
+        };
+        let steps = [5usize, BATCHED_CODES + 37, 3];
+        let total: usize = steps.iter().sum();
+        let k = data(hkv * total * dk, 21);
+        let v = data(hkv * total * dv, 22);
+        let mut c = KvCache::new(1, hkv, dk, dv, prm, "float32").unwrap();
+        let mut at = 0;
+        for &t in &steps {
+            let kt: Vec<f32> = (0..hkv)
+                .flat_map(|g| k[(g * total + at) * dk..(g * total + at + t) * dk].to_vec())
+                .collect();
+            let vt: Vec<f32> = (0..hkv)
+                .flat_map(|g| v[(g * total + at) * dv..(g * total + at + t) * dv].to_vec())
+                .collect();
+            c.extend(&kt, &vt, t).unwrap();
+            at += t;
+        }
+        for (gi, g) in c.groups.iter().enumerate() {
+            assert_eq!(g.codes.len(), prm.n_curves);
+            for (codes, grid) in g.codes.iter().zip(&c.grids) {
+                let want: Vec<u32> = k[gi * total * dk..(gi + 1) * total * dk]
+                    .chunks_exact(dk)
+                    .map(|x| grid.code(x) as u32)
+                    .collect();
+                assert_eq!(*codes, want, "group {gi}");
             }
         }
     }
