@@ -635,8 +635,8 @@ impl<T: Float + Real> KeyIndex<T> {
                 crate::quantize::zorder(k, g, &mut codes)?;
                 if !params.causal {
                     let mut e = try_vec(0u64, s, "index entries")?;
-                    // The crate's radix argsort (stable: ties by position, the order of the
-                    // packed `code << 32 | position` entries it replaced a sort of). Perf
+                    // The crate's radix argsort of the codes (stable: ties by position, so
+                    // the entries come out in `code << 32 | position` order as before). Perf
                     // note (zeta.knn, 1000 queries over 1M keys, non-causal: mostly this
                     // build; 12 interleaved rounds, one process, 2026-12-04, a Zen 3 VM):
                     // median 74.6 -> 69.2 ms on 2 threads, 107.1 -> 102.6 ms on one; the
