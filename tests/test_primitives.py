@@ -657,6 +657,16 @@ _BIG_CACHE = textwrap.dedent(
     want = zeta.attention(q, k, v, topk=16)
     assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
     del c  # frees the blocks that moved to the system allocator
+    # a prefill: one extend makes the values' block at its exact size, past 128 MiB (the
+    # system allocator's from the start), and the next token grows it (in place)
+    c = zeta.KVCache(1, 3, 1024)
+    c.extend(k[:, :, : t - 1], v[:, :, : t - 1])
+    assert c.nbytes > 128 << 20
+    c.extend(k[:, :, t - 1 :], v[:, :, t - 1 :])
+    got2 = c.attend(q, topk=16)
+    assert np.allclose(got2, want, rtol=1e-5, atol=1e-6)
+    got = np.concatenate([got, got2])
+    del c
     # fresh blocks of 128 MiB and more (argsort's int64 output) stay mimalloc's: two in turn,
     # the first freed before the second
     keys = rng.integers(0, 1 << 30, size=(1 << 24) + 4096, dtype=np.uint32)
@@ -672,8 +682,9 @@ _BIG_CACHE = textwrap.dedent(
 
 def test_blocks_past_the_allocator_split_keep_their_contents():
     """Under mimalloc a block that grows to 128 MiB or more moves to the system allocator (the
-    cache's values survive it, and are freed by it), fresh ones of that size stay mimalloc's
-    (and are freed by it): the same results as with the system allocator alone."""
+    cache's values survive it, and are freed by it), as does one the cache's extend makes at
+    that size; other fresh ones of that size stay mimalloc's (and are freed by it): the same
+    results as with the system allocator alone."""
     mi = _run_py(_BIG_CACHE, {}).split()
     sysa = _run_py(_BIG_CACHE, {"ZETA_ALLOCATOR": "system"}).split()
     assert mi[0] == "mimalloc" and sysa[0] == "system"

@@ -459,15 +459,21 @@ impl KvCache {
             .checked_add(t)
             .filter(|&n| n <= u32::MAX as usize)
             .ok_or_else(|| ZetaError::value("k", "the cache would exceed 2^32 tokens"))?;
-        for g in self.groups.iter_mut() {
-            g.keys
-                .try_reserve(t * dk)
-                .map_err(oom("KV cache keys", t * dk))?;
-            g.values.try_reserve(t * dv)?;
-            for c in g.codes.iter_mut() {
-                c.try_reserve(t).map_err(oom("KV cache codes", t))?;
+        // The arrays keep growing: blocks of 128 MiB or more from the allocator that grows
+        // them in place (a first block of a prefill's exact size would be copied into fresh
+        // pages by the next token's reserve: see `crate::alloc`).
+        crate::alloc::growable(|| -> Result<()> {
+            for g in self.groups.iter_mut() {
+                g.keys
+                    .try_reserve(t * dk)
+                    .map_err(oom("KV cache keys", t * dk))?;
+                g.values.try_reserve(t * dv)?;
+                for c in g.codes.iter_mut() {
+                    c.try_reserve(t).map_err(oom("KV cache codes", t))?;
+                }
             }
-        }
+            Ok(())
+        })?;
         let old = self.len;
         let mut plans: Vec<Option<IndexPlan>> =
             try_vec(None, self.groups.len(), "KV cache index update")?;

@@ -35,7 +35,6 @@ pub mod topk;
 #[cfg(feature = "python")]
 mod py;
 
-#[cfg(feature = "python")]
 pub mod alloc;
 
 #[cfg(feature = "python")]
