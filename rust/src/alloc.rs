@@ -117,8 +117,9 @@ pub fn name() -> &'static str {
 }
 
 #[cfg(feature = "python")]
-/// A block that `realloc` grows to at least this many bytes moves to the system allocator
-/// (see the perf note at the top); smaller blocks are always mimalloc's.
+/// A block that `realloc` grows to at least this many bytes moves to the system allocator,
+/// and one made this large inside [`growable`] comes from it (see the notes at the top);
+/// smaller blocks are always mimalloc's.
 const BIG: usize = 128 << 20;
 
 #[cfg(feature = "python")]
